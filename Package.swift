@@ -1,0 +1,136 @@
+// swift-tools-version:6.1
+//
+// AccelGate: a gRPC gateway that lets many tenants share compression and
+// crypto accelerators through zero-copy shared-memory rings.
+//
+// Dependency direction (see docs/ARCHITECTURE.md):
+//   accelgate/accelctl → AccelService → AccelDispatcher → AccelScheduler (pure)
+//                                                     ↘ AccelDriver → AccelABI → CAccelABI, CAccelSys
+//   AccelDevice → AccelABI, CAccelSys, CAccelEngines
+import PackageDescription
+
+/// One set of strict settings for every Swift target.
+let strictSettings: [SwiftSetting] = [
+  .swiftLanguageMode(.v6),
+  .enableUpcomingFeature("ExistentialAny"),
+  .enableUpcomingFeature("InternalImportsByDefault"),
+  .enableUpcomingFeature("MemberImportVisibility"),
+]
+
+let package = Package(
+  name: "AccelGate",
+  platforms: [.macOS(.v15)],
+  products: [
+    .executable(name: "accelgate", targets: ["accelgate"]),
+    .executable(name: "accelctl", targets: ["accelctl"]),
+    .executable(name: "accelbench", targets: ["accelbench"]),
+  ],
+  dependencies: [
+    .package(url: "https://github.com/grpc/grpc-swift-2.git", exact: "2.4.3"),
+    .package(url: "https://github.com/grpc/grpc-swift-nio-transport.git", exact: "2.9.2"),
+    .package(url: "https://github.com/grpc/grpc-swift-protobuf.git", exact: "2.4.1"),
+    .package(url: "https://github.com/apple/swift-protobuf.git", exact: "1.39.0"),
+    .package(url: "https://github.com/apple/swift-argument-parser.git", exact: "1.8.2"),
+    .package(url: "https://github.com/apple/swift-log.git", exact: "1.16.2"),
+  ],
+  targets: [
+    // MARK: C layers
+
+    /// The device ABI as a C header: region layout, SQE/CQE, opcodes, status codes.
+    .target(name: "CAccelABI"),
+    /// Linux shims Swift cannot reach directly: memfd, futex, fences, atomics on shared memory.
+    .target(name: "CAccelSys", dependencies: ["CAccelABI"]),
+    /// Software engines over raw pointers: ISA-L igzip, libdeflate, zlib.
+    .target(
+      name: "CAccelEngines",
+      dependencies: ["CAccelABI"],
+      cSettings: [.unsafeFlags(["-O2"])],
+      linkerSettings: [.linkedLibrary("isal"), .linkedLibrary("deflate"), .linkedLibrary("z")]
+    ),
+
+    // MARK: Swift modules
+
+    .target(name: "AccelABI", dependencies: ["CAccelABI", "CAccelSys"], swiftSettings: strictSettings),
+    .target(
+      name: "AccelDevice",
+      dependencies: ["AccelABI", "CAccelSys", "CAccelEngines", .product(name: "Logging", package: "swift-log")],
+      swiftSettings: strictSettings
+    ),
+    .target(
+      name: "AccelDriver",
+      dependencies: ["AccelABI", "CAccelSys", .product(name: "Logging", package: "swift-log")],
+      swiftSettings: strictSettings
+    ),
+    .target(name: "AccelScheduler", swiftSettings: strictSettings),
+    .target(
+      name: "AccelDispatcher",
+      dependencies: ["AccelScheduler", "AccelDriver", "AccelABI", .product(name: "Logging", package: "swift-log")],
+      swiftSettings: strictSettings
+    ),
+    .target(
+      name: "AccelProto",
+      dependencies: [
+        .product(name: "GRPCCore", package: "grpc-swift-2"),
+        .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+        .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+      ],
+      swiftSettings: strictSettings
+    ),
+    .target(
+      name: "AccelService",
+      dependencies: [
+        "AccelProto", "AccelDispatcher", "AccelDevice", "AccelDriver", "AccelABI",
+        .product(name: "GRPCCore", package: "grpc-swift-2"),
+        .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+        .product(name: "Logging", package: "swift-log"),
+      ],
+      swiftSettings: strictSettings
+    ),
+    .executableTarget(
+      name: "accelgate",
+      dependencies: ["AccelService", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+      swiftSettings: strictSettings
+    ),
+    .executableTarget(
+      name: "accelctl",
+      dependencies: [
+        "AccelProto",
+        .product(name: "GRPCCore", package: "grpc-swift-2"),
+        .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+        .product(name: "ArgumentParser", package: "swift-argument-parser"),
+      ],
+      swiftSettings: strictSettings
+    ),
+    .executableTarget(
+      name: "accelbench",
+      dependencies: [
+        "AccelService", "AccelDevice", "AccelDriver", "AccelDispatcher", "AccelProto", "CAccelEngines",
+        .product(name: "GRPCCore", package: "grpc-swift-2"),
+        .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+        .product(name: "ArgumentParser", package: "swift-argument-parser"),
+      ],
+      path: "Benchmarks/accelbench",
+      swiftSettings: strictSettings
+    ),
+
+    // MARK: Tests
+
+    .testTarget(name: "AccelABITests", dependencies: ["AccelABI"], swiftSettings: strictSettings),
+    .testTarget(
+      name: "AccelDeviceTests",
+      dependencies: ["AccelDevice", "AccelDriver", "AccelABI", "CAccelEngines"],
+      swiftSettings: strictSettings
+    ),
+    .testTarget(name: "AccelDriverTests", dependencies: ["AccelDriver", "AccelABI"], swiftSettings: strictSettings),
+    .testTarget(name: "AccelSchedulerTests", dependencies: ["AccelScheduler"], swiftSettings: strictSettings),
+    .testTarget(
+      name: "AccelServiceTests",
+      dependencies: [
+        "AccelService", "AccelProto",
+        .product(name: "GRPCCore", package: "grpc-swift-2"),
+        .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+      ],
+      swiftSettings: strictSettings
+    ),
+  ]
+)

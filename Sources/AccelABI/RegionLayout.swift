@@ -1,0 +1,99 @@
+public import CAccelABI
+
+/// Geometry of one hardware-queue region, computed once by the device and
+/// validated by every driver that attaches. All offsets are from the start of
+/// the region and page-aligned.
+public struct RegionLayout: Sendable, Equatable {
+  public var sqEntries: UInt32
+  public var cqEntries: UInt32
+  public var sqOffset: UInt64
+  public var cqOffset: UInt64
+  public var dataOffset: UInt64
+  public var dataSize: UInt64
+  public var regionSize: UInt64
+
+  public static let pageSize: UInt64 = 4096
+
+  /// Lays out a region with the given ring sizes and data pool.
+  /// - Throws: `ABIError.invalidGeometry` unless both ring sizes are powers of two,
+  ///   `cqEntries >= sqEntries`, and the pool is non-empty.
+  public init(sqEntries: UInt32, cqEntries: UInt32, dataPoolBytes: UInt64) throws(ABIError) {
+    guard sqEntries.nonzeroBitCount == 1, cqEntries.nonzeroBitCount == 1, cqEntries >= sqEntries,
+      sqEntries <= 1 << 16, dataPoolBytes > 0, dataPoolBytes <= 1 << 40
+    else { throw ABIError.invalidGeometry("rings must be powers of two <= 65536 with cq >= sq, pool > 0") }
+    self.sqEntries = sqEntries
+    self.cqEntries = cqEntries
+    self.sqOffset = UInt64(ACCEL_HEADER_SIZE)
+    self.cqOffset = Self.alignUp(sqOffset + UInt64(sqEntries) * UInt64(ACCEL_SQE_SIZE), to: Self.pageSize)
+    self.dataOffset = Self.alignUp(cqOffset + UInt64(cqEntries) * UInt64(ACCEL_CQE_SIZE), to: Self.pageSize)
+    self.dataSize = Self.alignUp(dataPoolBytes, to: Self.pageSize)
+    self.regionSize = dataOffset + dataSize
+  }
+
+  /// Reads and checks the geometry a device wrote into a region header.
+  /// - Parameter mappedSize: bytes actually mapped; every area must fit inside.
+  public init(validating header: UnsafePointer<accel_region_header>, mappedSize: UInt64) throws(ABIError) {
+    let h = header.pointee
+    guard h.magic == ACCEL_ABI_MAGIC else { throw ABIError.badMagic(h.magic) }
+    guard h.abi_version >> 16 == ACCEL_ABI_VERSION_MAJOR else {
+      throw ABIError.versionMismatch(device: h.abi_version, driver: ACCEL_ABI_VERSION)
+    }
+    guard h.header_size == ACCEL_HEADER_SIZE, h.sqe_size == ACCEL_SQE_SIZE, h.cqe_size == ACCEL_CQE_SIZE else {
+      throw ABIError.invalidGeometry("entry or header size differs from this ABI")
+    }
+    let expected = try RegionLayout(sqEntries: h.sq_entries, cqEntries: h.cq_entries, dataPoolBytes: h.data_size)
+    guard expected.sqOffset == h.sq_offset, expected.cqOffset == h.cq_offset,
+      expected.dataOffset == h.data_offset, expected.dataSize == h.data_size,
+      expected.regionSize == h.region_size, h.region_size <= mappedSize
+    else { throw ABIError.invalidGeometry("offsets do not match the ABI's layout or exceed the mapping") }
+    self = expected
+  }
+
+  /// Writes identity and geometry into a zeroed header. Device side only.
+  public func initialize(header: UnsafeMutablePointer<accel_region_header>, queueID: UInt32, weight: UInt32) {
+    header.pointee.magic = ACCEL_ABI_MAGIC
+    header.pointee.abi_version = ACCEL_ABI_VERSION
+    header.pointee.header_size = ACCEL_HEADER_SIZE
+    header.pointee.queue_id = queueID
+    header.pointee.region_size = regionSize
+    header.pointee.sq_offset = sqOffset
+    header.pointee.cq_offset = cqOffset
+    header.pointee.data_offset = dataOffset
+    header.pointee.data_size = dataSize
+    header.pointee.sq_entries = sqEntries
+    header.pointee.cq_entries = cqEntries
+    header.pointee.sqe_size = ACCEL_SQE_SIZE
+    header.pointee.cqe_size = ACCEL_CQE_SIZE
+    header.pointee.weight = weight
+  }
+
+  /// True when `[offset, offset+length)` lies entirely inside the data pool.
+  /// Arithmetic is overflow-safe for any 64-bit inputs.
+  @inlinable
+  public func dataPoolContains(offset: UInt64, length: UInt64) -> Bool {
+    guard offset >= dataOffset else { return false }
+    let rel = offset - dataOffset
+    return rel <= dataSize && length <= dataSize - rel
+  }
+
+  @inlinable
+  public static func alignUp(_ value: UInt64, to alignment: UInt64) -> UInt64 {
+    (value + alignment - 1) & ~(alignment - 1)
+  }
+}
+
+/// Errors found while reading or writing the shared layout.
+public enum ABIError: Error, Equatable, CustomStringConvertible {
+  case badMagic(UInt32)
+  case versionMismatch(device: UInt32, driver: UInt32)
+  case invalidGeometry(String)
+
+  public var description: String {
+    switch self {
+    case .badMagic(let m): return "region is not an AccelGate queue (magic 0x\(String(m, radix: 16)))"
+    case .versionMismatch(let d, let r):
+      return "device ABI \(d >> 16).\(d & 0xffff) is incompatible with driver ABI \(r >> 16).\(r & 0xffff)"
+    case .invalidGeometry(let why): return "invalid region geometry: \(why)"
+    }
+  }
+}

@@ -1,0 +1,55 @@
+/// How the emulated device is built: queues, engines and their timing.
+public struct DeviceConfiguration: Sendable, Equatable {
+  /// Number of hardware queues (regions). At least 1.
+  public var queueCount: Int
+  /// Engine threads shared by all queues. At least 1.
+  public var engineCount: Int
+  /// Submission ring entries per queue (power of two); the completion ring has as many.
+  public var sqEntries: UInt32
+  /// Bytes of each queue's data pool, where job buffers live.
+  public var dataPoolBytes: UInt64
+  /// Per-engine throughput cap in MB/s (10^6 bytes of input per second); nil runs at CPU speed.
+  /// Lets the device model hardware slower than the CPU, for tests and fairness benchmarks.
+  public var engineThroughputCapMBps: Double?
+  /// How long an idle engine keeps polling before it parks on the doorbell futex.
+  public var idleSpin: Duration
+  /// Longest a parked engine sleeps before it re-checks state and bumps the heartbeat.
+  public var parkTimeout: Duration
+  /// Arbitration weight of each queue (weighted round-robin); missing entries default to 1.
+  public var queueWeights: [UInt32]
+
+  public init(
+    queueCount: Int = 2,
+    engineCount: Int = 2,
+    sqEntries: UInt32 = 256,
+    dataPoolBytes: UInt64 = 64 << 20,
+    engineThroughputCapMBps: Double? = nil,
+    idleSpin: Duration = .microseconds(50),
+    parkTimeout: Duration = .milliseconds(100),
+    queueWeights: [UInt32] = []
+  ) {
+    self.queueCount = queueCount
+    self.engineCount = engineCount
+    self.sqEntries = sqEntries
+    self.dataPoolBytes = dataPoolBytes
+    self.engineThroughputCapMBps = engineThroughputCapMBps
+    self.idleSpin = idleSpin
+    self.parkTimeout = parkTimeout
+    self.queueWeights = queueWeights
+  }
+
+  public static var defaults: Self { Self() }
+
+  public static func defaults(_ configure: (inout Self) -> Void) -> Self {
+    var c = Self()
+    configure(&c)
+    return c
+  }
+}
+
+extension Duration {
+  var nanoseconds: UInt64 {
+    let (s, a) = components
+    return UInt64(max(0, s)) * 1_000_000_000 + UInt64(max(0, a / 1_000_000_000))
+  }
+}

@@ -1,0 +1,116 @@
+public import AccelABI
+internal import CAccelABI
+internal import Synchronization
+
+/// The device's side of one hardware queue: it consumes the SQ and produces the CQ.
+///
+/// The locks here are device-private (they model the device's internal
+/// arbitration between its engines); nothing in shared memory is locked.
+public final class DeviceQueue: @unchecked Sendable {
+  public let region: QueueRegion
+  let sqTail: SharedWord
+  let sqHead: SharedWord
+  let cqTail: SharedWord
+  let cqHead: SharedWord
+  let sqDoorbell: SharedWord
+  let sqNeedWakeup: SharedWord
+  let cqDoorbell: SharedWord
+  let cqNeedWakeup: SharedWord
+  let stateFlags: SharedWord
+  let errorStatus: SharedWord
+  let heartbeat: SharedWord64
+  let completed: SharedWord64
+  let errorCount: SharedWord64
+
+  private let fetchLock = Mutex<UInt32>(0)  // private copy of sq_head
+  private let postLock = Mutex<UInt32>(0)  // private copy of cq_tail
+  let weight: UInt32
+
+  init(region: QueueRegion) {
+    self.region = region
+    sqTail = SharedWord(region.field(\.sq_tail))
+    sqHead = SharedWord(region.field(\.sq_head))
+    cqTail = SharedWord(region.field(\.cq_tail))
+    cqHead = SharedWord(region.field(\.cq_head))
+    sqDoorbell = SharedWord(region.field(\.sq_doorbell))
+    sqNeedWakeup = SharedWord(region.field(\.sq_need_wakeup))
+    cqDoorbell = SharedWord(region.field(\.cq_doorbell))
+    cqNeedWakeup = SharedWord(region.field(\.cq_need_wakeup))
+    stateFlags = SharedWord(region.field(\.state_flags))
+    errorStatus = SharedWord(region.field(\.error_status))
+    heartbeat = SharedWord64(region.field64(\.heartbeat))
+    completed = SharedWord64(region.field64(\.completed))
+    errorCount = SharedWord64(region.field64(\.error_count))
+    weight = max(1, region.header.pointee.weight)
+  }
+
+  public var id: UInt32 { region.queueID }
+
+  public var state: QueueState {
+    let f = stateFlags.loadAcquire()
+    if f & ACCEL_QF_ISOLATED != 0 { return .isolated }
+    if f & ACCEL_QF_STOPPED != 0 { return .stopped }
+    if f & ACCEL_QF_ERROR != 0 { return .error }
+    return .running
+  }
+
+  public var completedCount: UInt64 { completed.loadAcquire() }
+
+  var hasPendingWork: Bool {
+    stateFlags.loadAcquire() & ACCEL_QF_STOPPED == 0 && sqTail.loadAcquire() != sqHead.loadRelaxed()
+  }
+
+  /// Takes the next descriptor, copied out of shared memory. Nil when the ring is
+  /// empty or the queue is stopped. A producer index that is impossible marks
+  /// the queue in error and stops it.
+  func fetch() -> accel_sqe? {
+    guard stateFlags.loadAcquire() & (ACCEL_QF_STOPPED | ACCEL_QF_ERROR) == 0 else { return nil }
+    return fetchLock.withLock { head -> accel_sqe? in
+      let tail = sqTail.loadAcquire()
+      if tail == head { return nil }
+      guard region.sqIndex.isConsistent(head: head, tail: tail) else {
+        markError(.invalidDescriptor)
+        return nil
+      }
+      let sqe = region.sqe(at: head).pointee
+      head &+= 1
+      sqHead.storeRelease(head)
+      return sqe
+    }
+  }
+
+  /// Posts a completion. The driver bounds its in-flight jobs by the CQ size,
+  /// so the ring is never full in normal operation; if it is, the engine waits
+  /// (briefly spinning, then sleeping) until the driver reaps or the device stops.
+  func post(_ cqe: accel_cqe, isRunning: () -> Bool) {
+    postLock.withLock { tail in
+      var spins = 0
+      while region.cqIndex.isFull(head: cqHead.loadAcquire(), tail: tail) {
+        guard isRunning() else { return }
+        spins += 1
+        if spins < 1000 { SharedMemory.cpuRelax() } else { SharedMemory.sleep(nanoseconds: 50_000) }
+      }
+      region.cqe(at: tail).pointee = cqe
+      tail &+= 1
+      cqTail.storeRelease(tail)
+    }
+    completed.fetchAdd(1)
+    SharedMemory.fence()
+    if cqNeedWakeup.loadAcquire() != 0 {
+      cqDoorbell.fetchAdd(1)
+      cqDoorbell.wake()
+    }
+  }
+
+  func markError(_ status: DeviceStatus) {
+    if stateFlags.fetchOr(ACCEL_QF_ERROR) & ACCEL_QF_ERROR == 0 {
+      errorStatus.storeRelease(UInt32(status.rawValue))
+    }
+    errorCount.fetchAdd(1)
+  }
+}
+
+/// What the device's queue state flags say.
+public enum QueueState: String, Sendable {
+  case running, error, stopped, isolated
+}

@@ -1,0 +1,360 @@
+internal import AccelABI
+package import AccelDriver
+package import AccelScheduler
+internal import FoundationEssentials
+package import Logging
+internal import Synchronization
+
+/// Dispatcher settings.
+package struct DispatcherConfiguration: Sendable {
+  /// Jobs that may wait in the scheduler at once; beyond it, RESOURCE_EXHAUSTED.
+  package var maxQueuedJobs: Int = 1024
+  /// Descriptors kept on each hardware queue: enough to keep engines busy, no more,
+  /// so ordering decisions stay in the scheduler rather than in a FIFO ring.
+  package var inFlightPerQueue: Int = 4
+  /// Most descriptors published behind one doorbell.
+  package var maxBatch: Int = 16
+  /// Deadline for calls that bring none.
+  package var defaultDeadline: Duration = .seconds(30)
+  /// How often waiting jobs are checked against their deadlines.
+  package var sweepInterval: Duration = .milliseconds(20)
+  package init() {}
+  package static var defaults: Self { Self() }
+}
+
+/// Moves jobs from callers, through the scheduler, onto hardware queues, and
+/// hands completions back.
+///
+/// Callers `execute` a job and suspend. `pump` pops jobs the device has room
+/// for, copies their input into the queue's pool and publishes them in
+/// batches. The reaper resumes the caller, which copies the output out and
+/// frees the buffers. One pumper runs at a time; others leave it a note.
+package final class Dispatcher: Sendable {
+  package let driver: DeviceDriver
+  package let configuration: DispatcherConfiguration
+  private let logger: Logger
+  private let state: Mutex<State>
+  private let clock = ContinuousClock()
+  private let epoch: ContinuousClock.Instant
+  private let sweeper: Mutex<Task<Void, Never>?> = Mutex(nil)
+  private let batchHistogram = Mutex<[Int]>(Array(repeating: 0, count: 65))
+
+  private enum Outcome: Sendable {
+    case completed(
+      Completion, Lease, enqueuedAt: ContinuousClock.Instant, dispatchedAt: ContinuousClock.Instant, batchSize: Int)
+    case failed(JobError)
+  }
+
+  private struct Pending {
+    var request: JobRequest
+    var job: QueuedJob
+    var enqueuedAt: ContinuousClock.Instant
+    var deadline: ContinuousClock.Instant
+    var continuation: CheckedContinuation<Outcome, Never>?
+    /// Set once dispatched; the lease must be released after the device completes.
+    var lease: Lease?
+    var dispatchedAt: ContinuousClock.Instant?
+    var batchSize = 0
+    /// The caller has gone (cancelled or timed out) while the job was on the device.
+    var abandoned = false
+  }
+
+  private struct State {
+    var scheduler: any JobScheduler
+    var jobs: [UInt64: Pending] = [:]
+    var inFlight: [Int]
+    var nextID: UInt64 = 1
+    var pumping = false
+    var pumpAgain = false
+    var cancelledEarly: Set<UInt64> = []
+    var shuttingDown = false
+  }
+
+  package init(
+    driver: DeviceDriver, scheduler: any JobScheduler = FIFOScheduler(),
+    configuration: DispatcherConfiguration = .defaults, logger: Logger = Logger(label: "accelgate.dispatcher")
+  ) {
+    self.driver = driver
+    self.configuration = configuration
+    self.logger = logger
+    self.epoch = clock.now
+    self.state = Mutex(State(scheduler: scheduler, inFlight: Array(repeating: 0, count: driver.queues.count)))
+  }
+
+  /// Starts the reaper hook and the deadline sweeper.
+  package func start() {
+    driver.setAfterReap { [weak self] in self?.pump() }
+    driver.start()
+    let interval = configuration.sweepInterval
+    sweeper.withLock {
+      $0 = Task.detached { [weak self] in
+        while !Task.isCancelled {
+          try? await Task.sleep(for: interval)
+          guard let self else { return }
+          self.expireOverdue()
+          self.pump()
+        }
+      }
+    }
+  }
+
+  /// Fails every waiting job and stops the sweeper. In-flight jobs finish.
+  package func shutdown() {
+    sweeper.withLock { $0?.cancel() }
+    let waiting = state.withLock { s -> [CheckedContinuation<Outcome, Never>] in
+      s.shuttingDown = true
+      var out: [CheckedContinuation<Outcome, Never>] = []
+      for (id, p) in s.jobs where p.lease == nil {
+        _ = s.scheduler.remove(id: id)
+        if let c = s.jobs[id]?.continuation { out.append(c) }
+        s.jobs[id] = nil
+      }
+      return out
+    }
+    for c in waiting { c.resume(returning: .failed(.shuttingDown)) }
+  }
+
+  /// A fresh job id, for callers that must be able to cancel before `execute` runs.
+  package func makeJobID() -> UInt64 { state.withLock { s in defer { s.nextID += 1 }; return s.nextID } }
+
+  /// Largest input + output a single job can ever have.
+  package var maxJobFootprint: UInt64 { driver.queues.map(\.poolCapacity).max() ?? 0 }
+
+  /// Runs one job to completion, or fails with a `JobError`.
+  package func execute(_ request: JobRequest, id: UInt64? = nil) async throws(JobError) -> JobResult {
+    let id = id ?? makeJobID()
+    let queue0 = driver.queues[0]
+    let footprint = queue0.poolFootprint(UInt64(request.input.count)) + queue0.poolFootprint(UInt64(request.outputCapacity))
+    guard footprint <= maxJobFootprint, request.input.count <= Int(UInt32.max), request.outputCapacity <= Int(UInt32.max)
+    else { throw .tooLarge(needed: footprint, limit: maxJobFootprint) }
+
+    let outcome = await withTaskCancellationHandler {
+      await withCheckedContinuation { (cont: CheckedContinuation<Outcome, Never>) in
+        let now = clock.now
+        let admitted = state.withLock { s -> JobError? in
+          if s.shuttingDown { return .shuttingDown }
+          if s.cancelledEarly.remove(id) != nil { return .cancelled }
+          if s.scheduler.count >= configuration.maxQueuedJobs {
+            return .rejected(reason: .queueFull, retryAfterMilliseconds: retryHintLocked(s))
+          }
+          let job = QueuedJob(id: id, tenant: request.tenant, cost: UInt64(request.input.count))
+          s.jobs[id] = Pending(
+            request: request, job: job, enqueuedAt: now,
+            deadline: request.deadline ?? now.advanced(by: configuration.defaultDeadline), continuation: cont)
+          s.scheduler.enqueue(job, now: nanos(now))
+          return nil
+        }
+        if let admitted {
+          cont.resume(returning: .failed(admitted))
+        } else {
+          pump()
+        }
+      }
+    } onCancel: {
+      cancel(id: id)
+    }
+
+    switch outcome {
+    case .failed(let e):
+      throw e
+    case .completed(let completion, let lease, let enqueuedAt, let dispatchedAt, let batchSize):
+      let q = driver.queues[lease.queueIndex]
+      defer {
+        q.release(lease)
+        pump()
+      }
+      guard completion.status == .ok else {
+        if completion.status.errorClass == .queue { throw .unavailable("device: \(completion.status)") }
+        throw .device(completion.status)
+      }
+      let output = Data(q.output(lease, count: Int(completion.produced)))
+      let end = clock.now
+      return JobResult(
+        output: output,
+        stats: JobStatistics(
+          queueWaitNanoseconds: UInt64((dispatchedAt - enqueuedAt).nanosecondsClamped),
+          deviceNanoseconds: completion.engineNanoseconds,
+          totalNanoseconds: UInt64((end - enqueuedAt).nanosecondsClamped),
+          inputBytes: UInt64(request.input.count), outputBytes: UInt64(completion.produced),
+          queueID: q.queueID, engineID: UInt32(completion.engineID), batchSize: UInt32(batchSize)))
+    }
+  }
+
+  /// Removes a waiting job, or abandons one already on the device. Idempotent.
+  package func cancel(id: UInt64) {
+    let cont = state.withLock { s -> CheckedContinuation<Outcome, Never>? in
+      guard var p = s.jobs[id] else {
+        // Cancelled before it was enqueued (or after it finished): remember briefly.
+        if s.cancelledEarly.count > 4096 { s.cancelledEarly.removeAll() }
+        s.cancelledEarly.insert(id)
+        return nil
+      }
+      if p.lease == nil {
+        _ = s.scheduler.remove(id: id)
+        s.jobs[id] = nil
+        return p.continuation
+      }
+      guard !p.abandoned, let c = p.continuation else { return nil }
+      p.abandoned = true
+      p.continuation = nil
+      s.jobs[id] = p
+      return c
+    }
+    cont?.resume(returning: .failed(.cancelled))
+  }
+
+  /// Snapshot for DescribeDevice and metrics.
+  package var snapshot: DispatcherSnapshot {
+    state.withLock { s in DispatcherSnapshot(queued: s.scheduler.count, inFlight: s.inFlight) }
+  }
+
+  // MARK: internals
+
+  private func nanos(_ t: ContinuousClock.Instant) -> UInt64 { UInt64((t - epoch).nanosecondsClamped) }
+
+  private func retryHintLocked(_ s: State) -> UInt64 {
+    // A rough drain estimate: queued jobs over what the device keeps in flight, at ~1 ms a job.
+    let depth = max(1, configuration.inFlightPerQueue * s.inFlight.count)
+    return UInt64(max(10, min(5_000, s.scheduler.count / depth)))
+  }
+
+  private func expireOverdue() {
+    let now = clock.now
+    let expired = state.withLock { s -> [CheckedContinuation<Outcome, Never>] in
+      var out: [CheckedContinuation<Outcome, Never>] = []
+      for (id, p) in s.jobs where p.deadline <= now {
+        if p.lease == nil {
+          _ = s.scheduler.remove(id: id)
+          if let c = p.continuation { out.append(c) }
+          s.jobs[id] = nil
+        } else if !p.abandoned, let c = p.continuation {
+          // On the device past its deadline: answer the caller now; the buffers
+          // are freed when the completion finally arrives.
+          s.jobs[id]?.abandoned = true
+          s.jobs[id]?.continuation = nil
+          out.append(c)
+        }
+      }
+      return out
+    }
+    for c in expired { c.resume(returning: .failed(.deadlineExceeded)) }
+  }
+
+  /// Dispatches as many waiting jobs as the queues have room for.
+  package func pump() {
+    let enter = state.withLock { s -> Bool in
+      if s.pumping {
+        s.pumpAgain = true
+        return false
+      }
+      s.pumping = true
+      s.pumpAgain = false
+      return true
+    }
+    guard enter else { return }
+    while true {
+      let work = takeDispatchable()
+      if work.isEmpty {
+        let done = state.withLock { s -> Bool in
+          if s.pumpAgain {
+            s.pumpAgain = false
+            return false
+          }
+          s.pumping = false
+          return true
+        }
+        if done { return }
+        continue
+      }
+      submit(work)
+    }
+  }
+
+  private typealias Work = (id: UInt64, lease: Lease, request: JobRequest)
+
+  /// Under the lock: pops jobs the device has room for and reserves their resources.
+  private func takeDispatchable() -> [Work] {
+    let now = clock.now
+    return state.withLock { s -> [Work] in
+      var work: [Work] = []
+      let limit = configuration.maxBatch * driver.queues.count
+      while work.count < limit, let next = s.scheduler.peek(), let p = s.jobs[next.id] {
+        // Least-loaded healthy queue with a free in-flight slot.
+        var best: Int?
+        for q in driver.queues where q.isHealthy && s.inFlight[q.index] < configuration.inFlightPerQueue {
+          if best == nil || s.inFlight[q.index] < s.inFlight[best!] { best = q.index }
+        }
+        guard let qi = best else { break }
+        let queue = driver.queues[qi]
+        let id = next.id
+        guard
+          let lease = queue.reserve(
+            srcLength: UInt32(p.request.input.count), dstCapacity: UInt32(p.request.outputCapacity),
+            handler: { [weak self] c in self?.complete(id: id, completion: c) })
+        else { break }  // pool full: the job keeps its place until buffers free up
+        _ = s.scheduler.pop(now: nanos(now))
+        s.inFlight[qi] += 1
+        s.jobs[id]?.lease = lease
+        s.jobs[id]?.dispatchedAt = now
+        work.append((id, lease, p.request))
+      }
+      return work
+    }
+  }
+
+  /// Outside the lock: copies inputs into the pools and publishes them, one doorbell per queue batch.
+  private func submit(_ work: [Work]) {
+    var byQueue: [Int: [Work]] = [:]
+    for w in work {
+      let dst = driver.queues[w.lease.queueIndex].input(w.lease)
+      w.request.input.withUnsafeBytes { src in
+        if let s = src.baseAddress, let d = dst.baseAddress, src.count > 0 { d.copyMemory(from: s, byteCount: src.count) }
+      }
+      byQueue[w.lease.queueIndex, default: []].append(w)
+    }
+    for (qi, jobs) in byQueue {
+      var start = 0
+      while start < jobs.count {
+        let chunk = jobs[start..<min(jobs.count, start + configuration.maxBatch)]
+        state.withLock { s in for w in chunk { s.jobs[w.id]?.batchSize = chunk.count } }
+        batchHistogram.withLock { $0[min(64, chunk.count)] += 1 }
+        driver.queues[qi].submit(
+          chunk.map { (lease: $0.lease, opcode: $0.request.opcode, algorithm: $0.request.algorithm, level: $0.request.level) })
+        start += chunk.count
+      }
+    }
+  }
+
+  /// Reaper thread: a completion arrived for job `id`.
+  private func complete(id: UInt64, completion: Completion) {
+    let delivery = state.withLock { s -> (CheckedContinuation<Outcome, Never>, Outcome)? in
+      guard let p = s.jobs.removeValue(forKey: id), let lease = p.lease else { return nil }
+      s.inFlight[lease.queueIndex] -= 1
+      s.scheduler.complete(p.job, actualCost: completion.engineNanoseconds, now: nanos(clock.now))
+      if p.abandoned || p.continuation == nil {
+        driver.queues[lease.queueIndex].release(lease)
+        return nil
+      }
+      return (p.continuation!, .completed(
+          completion, lease, enqueuedAt: p.enqueuedAt, dispatchedAt: p.dispatchedAt ?? p.enqueuedAt,
+          batchSize: p.batchSize))
+    }
+    if let (c, o) = delivery { c.resume(returning: o) }
+  }
+
+  /// Batch sizes seen so far: index = descriptors per doorbell.
+  package var batchSizeCounts: [Int] { batchHistogram.withLock { $0 } }
+}
+
+package struct DispatcherSnapshot: Sendable {
+  package var queued: Int
+  package var inFlight: [Int]
+}
+
+extension Duration {
+  var nanosecondsClamped: Int64 {
+    let (s, a) = components
+    if s > Int64.max / 1_000_000_000 { return .max }
+    return max(0, s * 1_000_000_000 + a / 1_000_000_000)
+  }
+}

@@ -1,0 +1,68 @@
+package import AccelABI
+package import FoundationEssentials
+
+/// One job as the service hands it to the dispatcher.
+package struct JobRequest: Sendable {
+  package var opcode: DeviceOpcode
+  package var algorithm: DeviceAlgorithm
+  package var level: UInt8
+  package var input: Data
+  /// Bytes reserved in the pool for the result; the device never writes more.
+  package var outputCapacity: Int
+  package var tenant: String
+  /// Absolute deadline; nil applies the dispatcher's default.
+  package var deadline: ContinuousClock.Instant?
+
+  package init(
+    opcode: DeviceOpcode, algorithm: DeviceAlgorithm, level: UInt8 = 0, input: Data, outputCapacity: Int,
+    tenant: String = "default", deadline: ContinuousClock.Instant? = nil
+  ) {
+    self.opcode = opcode
+    self.algorithm = algorithm
+    self.level = level
+    self.input = input
+    self.outputCapacity = outputCapacity
+    self.tenant = tenant
+    self.deadline = deadline
+  }
+}
+
+/// A finished job: its output and what it cost.
+package struct JobResult: Sendable {
+  package var output: Data
+  package var stats: JobStatistics
+}
+
+package struct JobStatistics: Sendable, Equatable {
+  package var queueWaitNanoseconds: UInt64 = 0
+  package var deviceNanoseconds: UInt64 = 0
+  package var totalNanoseconds: UInt64 = 0
+  package var inputBytes: UInt64 = 0
+  package var outputBytes: UInt64 = 0
+  package var queueID: UInt32 = 0
+  package var engineID: UInt32 = 0
+  package var batchSize: UInt32 = 0
+}
+
+/// Why a job did not produce a result. The service maps each case to one gRPC status
+/// (see `docs/STATUS.md`); nothing below the service knows about gRPC.
+package enum JobError: Error, Equatable, Sendable {
+  /// Admission refused the job; the caller may retry after the hint.
+  case rejected(reason: RejectionReason, retryAfterMilliseconds: UInt64)
+  /// The payload can never fit the device's buffers.
+  case tooLarge(needed: UInt64, limit: UInt64)
+  /// The deadline passed before the job completed.
+  case deadlineExceeded
+  /// The caller went away.
+  case cancelled
+  /// The device ran the job and reported a job-class error.
+  case device(DeviceStatus)
+  /// The device could not run the job (queue error, device down).
+  case unavailable(String)
+  /// The dispatcher is shutting down.
+  case shuttingDown
+}
+
+package enum RejectionReason: String, Sendable {
+  case queueFull = "queue_full"
+}

@@ -1,0 +1,115 @@
+internal import AccelABI
+internal import Foundation
+internal import Synchronization
+
+/// Tuning for the driver's completion reaper.
+package struct DriverConfiguration: Sendable {
+  /// How long the reaper polls an empty completion ring before parking.
+  package var reaperSpin: Duration = .microseconds(20)
+  /// Longest the parked reaper sleeps before re-checking.
+  package var reaperParkTimeout: Duration = .milliseconds(100)
+  package init() {}
+  package static var defaults: Self { Self() }
+}
+
+/// The user-space driver: the queues attached from a device, and one reaper
+/// thread that validates completions and hands them to their waiters.
+///
+/// The reaper is a dedicated OS thread, never a cooperative-pool task: it
+/// spins briefly on the completion rings, then parks on their doorbell futexes.
+package final class DeviceDriver: @unchecked Sendable {
+  package let queues: [DriverQueue]
+  package let configuration: DriverConfiguration
+  private let running = Atomic<Bool>(false)
+  private let exited = DispatchSemaphore(value: 0)
+  private let afterReap: Mutex<(@Sendable () -> Void)?> = Mutex(nil)
+
+  /// Attaches to queue regions given as memfd descriptors (ownership passes to the driver).
+  package init(queueFileDescriptors fds: [Int32], configuration: DriverConfiguration = .defaults) throws(DriverError) {
+    var queues: [DriverQueue] = []
+    for (i, fd) in fds.enumerated() {
+      do {
+        queues.append(DriverQueue(index: i, region: try QueueRegion.attach(fd: fd)))
+      } catch {
+        throw .attach(queue: i, reason: error.description)
+      }
+    }
+    guard !queues.isEmpty else { throw .attach(queue: 0, reason: "device offered no queues") }
+    self.queues = queues
+    self.configuration = configuration
+  }
+
+  deinit { stop() }
+
+  /// Called on the reaper thread after each round that delivered completions.
+  package func setAfterReap(_ hook: @escaping @Sendable () -> Void) { afterReap.withLock { $0 = hook } }
+
+  package func start() {
+    guard running.compareExchange(expected: false, desired: true, ordering: .sequentiallyConsistent).exchanged else {
+      return
+    }
+    let t = Thread { [self] in
+      self.reaperLoop()
+      self.exited.signal()
+    }
+    t.name = "accel-reaper"
+    t.start()
+  }
+
+  package func stop() {
+    guard running.compareExchange(expected: true, desired: false, ordering: .sequentiallyConsistent).exchanged else {
+      return
+    }
+    for q in queues {
+      q.cqDoorbell.fetchAdd(1)
+      q.cqDoorbell.wake()
+    }
+    exited.wait()
+  }
+
+  private func reaperLoop() {
+    let spinNs = configuration.reaperSpin.nanoseconds
+    var lastWork = SharedMemory.nowNanoseconds()
+    while running.load(ordering: .relaxed) {
+      var n = 0
+      for q in queues { n += q.reap() }
+      if n > 0 {
+        afterReap.withLock { $0 }?()
+        lastWork = SharedMemory.nowNanoseconds()
+        continue
+      }
+      if SharedMemory.nowNanoseconds() &- lastWork < spinNs {
+        SharedMemory.cpuRelax()
+        continue
+      }
+      // Park: same Dekker protocol as the device's engines, mirrored on the CQ.
+      for q in queues { q.cqNeedWakeup.storeSeqCst(1) }
+      SharedMemory.fence()
+      let seen = queues.map { $0.cqDoorbell.loadAcquire() }
+      if !queues.contains(where: { $0.hasCompletions }) && running.load(ordering: .relaxed) {
+        SharedMemory.waitAny(
+          queues.map { $0.cqDoorbell.pointer }, expected: seen,
+          timeoutNanoseconds: configuration.reaperParkTimeout.nanoseconds)
+      }
+      for q in queues { q.cqNeedWakeup.storeSeqCst(0) }
+      lastWork = SharedMemory.nowNanoseconds()
+    }
+  }
+}
+
+/// Driver failures.
+package enum DriverError: Error, CustomStringConvertible {
+  case attach(queue: Int, reason: String)
+  package var description: String {
+    switch self {
+    case .attach(let q, let why): "cannot attach queue \(q): \(why)"
+    }
+  }
+}
+
+extension Duration {
+  var nanoseconds: UInt64 {
+    let (s, a) = components
+    return UInt64(max(0, s)) * 1_000_000_000 + UInt64(max(0, a / 1_000_000_000))
+  }
+}

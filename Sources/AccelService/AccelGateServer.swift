@@ -1,0 +1,76 @@
+internal import AccelABI
+internal import AccelDevice
+internal import AccelDispatcher
+internal import AccelDriver
+internal import AccelScheduler
+internal import GRPCCore
+internal import GRPCNIOTransportHTTP2
+public import Logging
+
+/// The whole gateway in one process: embedded device, driver, dispatcher and gRPC server.
+public final class AccelGateServer: Sendable {
+  public let configuration: ServiceConfiguration
+  let device: EmulatedDevice
+  let dispatcher: Dispatcher
+  private let server: GRPCServer<HTTP2ServerTransport.Posix>
+  private let logger: Logger
+
+  public init(configuration: ServiceConfiguration = .defaults, logger: Logger = Logger(label: "accelgate")) throws {
+    self.configuration = configuration
+    self.logger = logger
+    guard configuration.maxRequestBytes > 0, configuration.maxDecompressedBytes > 0 else {
+      throw ConfigurationError("maxRequestBytes and maxDecompressedBytes must be positive")
+    }
+    let worstJob =
+      BufferSizing.compressBound(UInt64(configuration.maxRequestBytes))
+      + UInt64(max(configuration.maxRequestBytes, configuration.maxDecompressedBytes)) + 256
+    guard worstJob <= configuration.device.dataPoolBytes else {
+      throw ConfigurationError(
+        "device data pool (\(configuration.device.dataPoolBytes) bytes) cannot hold the largest job (\(worstJob) bytes)")
+    }
+    let device = try EmulatedDevice(configuration: configuration.device)
+    device.start()
+    let driver = try DeviceDriver(queueFileDescriptors: (0..<device.queues.count).map { device.exportQueue($0) })
+    var dc = DispatcherConfiguration.defaults
+    dc.maxQueuedJobs = configuration.maxQueuedJobs
+    dc.inFlightPerQueue = configuration.inFlightPerQueue
+    dc.maxBatch = configuration.maxBatch
+    dc.defaultDeadline = configuration.defaultDeadline
+    let dispatcher = Dispatcher(driver: driver, scheduler: FIFOScheduler(), configuration: dc, logger: logger)
+    dispatcher.start()
+    self.device = device
+    self.dispatcher = dispatcher
+    let service = AcceleratorService(dispatcher: dispatcher, configuration: configuration, device: device)
+    self.server = GRPCServer(
+      transport: .http2NIOPosix(
+        address: .ipv4(host: configuration.host, port: configuration.port),
+        transportSecurity: .plaintext,
+        config: .defaults { $0.rpc.maxRequestPayloadSize = configuration.transportMaxRequestBytes }
+      ),
+      services: [service]
+    )
+  }
+
+  /// Serves until `shutdown()`; then stops the dispatcher, driver and device.
+  public func serve() async throws {
+    defer {
+      dispatcher.shutdown()
+      dispatcher.driver.stop()
+      device.stop()
+    }
+    try await server.serve()
+  }
+
+  /// The bound port, once listening (useful with port 0).
+  public func listeningPort() async throws -> Int? {
+    try await server.listeningAddress?.ipv4?.port
+  }
+
+  /// Stops accepting calls and lets in-flight calls finish.
+  public func shutdown() { server.beginGracefulShutdown() }
+}
+
+public struct ConfigurationError: Error, CustomStringConvertible {
+  public var description: String
+  public init(_ description: String) { self.description = description }
+}

@@ -1,0 +1,64 @@
+internal import AccelABI
+internal import AccelDevice
+internal import AccelDispatcher
+internal import AccelDriver
+internal import AccelProto
+internal import CAccelABI
+
+/// Builds the DescribeDevice answer from the device, the driver and the configuration.
+enum DeviceDescription {
+  static func make(dispatcher: Dispatcher, device: EmulatedDevice?, configuration: ServiceConfiguration)
+    -> Accelgate_V1_DescribeDeviceResponse
+  {
+    var r = Accelgate_V1_DescribeDeviceResponse()
+    let snapshot = dispatcher.snapshot
+    r.device.name = "accelgate-emulated"
+    r.device.mode = "embedded"
+    r.device.abiVersion = "\(ACCEL_ABI_VERSION_MAJOR).\(ACCEL_ABI_VERSION_MINOR)"
+    r.device.healthy = (device?.isRunning ?? true) && dispatcher.driver.queues.allSatisfy(\.isHealthy)
+    for q in dispatcher.driver.queues {
+      var qi = Accelgate_V1_QueueInfo()
+      let h = q.region.header.pointee
+      qi.id = h.queue_id
+      qi.sqEntries = h.sq_entries
+      qi.cqEntries = h.cq_entries
+      qi.dataPoolBytes = h.data_size
+      qi.weight = h.weight
+      qi.inFlight = UInt32(snapshot.inFlight[q.index])
+      qi.state = q.isHealthy ? "running" : "error"
+      qi.completed = q.statistics.completed
+      r.queues.append(qi)
+    }
+    for e in device?.engines ?? [] {
+      var ei = Accelgate_V1_EngineInfo()
+      ei.id = UInt32(e.id)
+      ei.jobs = e.jobCount
+      ei.busyNs = e.busyTime
+      ei.throughputCapMbps = device?.configuration.engineThroughputCapMBps ?? 0
+      r.engines.append(ei)
+    }
+    for format in [Accelgate_V1_CompressionFormat.deflate, .zlib, .gzip] {
+      var c = Accelgate_V1_Capability()
+      c.operation = .compress
+      c.format = format
+      c.minLevel = 0
+      c.maxLevel = 9
+      c.defaultLevel = AcceleratorService.defaultLevel
+      c.engines = "zlib(0) isal-igzip(1-3) libdeflate(4-9)"
+      r.capabilities.append(c)
+      var d = Accelgate_V1_Capability()
+      d.operation = .decompress
+      d.format = format
+      d.engines = "isal-inflate"
+      r.capabilities.append(d)
+    }
+    r.limits.maxRequestBytes = UInt64(configuration.maxRequestBytes)
+    r.limits.maxResponseBytes = BufferSizing.compressBound(UInt64(configuration.maxRequestBytes))
+    r.limits.maxDecompressedBytes = UInt64(configuration.maxDecompressedBytes)
+    r.limits.maxQueuedJobs = UInt32(configuration.maxQueuedJobs)
+    r.limits.inFlightPerQueue = UInt32(configuration.inFlightPerQueue)
+    r.limits.maxBatch = UInt32(configuration.maxBatch)
+    r.limits.defaultDeadlineMs = UInt64(configuration.defaultDeadline.components.seconds * 1000)
+    return r
+  }
+}

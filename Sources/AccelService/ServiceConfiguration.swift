@@ -1,0 +1,33 @@
+public import AccelDevice
+
+/// Everything `accelgate serve` needs, with defaults that run out of the box.
+public struct ServiceConfiguration: Sendable {
+  public var host: String = "127.0.0.1"
+  public var port: Int = 50051
+  /// Largest payload (`data` field) a request may carry.
+  public var maxRequestBytes: Int = 4 << 20
+  /// Largest decompressed output a Decompress call may produce (the bomb cap).
+  public var maxDecompressedBytes: Int = 4 << 20
+  /// Jobs that may wait for the device at once.
+  public var maxQueuedJobs: Int = 1024
+  /// Descriptors kept in flight on each hardware queue.
+  public var inFlightPerQueue: Int = 4
+  /// Most descriptors behind one doorbell.
+  public var maxBatch: Int = 16
+  /// Deadline applied to calls that set none.
+  public var defaultDeadline: Duration = .seconds(30)
+  /// The embedded device.
+  public var device: DeviceConfiguration = .defaults
+
+  public init() {}
+  public static var defaults: Self { Self() }
+  public static func defaults(_ configure: (inout Self) -> Void) -> Self {
+    var c = Self()
+    configure(&c)
+    return c
+  }
+
+  /// Transport limit: the payload plus room for the other fields of the message,
+  /// so an over-limit payload gets the service's own, precise error.
+  var transportMaxRequestBytes: Int { maxRequestBytes + 64 * 1024 }
+}

@@ -1,0 +1,264 @@
+/*
+ * accel_abi.h — the AccelGate device ABI ("uapi").
+ *
+ * This header is the single source of truth for the memory layout shared by
+ * the emulated device and any driver, in any language. It is plain C11 with
+ * fixed-width types and no padding surprises: every struct has static
+ * assertions on its size and on the offsets other processes rely on.
+ *
+ * A hardware queue is one shared-memory region (memfd or /dev/shm file):
+ *
+ *   +----------------------+ 0
+ *   | accel_region_header  |  4 KiB, one cache line per writer
+ *   +----------------------+ sq_offset
+ *   | SQ: sq_entries x 64B |  written by the driver, read by the device
+ *   +----------------------+ cq_offset
+ *   | CQ: cq_entries x 32B |  written by the device, read by the driver
+ *   +----------------------+ keyslot_offset   (reserved, may be empty)
+ *   | key slots            |
+ *   +----------------------+ stream_ctx_offset (reserved, may be empty)
+ *   | stream contexts      |
+ *   +----------------------+ data_offset
+ *   | data pool ("DMA")    |  job input and output buffers
+ *   +----------------------+ region_size
+ *
+ * Ring indices are free-running uint32 counters; the slot is index & (entries-1).
+ * A ring is empty when head == tail and full when tail - head == entries.
+ *
+ * Memory ordering (both sides):
+ *   producer: write slot; store-release tail
+ *   consumer: load-acquire tail; read slot; store-release head
+ * Doorbells follow io_uring's SQPOLL NEED_WAKEUP protocol; see docs/DEVICE_ABI.md.
+ *
+ * Versioning: major changes break compatibility (a driver refuses a region whose
+ * major differs); minor changes only give meaning to reserved fields that
+ * older peers leave zero.
+ */
+#ifndef ACCEL_ABI_H
+#define ACCEL_ABI_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define ACCEL_ABI_MAGIC          0x4C434341u /* "ACCL" in little-endian memory order */
+#define ACCEL_ABI_VERSION_MAJOR  1u
+#define ACCEL_ABI_VERSION_MINOR  0u
+#define ACCEL_ABI_VERSION        0x00010000u /* (MAJOR << 16) | MINOR */
+
+#define ACCEL_CACHELINE          64u
+#define ACCEL_HEADER_SIZE        4096u
+#define ACCEL_SQE_SIZE           64u
+#define ACCEL_CQE_SIZE           32u
+/** Every data-pool buffer handed to the device starts on this boundary. */
+#define ACCEL_BUFFER_ALIGN       64u
+
+/* ---------------------------------------------------------------------------
+ * Opcodes (accel_sqe.opcode)
+ * ------------------------------------------------------------------------- */
+enum accel_opcode {
+    ACCEL_OP_NOP        = 0, /* completes at once; for ring benchmarks */
+    ACCEL_OP_COMPRESS   = 1,
+    ACCEL_OP_DECOMPRESS = 2,
+    ACCEL_OP_ENCRYPT    = 3, /* reserved: AEAD, ABI 1.x minor */
+    ACCEL_OP_DECRYPT    = 4, /* reserved */
+    ACCEL_OP_DIGEST     = 5, /* reserved: hashes, HMAC, checksums */
+};
+
+/* ---------------------------------------------------------------------------
+ * Algorithms (accel_sqe.algorithm). Numbers are stable forever.
+ * ------------------------------------------------------------------------- */
+enum accel_algorithm {
+    ACCEL_ALG_NONE              = 0,
+    /* compression: 1..15 */
+    ACCEL_ALG_DEFLATE_RAW       = 1, /* RFC 1951 */
+    ACCEL_ALG_ZLIB              = 2, /* RFC 1950 */
+    ACCEL_ALG_GZIP              = 3, /* RFC 1952 */
+    ACCEL_ALG_ZSTD              = 4, /* reserved */
+    ACCEL_ALG_LZ4               = 5, /* reserved (LZ4 frame) */
+    /* AEAD: 16..31 (reserved) */
+    ACCEL_ALG_AES128_GCM        = 16,
+    ACCEL_ALG_AES256_GCM        = 17,
+    ACCEL_ALG_CHACHA20_POLY1305 = 18,
+    /* digests and checksums: 32..63 (reserved) */
+    ACCEL_ALG_SHA256            = 32,
+    ACCEL_ALG_SHA384            = 33,
+    ACCEL_ALG_SHA512            = 34,
+    ACCEL_ALG_HMAC_SHA256       = 35,
+    ACCEL_ALG_HMAC_SHA512       = 36,
+    ACCEL_ALG_CRC32C            = 37,
+    ACCEL_ALG_CRC32             = 38,
+    ACCEL_ALG_ADLER32           = 39,
+};
+
+/* ---------------------------------------------------------------------------
+ * Descriptor flags (accel_sqe.flags)
+ * ------------------------------------------------------------------------- */
+#define ACCEL_SQE_F_CHAIN        (1u << 0) /* reserved: the next SQE continues this job */
+#define ACCEL_SQE_F_STREAM       (1u << 1) /* reserved: uses the stream context in stream_ctx */
+#define ACCEL_SQE_F_STREAM_FINAL (1u << 2) /* reserved: last chunk of a stream */
+#define ACCEL_SQE_F_VERIFY       (1u << 3) /* reserved: compress-and-verify */
+#define ACCEL_SQE_F_KNOWN_MASK   0x0Fu
+
+/* ---------------------------------------------------------------------------
+ * Completion status (accel_cqe.status) and error class (accel_cqe.error_class)
+ * ------------------------------------------------------------------------- */
+enum accel_status {
+    ACCEL_STATUS_OK                 = 0,
+    ACCEL_STATUS_INVALID_DESCRIPTOR = 1,  /* offsets/lengths/fields failed validation */
+    ACCEL_STATUS_UNSUPPORTED        = 2,  /* opcode, algorithm or level not offered */
+    ACCEL_STATUS_CORRUPT_INPUT      = 3,  /* malformed compressed stream, trailing data */
+    ACCEL_STATUS_OUTPUT_OVERFLOW    = 4,  /* result does not fit dst_capacity */
+    ACCEL_STATUS_CHECKSUM_MISMATCH  = 5,  /* gzip CRC / zlib Adler-32 trailer mismatch */
+    ACCEL_STATUS_TRUNCATED_INPUT    = 6,  /* stream ended before its final block */
+    ACCEL_STATUS_AUTH_FAILED        = 7,  /* reserved: AEAD tag mismatch */
+    ACCEL_STATUS_ENGINE_ERROR       = 8,  /* the engine library failed unexpectedly */
+    ACCEL_STATUS_QUEUE_STOPPED      = 9,  /* queue is stopped or in error; job not run */
+    ACCEL_STATUS_DEVICE_FAULT       = 10, /* device-side fault (e.g. injected) */
+};
+
+enum accel_error_class {
+    ACCEL_ERRCLASS_NONE  = 0, /* status OK */
+    ACCEL_ERRCLASS_JOB   = 1, /* the job's own fault: return it to its caller */
+    ACCEL_ERRCLASS_QUEUE = 2, /* the queue's fault: counts toward isolation, job may be retried */
+};
+
+/* ---------------------------------------------------------------------------
+ * Queue state flags (accel_region_header.state_flags), written by the device
+ * ------------------------------------------------------------------------- */
+#define ACCEL_QF_ERROR    (1u << 0) /* queue hit a queue-class error; needs reset */
+#define ACCEL_QF_STOPPED  (1u << 1) /* queue accepts no new work */
+#define ACCEL_QF_ISOLATED (1u << 2) /* device isolated the queue after repeated errors */
+
+/* ---------------------------------------------------------------------------
+ * Submission queue entry: 64 bytes
+ * ------------------------------------------------------------------------- */
+typedef struct accel_sqe {
+    uint64_t cookie;        /*  0: opaque to the device, echoed in the CQE */
+    uint8_t  opcode;        /*  8: enum accel_opcode */
+    uint8_t  algorithm;     /*  9: enum accel_algorithm */
+    uint8_t  level;         /* 10: compression level, 0..9 for the deflate family */
+    uint8_t  flags;         /* 11: ACCEL_SQE_F_* */
+    uint32_t key_slot;      /* 12: reserved: 1-based key slot index, 0 = none */
+    uint64_t src_offset;    /* 16: region offset of the input (must lie in the data pool) */
+    uint64_t dst_offset;    /* 24: region offset of the output (must lie in the data pool) */
+    uint32_t src_length;    /* 32: input bytes */
+    uint32_t dst_capacity;  /* 36: output buffer bytes; the device never writes past it */
+    uint64_t aux_offset;    /* 40: reserved: parameter block (nonce, AAD, tag), 0 = none */
+    uint32_t aux_length;    /* 48: reserved */
+    uint32_t stream_ctx;    /* 52: reserved: 1-based stream context index, 0 = stateless */
+    uint64_t reserved;      /* 56: must be zero */
+} accel_sqe;
+
+/* ---------------------------------------------------------------------------
+ * Completion queue entry: 32 bytes
+ * ------------------------------------------------------------------------- */
+typedef struct accel_cqe {
+    uint64_t cookie;        /*  0: copied from the SQE */
+    uint16_t status;        /*  8: enum accel_status */
+    uint8_t  error_class;   /* 10: enum accel_error_class */
+    uint8_t  flags;         /* 11: reserved, zero */
+    uint32_t produced;      /* 12: bytes written at dst_offset */
+    uint32_t consumed;      /* 16: input bytes consumed */
+    uint16_t engine_id;     /* 20: engine that ran the job */
+    uint16_t reserved;      /* 22 */
+    uint64_t engine_ns;     /* 24: device time charged for the job, in nanoseconds */
+} accel_cqe;
+
+/* ---------------------------------------------------------------------------
+ * Region header: 4096 bytes. Each line has exactly one writer.
+ * ------------------------------------------------------------------------- */
+typedef struct accel_region_header {
+    /* line 0: identity and geometry, written once by the device at creation */
+    uint32_t magic;              /*   0: ACCEL_ABI_MAGIC */
+    uint32_t abi_version;        /*   4: ACCEL_ABI_VERSION */
+    uint32_t header_size;        /*   8: ACCEL_HEADER_SIZE */
+    uint32_t queue_id;           /*  12: device-wide queue number */
+    uint64_t region_size;        /*  16: total bytes of the region */
+    uint64_t sq_offset;          /*  24 */
+    uint64_t cq_offset;          /*  32 */
+    uint64_t data_offset;        /*  40: start of the data pool */
+    uint64_t data_size;          /*  48: bytes of the data pool */
+    uint32_t sq_entries;         /*  56: power of two */
+    uint32_t cq_entries;         /*  60: power of two, >= sq_entries */
+    /* line 1: more geometry, reserved areas */
+    uint32_t sqe_size;           /*  64: ACCEL_SQE_SIZE */
+    uint32_t cqe_size;           /*  68: ACCEL_CQE_SIZE */
+    uint64_t keyslot_offset;     /*  72: reserved: key slot table, 0 = none */
+    uint32_t keyslot_count;      /*  80 */
+    uint32_t keyslot_size;       /*  84 */
+    uint64_t stream_ctx_offset;  /*  88: reserved: stream context area, 0 = none */
+    uint32_t stream_ctx_count;   /*  96 */
+    uint32_t stream_ctx_size;    /* 100 */
+    uint32_t weight;             /* 104: arbitration weight given at allocation */
+    uint32_t reserved1[5];       /* 108..127 */
+    /* line 2: written by the driver */
+    uint32_t sq_tail;            /* 128 */
+    uint32_t pad2[15];
+    /* line 3: written by the device */
+    uint32_t sq_head;            /* 192 */
+    uint32_t pad3[15];
+    /* line 4: written by the device */
+    uint32_t cq_tail;            /* 256 */
+    uint32_t pad4[15];
+    /* line 5: written by the driver */
+    uint32_t cq_head;            /* 320 */
+    uint32_t pad5[15];
+    /* line 6: SQ doorbell. The device sets sq_need_wakeup before it parks on
+       the futex word sq_doorbell; the driver bumps sq_doorbell and calls
+       FUTEX_WAKE only when sq_need_wakeup is set. */
+    uint32_t sq_doorbell;        /* 384: futex word */
+    uint32_t sq_need_wakeup;     /* 388: "device sleeping" flag */
+    uint32_t pad6[14];
+    /* line 7: CQ doorbell, the mirror image for the driver's reaper */
+    uint32_t cq_doorbell;        /* 448: futex word */
+    uint32_t cq_need_wakeup;     /* 452: "reaper sleeping" flag */
+    uint32_t pad7[14];
+    /* line 8: queue state, written by the device */
+    uint32_t state_flags;        /* 512: ACCEL_QF_* */
+    uint32_t error_status;       /* 516: first queue-class status seen */
+    uint64_t error_count;        /* 520: queue-class errors since reset */
+    uint64_t heartbeat;          /* 528: bumped by the device while it is alive */
+    uint64_t completed;          /* 536: CQEs posted since creation */
+    uint32_t pad8[8];
+    uint8_t  reserved_tail[ACCEL_HEADER_SIZE - 576];
+} accel_region_header;
+
+#define ACCEL_STATIC_ASSERT(c, m) _Static_assert(c, m)
+ACCEL_STATIC_ASSERT(ACCEL_ABI_VERSION == ((ACCEL_ABI_VERSION_MAJOR << 16) | ACCEL_ABI_VERSION_MINOR), "version");
+ACCEL_STATIC_ASSERT(sizeof(accel_sqe) == ACCEL_SQE_SIZE, "SQE must be 64 bytes");
+ACCEL_STATIC_ASSERT(sizeof(accel_cqe) == ACCEL_CQE_SIZE, "CQE must be 32 bytes");
+ACCEL_STATIC_ASSERT(sizeof(accel_region_header) == ACCEL_HEADER_SIZE, "header must be 4 KiB");
+ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_region_header, sq_tail) == 128, "sq_tail offset");
+ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_region_header, sq_head) == 192, "sq_head offset");
+ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_region_header, cq_tail) == 256, "cq_tail offset");
+ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_region_header, cq_head) == 320, "cq_head offset");
+ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_region_header, sq_doorbell) == 384, "sq_doorbell offset");
+ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_region_header, cq_doorbell) == 448, "cq_doorbell offset");
+ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_region_header, state_flags) == 512, "state offset");
+ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_cqe, engine_ns) == 24, "cqe engine_ns offset");
+ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_sqe, aux_offset) == 40, "sqe aux offset");
+
+/** Output capacity that always suffices for compressing n bytes with any
+    deflate-family engine and wrapper. Stored blocks cost 5 bytes per 64 KiB;
+    1/256 plus 1 KiB covers wrappers and block headers with a wide margin.
+    A driver that reserves less may see ACCEL_STATUS_OUTPUT_OVERFLOW. */
+static inline uint64_t accel_compress_bound(uint64_t n) { return n + (n >> 8) + 1024; }
+
+/** Error class a status belongs to. Documented in docs/DEVICE_ABI.md. */
+static inline uint8_t accel_status_error_class(uint16_t status) {
+    switch (status) {
+    case ACCEL_STATUS_OK: return ACCEL_ERRCLASS_NONE;
+    case ACCEL_STATUS_QUEUE_STOPPED:
+    case ACCEL_STATUS_DEVICE_FAULT:
+    case ACCEL_STATUS_ENGINE_ERROR: return ACCEL_ERRCLASS_QUEUE;
+    default: return ACCEL_ERRCLASS_JOB;
+    }
+}
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* ACCEL_ABI_H */

@@ -1,0 +1,178 @@
+/*
+ * Software engines for the emulated device. See accel_engines.h.
+ */
+#include "accel_engines.h"
+
+#include <isa-l/igzip_lib.h>
+#include <libdeflate.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zlib.h>
+
+#define ACCEL_LIBDEFLATE_MIN_LEVEL 4
+#define ACCEL_LIBDEFLATE_MAX_LEVEL 9
+
+struct accel_engine_ctx {
+    struct isal_zstream zs;
+    struct inflate_state inflate;
+    uint8_t *isal_level_buf;         /* sized for the largest level used (3) */
+    uint32_t isal_level_buf_size;
+    struct libdeflate_compressor *ld[ACCEL_LIBDEFLATE_MAX_LEVEL + 1]; /* created on first use */
+};
+
+accel_engine_ctx *accel_engine_create(void) {
+    accel_engine_ctx *ctx = calloc(1, sizeof(*ctx));
+    if (!ctx) return NULL;
+    ctx->isal_level_buf_size = ISAL_DEF_LVL3_DEFAULT;
+    ctx->isal_level_buf = malloc(ctx->isal_level_buf_size);
+    if (!ctx->isal_level_buf) { free(ctx); return NULL; }
+    return ctx;
+}
+
+void accel_engine_destroy(accel_engine_ctx *ctx) {
+    if (!ctx) return;
+    for (int i = 0; i <= ACCEL_LIBDEFLATE_MAX_LEVEL; i++)
+        if (ctx->ld[i]) libdeflate_free_compressor(ctx->ld[i]);
+    free(ctx->isal_level_buf);
+    free(ctx);
+}
+
+
+int accel_engine_max_level(uint8_t algorithm) {
+    switch (algorithm) {
+    case ACCEL_ALG_DEFLATE_RAW:
+    case ACCEL_ALG_ZLIB:
+    case ACCEL_ALG_GZIP: return 9;
+    default: return -1;
+    }
+}
+
+const char *accel_engine_name(uint8_t opcode, uint8_t algorithm, uint8_t level) {
+    if (opcode == ACCEL_OP_NOP) return "nop";
+    if (accel_engine_max_level(algorithm) < 0) return "unsupported";
+    if (opcode == ACCEL_OP_DECOMPRESS) return "isal-inflate";
+    if (level == 0) return "zlib";
+    if (level <= 3) return "isal-igzip";
+    return "libdeflate";
+}
+
+/* ---- compression ---------------------------------------------------------- */
+
+static uint16_t compress_zlib_stored(uint8_t algorithm, const uint8_t *src, uint32_t src_len,
+                                     uint8_t *dst, uint32_t dst_cap, uint32_t *produced) {
+    z_stream zs;
+    memset(&zs, 0, sizeof(zs));
+    int window = algorithm == ACCEL_ALG_DEFLATE_RAW ? -15 : algorithm == ACCEL_ALG_GZIP ? 31 : 15;
+    if (deflateInit2(&zs, 0, Z_DEFLATED, window, 8, Z_DEFAULT_STRATEGY) != Z_OK) return ACCEL_STATUS_ENGINE_ERROR;
+    zs.next_in = (Bytef *)src;
+    zs.avail_in = src_len;
+    zs.next_out = dst;
+    zs.avail_out = dst_cap;
+    int rc = deflate(&zs, Z_FINISH);
+    *produced = (uint32_t)zs.total_out;
+    deflateEnd(&zs);
+    if (rc == Z_STREAM_END) return ACCEL_STATUS_OK;
+    return rc == Z_OK || rc == Z_BUF_ERROR ? ACCEL_STATUS_OUTPUT_OVERFLOW : ACCEL_STATUS_ENGINE_ERROR;
+}
+
+static uint16_t compress_isal(accel_engine_ctx *ctx, uint8_t algorithm, uint8_t level,
+                              const uint8_t *src, uint32_t src_len,
+                              uint8_t *dst, uint32_t dst_cap, uint32_t *produced) {
+    struct isal_zstream *zs = &ctx->zs;
+    isal_deflate_init(zs);
+    zs->level = level;
+    zs->level_buf = ctx->isal_level_buf;
+    zs->level_buf_size = ctx->isal_level_buf_size;
+    zs->gzip_flag = algorithm == ACCEL_ALG_GZIP ? IGZIP_GZIP : algorithm == ACCEL_ALG_ZLIB ? IGZIP_ZLIB : IGZIP_DEFLATE;
+    zs->end_of_stream = 1;
+    zs->flush = NO_FLUSH;
+    zs->next_in = (uint8_t *)src;
+    zs->avail_in = src_len;
+    zs->next_out = dst;
+    zs->avail_out = dst_cap;
+    int rc = isal_deflate(zs);
+    *produced = zs->total_out;
+    if (rc != COMP_OK) return ACCEL_STATUS_ENGINE_ERROR;
+    if (zs->internal_state.state != ZSTATE_END) return ACCEL_STATUS_OUTPUT_OVERFLOW;
+    return ACCEL_STATUS_OK;
+}
+
+static uint16_t compress_libdeflate(accel_engine_ctx *ctx, uint8_t algorithm, uint8_t level,
+                                    const uint8_t *src, uint32_t src_len,
+                                    uint8_t *dst, uint32_t dst_cap, uint32_t *produced) {
+    if (!ctx->ld[level]) {
+        ctx->ld[level] = libdeflate_alloc_compressor((int)level);
+        if (!ctx->ld[level]) return ACCEL_STATUS_ENGINE_ERROR;
+    }
+    size_t n;
+    switch (algorithm) {
+    case ACCEL_ALG_GZIP: n = libdeflate_gzip_compress(ctx->ld[level], src, src_len, dst, dst_cap); break;
+    case ACCEL_ALG_ZLIB: n = libdeflate_zlib_compress(ctx->ld[level], src, src_len, dst, dst_cap); break;
+    default: n = libdeflate_deflate_compress(ctx->ld[level], src, src_len, dst, dst_cap); break;
+    }
+    *produced = (uint32_t)n;
+    return n == 0 ? ACCEL_STATUS_OUTPUT_OVERFLOW : ACCEL_STATUS_OK;
+}
+
+uint16_t accel_engine_compress(accel_engine_ctx *ctx, uint8_t algorithm, uint8_t level,
+                               const uint8_t *src, uint32_t src_len,
+                               uint8_t *dst, uint32_t dst_cap,
+                               uint32_t *produced, uint32_t *consumed) {
+    *produced = 0;
+    *consumed = 0;
+    int max = accel_engine_max_level(algorithm);
+    if (max < 0 || level > max) return ACCEL_STATUS_UNSUPPORTED;
+    uint16_t st;
+    if (level == 0)
+        st = compress_zlib_stored(algorithm, src, src_len, dst, dst_cap, produced);
+    else if (level <= ISAL_DEF_MAX_LEVEL)
+        st = compress_isal(ctx, algorithm, level, src, src_len, dst, dst_cap, produced);
+    else
+        st = compress_libdeflate(ctx, algorithm, level, src, src_len, dst, dst_cap, produced);
+    if (st == ACCEL_STATUS_OK) *consumed = src_len;
+    else *produced = 0;
+    return st;
+}
+
+/* ---- decompression -------------------------------------------------------- */
+
+static int is_gzip_member_start(const uint8_t *p, uint32_t n) {
+    return n >= 2 && p[0] == 0x1f && p[1] == 0x8b;
+}
+
+uint16_t accel_engine_decompress(accel_engine_ctx *ctx, uint8_t algorithm,
+                                 const uint8_t *src, uint32_t src_len,
+                                 uint8_t *dst, uint32_t dst_cap,
+                                 uint32_t *produced, uint32_t *consumed) {
+    *produced = 0;
+    *consumed = 0;
+    if (accel_engine_max_level(algorithm) < 0) return ACCEL_STATUS_UNSUPPORTED;
+    struct inflate_state *st = &ctx->inflate;
+    uint32_t in_pos = 0, out_pos = 0;
+    for (;;) { /* one iteration per gzip member; one in total for zlib and raw deflate */
+        isal_inflate_init(st);
+        st->crc_flag = algorithm == ACCEL_ALG_GZIP ? ISAL_GZIP : algorithm == ACCEL_ALG_ZLIB ? ISAL_ZLIB : ISAL_DEFLATE;
+        st->next_in = (uint8_t *)src + in_pos;
+        st->avail_in = src_len - in_pos;
+        st->next_out = dst + out_pos;
+        st->avail_out = dst_cap - out_pos;
+        int rc = isal_inflate(st);
+        uint32_t used_in = (src_len - in_pos) - st->avail_in;
+        uint32_t made = (dst_cap - out_pos) - st->avail_out;
+        in_pos += used_in;
+        out_pos += made;
+        *produced = out_pos;
+        *consumed = in_pos;
+        if (rc == ISAL_INCORRECT_CHECKSUM) return ACCEL_STATUS_CHECKSUM_MISMATCH;
+        if (rc < 0) return ACCEL_STATUS_CORRUPT_INPUT;
+        if (st->block_state != ISAL_BLOCK_FINISH) {
+            /* Not finished: either the output cap was hit, or the input ran out. */
+            if (st->avail_out == 0 || rc == ISAL_OUT_OVERFLOW) return ACCEL_STATUS_OUTPUT_OVERFLOW;
+            return ACCEL_STATUS_TRUNCATED_INPUT;
+        }
+        if (in_pos == src_len) return ACCEL_STATUS_OK;
+        /* Bytes remain after the end of the stream. gzip allows further members (RFC 1952 §2.2). */
+        if (algorithm == ACCEL_ALG_GZIP && is_gzip_member_start(src + in_pos, src_len - in_pos)) continue;
+        return ACCEL_STATUS_CORRUPT_INPUT;
+    }
+}

@@ -1,0 +1,141 @@
+/*
+ * accel_sys.h — Linux primitives Swift cannot reach directly.
+ *
+ * memfd_create, futex (wait, wake, waitv), atomics and fences on shared
+ * memory, and a monotonic clock. Everything is static inline so Swift can
+ * import it without a shared library, in the spirit of swift-nio's CNIOLinux.
+ */
+#ifndef ACCEL_SYS_H
+#define ACCEL_SYS_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---- memfd ---------------------------------------------------------------- */
+
+/** Creates an anonymous, sealable, close-on-exec memory file. Returns -1 and sets errno on failure. */
+static inline int accel_memfd_create(const char *name) {
+    return (int)syscall(SYS_memfd_create, name, (unsigned int)(MFD_CLOEXEC | MFD_ALLOW_SEALING));
+}
+
+/** Seals a memfd against shrinking and growing, so a mapping can never SIGBUS. */
+static inline int accel_memfd_seal_size(int fd) {
+    return fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
+}
+
+static inline int accel_memfd_get_seals(int fd) { return fcntl(fd, F_GET_SEALS); }
+
+/** Maps a whole shared region read-write. Returns NULL on failure. */
+static inline void *accel_map_shared(int fd, uint64_t size) {
+    void *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+static inline int accel_unmap(void *p, uint64_t size) { return munmap(p, (size_t)size); }
+
+/* ---- atomics on shared memory -------------------------------------------- */
+
+static inline uint32_t accel_load_acquire_u32(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline uint32_t accel_load_relaxed_u32(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+static inline void accel_store_release_u32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline void accel_store_seqcst_u32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+static inline uint32_t accel_fetch_add_u32(uint32_t *p, uint32_t v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+static inline uint32_t accel_fetch_or_u32(uint32_t *p, uint32_t v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
+static inline uint32_t accel_fetch_and_u32(uint32_t *p, uint32_t v) { return __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST); }
+static inline uint64_t accel_load_acquire_u64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void accel_store_release_u64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline uint64_t accel_fetch_add_u64(uint64_t *p, uint64_t v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+
+/** Full barrier: orders a preceding store before a following load (Dekker-style doorbell check). */
+static inline void accel_fence_seqcst(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+static inline void accel_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* ---- futex (shared, not _PRIVATE: waiters and wakers may be in different processes) */
+
+/** Sleeps while *word == expected, at most timeout_ns (0 = forever). Returns 0 or -1 with errno. */
+static inline int accel_futex_wait(uint32_t *word, uint32_t expected, uint64_t timeout_ns) {
+    struct timespec ts, *tsp = NULL;
+    if (timeout_ns) {
+        ts.tv_sec = (time_t)(timeout_ns / 1000000000ull);
+        ts.tv_nsec = (long)(timeout_ns % 1000000000ull);
+        tsp = &ts;
+    }
+    return (int)syscall(SYS_futex, word, FUTEX_WAIT, expected, tsp, NULL, 0);
+}
+
+/** Wakes up to count waiters on word. Returns the number woken or -1. */
+static inline int accel_futex_wake(uint32_t *word, int count) {
+    return (int)syscall(SYS_futex, word, FUTEX_WAKE, count, NULL, NULL, 0);
+}
+
+#ifndef FUTEX2_SIZE_U32
+#define FUTEX2_SIZE_U32 0x02
+#endif
+#ifndef SYS_futex_waitv
+#define SYS_futex_waitv 449
+#endif
+
+#define ACCEL_FUTEX_WAITV_MAX 128
+
+/** Waits on several futex words at once (Linux 5.16+). Returns the index woken, or -1 with errno
+    (EAGAIN: a value already differed; ETIMEDOUT; ENOSYS on old kernels). */
+static inline int accel_futex_waitv(uint32_t *const *words, const uint32_t *expected, int n, uint64_t timeout_ns) {
+    struct futex_waitv w[ACCEL_FUTEX_WAITV_MAX];
+    if (n <= 0 || n > ACCEL_FUTEX_WAITV_MAX) { errno = EINVAL; return -1; }
+    memset(w, 0, sizeof(w[0]) * (size_t)n);
+    for (int i = 0; i < n; i++) {
+        w[i].uaddr = (uint64_t)(uintptr_t)words[i];
+        w[i].val = expected[i];
+        w[i].flags = FUTEX2_SIZE_U32;
+    }
+    struct timespec ts, *tsp = NULL;
+    if (timeout_ns) {
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        uint64_t ns = (uint64_t)ts.tv_nsec + timeout_ns % 1000000000ull;
+        ts.tv_sec += (time_t)(timeout_ns / 1000000000ull + ns / 1000000000ull);
+        ts.tv_nsec = (long)(ns % 1000000000ull);
+        tsp = &ts;
+    }
+    return (int)syscall(SYS_futex_waitv, w, (unsigned int)n, 0u, tsp, CLOCK_MONOTONIC);
+}
+
+/* ---- time ---------------------------------------------------------------- */
+
+static inline uint64_t accel_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/** Per-thread CPU time, for engine busy accounting. */
+static inline uint64_t accel_thread_cpu_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static inline void accel_sleep_ns(uint64_t ns) {
+    struct timespec ts = { (time_t)(ns / 1000000000ull), (long)(ns % 1000000000ull) };
+    while (nanosleep(&ts, &ts) == -1 && errno == EINTR) {}
+}
+
+static inline int accel_errno(void) { return errno; }
+
+#endif /* ACCEL_SYS_H */
