@@ -126,8 +126,9 @@ let package = Package(
     .testTarget(
       name: "AccelServiceTests",
       dependencies: [
-        "AccelService", "AccelProto",
+        "AccelService", "AccelProto", "AccelDevice",
         .product(name: "GRPCCore", package: "grpc-swift-2"),
+        .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
       ],
       swiftSettings: strictSettings
