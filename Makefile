@@ -1,0 +1,51 @@
+# AccelGate — two commands do all the set-up:
+#   make run    install what is missing, build, serve on 127.0.0.1:50051 (embedded device)
+#   make test   install what is missing, check generated code, run every test
+SHELL := /bin/bash
+SWIFT ?= swift
+PYTHON ?= python3
+HOST ?= 127.0.0.1
+PORT ?= 50051
+ARGS ?=
+
+.PHONY: run test deps deps-test build build-release check-generated swift-test interop bench generate clean
+
+run: deps build-release
+	.build/release/accelgate serve --host $(HOST) --port $(PORT) $(ARGS)
+
+test: deps-test check-generated swift-test interop
+
+deps:
+	@scripts/install-deps.sh run
+
+deps-test:
+	@scripts/install-deps.sh test
+
+build:
+	$(SWIFT) build
+
+build-release:
+	$(SWIFT) build -c release --product accelgate
+
+# Regenerates protobuf code and fails if it differs from what is committed.
+check-generated:
+	scripts/check-generated.sh
+
+# Regenerates protobuf code and the descriptor set after a proto change.
+generate:
+	scripts/generate-proto.sh
+
+swift-test:
+	$(SWIFT) build --build-tests
+	$(SWIFT) test --skip-build
+
+interop: build
+	$(PYTHON) -m pytest -q tests/interop
+
+bench: deps-test
+	$(SWIFT) build -c release --product accelbench
+	$(SWIFT) build -c release --product accelgate
+	scripts/bench.sh
+
+clean:
+	rm -rf .build .build-interop

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs whatever the build, the server and the tests need and is missing.
+# Idempotent and quiet when everything is present.
+#   scripts/install-deps.sh run    -> packages to build and run the server
+#   scripts/install-deps.sh test   -> plus the interop test peers (pip)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-test}
+
+# Engines: ISA-L, libdeflate, zlib, zstd, lz4, OpenSSL. Codegen: protoc.
+debs=(libisal-dev libdeflate-dev zlib1g-dev libzstd-dev liblz4-dev libssl-dev protobuf-compiler pkg-config)
+missing=()
+for p in "${debs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${missing[*]}"
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+command -v swift >/dev/null || { echo "swift is not on PATH (expected /opt/swift/usr/bin)" >&2; exit 1; }
+
+if [ "$mode" = "test" ] || [ "$mode" = "bench" ]; then
+  if ! python3 - <<'PY' 2>/dev/null
+import grpc, grpc_tools, pytest, cryptography, google.protobuf  # noqa: F401
+PY
+  then
+    echo "installing Python test peers"
+    python3 -m pip install -q --disable-pip-version-check -r tests/interop/requirements.txt
+  fi
+fi
