@@ -123,6 +123,11 @@ let package = Package(
       swiftSettings: strictSettings
     ),
     .testTarget(name: "AccelDriverTests", dependencies: ["AccelDriver", "AccelABI"], swiftSettings: strictSettings),
+    .testTarget(
+      name: "AccelDispatcherTests",
+      dependencies: ["AccelDispatcher", "AccelDevice", "AccelDriver", "AccelABI"],
+      swiftSettings: strictSettings
+    ),
     .testTarget(name: "AccelSchedulerTests", dependencies: ["AccelScheduler"], swiftSettings: strictSettings),
     .testTarget(
       name: "AccelServiceTests",

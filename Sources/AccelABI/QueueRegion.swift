@@ -47,24 +47,43 @@ public final class QueueRegion: @unchecked Sendable {
   /// Takes ownership of `fd`.
   public static func attach(fd: Int32) throws(RegionError) -> QueueRegion {
     var st = stat()
-    guard fstat(fd, &st) == 0 else { throw .system("fstat", accel_errno()) }
+    guard fstat(fd, &st) == 0 else {
+      let e = accel_errno()
+      close(fd)
+      throw .system("fstat", e)
+    }
     let size = UInt64(st.st_size)
-    guard size >= UInt64(ACCEL_HEADER_SIZE) else { throw .abi(.invalidGeometry("region smaller than its header")) }
-    guard let base = accel_map_shared(fd, size) else { throw .system("mmap", accel_errno()) }
+    guard size >= UInt64(ACCEL_HEADER_SIZE) else {
+      close(fd)
+      throw .abi(.invalidGeometry("region smaller than its header"))
+    }
+    // A region that can shrink could SIGBUS us mid-job: insist on the seal.
+    guard accel_memfd_is_shrink_sealed(fd) == 1 else {
+      close(fd)
+      throw .abi(.invalidGeometry("region is not sealed against shrinking"))
+    }
+    guard let base = accel_map_shared(fd, size) else {
+      let e = accel_errno()
+      close(fd)
+      throw .system("mmap", e)
+    }
     let header = base.assumingMemoryBound(to: accel_region_header.self)
     do {
       let layout = try RegionLayout(validating: header, mappedSize: size)
-      if layout.regionSize < size { _ = accel_unmap(base, size) }
-      return QueueRegion(fd: fd, layout: layout, base: layout.regionSize < size ? accel_map_shared(fd, layout.regionSize)! : base)
+      return QueueRegion(fd: fd, layout: layout, base: base, mappedSize: size)
     } catch {
       _ = accel_unmap(base, size)
+      close(fd)
       throw .abi(error)
     }
   }
 
-  private init(fd: Int32, layout: RegionLayout, base: UnsafeMutableRawPointer) {
+  private let mappedSize: UInt64
+
+  private init(fd: Int32, layout: RegionLayout, base: UnsafeMutableRawPointer, mappedSize: UInt64? = nil) {
     self.fd = fd
     self.layout = layout
+    self.mappedSize = mappedSize ?? layout.regionSize
     self.base = base
     self.header = base.assumingMemoryBound(to: accel_region_header.self)
     self.sqBase = (base + Int(layout.sqOffset)).assumingMemoryBound(to: accel_sqe.self)
@@ -74,7 +93,7 @@ public final class QueueRegion: @unchecked Sendable {
   }
 
   deinit {
-    _ = accel_unmap(base, layout.regionSize)
+    _ = accel_unmap(base, mappedSize)
     close(fd)
   }
 

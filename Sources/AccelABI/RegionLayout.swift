@@ -41,12 +41,35 @@ public struct RegionLayout: Sendable, Equatable {
     guard h.header_size == ACCEL_HEADER_SIZE, h.sqe_size == ACCEL_SQE_SIZE, h.cqe_size == ACCEL_CQE_SIZE else {
       throw ABIError.invalidGeometry("entry or header size differs from this ABI")
     }
-    let expected = try RegionLayout(sqEntries: h.sq_entries, cqEntries: h.cq_entries, dataPoolBytes: h.data_size)
-    guard expected.sqOffset == h.sq_offset, expected.cqOffset == h.cq_offset,
-      expected.dataOffset == h.data_offset, expected.dataSize == h.data_size,
-      expected.regionSize == h.region_size, h.region_size <= mappedSize
-    else { throw ABIError.invalidGeometry("offsets do not match the ABI's layout or exceed the mapping") }
-    self = expected
+    guard h.sq_entries.nonzeroBitCount == 1, h.cq_entries.nonzeroBitCount == 1, h.cq_entries >= h.sq_entries,
+      h.sq_entries <= 1 << 16, h.cq_entries <= 1 << 16
+    else { throw ABIError.invalidGeometry("ring sizes must be powers of two <= 65536 with cq >= sq") }
+    guard h.region_size <= mappedSize else { throw ABIError.invalidGeometry("region larger than the mapping") }
+    // Areas are found through the header, not recomputed, so a later minor version may
+    // insert areas (key slots, stream contexts). They must lie inside the region, past the
+    // header, page-aligned, and must not overlap.
+    let areas: [(UInt64, UInt64)] = [
+      (h.sq_offset, UInt64(h.sq_entries) * UInt64(ACCEL_SQE_SIZE)),
+      (h.cq_offset, UInt64(h.cq_entries) * UInt64(ACCEL_CQE_SIZE)),
+      (h.data_offset, h.data_size),
+    ]
+    for (offset, size) in areas {
+      guard offset % Self.pageSize == 0, offset >= UInt64(ACCEL_HEADER_SIZE), size > 0, offset <= h.region_size,
+        size <= h.region_size - offset
+      else { throw ABIError.invalidGeometry("an area lies outside the region or is misaligned") }
+    }
+    for i in 0..<areas.count {
+      for j in (i + 1)..<areas.count where areas[i].0 < areas[j].0 + areas[j].1 && areas[j].0 < areas[i].0 + areas[i].1 {
+        throw ABIError.invalidGeometry("areas overlap")
+      }
+    }
+    self.sqEntries = h.sq_entries
+    self.cqEntries = h.cq_entries
+    self.sqOffset = h.sq_offset
+    self.cqOffset = h.cq_offset
+    self.dataOffset = h.data_offset
+    self.dataSize = h.data_size
+    self.regionSize = h.region_size
   }
 
   /// Writes identity and geometry into a zeroed header. Device side only.

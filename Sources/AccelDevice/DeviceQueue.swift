@@ -57,7 +57,7 @@ public final class DeviceQueue: @unchecked Sendable {
   public var completedCount: UInt64 { completed.loadAcquire() }
 
   var hasPendingWork: Bool {
-    stateFlags.loadAcquire() & ACCEL_QF_STOPPED == 0 && sqTail.loadAcquire() != sqHead.loadRelaxed()
+    stateFlags.loadAcquire() & (ACCEL_QF_STOPPED | ACCEL_QF_ERROR) == 0 && sqTail.loadAcquire() != sqHead.loadRelaxed()
   }
 
   /// Takes the next descriptor, copied out of shared memory. Nil when the ring is
@@ -83,17 +83,19 @@ public final class DeviceQueue: @unchecked Sendable {
   /// so the ring is never full in normal operation; if it is, the engine waits
   /// (briefly spinning, then sleeping) until the driver reaps or the device stops.
   func post(_ cqe: accel_cqe, isRunning: () -> Bool) {
-    postLock.withLock { tail in
+    let posted = postLock.withLock { tail -> Bool in
       var spins = 0
       while region.cqIndex.isFull(head: cqHead.loadAcquire(), tail: tail) {
-        guard isRunning() else { return }
+        guard isRunning() else { return false }
         spins += 1
         if spins < 1000 { SharedMemory.cpuRelax() } else { SharedMemory.sleep(nanoseconds: 50_000) }
       }
       region.cqe(at: tail).pointee = cqe
       tail &+= 1
       cqTail.storeRelease(tail)
+      return true
     }
+    guard posted else { return }
     completed.fetchAdd(1)
     SharedMemory.fence()
     if cqNeedWakeup.loadAcquire() != 0 {

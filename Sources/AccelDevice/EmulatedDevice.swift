@@ -20,6 +20,8 @@ public final class EmulatedDevice: @unchecked Sendable {
   /// Engines currently parked; the need-wakeup flags are cleared when it drops to 0.
   private let sleepers = Atomic<Int>(0)
   private let exited = DispatchGroup()
+  /// Busy engines bump every queue's heartbeat at least this often (ns); parked ones on each wake-up.
+  static let heartbeatInterval: UInt64 = 10_000_000
 
   public init(configuration: DeviceConfiguration = .defaults) throws(DeviceError) {
     guard configuration.queueCount >= 1, configuration.queueCount <= 128, configuration.engineCount >= 1 else {
@@ -90,6 +92,7 @@ public final class EmulatedDevice: @unchecked Sendable {
     var cursor = stats.id % queues.count
     var credit = queues[cursor].weight
     var lastWork = SharedMemory.nowNanoseconds()
+    var lastBeat = lastWork
 
     while running.load(ordering: .relaxed) {
       var didWork = false
@@ -110,6 +113,10 @@ public final class EmulatedDevice: @unchecked Sendable {
         break
       }
       let now = SharedMemory.nowNanoseconds()
+      if now &- lastBeat > Self.heartbeatInterval {
+        for q in queues { q.heartbeat.fetchAdd(1) }
+        lastBeat = now
+      }
       if didWork {
         lastWork = now
       } else if now &- lastWork < spinNs {

@@ -66,7 +66,7 @@ package final class Dispatcher: Sendable {
     var nextID: UInt64 = 1
     var pumping = false
     var pumpAgain = false
-    var cancelledEarly: Set<UInt64> = []
+    var cancelledEarly: [UInt64: JobError] = [:]
     var shuttingDown = false
   }
 
@@ -133,10 +133,11 @@ package final class Dispatcher: Sendable {
         let now = clock.now
         let admitted = state.withLock { s -> JobError? in
           if s.shuttingDown { return .shuttingDown }
-          if s.cancelledEarly.remove(id) != nil { return .cancelled }
+          if let reason = s.cancelledEarly.removeValue(forKey: id) { return reason }
           if s.scheduler.count >= configuration.maxQueuedJobs {
             return .rejected(reason: .queueFull, retryAfterMilliseconds: retryHintLocked(s))
           }
+          // FIFO ignores cost; the fair scheduler replaces bytes with estimated device time.
           let job = QueuedJob(id: id, tenant: request.tenant, cost: UInt64(request.input.count))
           s.jobs[id] = Pending(
             request: request, job: job, enqueuedAt: now,
@@ -180,13 +181,14 @@ package final class Dispatcher: Sendable {
     }
   }
 
-  /// Removes a waiting job, or abandons one already on the device. Idempotent.
-  package func cancel(id: UInt64) {
+  /// Removes a waiting job, or abandons one already on the device; its caller
+  /// gets `reason`. Idempotent.
+  package func cancel(id: UInt64, reason: JobError = .cancelled) {
     let cont = state.withLock { s -> CheckedContinuation<Outcome, Never>? in
       guard var p = s.jobs[id] else {
         // Cancelled before it was enqueued (or after it finished): remember briefly.
         if s.cancelledEarly.count > 4096 { s.cancelledEarly.removeAll() }
-        s.cancelledEarly.insert(id)
+        s.cancelledEarly[id] = reason
         return nil
       }
       if p.lease == nil {
@@ -200,7 +202,7 @@ package final class Dispatcher: Sendable {
       s.jobs[id] = p
       return c
     }
-    cont?.resume(returning: .failed(.cancelled))
+    cont?.resume(returning: .failed(reason))
   }
 
   /// Snapshot for DescribeDevice and metrics.
@@ -279,19 +281,22 @@ package final class Dispatcher: Sendable {
       var work: [Work] = []
       let limit = configuration.maxBatch * driver.queues.count
       while work.count < limit, let next = s.scheduler.peek(), let p = s.jobs[next.id] {
-        // Least-loaded healthy queue with a free in-flight slot.
-        var best: Int?
-        for q in driver.queues where q.isHealthy && s.inFlight[q.index] < configuration.inFlightPerQueue {
-          if best == nil || s.inFlight[q.index] < s.inFlight[best!] { best = q.index }
-        }
-        guard let qi = best else { break }
-        let queue = driver.queues[qi]
+        // Healthy queues with a free in-flight slot, least loaded first; the first
+        // whose pool has room takes the job.
+        let candidates = driver.queues
+          .filter { $0.isHealthy && s.inFlight[$0.index] < configuration.inFlightPerQueue }
+          .sorted { s.inFlight[$0.index] < s.inFlight[$1.index] }
         let id = next.id
-        guard
-          let lease = queue.reserve(
+        var reserved: Lease?
+        for queue in candidates {
+          reserved = queue.reserve(
             srcLength: UInt32(p.request.input.count), dstCapacity: UInt32(p.request.outputCapacity),
             handler: { [weak self] c in self?.complete(id: id, completion: c) })
-        else { break }  // pool full: the job keeps its place until buffers free up
+          if reserved != nil { break }
+        }
+        // No room anywhere: the job keeps its place until slots or buffers free up.
+        guard let lease = reserved else { break }
+        let qi = lease.queueIndex
         _ = s.scheduler.pop(now: nanos(now))
         s.inFlight[qi] += 1
         s.jobs[id]?.lease = lease

@@ -62,6 +62,8 @@ package final class DriverQueue: @unchecked Sendable {
   /// Serialises reaping; only the reaper thread takes it, except in tests.
   private let reapLock = Mutex<UInt32>(0)  // private copy of cq_head
   private let counters = Counters()
+  /// Set when the completion ring itself is corrupt; the queue takes no more work.
+  private let faulted = Atomic<Bool>(false)
 
   package init(index: Int, region: QueueRegion) {
     self.index = index
@@ -91,7 +93,10 @@ package final class DriverQueue: @unchecked Sendable {
   package var queueID: UInt32 { region.queueID }
   package var poolCapacity: UInt64 { region.layout.dataSize }
   package var slotCount: Int { Int(region.layout.sqEntries) }
-  package var isHealthy: Bool { stateFlags.loadAcquire() & (ACCEL_QF_ERROR | ACCEL_QF_STOPPED | ACCEL_QF_ISOLATED) == 0 }
+  package var isHealthy: Bool {
+    !faulted.load(ordering: .relaxed)
+      && stateFlags.loadAcquire() & (ACCEL_QF_ERROR | ACCEL_QF_STOPPED | ACCEL_QF_ISOLATED) == 0
+  }
 
   /// Jobs holding a slot (in flight or awaiting release).
   package var leasedCount: Int { state.withLock { $0.leased } }
@@ -190,7 +195,13 @@ package final class DriverQueue: @unchecked Sendable {
     let consumed = reapLock.withLock { head -> Int in
       let tail = cqTail.loadAcquire()
       guard region.cqIndex.isConsistent(head: head, tail: tail) else {
-        counters.invalidCompletions.add(1, ordering: .relaxed)
+        // The producer index is impossible: the ring cannot be trusted any more.
+        // Fail every job on the queue (queue-class, so callers see UNAVAILABLE)
+        // and take the queue out of service.
+        if !faulted.exchange(true, ordering: .relaxed) {
+          counters.invalidCompletions.add(1, ordering: .relaxed)
+          delivered = failAllInFlight()
+        }
         return 0
       }
       var n = 0
@@ -208,16 +219,26 @@ package final class DriverQueue: @unchecked Sendable {
     return consumed
   }
 
+  /// Checks a completion against the job it names. An entry with an unknown cookie
+  /// is dropped; an entry that names a live job but is itself malformed (unknown
+  /// status, sizes beyond the job's buffers) fails that job with a queue-class
+  /// `deviceFault` instead of leaving it waiting, and is counted as invalid.
   private func validate(_ cqe: accel_cqe) -> (CompletionHandler, Completion)? {
     let slot = Int(cqe.cookie & 0xFFFF_FFFF)
     let generation = UInt32(truncatingIfNeeded: cqe.cookie >> 32)
     return state.withLock { s -> (CompletionHandler, Completion)? in
       guard slot < s.slots.count, case .inFlight(let gen, let lease, let handler) = s.slots[slot], gen == generation
       else { return nil }
+      s.slots[slot] = .completed(generation: gen)
       guard let status = DeviceStatus(rawValue: cqe.status), cqe.produced <= lease.dstCapacity,
         cqe.consumed <= lease.srcLength
-      else { return nil }
-      s.slots[slot] = .completed(generation: gen)
+      else {
+        counters.invalidCompletions.add(1, ordering: .relaxed)
+        return (
+          handler,
+          Completion(status: .deviceFault, produced: 0, consumed: 0, engineID: cqe.engine_id, engineNanoseconds: 0)
+        )
+      }
       return (
         handler,
         Completion(
@@ -227,7 +248,23 @@ package final class DriverQueue: @unchecked Sendable {
     }
   }
 
-  package var hasCompletions: Bool { cqTail.loadAcquire() != reapLock.withLock { $0 } }
+  package var hasCompletions: Bool { !faulted.load(ordering: .relaxed) && cqTail.loadAcquire() != reapLock.withLock { $0 } }
+
+  /// Completes every in-flight job with `deviceFault`. Their buffers stay leased
+  /// to their owners, who release them; the queue takes no new work, so a late
+  /// write by the device can never land in another job's buffer.
+  private func failAllInFlight() -> [(CompletionHandler, Completion)] {
+    state.withLock { s in
+      var out: [(CompletionHandler, Completion)] = []
+      for i in s.slots.indices {
+        if case .inFlight(let gen, _, let handler) = s.slots[i] {
+          s.slots[i] = .completed(generation: gen)
+          out.append((handler, Completion(status: .deviceFault, produced: 0, consumed: 0, engineID: 0, engineNanoseconds: 0)))
+        }
+      }
+      return out
+    }
+  }
 
   package var statistics: DriverQueueStatistics {
     DriverQueueStatistics(

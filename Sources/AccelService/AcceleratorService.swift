@@ -7,16 +7,18 @@ internal import GRPCCore
 
 /// The gRPC face of the gateway: validates requests, turns them into jobs,
 /// and maps outcomes to responses and statuses. No device logic lives here.
-struct AcceleratorService: Accelgate_V1_Accelerator.SimpleServiceProtocol {
+struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
   let dispatcher: Dispatcher
   let configuration: ServiceConfiguration
   let device: EmulatedDevice?
 
   static let defaultLevel: Int32 = 6
 
-  func compress(request: Accelgate_V1_CompressRequest, context: ServerContext) async throws
-    -> Accelgate_V1_CompressResponse
+  func compress(request envelope: ServerRequest<Accelgate_V1_CompressRequest>, context: ServerContext) async throws
+    -> ServerResponse<Accelgate_V1_CompressResponse>
   {
+    let request = envelope.message
+    let deadline = CallDeadline(metadata: envelope.metadata)
     let algorithm = try Self.algorithm(request.format)
     let level = request.hasLevel ? request.level : -1
     guard level == -1 || (0...9).contains(level) else {
@@ -28,16 +30,18 @@ struct AcceleratorService: Accelgate_V1_Accelerator.SimpleServiceProtocol {
     let result = try await run(
       JobRequest(
         opcode: .compress, algorithm: algorithm, level: effectiveLevel, input: request.data, outputCapacity: capacity),
-      operation: "compress", outputLimit: capacity)
+      operation: "compress", outputLimit: capacity, deadline: deadline)
     var response = Accelgate_V1_CompressResponse()
     response.data = result.output
     response.stats = Self.stats(result.stats, engine: Self.engineName(.compress, level: effectiveLevel))
-    return response
+    return ServerResponse(message: response)
   }
 
-  func decompress(request: Accelgate_V1_DecompressRequest, context: ServerContext) async throws
-    -> Accelgate_V1_DecompressResponse
+  func decompress(request envelope: ServerRequest<Accelgate_V1_DecompressRequest>, context: ServerContext) async throws
+    -> ServerResponse<Accelgate_V1_DecompressResponse>
   {
+    let request = envelope.message
+    let deadline = CallDeadline(metadata: envelope.metadata)
     let algorithm = try Self.algorithm(request.format)
     try checkSize(request.data.count)
     let limit =
@@ -45,29 +49,37 @@ struct AcceleratorService: Accelgate_V1_Accelerator.SimpleServiceProtocol {
       ? configuration.maxDecompressedBytes : Int(min(UInt64(configuration.maxDecompressedBytes), request.maxOutputBytes))
     let result = try await run(
       JobRequest(opcode: .decompress, algorithm: algorithm, input: request.data, outputCapacity: limit),
-      operation: "decompress", outputLimit: limit)
+      operation: "decompress", outputLimit: limit, deadline: deadline)
     var response = Accelgate_V1_DecompressResponse()
     response.data = result.output
     response.stats = Self.stats(result.stats, engine: Self.engineName(.decompress, level: 0))
-    return response
+    return ServerResponse(message: response)
   }
 
-  func describeDevice(request: Accelgate_V1_DescribeDeviceRequest, context: ServerContext) async throws
-    -> Accelgate_V1_DescribeDeviceResponse
+  func describeDevice(request: ServerRequest<Accelgate_V1_DescribeDeviceRequest>, context: ServerContext) async throws
+    -> ServerResponse<Accelgate_V1_DescribeDeviceResponse>
   {
-    DeviceDescription.make(dispatcher: dispatcher, device: device, configuration: configuration)
+    ServerResponse(message: DeviceDescription.make(dispatcher: dispatcher, device: device, configuration: configuration))
   }
 
   // MARK: helpers
 
-  /// Runs a job, cancelling it if the RPC is cancelled (client gone or its deadline passed).
-  private func run(_ job: JobRequest, operation: String, outputLimit: Int) async throws -> JobResult {
+  /// Runs a job under the call's deadline, cancelling it if the RPC is cancelled.
+  ///
+  /// grpc-swift cancels the RPC when the client's `grpc-timeout` runs out; the job
+  /// then fails with DEADLINE_EXCEEDED rather than CANCELLED, whichever of the
+  /// sweeper and the cancellation gets there first.
+  private func run(_ job: JobRequest, operation: String, outputLimit: Int, deadline: CallDeadline) async throws
+    -> JobResult
+  {
+    var job = job
+    job.deadline = deadline.instant
     let id = dispatcher.makeJobID()
     do {
       return try await withRPCCancellationHandler { () async throws(JobError) -> JobResult in
         try await dispatcher.execute(job, id: id)
       } onCancelRPC: { [dispatcher] in
-        dispatcher.cancel(id: id)
+        dispatcher.cancel(id: id, reason: deadline.hasPassed ? .deadlineExceeded : .cancelled)
       }
     } catch {
       throw StatusMapping.rpcError(error, operation: operation, outputLimit: outputLimit)
@@ -107,5 +119,38 @@ struct AcceleratorService: Accelgate_V1_Accelerator.SimpleServiceProtocol {
     out.batchSize = s.batchSize
     out.engine = engine
     return out
+  }
+}
+
+/// The client's deadline, from the `grpc-timeout` header (gRPC over HTTP/2 spec:
+/// up to 8 digits and a unit, H M S m u n).
+struct CallDeadline: Sendable {
+  let instant: ContinuousClock.Instant?
+
+  /// How close to the deadline a cancellation counts as the deadline passing: the
+  /// transport's timer starts slightly before this handler reads the header.
+  static let tolerance: Duration = .milliseconds(50)
+
+  init(metadata: Metadata, now: ContinuousClock.Instant = .now) {
+    instant = metadata[stringValues: "grpc-timeout"].first(where: { _ in true }).flatMap(Self.parse).map { now + $0 }
+  }
+
+  var hasPassed: Bool {
+    guard let instant else { return false }
+    return ContinuousClock.now >= instant - Self.tolerance
+  }
+
+  static func parse(_ value: String) -> Duration? {
+    guard let unit = value.last, value.count >= 2, value.count <= 9, let amount = Int64(value.dropLast()), amount >= 0
+    else { return nil }
+    switch unit {
+    case "H": return .seconds(amount * 3600)
+    case "M": return .seconds(amount * 60)
+    case "S": return .seconds(amount)
+    case "m": return .milliseconds(amount)
+    case "u": return .microseconds(amount)
+    case "n": return .nanoseconds(amount)
+    default: return nil
+    }
   }
 }

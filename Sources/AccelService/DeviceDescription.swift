@@ -25,7 +25,7 @@ enum DeviceDescription {
       qi.dataPoolBytes = h.data_size
       qi.weight = h.weight
       qi.inFlight = UInt32(snapshot.inFlight[q.index])
-      qi.state = q.isHealthy ? "running" : "error"
+      qi.state = queueState(flags: h.state_flags, healthy: q.isHealthy)
       qi.completed = q.statistics.completed
       r.queues.append(qi)
     }
@@ -53,12 +53,21 @@ enum DeviceDescription {
       r.capabilities.append(d)
     }
     r.limits.maxRequestBytes = UInt64(configuration.maxRequestBytes)
-    r.limits.maxResponseBytes = BufferSizing.compressBound(UInt64(configuration.maxRequestBytes))
+    r.limits.maxResponseBytes = max(
+      BufferSizing.compressBound(UInt64(configuration.maxRequestBytes)), UInt64(configuration.maxDecompressedBytes))
     r.limits.maxDecompressedBytes = UInt64(configuration.maxDecompressedBytes)
     r.limits.maxQueuedJobs = UInt32(configuration.maxQueuedJobs)
     r.limits.inFlightPerQueue = UInt32(configuration.inFlightPerQueue)
     r.limits.maxBatch = UInt32(configuration.maxBatch)
-    r.limits.defaultDeadlineMs = UInt64(configuration.defaultDeadline.components.seconds * 1000)
+    let (seconds, attoseconds) = configuration.defaultDeadline.components
+    r.limits.defaultDeadlineMs = UInt64(max(0, seconds * 1000 + attoseconds / 1_000_000_000_000_000))
     return r
+  }
+
+  static func queueState(flags: UInt32, healthy: Bool) -> String {
+    if flags & ACCEL_QF_ISOLATED != 0 { return "isolated" }
+    if flags & ACCEL_QF_STOPPED != 0 { return "stopped" }
+    if flags & ACCEL_QF_ERROR != 0 || !healthy { return "error" }
+    return "running"
   }
 }

@@ -27,7 +27,9 @@ public struct ServiceConfiguration: Sendable {
     return c
   }
 
-  /// Transport limit: the payload plus room for the other fields of the message,
-  /// so an over-limit payload gets the service's own, precise error.
-  var transportMaxRequestBytes: Int { maxRequestBytes + 64 * 1024 }
+  /// Transport limit on one request message. grpc-swift answers a message over
+  /// its limit by resetting the stream, which clients report as CANCELLED, so the
+  /// transport accepts up to 4× the payload limit and the service itself answers
+  /// RESOURCE_EXHAUSTED with a precise message. Beyond that the stream is reset.
+  var transportMaxRequestBytes: Int { maxRequestBytes.multipliedReportingOverflow(by: 4).partialValue + 64 * 1024 }
 }

@@ -42,7 +42,7 @@ enum StatusMapping {
       switch status {
       case .corruptInput: return RPCError(code: .invalidArgument, message: "\(operation): corrupt input")
       case .truncatedInput: return RPCError(code: .invalidArgument, message: "\(operation): truncated input")
-      case .checksumMismatch: return RPCError(code: .dataLoss, message: "\(operation): checksum mismatch in trailer")
+      case .checksumMismatch: return RPCError(code: .dataLoss, message: "\(operation): checksum mismatch")
       case .outputOverflow:
         return RPCError(code: .resourceExhausted, message: "\(operation): output exceeds the limit of \(outputLimit) bytes")
       case .unsupported: return RPCError(code: .invalidArgument, message: "\(operation): unsupported by the device")

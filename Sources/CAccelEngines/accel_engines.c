@@ -18,6 +18,8 @@ struct accel_engine_ctx {
     uint8_t *isal_level_buf;         /* sized for the largest level used (3) */
     uint32_t isal_level_buf_size;
     struct libdeflate_compressor *ld[ACCEL_LIBDEFLATE_MAX_LEVEL + 1]; /* created on first use */
+    z_stream stored[3];                /* level-0 streams per wrapper, created on first use */
+    int stored_ready[3];
 };
 
 accel_engine_ctx *accel_engine_create(void) {
@@ -33,6 +35,8 @@ void accel_engine_destroy(accel_engine_ctx *ctx) {
     if (!ctx) return;
     for (int i = 0; i <= ACCEL_LIBDEFLATE_MAX_LEVEL; i++)
         if (ctx->ld[i]) libdeflate_free_compressor(ctx->ld[i]);
+    for (int i = 0; i < 3; i++)
+        if (ctx->stored_ready[i]) deflateEnd(&ctx->stored[i]);
     free(ctx->isal_level_buf);
     free(ctx);
 }
@@ -58,19 +62,24 @@ const char *accel_engine_name(uint8_t opcode, uint8_t algorithm, uint8_t level) 
 
 /* ---- compression ---------------------------------------------------------- */
 
-static uint16_t compress_zlib_stored(uint8_t algorithm, const uint8_t *src, uint32_t src_len,
+static uint16_t compress_zlib_stored(accel_engine_ctx *ctx, uint8_t algorithm, const uint8_t *src, uint32_t src_len,
                                      uint8_t *dst, uint32_t dst_cap, uint32_t *produced) {
-    z_stream zs;
-    memset(&zs, 0, sizeof(zs));
-    int window = algorithm == ACCEL_ALG_DEFLATE_RAW ? -15 : algorithm == ACCEL_ALG_GZIP ? 31 : 15;
-    if (deflateInit2(&zs, 0, Z_DEFLATED, window, 8, Z_DEFAULT_STRATEGY) != Z_OK) return ACCEL_STATUS_ENGINE_ERROR;
-    zs.next_in = (Bytef *)src;
-    zs.avail_in = src_len;
-    zs.next_out = dst;
-    zs.avail_out = dst_cap;
-    int rc = deflate(&zs, Z_FINISH);
-    *produced = (uint32_t)zs.total_out;
-    deflateEnd(&zs);
+    int which = algorithm == ACCEL_ALG_DEFLATE_RAW ? 0 : algorithm == ACCEL_ALG_GZIP ? 2 : 1;
+    z_stream *zs = &ctx->stored[which];
+    if (!ctx->stored_ready[which]) {
+        int window = which == 0 ? -15 : which == 2 ? 31 : 15;
+        memset(zs, 0, sizeof(*zs));
+        if (deflateInit2(zs, 0, Z_DEFLATED, window, 8, Z_DEFAULT_STRATEGY) != Z_OK) return ACCEL_STATUS_ENGINE_ERROR;
+        ctx->stored_ready[which] = 1;
+    } else if (deflateReset(zs) != Z_OK) {
+        return ACCEL_STATUS_ENGINE_ERROR;
+    }
+    zs->next_in = (Bytef *)src;
+    zs->avail_in = src_len;
+    zs->next_out = dst;
+    zs->avail_out = dst_cap;
+    int rc = deflate(zs, Z_FINISH);
+    *produced = (uint32_t)zs->total_out;
     if (rc == Z_STREAM_END) return ACCEL_STATUS_OK;
     return rc == Z_OK || rc == Z_BUF_ERROR ? ACCEL_STATUS_OUTPUT_OVERFLOW : ACCEL_STATUS_ENGINE_ERROR;
 }
@@ -124,7 +133,7 @@ uint16_t accel_engine_compress(accel_engine_ctx *ctx, uint8_t algorithm, uint8_t
     if (max < 0 || level > max) return ACCEL_STATUS_UNSUPPORTED;
     uint16_t st;
     if (level == 0)
-        st = compress_zlib_stored(algorithm, src, src_len, dst, dst_cap, produced);
+        st = compress_zlib_stored(ctx, algorithm, src, src_len, dst, dst_cap, produced);
     else if (level <= ISAL_DEF_MAX_LEVEL)
         st = compress_isal(ctx, algorithm, level, src, src_len, dst, dst_cap, produced);
     else
@@ -140,6 +149,20 @@ static int is_gzip_member_start(const uint8_t *p, uint32_t n) {
     return n >= 2 && p[0] == 0x1f && p[1] == 0x8b;
 }
 
+/* Header checks ISA-L leaves loose or reports as a checksum error. Returns
+   ACCEL_STATUS_OK when the wrapper header (if enough bytes are present) is sane. */
+static uint16_t check_wrapper_header(uint8_t algorithm, const uint8_t *p, uint32_t n) {
+    if (algorithm == ACCEL_ALG_ZLIB && n >= 2) {
+        /* RFC 1950: CM = 8, CINFO <= 7, (CMF*256 + FLG) % 31 == 0; FDICT needs a preset dictionary. */
+        if ((p[0] & 0x0F) != 8 || (p[0] >> 4) > 7 || ((p[0] << 8) | p[1]) % 31 != 0) return ACCEL_STATUS_CORRUPT_INPUT;
+        if (p[1] & 0x20) return ACCEL_STATUS_UNSUPPORTED;
+    } else if (algorithm == ACCEL_ALG_GZIP && n >= 4) {
+        /* RFC 1952: ID1 ID2 = 1f 8b, CM = 8, reserved FLG bits 5..7 must be zero. */
+        if (p[0] != 0x1f || p[1] != 0x8b || p[2] != 8 || (p[3] & 0xE0) != 0) return ACCEL_STATUS_CORRUPT_INPUT;
+    }
+    return ACCEL_STATUS_OK;
+}
+
 uint16_t accel_engine_decompress(accel_engine_ctx *ctx, uint8_t algorithm,
                                  const uint8_t *src, uint32_t src_len,
                                  uint8_t *dst, uint32_t dst_cap,
@@ -150,6 +173,8 @@ uint16_t accel_engine_decompress(accel_engine_ctx *ctx, uint8_t algorithm,
     struct inflate_state *st = &ctx->inflate;
     uint32_t in_pos = 0, out_pos = 0;
     for (;;) { /* one iteration per gzip member; one in total for zlib and raw deflate */
+        uint16_t header = check_wrapper_header(algorithm, src + in_pos, src_len - in_pos);
+        if (header != ACCEL_STATUS_OK) return header;
         isal_inflate_init(st);
         st->crc_flag = algorithm == ACCEL_ALG_GZIP ? ISAL_GZIP : algorithm == ACCEL_ALG_ZLIB ? ISAL_ZLIB : ISAL_DEFLATE;
         st->next_in = (uint8_t *)src + in_pos;
@@ -164,12 +189,18 @@ uint16_t accel_engine_decompress(accel_engine_ctx *ctx, uint8_t algorithm,
         *produced = out_pos;
         *consumed = in_pos;
         if (rc == ISAL_INCORRECT_CHECKSUM) return ACCEL_STATUS_CHECKSUM_MISMATCH;
+        if (rc == ISAL_NEED_DICT) return ACCEL_STATUS_UNSUPPORTED; /* zlib preset dictionary */
         if (rc < 0) return ACCEL_STATUS_CORRUPT_INPUT;
         if (st->block_state != ISAL_BLOCK_FINISH) {
             /* Not finished: either the output cap was hit, or the input ran out. */
             if (st->avail_out == 0 || rc == ISAL_OUT_OVERFLOW) return ACCEL_STATUS_OUTPUT_OVERFLOW;
             return ACCEL_STATUS_TRUNCATED_INPUT;
         }
+        /* ISA-L reads ahead into a bit buffer; whole bytes still buffered there
+           were not part of the stream. */
+        uint32_t unread = (uint32_t)(st->read_in_length > 0 ? st->read_in_length / 8 : 0);
+        in_pos = unread <= in_pos ? in_pos - unread : 0;
+        *consumed = in_pos;
         if (in_pos == src_len) return ACCEL_STATUS_OK;
         /* Bytes remain after the end of the stream. gzip allows further members (RFC 1952 §2.2). */
         if (algorithm == ACCEL_ALG_GZIP && is_gzip_member_start(src + in_pos, src_len - in_pos)) continue;

@@ -11,11 +11,11 @@ import Testing
     let layout = try RegionLayout(sqEntries: 16, cqEntries: 16, dataPoolBytes: 1 << 20)
     let deviceSide = try QueueRegion.create(layout: layout, queueID: 0, weight: 1, name: "fuzz")
     let driverQueue = DriverQueue(index: 0, region: try QueueRegion.attach(fd: dup(deviceSide.fd)))
-    let delivered = Mutex<[UInt64: Int]>([:])
+    let delivered = Mutex<[UInt64: [DeviceStatus]]>([:])
     var leases: [Lease] = []
     for i in 0..<4 {
-      let reserved = driverQueue.reserve(srcLength: 100, dstCapacity: 200) { _ in
-        delivered.withLock { $0[UInt64(i), default: 0] += 1 }
+      let reserved = driverQueue.reserve(srcLength: 100, dstCapacity: 200) { c in
+        delivered.withLock { $0[UInt64(i), default: []].append(c.status) }
       }
       leases.append(try #require(reserved))
     }
@@ -44,7 +44,9 @@ import Testing
       if round % 8 == 7 { driverQueue.reap() }
     }
     driverQueue.reap()
-    #expect(delivered.withLock { $0.isEmpty })
+    // Forged cookies reach nobody. A malformed entry naming a live job fails that
+    // job once, as a device fault, rather than leaving it waiting forever.
+    #expect(delivered.withLock { $0 } == [2: [.deviceFault], 3: [.deviceFault]])
     // One genuine completion is delivered exactly once; its duplicate is dropped.
     var good = accel_cqe()
     good.cookie = leases[0].cookie
@@ -52,10 +54,13 @@ import Testing
     post(good)
     post(good)
     driverQueue.reap()
-    #expect(delivered.withLock { $0 } == [0: 1])
+    #expect(delivered.withLock { $0 } == [0: [.ok], 2: [.deviceFault], 3: [.deviceFault]])
     #expect(driverQueue.statistics.invalidCompletions == 2001)
+    #expect(driverQueue.isHealthy)
     // A producer index that jumps ahead is refused without reading garbage.
     SharedWord(deviceSide.field(\.cq_tail)).storeRelease(cqTail &+ 1000)
     #expect(driverQueue.reap() == 0)
+    #expect(!driverQueue.isHealthy, "a corrupt ring takes the queue out of service")
+    #expect(delivered.withLock { $0[1] } == [.deviceFault], "its in-flight job fails instead of hanging")
   }
 }

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from accelgate.v1 import accelerator_pb2 as pb  # noqa: F401  (re-exported)
-from accelgate.v1 import accelerator_pb2_grpc as pbg  # noqa: F401
+from accelgate.v1 import accelerator_pb2 as pb
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -81,21 +80,23 @@ def py_decompress_strict(fmt: int, data: bytes) -> bytes:
 
 
 def py_rejects(fmt: int, data: bytes) -> bool:
-    """True if Python's reference decoder refuses `data` as a complete stream of `fmt`
-    (error, missing end of stream, or bytes left over). GZIP accepts concatenated members."""
-    if fmt == GZIP:
+    """True if zlib (the reference decoder) refuses `data` as a complete stream of `fmt`:
+    an error, no end of stream, or bytes left over. GZIP is one or more members back to
+    back, each checked by zlib (which, unlike Python's gzip module, also checks reserved
+    header flags)."""
+    rest = data
+    while True:
+        d = zlib.decompressobj(WBITS[fmt])
         try:
-            gzip.decompress(data)
-        except (OSError, EOFError, zlib.error):
+            d.decompress(rest)
+            d.flush()
+        except zlib.error:
             return True
-        return False
-    d = zlib.decompressobj(WBITS[fmt])
-    try:
-        d.decompress(data)
-        d.flush()
-    except zlib.error:
-        return True
-    return not d.eof or d.unused_data != b""
+        if not d.eof:
+            return True
+        rest = d.unused_data
+        if fmt != GZIP or not rest:
+            return rest != b""
 
 
 def gzip_with_filename(data: bytes, filename: str = "report-2024.txt", level: int = 9) -> bytes:
@@ -210,11 +211,11 @@ class Outcome:
         return f"{self.code.name} {self.details!r} trailing={self.trailing} after {self.elapsed:.2f} s"
 
 
-def call(method, request, timeout=CALL_TIMEOUT_S) -> Outcome:
+def call(method, request, timeout=CALL_TIMEOUT_S, metadata=None) -> Outcome:
     """Runs a unary call and returns its outcome instead of raising."""
     start = time.monotonic()
     try:
-        response, c = method.with_call(request, timeout=timeout)
+        response, c = method.with_call(request, timeout=timeout, metadata=metadata)
         return Outcome(grpc.StatusCode.OK, "", dict(c.trailing_metadata() or ()), response,
                        time.monotonic() - start)
     except grpc.RpcError as e:

@@ -9,7 +9,11 @@ The suite talks to a real `accelgate serve` process over loopback gRPC.
 Fixtures:
 * ``server``        session server with default flags (a ``ServerProcess``).
 * ``stub``          a stub on the session server.
-* ``start_server``  factory for extra servers with custom flags, stopped after the test.
+* ``start_server``  factory for extra servers with custom flags, stopped after the test
+                    (``start_module_server``: stopped after the module).
+
+A server that dies fails the test during which it died (with its log tail); a server
+that does not exit cleanly within 20 s of SIGTERM fails the test or session that owns it.
 """
 import os
 import re
@@ -72,7 +76,7 @@ def _next_index() -> int:
 
 
 class ServerDied(AssertionError):
-    pass
+    """The server process ended on its own."""
 
 
 class ServerProcess:
@@ -90,6 +94,7 @@ class ServerProcess:
         self._channels = []
         self._stub = None
         self.stopped = False
+        self.death_reported_in = None  # test during which a crash was reported
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -131,13 +136,9 @@ class ServerProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def check_alive(self, when: str = "") -> None:
-        if not self.stopped and not self.alive():
-            raise ServerDied(f"server {self.label!r} died{(' ' + when) if when else ''} "
-                             f"(exit status {self.proc.returncode}); log {self.log_path}\n{self.log_tail()}")
-
     def stop(self) -> None:
-        """Stops the server with SIGTERM; fails if it had died before or does not exit."""
+        """Stops the server with SIGTERM. Fails if it had died before (unless that was
+        already reported), does not exit in time, or exits with a non-zero status."""
         if self.stopped:
             return
         died = None if self.alive() else self.proc.returncode
@@ -154,12 +155,18 @@ class ServerProcess:
                 self._kill()
         self.stopped = True
         self._pump.join(5)
+        self._log.write(f"[interop] exit status {self.proc.returncode}\n".encode())
         self._log.close()
         if died is not None:
-            raise ServerDied(f"server {self.label!r} died during the tests (exit status {died}); "
-                             f"log {self.log_path}\n{self.log_tail()}")
+            if self.death_reported_in is None:
+                raise ServerDied(f"server {self.label!r} died during the tests (exit status {died}); "
+                                 f"log {self.log_path}\n{self.log_tail()}")
+            return
         if hung:
             raise AssertionError(f"server {self.label!r} did not exit within {SHUTDOWN_TIMEOUT_S:.0f} s of SIGTERM; "
+                                 f"log {self.log_path}\n{self.log_tail()}")
+        if self.proc.returncode != 0:
+            raise AssertionError(f"server {self.label!r} exited with status {self.proc.returncode} after SIGTERM; "
                                  f"log {self.log_path}\n{self.log_tail()}")
 
     def _kill(self) -> None:
@@ -208,15 +215,19 @@ def server():
 
 @pytest.fixture(autouse=True)
 def _main_server_must_survive(request):
-    """After every test, the session server (if started) must still be running."""
-    yield
-    if "server" in request.fixturenames or "stub" in request.fixturenames:
+    """Around every test that uses the session server: it must be running before and
+    after. A crash is reported (with the log tail) against the test it happened in."""
+    uses = "server" in request.fixturenames or "stub" in request.fixturenames
+    if uses:
         srv = request.getfixturevalue("server")
-        if not srv.alive():
-            srv.stopped = True  # report once, here, rather than again at session end
-            pytest.fail(f"the session server died during {request.node.nodeid} "
-                        f"(exit status {srv.proc.returncode}); log {srv.log_path}\n{srv.log_tail()}",
-                        pytrace=False)
+        if srv.death_reported_in is not None:
+            pytest.fail(f"the session server is down: it died during {srv.death_reported_in}", pytrace=False)
+    yield
+    if uses and not srv.alive():
+        srv.death_reported_in = request.node.nodeid
+        pytest.fail(f"the session server died during {request.node.nodeid} "
+                    f"(exit status {srv.proc.returncode}); log {srv.log_path}\n{srv.log_tail()}",
+                    pytrace=False)
 
 
 @pytest.fixture

@@ -168,7 +168,9 @@ typedef struct accel_cqe {
 } accel_cqe;
 
 /* ---------------------------------------------------------------------------
- * Region header: 4096 bytes. Each line has exactly one writer.
+ * Region header: 4096 bytes. Each ring index has a cache line to itself with
+ * exactly one writer; the doorbell lines are written by the sleeper (the
+ * need-wakeup flag) and by the waker (the futex word), as the protocol requires.
  * ------------------------------------------------------------------------- */
 typedef struct accel_region_header {
     /* line 0: identity and geometry, written once by the device at creation */
@@ -218,7 +220,7 @@ typedef struct accel_region_header {
     uint32_t pad7[14];
     /* line 8: queue state, written by the device */
     uint32_t state_flags;        /* 512: ACCEL_QF_* */
-    uint32_t error_status;       /* 516: first queue-class status seen */
+    uint32_t error_status;       /* 516: status that first put the queue in error */
     uint64_t error_count;        /* 520: queue-class errors since reset */
     uint64_t heartbeat;          /* 528: bumped by the device while it is alive */
     uint64_t completed;          /* 536: CQEs posted since creation */

@@ -4,7 +4,8 @@
  * Engines work in place on raw pointers into a queue's data pool: they read
  * src, write at most dst_capacity bytes to dst, and report what they produced
  * and consumed. They never allocate per job; per-engine scratch state lives in
- * an accel_engine_ctx owned by one engine thread.
+ * an accel_engine_ctx owned by one engine thread (allocated lazily on first
+ * use of a level, then reused).
  *
  * Level mapping for the deflate family (zlib's 0..9; documented in docs/DEVICE_ABI.md):
  *   0     zlib deflate, stored blocks

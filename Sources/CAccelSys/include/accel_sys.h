@@ -35,6 +35,12 @@ static inline int accel_memfd_seal_size(int fd) {
 
 static inline int accel_memfd_get_seals(int fd) { return fcntl(fd, F_GET_SEALS); }
 
+/** 1 if the file is sealed against shrinking (a mapping of it can never SIGBUS), else 0. */
+static inline int accel_memfd_is_shrink_sealed(int fd) {
+    int seals = fcntl(fd, F_GET_SEALS);
+    return seals >= 0 && (seals & F_SEAL_SHRINK) != 0;
+}
+
 /** Maps a whole shared region read-write. Returns NULL on failure. */
 static inline void *accel_map_shared(int fd, uint64_t size) {
     void *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
