@@ -112,7 +112,10 @@ struct AccelBench: AsyncParsableCommand {
     let latencies = try await withGRPCClient(
       transport: .http2NIOPosix(
         target: .ipv4(address: host, port: port), transportSecurity: .plaintext,
-        config: .defaults { $0.http2.maxFrameSize = 1 << 20 })
+        config: .defaults {
+          $0.http2.maxFrameSize = 1 << 20
+          $0.http2.targetWindowSize = 16 << 20
+        })
     ) { client in
       let stub = Accelgate_V1_Accelerator.Client(wrapping: client)
       let options = CallOptions.defaults.with { $0.maxResponseMessageBytes = 16 << 20 }

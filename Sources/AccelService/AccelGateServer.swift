@@ -45,7 +45,11 @@ public final class AccelGateServer: Sendable {
       transport: .http2NIOPosix(
         address: .ipv4(host: configuration.host, port: configuration.port),
         transportSecurity: .plaintext,
-        config: .defaults { $0.rpc.maxRequestPayloadSize = configuration.transportMaxRequestBytes }
+        config: .defaults {
+          $0.rpc.maxRequestPayloadSize = configuration.transportMaxRequestBytes
+          $0.http2.maxFrameSize = configuration.http2MaxFrameSize
+          $0.http2.targetWindowSize = configuration.http2TargetWindowSize
+        }
       ),
       services: [service]
     )

@@ -16,6 +16,11 @@ public struct ServiceConfiguration: Sendable {
   public var maxBatch: Int = 16
   /// Deadline applied to calls that set none.
   public var defaultDeadline: Duration = .seconds(30)
+  /// HTTP/2 frame size the server accepts. Large frames cut per-frame work on MiB payloads.
+  public var http2MaxFrameSize: Int = 1 << 20
+  /// HTTP/2 flow-control window the server aims for, per stream and connection.
+  /// The transport's default (64 KiB) caps a MiB-sized call at a few round trips per window.
+  public var http2TargetWindowSize: Int = 16 << 20
   /// The embedded device.
   public var device: DeviceConfiguration = .defaults
 

@@ -29,7 +29,10 @@ struct ConnectionOptions: ParsableArguments {
     return try await withGRPCClient(
       transport: .http2NIOPosix(
         target: .dns(host: String(parts[0]), port: port), transportSecurity: .plaintext,
-        config: .defaults { $0.http2.maxFrameSize = 1 << 20 }),
+        config: .defaults {
+          $0.http2.maxFrameSize = 1 << 20
+          $0.http2.targetWindowSize = 16 << 20
+        }),
       handleClient: { client in try await body(Accelgate_V1_Accelerator.Client(wrapping: client)) }
     )
   }

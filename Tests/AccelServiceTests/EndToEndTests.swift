@@ -32,7 +32,10 @@ import Testing
       try await withGRPCClient(
         transport: .http2NIOPosix(
           target: .ipv4(address: "127.0.0.1", port: p), transportSecurity: .plaintext,
-          config: .defaults { $0.http2.maxFrameSize = 1 << 20 })
+          config: .defaults {
+          $0.http2.maxFrameSize = 1 << 20
+          $0.http2.targetWindowSize = 16 << 20
+        })
       ) { client in
         try await body(Accelgate_V1_Accelerator.Client(wrapping: client))
       }
