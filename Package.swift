@@ -32,6 +32,7 @@ let package = Package(
     .package(url: "https://github.com/apple/swift-protobuf.git", exact: "1.39.0"),
     .package(url: "https://github.com/apple/swift-argument-parser.git", exact: "1.8.2"),
     .package(url: "https://github.com/apple/swift-log.git", exact: "1.16.2"),
+    .package(url: "https://github.com/jpsim/Yams.git", exact: "6.2.2"),
   ],
   targets: [
     // MARK: C layers
@@ -47,6 +48,9 @@ let package = Package(
       cSettings: [.unsafeFlags(["-O2"])],
       linkerSettings: [.linkedLibrary("isal"), .linkedLibrary("deflate"), .linkedLibrary("z")]
     ),
+
+    /// OpenSSL primitives for the gateway: key hashing, randomness, secure zeroing.
+    .target(name: "CAccelCrypto", linkerSettings: [.linkedLibrary("crypto")]),
 
     // MARK: Swift modules
 
@@ -79,7 +83,9 @@ let package = Package(
     .target(
       name: "AccelService",
       dependencies: [
-        "AccelProto", "AccelDispatcher", "AccelDevice", "AccelDriver", "AccelABI",
+        "AccelProto", "AccelDispatcher", "AccelDevice", "AccelDriver", "AccelABI", "AccelScheduler", "CAccelCrypto",
+        .product(name: "Yams", package: "Yams"),
+        .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
         .product(name: "Logging", package: "swift-log"),

@@ -18,6 +18,10 @@ package struct DispatcherConfiguration: Sendable {
   package var defaultDeadline: Duration = .seconds(30)
   /// How often waiting jobs are checked against their deadlines.
   package var sweepInterval: Duration = .milliseconds(20)
+  /// Which policy orders waiting jobs.
+  package var scheduler: SchedulerKind = .fair
+  /// Virtual-time credit a returning tenant may claim (fair scheduler), in ns of device time.
+  package var idleCredit: UInt64 = 0
   package init() {}
   package static var defaults: Self { Self() }
 }
@@ -48,6 +52,7 @@ package final class Dispatcher: Sendable {
   private struct Pending {
     var request: JobRequest
     var job: QueuedJob
+    var jobClass: CostModel.JobClass
     var enqueuedAt: ContinuousClock.Instant
     var deadline: ContinuousClock.Instant
     var continuation: CheckedContinuation<Outcome, Never>?
@@ -61,6 +66,10 @@ package final class Dispatcher: Sendable {
 
   private struct State {
     var scheduler: any JobScheduler
+    var admission = AdmissionControl()
+    var cost = CostModel(prior: Dispatcher.prior)
+    var roomWaiters: [String: [UInt64: CheckedContinuation<Void, Never>]] = [:]
+    var nextWaiterID: UInt64 = 0
     var jobs: [UInt64: Pending] = [:]
     var inFlight: [Int]
     var nextID: UInt64 = 1
@@ -71,14 +80,46 @@ package final class Dispatcher: Sendable {
   }
 
   package init(
-    driver: DeviceDriver, scheduler: any JobScheduler = FIFOScheduler(),
-    configuration: DispatcherConfiguration = .defaults, logger: Logger = Logger(label: "accelgate.dispatcher")
+    driver: DeviceDriver, configuration: DispatcherConfiguration = .defaults, tenants: [TenantPolicy] = [],
+    logger: Logger = Logger(label: "accelgate.dispatcher")
   ) {
     self.driver = driver
     self.configuration = configuration
     self.logger = logger
     self.epoch = clock.now
+    let scheduler: any JobScheduler =
+      switch configuration.scheduler {
+      case .fair: FairScheduler(configuration: .init(idleCredit: configuration.idleCredit))
+      case .fifo: FIFOScheduler()
+      }
     self.state = Mutex(State(scheduler: scheduler, inFlight: Array(repeating: 0, count: driver.queues.count)))
+    updateTenants(tenants)
+  }
+
+  /// Installs tenant weights and limits (at start and on reload). Jobs already
+  /// waiting keep their place; new limits apply to new jobs.
+  package func updateTenants(_ tenants: [TenantPolicy]) {
+    let now = nanos(clock.now)
+    let woken = state.withLock { s -> [CheckedContinuation<Void, Never>] in
+      for t in tenants {
+        s.scheduler.setWeight(t.weight, for: t.id)
+        s.admission.setLimits(t.limits, for: t.id, now: now)
+      }
+      return s.roomWaiters.keys.flatMap { takeRoomWaitersLocked(&s, tenant: $0) }
+    }
+    for c in woken { c.resume() }
+  }
+
+  /// Starting estimates of device time per byte, before any completion is seen:
+  /// roughly the engines' single-core speed on the reference machine.
+  static let prior: @Sendable (CostModel.JobClass) -> Double = { c in
+    guard c.operation == DeviceOpcode.compress.rawValue else { return 1.0 }
+    return [0.5, 2.0, 10.0][Int(min(c.band, 2))]
+  }
+
+  static func jobClass(_ r: JobRequest) -> CostModel.JobClass {
+    let band: UInt8 = r.opcode == .compress ? (r.level == 0 ? 0 : r.level <= 3 ? 1 : 2) : 0
+    return CostModel.JobClass(operation: r.opcode.rawValue, algorithm: r.algorithm.rawValue, band: band)
   }
 
   /// Starts the reaper hook and the deadline sweeper.
@@ -108,10 +149,14 @@ package final class Dispatcher: Sendable {
         _ = s.scheduler.remove(id: id)
         if let c = s.jobs[id]?.continuation { out.append(c) }
         s.jobs[id] = nil
+        s.admission.leave(tenant: p.request.tenant, bytes: p.request.input.count)
       }
       return out
     }
+    let readers = state.withLock { s in s.roomWaiters.values.flatMap { Array($0.values) } }
+    state.withLock { $0.roomWaiters = [:] }
     for c in waiting { c.resume(returning: .failed(.shuttingDown)) }
+    for r in readers { r.resume() }
   }
 
   /// A fresh job id, for callers that must be able to cancel before `execute` runs.
@@ -131,16 +176,24 @@ package final class Dispatcher: Sendable {
     let outcome = await withTaskCancellationHandler {
       await withCheckedContinuation { (cont: CheckedContinuation<Outcome, Never>) in
         let now = clock.now
+        let jobClass = Self.jobClass(request)
         let admitted = state.withLock { s -> JobError? in
           if s.shuttingDown { return .shuttingDown }
           if let reason = s.cancelledEarly.removeValue(forKey: id) { return reason }
           if s.scheduler.count >= configuration.maxQueuedJobs {
             return .rejected(reason: .queueFull, retryAfterMilliseconds: retryHintLocked(s))
           }
-          // FIFO ignores cost; the fair scheduler replaces bytes with estimated device time.
-          let job = QueuedJob(id: id, tenant: request.tenant, cost: UInt64(request.input.count))
+          let cost = s.cost.estimate(jobClass, bytes: request.input.count)
+          let backlog = UInt64(s.admission.queuedJobs(request.tenant) + 1) * cost
+          let engines = UInt64(max(1, configuration.inFlightPerQueue * s.inFlight.count / 2))
+          if let refusal = s.admission.admit(
+            tenant: request.tenant, bytes: request.input.count, now: nanos(now), drainEstimate: backlog / engines)
+          {
+            return Self.jobError(refusal, size: request.input.count)
+          }
+          let job = QueuedJob(id: id, tenant: request.tenant, cost: cost)
           s.jobs[id] = Pending(
-            request: request, job: job, enqueuedAt: now,
+            request: request, job: job, jobClass: jobClass, enqueuedAt: now,
             deadline: request.deadline ?? now.advanced(by: configuration.defaultDeadline), continuation: cont)
           s.scheduler.enqueue(job, now: nanos(now))
           return nil
@@ -181,9 +234,53 @@ package final class Dispatcher: Sendable {
     }
   }
 
+  private static func jobError(_ r: AdmissionRefusal, size: Int) -> JobError {
+    switch r {
+    case .tooManyQueuedJobs(let ns): .rejected(reason: .tenantQueueFull, retryAfterMilliseconds: max(1, ns / 1_000_000))
+    case .tooManyQueuedBytes(let ns): .rejected(reason: .tenantQueuedBytes, retryAfterMilliseconds: max(1, ns / 1_000_000))
+    case .rateLimited(let ns): .rejected(reason: .rateLimited, retryAfterMilliseconds: max(1, ns / 1_000_000))
+    case .payloadTooLarge(let limit): .payloadOverTenantLimit(size: size, limit: limit)
+    }
+  }
+
+  /// A job left the wait queue: free its admission slot and wake stream readers.
+  private func leftQueueLocked(_ s: inout State, _ p: Pending) -> [CheckedContinuation<Void, Never>] {
+    s.admission.leave(tenant: p.request.tenant, bytes: p.request.input.count)
+    return takeRoomWaitersLocked(&s, tenant: p.request.tenant)
+  }
+
+  private func takeRoomWaitersLocked(_ s: inout State, tenant: String) -> [CheckedContinuation<Void, Never>] {
+    guard s.admission.hasRoom(tenant: tenant) || s.shuttingDown, let waiters = s.roomWaiters.removeValue(forKey: tenant)
+    else { return [] }
+    return Array(waiters.values)
+  }
+
+  /// Suspends until `tenant` could queue another job (or the task is cancelled).
+  /// Streaming calls use it to stop reading, so HTTP/2 flow control slows the client.
+  package func waitForRoom(tenant: String) async {
+    let waiter = state.withLock { s -> UInt64 in
+      s.nextWaiterID += 1
+      return s.nextWaiterID
+    }
+    await withTaskCancellationHandler {
+      await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+        let ready = state.withLock { s -> Bool in
+          if s.admission.hasRoom(tenant: tenant) || s.shuttingDown || Task.isCancelled { return true }
+          s.roomWaiters[tenant, default: [:]][waiter] = c
+          return false
+        }
+        if ready { c.resume() }
+      }
+    } onCancel: {
+      let c = state.withLock { s in s.roomWaiters[tenant]?.removeValue(forKey: waiter) }
+      c?.resume()
+    }
+  }
+
   /// Removes a waiting job, or abandons one already on the device; its caller
   /// gets `reason`. Idempotent.
   package func cancel(id: UInt64, reason: JobError = .cancelled) {
+    var woken: [CheckedContinuation<Void, Never>] = []
     let cont = state.withLock { s -> CheckedContinuation<Outcome, Never>? in
       guard var p = s.jobs[id] else {
         // Cancelled before it was enqueued (or after it finished): remember briefly.
@@ -194,6 +291,7 @@ package final class Dispatcher: Sendable {
       if p.lease == nil {
         _ = s.scheduler.remove(id: id)
         s.jobs[id] = nil
+        woken = leftQueueLocked(&s, p)
         return p.continuation
       }
       guard !p.abandoned, let c = p.continuation else { return nil }
@@ -203,6 +301,7 @@ package final class Dispatcher: Sendable {
       return c
     }
     cont?.resume(returning: .failed(reason))
+    for w in woken { w.resume() }
   }
 
   /// Snapshot for DescribeDevice and metrics.
@@ -222,6 +321,8 @@ package final class Dispatcher: Sendable {
 
   private func expireOverdue() {
     let now = clock.now
+    var woken: [CheckedContinuation<Void, Never>] = []
+    defer { for w in woken { w.resume() } }
     let expired = state.withLock { s -> [CheckedContinuation<Outcome, Never>] in
       var out: [CheckedContinuation<Outcome, Never>] = []
       for (id, p) in s.jobs where p.deadline <= now {
@@ -229,6 +330,7 @@ package final class Dispatcher: Sendable {
           _ = s.scheduler.remove(id: id)
           if let c = p.continuation { out.append(c) }
           s.jobs[id] = nil
+          woken += leftQueueLocked(&s, p)
         } else if !p.abandoned, let c = p.continuation {
           // On the device past its deadline: answer the caller now; the buffers
           // are freed when the completion finally arrives.
@@ -277,6 +379,8 @@ package final class Dispatcher: Sendable {
   /// Under the lock: pops jobs the device has room for and reserves their resources.
   private func takeDispatchable() -> [Work] {
     let now = clock.now
+    var woken: [CheckedContinuation<Void, Never>] = []
+    defer { for w in woken { w.resume() } }
     return state.withLock { s -> [Work] in
       var work: [Work] = []
       let limit = configuration.maxBatch * driver.queues.count
@@ -298,6 +402,7 @@ package final class Dispatcher: Sendable {
         guard let lease = reserved else { break }
         let qi = lease.queueIndex
         _ = s.scheduler.pop(now: nanos(now))
+        woken += leftQueueLocked(&s, p)
         s.inFlight[qi] += 1
         s.jobs[id]?.lease = lease
         s.jobs[id]?.dispatchedAt = now
@@ -335,6 +440,9 @@ package final class Dispatcher: Sendable {
     let delivery = state.withLock { s -> (CheckedContinuation<Outcome, Never>, Outcome)? in
       guard let p = s.jobs.removeValue(forKey: id), let lease = p.lease else { return nil }
       s.inFlight[lease.queueIndex] -= 1
+      if completion.status == .ok {
+        s.cost.observe(p.jobClass, bytes: p.request.input.count, engineNanoseconds: completion.engineNanoseconds)
+      }
       s.scheduler.complete(p.job, actualCost: completion.engineNanoseconds, now: nanos(clock.now))
       if p.abandoned || p.continuation == nil {
         driver.queues[lease.queueIndex].release(lease)

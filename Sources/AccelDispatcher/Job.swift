@@ -51,6 +51,8 @@ package enum JobError: Error, Equatable, Sendable {
   case rejected(reason: RejectionReason, retryAfterMilliseconds: UInt64)
   /// The payload can never fit the device's buffers.
   case tooLarge(needed: UInt64, limit: UInt64)
+  /// The payload is over the tenant's single-payload limit.
+  case payloadOverTenantLimit(size: Int, limit: Int)
   /// The deadline passed before the job completed.
   case deadlineExceeded
   /// The caller went away.
@@ -64,5 +66,12 @@ package enum JobError: Error, Equatable, Sendable {
 }
 
 package enum RejectionReason: String, Sendable {
+  /// The gateway-wide wait queue is full.
   case queueFull = "queue_full"
+  /// The tenant has its maximum number of jobs waiting.
+  case tenantQueueFull = "tenant_queue_full"
+  /// The tenant has its maximum payload bytes waiting.
+  case tenantQueuedBytes = "tenant_queued_bytes"
+  /// The tenant is over its byte-rate cap.
+  case rateLimited = "rate_limited"
 }

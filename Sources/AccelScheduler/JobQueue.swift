@@ -34,6 +34,32 @@ public protocol JobScheduler: Sendable {
   mutating func remove(id: UInt64) -> QueuedJob?
   /// Tells the scheduler what a dispatched job really cost.
   mutating func complete(_ job: QueuedJob, actualCost: UInt64, now: UInt64)
+  /// Sets a tenant's weight. Schedulers without weights ignore it.
+  mutating func setWeight(_ weight: UInt32, for tenant: String)
+}
+
+extension JobScheduler {
+  public mutating func setWeight(_ weight: UInt32, for tenant: String) {}
+}
+
+/// A tenant as the scheduling layer sees it: who, how much weight, what bounds.
+public struct TenantPolicy: Sendable, Equatable {
+  public var id: String
+  public var weight: UInt32
+  public var limits: TenantLimits
+  public init(id: String, weight: UInt32 = 1, limits: TenantLimits = .defaults) {
+    self.id = id
+    self.weight = weight
+    self.limits = limits
+  }
+}
+
+/// Which policy orders waiting jobs.
+public enum SchedulerKind: String, Sendable, CaseIterable {
+  /// Weighted fair queuing by device time (`FairScheduler`).
+  case fair
+  /// Arrival order (`FIFOScheduler`), for comparison.
+  case fifo
 }
 
 /// First come, first served: the baseline, and `--scheduler fifo`.

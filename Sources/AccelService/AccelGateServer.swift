@@ -12,6 +12,7 @@ public final class AccelGateServer: Sendable {
   public let configuration: ServiceConfiguration
   let device: EmulatedDevice
   let dispatcher: Dispatcher
+  let directory: TenantDirectory
   private let server: GRPCServer<HTTP2ServerTransport.Posix>
   private let logger: Logger
 
@@ -36,10 +37,15 @@ public final class AccelGateServer: Sendable {
     dc.inFlightPerQueue = configuration.inFlightPerQueue
     dc.maxBatch = configuration.maxBatch
     dc.defaultDeadline = configuration.defaultDeadline
-    let dispatcher = Dispatcher(driver: driver, scheduler: FIFOScheduler(), configuration: dc, logger: logger)
+    dc.scheduler = configuration.scheduler
+    var tenantLimits = configuration.defaultTenantLimits
+    tenantLimits.maxPayloadBytes = min(tenantLimits.maxPayloadBytes, configuration.maxRequestBytes)
+    let directory = try TenantDirectory(path: configuration.tenantsFile, defaultLimits: tenantLimits)
+    let dispatcher = Dispatcher(driver: driver, configuration: dc, tenants: directory.current.policies, logger: logger)
     dispatcher.start()
     self.device = device
     self.dispatcher = dispatcher
+    self.directory = directory
     let service = AcceleratorService(dispatcher: dispatcher, configuration: configuration, device: device)
     self.server = GRPCServer(
       transport: .http2NIOPosix(
@@ -51,7 +57,8 @@ public final class AccelGateServer: Sendable {
           $0.http2.targetWindowSize = configuration.http2TargetWindowSize
         }
       ),
-      services: [service]
+      services: [service],
+      interceptors: [AuthInterceptor(directory: directory)]
     )
   }
 
@@ -68,6 +75,20 @@ public final class AccelGateServer: Sendable {
   /// The bound port, once listening (useful with port 0).
   public func listeningPort() async throws -> Int? {
     try await server.listeningAddress?.ipv4?.port
+  }
+
+  /// Re-reads the tenants file (SIGHUP). Calls in flight are unaffected; on error
+  /// the previous tenants stay in force and the error is returned.
+  public func reloadTenants() -> Result<Int, ConfigurationError> {
+    do {
+      let table = try directory.reload()
+      dispatcher.updateTenants(table.policies)
+      return .success(table.policies.count)
+    } catch let e as ConfigurationError {
+      return .failure(e)
+    } catch {
+      return .failure(ConfigurationError("\(error)"))
+    }
   }
 
   /// Stops accepting calls and lets in-flight calls finish.

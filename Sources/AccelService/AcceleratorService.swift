@@ -17,8 +17,17 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
   func compress(request envelope: ServerRequest<Accelgate_V1_CompressRequest>, context: ServerContext) async throws
     -> ServerResponse<Accelgate_V1_CompressResponse>
   {
-    let request = envelope.message
-    let deadline = CallDeadline(metadata: envelope.metadata)
+    let (job, limit, engine) = try compressJob(envelope.message, tenant: TenantHeader.tenant(of: envelope.metadata))
+    let result = try await run(
+      job, operation: "compress", outputLimit: limit, deadline: CallDeadline(metadata: envelope.metadata))
+    var response = Accelgate_V1_CompressResponse()
+    response.data = result.output
+    response.stats = Self.stats(result.stats, engine: engine)
+    return ServerResponse(message: response)
+  }
+
+  /// Validates a compress request and turns it into a job (shared by unary and Submit).
+  func compressJob(_ request: Accelgate_V1_CompressRequest, tenant: String) throws -> (JobRequest, Int, String) {
     let algorithm = try Self.algorithm(request.format)
     let level = request.hasLevel ? request.level : -1
     guard level == -1 || (0...9).contains(level) else {
@@ -27,33 +36,35 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
     try checkSize(request.data.count)
     let effectiveLevel = UInt8(level == -1 ? Self.defaultLevel : level)
     let capacity = Int(BufferSizing.compressBound(UInt64(request.data.count)))
-    let result = try await run(
-      JobRequest(
-        opcode: .compress, algorithm: algorithm, level: effectiveLevel, input: request.data, outputCapacity: capacity),
-      operation: "compress", outputLimit: capacity, deadline: deadline)
-    var response = Accelgate_V1_CompressResponse()
-    response.data = result.output
-    response.stats = Self.stats(result.stats, engine: Self.engineName(.compress, level: effectiveLevel))
-    return ServerResponse(message: response)
+    let job = JobRequest(
+      opcode: .compress, algorithm: algorithm, level: effectiveLevel, input: request.data, outputCapacity: capacity,
+      tenant: tenant)
+    return (job, capacity, Self.engineName(.compress, level: effectiveLevel))
   }
 
   func decompress(request envelope: ServerRequest<Accelgate_V1_DecompressRequest>, context: ServerContext) async throws
     -> ServerResponse<Accelgate_V1_DecompressResponse>
   {
-    let request = envelope.message
-    let deadline = CallDeadline(metadata: envelope.metadata)
+    let (job, limit) = try decompressJob(envelope.message, tenant: TenantHeader.tenant(of: envelope.metadata))
+    let result = try await run(
+      job, operation: "decompress", outputLimit: limit, deadline: CallDeadline(metadata: envelope.metadata))
+    var response = Accelgate_V1_DecompressResponse()
+    response.data = result.output
+    response.stats = Self.stats(result.stats, engine: Self.engineName(.decompress, level: 0))
+    return ServerResponse(message: response)
+  }
+
+  /// Validates a decompress request and turns it into a job (shared by unary and Submit).
+  func decompressJob(_ request: Accelgate_V1_DecompressRequest, tenant: String) throws -> (JobRequest, Int) {
     let algorithm = try Self.algorithm(request.format)
     try checkSize(request.data.count)
     let limit =
       request.maxOutputBytes == 0
       ? configuration.maxDecompressedBytes : Int(min(UInt64(configuration.maxDecompressedBytes), request.maxOutputBytes))
-    let result = try await run(
-      JobRequest(opcode: .decompress, algorithm: algorithm, input: request.data, outputCapacity: limit),
-      operation: "decompress", outputLimit: limit, deadline: deadline)
-    var response = Accelgate_V1_DecompressResponse()
-    response.data = result.output
-    response.stats = Self.stats(result.stats, engine: Self.engineName(.decompress, level: 0))
-    return ServerResponse(message: response)
+    return (
+      JobRequest(opcode: .decompress, algorithm: algorithm, input: request.data, outputCapacity: limit, tenant: tenant),
+      limit
+    )
   }
 
   func describeDevice(request: ServerRequest<Accelgate_V1_DescribeDeviceRequest>, context: ServerContext) async throws
@@ -69,7 +80,7 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
   /// grpc-swift cancels the RPC when the client's `grpc-timeout` runs out; the job
   /// then fails with DEADLINE_EXCEEDED rather than CANCELLED, whichever of the
   /// sweeper and the cancellation gets there first.
-  private func run(_ job: JobRequest, operation: String, outputLimit: Int, deadline: CallDeadline) async throws
+  func run(_ job: JobRequest, operation: String, outputLimit: Int, deadline: CallDeadline) async throws
     -> JobResult
   {
     var job = job

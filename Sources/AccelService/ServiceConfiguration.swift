@@ -1,4 +1,5 @@
 public import AccelDevice
+public import AccelScheduler
 
 /// Everything `accelgate serve` needs, with defaults that run out of the box.
 public struct ServiceConfiguration: Sendable {
@@ -21,6 +22,13 @@ public struct ServiceConfiguration: Sendable {
   /// HTTP/2 flow-control window the server aims for, per stream and connection.
   /// The transport's default (64 KiB) caps a MiB-sized call at a few round trips per window.
   public var http2TargetWindowSize: Int = 16 << 20
+  /// YAML file listing tenants, weights, key hashes and limits; nil runs a single
+  /// open `default` tenant. Reloaded on SIGHUP.
+  public var tenantsFile: String? = nil
+  /// Limits for tenants that do not set their own (and for the open default tenant).
+  public var defaultTenantLimits: TenantLimits = .defaults
+  /// Which policy orders waiting jobs: weighted fair (default) or FIFO for comparison.
+  public var scheduler: SchedulerKind = .fair
   /// The embedded device.
   public var device: DeviceConfiguration = .defaults
 

@@ -27,7 +27,10 @@ enum StatusMapping {
       var md = Metadata()
       md.addString(String(retryAfter), forKey: "retry-after-ms")
       md.addString(reason.rawValue, forKey: "rejection-reason")
-      return RPCError(code: .resourceExhausted, message: "rejected: \(reason.rawValue); retry later", metadata: md)
+      return RPCError(
+        code: .resourceExhausted, message: "rejected: \(reason.rawValue); retry in \(retryAfter) ms", metadata: md)
+    case .payloadOverTenantLimit(let size, let limit):
+      return RPCError(code: .resourceExhausted, message: "payload of \(size) bytes exceeds the tenant's \(limit)-byte limit")
     case .tooLarge(let needed, let limit):
       return RPCError(code: .resourceExhausted, message: "job needs \(needed) bytes of device memory; the device holds at most \(limit)")
     case .deadlineExceeded:

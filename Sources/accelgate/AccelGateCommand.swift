@@ -1,4 +1,5 @@
 import AccelDevice
+import AccelScheduler
 import AccelService
 import ArgumentParser
 import Dispatch
@@ -14,7 +15,7 @@ struct AccelGate: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "accelgate",
     abstract: "Share compression and crypto accelerators between tenants over gRPC.",
-    subcommands: [Serve.self],
+    subcommands: [Serve.self, HashKey.self, GenKey.self],
     defaultSubcommand: Serve.self
   )
 }
@@ -39,6 +40,13 @@ struct Serve: AsyncParsableCommand {
   @Option(help: "Data pool per queue, in MiB.") var poolMib = Int(DeviceConfiguration.defaults.dataPoolBytes >> 20)
   @Option(help: "Per-engine throughput cap in MB/s (0 = uncapped).") var engineCapMbps: Double = 0
   @Option(help: "Engine idle spin before parking, in microseconds.") var idleSpinUs = 50
+  @Option(help: "Tenants file (YAML); without it a single open 'default' tenant serves every call.")
+  var tenants: String?
+  @Option(help: "Scheduler: fair (weighted fair queuing by device time) or fifo (for comparison).")
+  var scheduler: SchedulerArgument = .fair
+  @Option(help: "Default per-tenant limit on queued jobs.") var tenantMaxQueuedJobs = TenantLimits.defaults.maxQueuedJobs
+  @Option(help: "Default per-tenant limit on queued payload bytes.")
+  var tenantMaxQueuedBytes = TenantLimits.defaults.maxQueuedBytes
   @Option(help: "Log level (trace, debug, info, notice, warning, error).") var logLevel = "info"
 
   func run() async throws {
@@ -59,9 +67,21 @@ struct Serve: AsyncParsableCommand {
       $0.device.dataPoolBytes = UInt64(poolMib) << 20
       $0.device.engineThroughputCapMBps = engineCapMbps > 0 ? engineCapMbps : nil
       $0.device.idleSpin = .microseconds(idleSpinUs)
+      $0.tenantsFile = tenants
+      $0.scheduler = scheduler.kind
+      $0.defaultTenantLimits.maxQueuedJobs = tenantMaxQueuedJobs
+      $0.defaultTenantLimits.maxQueuedBytes = tenantMaxQueuedBytes
     }
     let server = try AccelGateServer(configuration: config, logger: logger)
-    let signals = SignalHandler { server.shutdown() }
+    let log = logger
+    let signals = SignalHandler(
+      onTerminate: { server.shutdown() },
+      onHangup: {
+        switch server.reloadTenants() {
+        case .success(let n): log.notice("tenants reloaded", metadata: ["tenants": "\(n)"])
+        case .failure(let e): log.error("tenants reload failed; keeping the previous tenants", metadata: ["error": "\(e)"])
+        }
+      })
     try await withThrowingDiscardingTaskGroup { group in
       group.addTask { try await server.serve() }
       if let port = try await server.listeningPort() {
@@ -69,7 +89,8 @@ struct Serve: AsyncParsableCommand {
           "serving",
           metadata: [
             "address": "\(host):\(port)", "queues": "\(queues)", "engines": "\(engines)",
-            "max_request_bytes": "\(maxRequestBytes)",
+            "max_request_bytes": "\(maxRequestBytes)", "scheduler": "\(scheduler.rawValue)",
+            "tenants": "\(tenants ?? "open default tenant")",
           ])
         // A line scripts can wait for.
         print("accelgate listening on \(host):\(port)")
@@ -80,18 +101,45 @@ struct Serve: AsyncParsableCommand {
   }
 }
 
-/// Turns SIGINT/SIGTERM into a graceful shutdown.
+/// Turns SIGINT/SIGTERM into a graceful shutdown and SIGHUP into a tenants reload.
 final class SignalHandler: @unchecked Sendable {
   private let sources: [any DispatchSourceSignal]
-  init(_ onSignal: @escaping @Sendable () -> Void) {
+  init(onTerminate: @escaping @Sendable () -> Void, onHangup: @escaping @Sendable () -> Void) {
     var sources: [any DispatchSourceSignal] = []
-    for sig in [SIGINT, SIGTERM] {
+    for (sig, handler) in [(SIGINT, onTerminate), (SIGTERM, onTerminate), (SIGHUP, onHangup)] {
       signal(sig, SIG_IGN)
       let s = DispatchSource.makeSignalSource(signal: sig)
-      s.setEventHandler(handler: onSignal)
+      s.setEventHandler(handler: handler)
       s.resume()
       sources.append(s)
     }
     self.sources = sources
+  }
+}
+
+enum SchedulerArgument: String, ExpressibleByArgument, CaseIterable {
+  case fair, fifo
+  var kind: SchedulerKind { self == .fair ? .fair : .fifo }
+}
+
+/// `accelgate hash-key`: prints the SHA-256 to put in a tenants file, reading the key
+/// from stdin so it stays out of shell history and process listings.
+struct HashKey: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "hash-key", abstract: "Print the api_key_sha256 entry for an API key read from stdin.")
+  func run() throws {
+    guard let key = readLine(strippingNewline: true), !key.isEmpty else { throw ValidationError("no key on stdin") }
+    print(KeyHash.hex(of: key))
+  }
+}
+
+/// `accelgate gen-key`: a new random API key and its hash.
+struct GenKey: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "gen-key", abstract: "Generate a random API key; prints the key, then its api_key_sha256.")
+  func run() throws {
+    let key = KeyHash.generateKey()
+    print("key:            \(key)")
+    print("api_key_sha256: \(KeyHash.hex(of: key))")
   }
 }

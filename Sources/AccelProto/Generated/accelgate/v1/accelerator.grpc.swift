@@ -66,11 +66,25 @@ public enum Accelgate_V1_Accelerator: Sendable {
                 type: .unary
             )
         }
+        /// Namespace for "Submit" metadata.
+        public enum Submit: Sendable {
+            /// Request type for "Submit".
+            public typealias Input = Accelgate_V1_SubmitRequest
+            /// Response type for "Submit".
+            public typealias Output = Accelgate_V1_SubmitResponse
+            /// Descriptor for "Submit".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "accelgate.v1.Accelerator"),
+                method: "Submit",
+                type: .bidirectionalStreaming
+            )
+        }
         /// Descriptors for all methods in the "accelgate.v1.Accelerator" service.
         public static let descriptors: [GRPCCore.MethodDescriptor] = [
             Compress.descriptor,
             Decompress.descriptor,
-            DescribeDevice.descriptor
+            DescribeDevice.descriptor,
+            Submit.descriptor
         ]
     }
 }
@@ -158,6 +172,28 @@ extension Accelgate_V1_Accelerator {
             request: GRPCCore.StreamingServerRequest<Accelgate_V1_DescribeDeviceRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Accelgate_V1_DescribeDeviceResponse>
+
+        /// Handle the "Submit" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Pipelines many jobs on one stream. Each request carries a client-chosen id;
+        /// > results come back in completion order, each with its own status, and a
+        /// > failing job does not end the stream. While the tenant's queue is full the
+        /// > server stops reading the stream, so HTTP/2 flow control slows the client
+        /// > instead of failing its jobs.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Accelgate_V1_SubmitRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Accelgate_V1_SubmitResponse` messages.
+        func submit(
+            request: GRPCCore.StreamingServerRequest<Accelgate_V1_SubmitRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Accelgate_V1_SubmitResponse>
     }
 
     /// Service protocol for the "accelgate.v1.Accelerator" service.
@@ -229,6 +265,28 @@ extension Accelgate_V1_Accelerator {
             request: GRPCCore.ServerRequest<Accelgate_V1_DescribeDeviceRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.ServerResponse<Accelgate_V1_DescribeDeviceResponse>
+
+        /// Handle the "Submit" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Pipelines many jobs on one stream. Each request carries a client-chosen id;
+        /// > results come back in completion order, each with its own status, and a
+        /// > failing job does not end the stream. While the tenant's queue is full the
+        /// > server stops reading the stream, so HTTP/2 flow control slows the client
+        /// > instead of failing its jobs.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Accelgate_V1_SubmitRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Accelgate_V1_SubmitResponse` messages.
+        func submit(
+            request: GRPCCore.StreamingServerRequest<Accelgate_V1_SubmitRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Accelgate_V1_SubmitResponse>
     }
 
     /// Simple service protocol for the "accelgate.v1.Accelerator" service.
@@ -298,6 +356,29 @@ extension Accelgate_V1_Accelerator {
             request: Accelgate_V1_DescribeDeviceRequest,
             context: GRPCCore.ServerContext
         ) async throws -> Accelgate_V1_DescribeDeviceResponse
+
+        /// Handle the "Submit" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Pipelines many jobs on one stream. Each request carries a client-chosen id;
+        /// > results come back in completion order, each with its own status, and a
+        /// > failing job does not end the stream. While the tenant's queue is full the
+        /// > server stops reading the stream, so HTTP/2 flow control slows the client
+        /// > instead of failing its jobs.
+        ///
+        /// - Parameters:
+        ///   - request: A stream of `Accelgate_V1_SubmitRequest` messages.
+        ///   - response: A response stream of `Accelgate_V1_SubmitResponse` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        func submit(
+            request: GRPCCore.RPCAsyncSequence<Accelgate_V1_SubmitRequest, any Swift.Error>,
+            response: GRPCCore.RPCWriter<Accelgate_V1_SubmitResponse>,
+            context: GRPCCore.ServerContext
+        ) async throws
     }
 }
 
@@ -333,6 +414,17 @@ extension Accelgate_V1_Accelerator.StreamingServiceProtocol {
             serializer: GRPCProtobuf.ProtobufSerializer<Accelgate_V1_DescribeDeviceResponse>(),
             handler: { request, context in
                 try await self.describeDevice(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Accelgate_V1_Accelerator.Method.Submit.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Accelgate_V1_SubmitRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Accelgate_V1_SubmitResponse>(),
+            handler: { request, context in
+                try await self.submit(
                     request: request,
                     context: context
                 )
@@ -417,6 +509,23 @@ extension Accelgate_V1_Accelerator.SimpleServiceProtocol {
                 context: context
             ),
             metadata: [:]
+        )
+    }
+
+    public func submit(
+        request: GRPCCore.StreamingServerRequest<Accelgate_V1_SubmitRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Accelgate_V1_SubmitResponse> {
+        return GRPCCore.StreamingServerResponse<Accelgate_V1_SubmitResponse>(
+            metadata: [:],
+            producer: { writer in
+                try await self.submit(
+                    request: request.messages,
+                    response: writer,
+                    context: context
+                )
+                return [:]
+            }
         )
     }
 }
@@ -505,6 +614,33 @@ extension Accelgate_V1_Accelerator {
             deserializer: some GRPCCore.MessageDeserializer<Accelgate_V1_DescribeDeviceResponse>,
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Accelgate_V1_DescribeDeviceResponse>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "Submit" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Pipelines many jobs on one stream. Each request carries a client-chosen id;
+        /// > results come back in completion order, each with its own status, and a
+        /// > failing job does not end the stream. While the tenant's queue is full the
+        /// > server stops reading the stream, so HTTP/2 flow control slows the client
+        /// > instead of failing its jobs.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request producing `Accelgate_V1_SubmitRequest` messages.
+        ///   - serializer: A serializer for `Accelgate_V1_SubmitRequest` messages.
+        ///   - deserializer: A deserializer for `Accelgate_V1_SubmitResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func submit<Result>(
+            request: GRPCCore.StreamingClientRequest<Accelgate_V1_SubmitRequest>,
+            serializer: some GRPCCore.MessageSerializer<Accelgate_V1_SubmitRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Accelgate_V1_SubmitResponse>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Accelgate_V1_SubmitResponse>) async throws -> Result
         ) async throws -> Result where Result: Sendable
     }
 
@@ -633,6 +769,42 @@ extension Accelgate_V1_Accelerator {
                 onResponse: handleResponse
             )
         }
+
+        /// Call the "Submit" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Pipelines many jobs on one stream. Each request carries a client-chosen id;
+        /// > results come back in completion order, each with its own status, and a
+        /// > failing job does not end the stream. While the tenant's queue is full the
+        /// > server stops reading the stream, so HTTP/2 flow control slows the client
+        /// > instead of failing its jobs.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request producing `Accelgate_V1_SubmitRequest` messages.
+        ///   - serializer: A serializer for `Accelgate_V1_SubmitRequest` messages.
+        ///   - deserializer: A deserializer for `Accelgate_V1_SubmitResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func submit<Result>(
+            request: GRPCCore.StreamingClientRequest<Accelgate_V1_SubmitRequest>,
+            serializer: some GRPCCore.MessageSerializer<Accelgate_V1_SubmitRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Accelgate_V1_SubmitResponse>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Accelgate_V1_SubmitResponse>) async throws -> Result
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.bidirectionalStreaming(
+                request: request,
+                descriptor: Accelgate_V1_Accelerator.Method.Submit.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
     }
 }
 
@@ -721,6 +893,37 @@ extension Accelgate_V1_Accelerator.ClientProtocol {
             request: request,
             serializer: GRPCProtobuf.ProtobufSerializer<Accelgate_V1_DescribeDeviceRequest>(),
             deserializer: GRPCProtobuf.ProtobufDeserializer<Accelgate_V1_DescribeDeviceResponse>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Submit" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Pipelines many jobs on one stream. Each request carries a client-chosen id;
+    /// > results come back in completion order, each with its own status, and a
+    /// > failing job does not end the stream. While the tenant's queue is full the
+    /// > server stops reading the stream, so HTTP/2 flow control slows the client
+    /// > instead of failing its jobs.
+    ///
+    /// - Parameters:
+    ///   - request: A streaming request producing `Accelgate_V1_SubmitRequest` messages.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func submit<Result>(
+        request: GRPCCore.StreamingClientRequest<Accelgate_V1_SubmitRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Accelgate_V1_SubmitResponse>) async throws -> Result
+    ) async throws -> Result where Result: Sendable {
+        try await self.submit(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Accelgate_V1_SubmitRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Accelgate_V1_SubmitResponse>(),
             options: options,
             onResponse: handleResponse
         )
@@ -823,6 +1026,42 @@ extension Accelgate_V1_Accelerator.ClientProtocol {
             metadata: metadata
         )
         return try await self.describeDevice(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Submit" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Pipelines many jobs on one stream. Each request carries a client-chosen id;
+    /// > results come back in completion order, each with its own status, and a
+    /// > failing job does not end the stream. While the tenant's queue is full the
+    /// > server stops reading the stream, so HTTP/2 flow control slows the client
+    /// > instead of failing its jobs.
+    ///
+    /// - Parameters:
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - producer: A closure producing request messages to send to the server. Returning
+    ///       from the closure closes the request stream.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func submit<Result>(
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        requestProducer producer: @Sendable @escaping (GRPCCore.RPCWriter<Accelgate_V1_SubmitRequest>) async throws -> Void,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Accelgate_V1_SubmitResponse>) async throws -> Result
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.StreamingClientRequest<Accelgate_V1_SubmitRequest>(
+            metadata: metadata,
+            producer: producer
+        )
+        return try await self.submit(
             request: request,
             options: options,
             onResponse: handleResponse

@@ -258,6 +258,87 @@ public nonisolated struct Accelgate_V1_JobStats: Sendable {
   public init() {}
 }
 
+public nonisolated struct Accelgate_V1_SubmitRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// Chosen by the client, echoed in the response; need not be unique.
+  public var id: String = String()
+
+  public var job: Accelgate_V1_SubmitRequest.OneOf_Job? = nil
+
+  public var compress: Accelgate_V1_CompressRequest {
+    get {
+      if case .compress(let v)? = job {return v}
+      return Accelgate_V1_CompressRequest()
+    }
+    set {job = .compress(newValue)}
+  }
+
+  public var decompress: Accelgate_V1_DecompressRequest {
+    get {
+      if case .decompress(let v)? = job {return v}
+      return Accelgate_V1_DecompressRequest()
+    }
+    set {job = .decompress(newValue)}
+  }
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public nonisolated enum OneOf_Job: Equatable, Sendable {
+    case compress(Accelgate_V1_CompressRequest)
+    case decompress(Accelgate_V1_DecompressRequest)
+
+  }
+
+  public init() {}
+}
+
+public nonisolated struct Accelgate_V1_SubmitResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var id: String = String()
+
+  /// gRPC status code of this job (0 = OK), as a unary call would have returned it.
+  public var code: Int32 = 0
+
+  public var message: String = String()
+
+  public var result: Accelgate_V1_SubmitResponse.OneOf_Result? = nil
+
+  public var compress: Accelgate_V1_CompressResponse {
+    get {
+      if case .compress(let v)? = result {return v}
+      return Accelgate_V1_CompressResponse()
+    }
+    set {result = .compress(newValue)}
+  }
+
+  public var decompress: Accelgate_V1_DecompressResponse {
+    get {
+      if case .decompress(let v)? = result {return v}
+      return Accelgate_V1_DecompressResponse()
+    }
+    set {result = .decompress(newValue)}
+  }
+
+  /// Admission hint for a rejected job, in milliseconds; 0 when not applicable.
+  public var retryAfterMs: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public nonisolated enum OneOf_Result: Equatable, Sendable {
+    case compress(Accelgate_V1_CompressResponse)
+    case decompress(Accelgate_V1_DecompressResponse)
+
+  }
+
+  public init() {}
+}
+
 public nonisolated struct Accelgate_V1_DescribeDeviceRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -658,6 +739,165 @@ nonisolated extension Accelgate_V1_JobStats: SwiftProtobuf.Message, SwiftProtobu
     if lhs.engineID != rhs.engineID {return false}
     if lhs.batchSize != rhs.batchSize {return false}
     if lhs.engine != rhs.engine {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Accelgate_V1_SubmitRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".SubmitRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}compress\0\u{1}decompress\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.id) }()
+      case 2: try {
+        var v: Accelgate_V1_CompressRequest?
+        var hadOneofValue = false
+        if let current = self.job {
+          hadOneofValue = true
+          if case .compress(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.job = .compress(v)
+        }
+      }()
+      case 3: try {
+        var v: Accelgate_V1_DecompressRequest?
+        var hadOneofValue = false
+        if let current = self.job {
+          hadOneofValue = true
+          if case .decompress(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.job = .decompress(v)
+        }
+      }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.id.isEmpty {
+      try visitor.visitSingularStringField(value: self.id, fieldNumber: 1)
+    }
+    switch self.job {
+    case .compress?: try {
+      guard case .compress(let v)? = self.job else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+    }()
+    case .decompress?: try {
+      guard case .decompress(let v)? = self.job else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
+    }()
+    case nil: break
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Accelgate_V1_SubmitRequest, rhs: Accelgate_V1_SubmitRequest) -> Bool {
+    if lhs.id != rhs.id {return false}
+    if lhs.job != rhs.job {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Accelgate_V1_SubmitResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".SubmitResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}code\0\u{1}message\0\u{1}compress\0\u{1}decompress\0\u{3}retry_after_ms\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.id) }()
+      case 2: try { try decoder.decodeSingularInt32Field(value: &self.code) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.message) }()
+      case 4: try {
+        var v: Accelgate_V1_CompressResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .compress(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .compress(v)
+        }
+      }()
+      case 5: try {
+        var v: Accelgate_V1_DecompressResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .decompress(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .decompress(v)
+        }
+      }()
+      case 6: try { try decoder.decodeSingularUInt64Field(value: &self.retryAfterMs) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.id.isEmpty {
+      try visitor.visitSingularStringField(value: self.id, fieldNumber: 1)
+    }
+    if self.code != 0 {
+      try visitor.visitSingularInt32Field(value: self.code, fieldNumber: 2)
+    }
+    if !self.message.isEmpty {
+      try visitor.visitSingularStringField(value: self.message, fieldNumber: 3)
+    }
+    switch self.result {
+    case .compress?: try {
+      guard case .compress(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
+    }()
+    case .decompress?: try {
+      guard case .decompress(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
+    }()
+    case nil: break
+    }
+    if self.retryAfterMs != 0 {
+      try visitor.visitSingularUInt64Field(value: self.retryAfterMs, fieldNumber: 6)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Accelgate_V1_SubmitResponse, rhs: Accelgate_V1_SubmitResponse) -> Bool {
+    if lhs.id != rhs.id {return false}
+    if lhs.code != rhs.code {return false}
+    if lhs.message != rhs.message {return false}
+    if lhs.result != rhs.result {return false}
+    if lhs.retryAfterMs != rhs.retryAfterMs {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

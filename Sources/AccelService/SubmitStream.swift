@@ -1,0 +1,109 @@
+internal import AccelABI
+internal import AccelDispatcher
+internal import AccelProto
+internal import GRPCCore
+internal import SwiftProtobuf
+
+/// The pipelined `Submit` stream.
+///
+/// One reader pulls requests only while the tenant has room in its queue (so a
+/// full queue stops the reading and HTTP/2 flow control pushes back on the
+/// client); each request runs as its own job; a single writer sends results in
+/// completion order. Per-stream outstanding jobs are bounded too, so one
+/// stream's memory stays bounded whatever the client sends.
+extension AcceleratorService {
+  /// Most jobs one stream may have outstanding (queued or on the device).
+  static let maxOutstandingPerStream = 64
+
+  func submit(request: StreamingServerRequest<Accelgate_V1_SubmitRequest>, context: ServerContext) async throws
+    -> StreamingServerResponse<Accelgate_V1_SubmitResponse>
+  {
+    let tenant = TenantHeader.tenant(of: request.metadata)
+    let deadline = CallDeadline(metadata: request.metadata)
+    return StreamingServerResponse { writer in
+      let (results, sink) = AsyncStream<Accelgate_V1_SubmitResponse>.makeStream()
+      let work = Task {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+          group.addTask {
+            defer { sink.finish() }
+            try await withThrowingTaskGroup(of: Void.self) { jobs in
+              var messages = request.messages.makeAsyncIterator()
+              var outstanding = 0
+              while true {
+                if outstanding >= Self.maxOutstandingPerStream {
+                  try await jobs.next()
+                  outstanding -= 1
+                }
+                await dispatcher.waitForRoom(tenant: tenant)
+                try Task.checkCancellation()
+                guard let item = try await messages.next() else { break }
+                outstanding += 1
+                jobs.addTask { sink.yield(await runItem(item, tenant: tenant, deadline: deadline)) }
+              }
+              try await jobs.waitForAll()
+            }
+          }
+          for await r in results { try await writer.write(r) }
+          try await group.waitForAll()
+        }
+      }
+      try await withRPCCancellationHandler {
+        try await withTaskCancellationHandler { try await work.value } onCancel: { work.cancel() }
+      } onCancelRPC: {
+        work.cancel()
+      }
+      return [:]
+    }
+  }
+
+  /// Runs one stream item. Admission rejections wait for room and retry, because
+  /// the stream's contract is back-pressure, not failure.
+  private func runItem(_ item: Accelgate_V1_SubmitRequest, tenant: String, deadline: CallDeadline) async
+    -> Accelgate_V1_SubmitResponse
+  {
+    var out = Accelgate_V1_SubmitResponse()
+    out.id = item.id
+    do {
+      switch item.job {
+      case .compress(let r):
+        let (job, limit, engine) = try compressJob(r, tenant: tenant)
+        let result = try await runRetryingAdmission(job, operation: "compress", outputLimit: limit, deadline: deadline)
+        out.compress = .with {
+          $0.data = result.output
+          $0.stats = Self.stats(result.stats, engine: engine)
+        }
+      case .decompress(let r):
+        let (job, limit) = try decompressJob(r, tenant: tenant)
+        let result = try await runRetryingAdmission(job, operation: "decompress", outputLimit: limit, deadline: deadline)
+        out.decompress = .with {
+          $0.data = result.output
+          $0.stats = Self.stats(result.stats, engine: Self.engineName(.decompress, level: 0))
+        }
+      case nil:
+        throw StatusMapping.rpcError(.invalidArgument("job must be set (compress or decompress)"))
+      }
+    } catch let e as RPCError {
+      out.code = Int32(e.code.rawValue)
+      out.message = e.message
+      out.retryAfterMs = e.metadata[stringValues: "retry-after-ms"].first(where: { _ in true }).flatMap { UInt64($0) } ?? 0
+    } catch {
+      out.code = Int32(RPCError.Code.internalError.rawValue)
+      out.message = "internal error"
+    }
+    return out
+  }
+
+  private func runRetryingAdmission(_ job: JobRequest, operation: String, outputLimit: Int, deadline: CallDeadline)
+    async throws -> JobResult
+  {
+    while true {
+      do {
+        return try await run(job, operation: operation, outputLimit: outputLimit, deadline: deadline)
+      } catch let e as RPCError where e.code == .resourceExhausted && e.metadata[stringValues: "retry-after-ms"].first(where: { _ in true }) != nil {
+        if Task.isCancelled || deadline.hasPassed { throw e }
+        await dispatcher.waitForRoom(tenant: job.tenant)
+        try await Task.sleep(for: .milliseconds(1))
+      }
+    }
+  }
+}
