@@ -138,7 +138,7 @@ let package = Package(
     .testTarget(
       name: "AccelServiceTests",
       dependencies: [
-        "AccelService", "AccelProto", "AccelDevice",
+        "AccelService", "AccelProto", "AccelDevice", "AccelScheduler",
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),

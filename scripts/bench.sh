@@ -1,15 +1,51 @@
 #!/usr/bin/env bash
-# make bench: measures engine, rings and gRPC layers in one run and writes
-# .build-bench/*.json plus the tables in docs/BENCHMARKS.md.
+# make bench: every benchmark in one run. Writes .build-bench/*.json and the
+# generated tables in docs/BENCHMARKS.md. Servers listen on loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 port=${BENCH_PORT:-50071}
 seconds=${BENCH_SECONDS:-3}
-mkdir -p .build-bench
-.build/release/accelgate serve --port "$port" --log-level warning > .build-bench/server.log 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null || true; wait $server 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do grep -q "listening" .build-bench/server.log && break; sleep 0.1; done
-.build/release/accelbench --target "127.0.0.1:$port" --seconds "$seconds" --json .build-bench/compress.json
-python3 scripts/render_bench.py .build-bench/compress.json docs/BENCHMARKS.md
+out=.build-bench
+mkdir -p "$out"
+servers=()
+cleanup() { for p in "${servers[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+start_server() { # log-file, then accelgate serve flags
+  local log=$1; shift
+  .build/release/accelgate serve --port "$port" --log-level warning "$@" > "$log" 2>&1 &
+  servers+=($!)
+  for _ in $(seq 1 100); do grep -q "listening" "$log" && return 0; sleep 0.1; done
+  echo "server did not start: $log" >&2; cat "$log" >&2; exit 1
+}
+stop_servers() { cleanup; servers=(); }
+
+# 1. Compression layers: engine, rings, gRPC.
+start_server "$out/server-layers.log"
+.build/release/accelbench layers --target "127.0.0.1:$port" --seconds "$seconds" --json "$out/compress.json"
+stop_servers
+
+# 2. Tenants: fairness shares and isolation, fair vs fifo, on a device capped
+#    at 50 MB/s per engine so the device, not gRPC, is the bottleneck.
+hash() { printf '%s' "$1" | sha256sum | cut -d' ' -f1; }
+cat > "$out/tenants.yaml" <<YAML
+tenants:
+  - { id: w1, weight: 1, api_key_sha256: [$(hash bench-w1)] }
+  - { id: w2, weight: 2, api_key_sha256: [$(hash bench-w2)] }
+  - { id: w4, weight: 4, api_key_sha256: [$(hash bench-w4)] }
+  - { id: light, weight: 1, api_key_sha256: [$(hash bench-light)] }
+  - { id: heavy0, weight: 1, api_key_sha256: [$(hash bench-heavy0)] }
+  - { id: heavy1, weight: 1, api_key_sha256: [$(hash bench-heavy1)] }
+YAML
+for sched in fair fifo; do
+  start_server "$out/server-$sched.log" --tenants "$out/tenants.yaml" --scheduler "$sched" --engine-cap-mbps 50
+  .build/release/accelbench fairness --target "127.0.0.1:$port" --label "$sched" \
+    --tenant w1=bench-w1=1 --tenant w2=bench-w2=2 --tenant w4=bench-w4=4 --json "$out/fairness-$sched.json"
+  .build/release/accelbench isolation --target "127.0.0.1:$port" --label "$sched" \
+    --light-key bench-light --heavy-key bench-heavy0 --heavy-key bench-heavy1 --json "$out/isolation-$sched.json"
+  stop_servers
+  .build/release/accelbench isolation-rings --scheduler "$sched" --json "$out/isolation-rings-$sched.json"
+done
+
+python3 scripts/render_bench.py "$out" docs/BENCHMARKS.md
 echo "wrote docs/BENCHMARKS.md"

@@ -16,7 +16,14 @@ import Synchronization
 /// end-to-end over gRPC — and writes JSON for scripts/bench.sh.
 @main
 struct AccelBench: AsyncParsableCommand {
-  static let configuration = CommandConfiguration(commandName: "accelbench", abstract: "AccelGate benchmarks.")
+  static let configuration = CommandConfiguration(
+    commandName: "accelbench", abstract: "AccelGate benchmarks.",
+    subcommands: [CompressLayers.self, Fairness.self, Isolation.self, IsolationInProcess.self], defaultSubcommand: CompressLayers.self)
+}
+
+struct CompressLayers: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "layers", abstract: "gzip jobs through the engine, the rings and gRPC.")
 
   @Option(help: "gRPC target host:port of a running server.") var target = "127.0.0.1:50051"
   @Option(help: "Seconds per measurement.") var seconds: Double = 3

@@ -9,9 +9,14 @@ internal import Synchronization
 package struct DispatcherConfiguration: Sendable {
   /// Jobs that may wait in the scheduler at once; beyond it, RESOURCE_EXHAUSTED.
   package var maxQueuedJobs: Int = 1024
-  /// Descriptors kept on each hardware queue: enough to keep engines busy, no more,
-  /// so ordering decisions stay in the scheduler rather than in a FIFO ring.
-  package var inFlightPerQueue: Int = 4
+  /// Most descriptors kept on each hardware queue.
+  package var inFlightPerQueue: Int = 8
+  /// Estimated device time kept on each hardware queue. A queue takes another job
+  /// only while its in-flight estimate stays under this budget (one job always
+  /// fits), so small jobs pipeline deeply while large ones queue one at a time:
+  /// the rings hold just enough to keep the engines busy and every ordering
+  /// decision stays in the scheduler, not in a FIFO ring.
+  package var inFlightBudget: Duration = .milliseconds(2)
   /// Most descriptors published behind one doorbell.
   package var maxBatch: Int = 16
   /// Deadline for calls that bring none.
@@ -72,6 +77,8 @@ package final class Dispatcher: Sendable {
     var nextWaiterID: UInt64 = 0
     var jobs: [UInt64: Pending] = [:]
     var inFlight: [Int]
+    /// Estimated device time (ns) on each queue.
+    var inFlightCost: [UInt64]
     var nextID: UInt64 = 1
     var pumping = false
     var pumpAgain = false
@@ -92,7 +99,10 @@ package final class Dispatcher: Sendable {
       case .fair: FairScheduler(configuration: .init(idleCredit: configuration.idleCredit))
       case .fifo: FIFOScheduler()
       }
-    self.state = Mutex(State(scheduler: scheduler, inFlight: Array(repeating: 0, count: driver.queues.count)))
+    self.state = Mutex(
+      State(
+        scheduler: scheduler, inFlight: Array(repeating: 0, count: driver.queues.count),
+        inFlightCost: Array(repeating: 0, count: driver.queues.count)))
     updateTenants(tenants)
   }
 
@@ -387,9 +397,13 @@ package final class Dispatcher: Sendable {
       while work.count < limit, let next = s.scheduler.peek(), let p = s.jobs[next.id] {
         // Healthy queues with a free in-flight slot, least loaded first; the first
         // whose pool has room takes the job.
+        let budget = UInt64(configuration.inFlightBudget.nanosecondsClamped)
         let candidates = driver.queues
-          .filter { $0.isHealthy && s.inFlight[$0.index] < configuration.inFlightPerQueue }
-          .sorted { s.inFlight[$0.index] < s.inFlight[$1.index] }
+          .filter {
+            $0.isHealthy && s.inFlight[$0.index] < configuration.inFlightPerQueue
+              && (s.inFlight[$0.index] == 0 || s.inFlightCost[$0.index] + next.cost <= budget)
+          }
+          .sorted { s.inFlightCost[$0.index] < s.inFlightCost[$1.index] }
         let id = next.id
         var reserved: Lease?
         for queue in candidates {
@@ -404,6 +418,7 @@ package final class Dispatcher: Sendable {
         _ = s.scheduler.pop(now: nanos(now))
         woken += leftQueueLocked(&s, p)
         s.inFlight[qi] += 1
+        s.inFlightCost[qi] += next.cost
         s.jobs[id]?.lease = lease
         s.jobs[id]?.dispatchedAt = now
         work.append((id, lease, p.request))
@@ -440,6 +455,7 @@ package final class Dispatcher: Sendable {
     let delivery = state.withLock { s -> (CheckedContinuation<Outcome, Never>, Outcome)? in
       guard let p = s.jobs.removeValue(forKey: id), let lease = p.lease else { return nil }
       s.inFlight[lease.queueIndex] -= 1
+      s.inFlightCost[lease.queueIndex] -= min(s.inFlightCost[lease.queueIndex], p.job.cost)
       if completion.status == .ok {
         s.cost.observe(p.jobClass, bytes: p.request.input.count, engineNanoseconds: completion.engineNanoseconds)
       }

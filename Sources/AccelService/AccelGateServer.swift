@@ -35,6 +35,7 @@ public final class AccelGateServer: Sendable {
     var dc = DispatcherConfiguration.defaults
     dc.maxQueuedJobs = configuration.maxQueuedJobs
     dc.inFlightPerQueue = configuration.inFlightPerQueue
+    dc.inFlightBudget = configuration.inFlightBudget
     dc.maxBatch = configuration.maxBatch
     dc.defaultDeadline = configuration.defaultDeadline
     dc.scheduler = configuration.scheduler

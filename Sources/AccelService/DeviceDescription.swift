@@ -59,6 +59,9 @@ enum DeviceDescription {
     r.limits.maxQueuedJobs = UInt32(configuration.maxQueuedJobs)
     r.limits.inFlightPerQueue = UInt32(configuration.inFlightPerQueue)
     r.limits.maxBatch = UInt32(configuration.maxBatch)
+    r.limits.scheduler = configuration.scheduler.rawValue
+    let budget = configuration.inFlightBudget.components
+    r.limits.inFlightBudgetUs = UInt64(max(0, budget.seconds * 1_000_000 + budget.attoseconds / 1_000_000_000_000))
     let (seconds, attoseconds) = configuration.defaultDeadline.components
     r.limits.defaultDeadlineMs = UInt64(max(0, seconds * 1000 + attoseconds / 1_000_000_000_000_000))
     return r

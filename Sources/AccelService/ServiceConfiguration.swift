@@ -11,8 +11,10 @@ public struct ServiceConfiguration: Sendable {
   public var maxDecompressedBytes: Int = 4 << 20
   /// Jobs that may wait for the device at once.
   public var maxQueuedJobs: Int = 1024
-  /// Descriptors kept in flight on each hardware queue.
-  public var inFlightPerQueue: Int = 4
+  /// Most descriptors kept in flight on each hardware queue.
+  public var inFlightPerQueue: Int = 8
+  /// Estimated device time kept in flight on each hardware queue (one job always fits).
+  public var inFlightBudget: Duration = .milliseconds(2)
   /// Most descriptors behind one doorbell.
   public var maxBatch: Int = 16
   /// Deadline applied to calls that set none.

@@ -31,6 +31,8 @@ struct Serve: AsyncParsableCommand {
   @Option(help: "Jobs allowed to wait for the device.") var maxQueuedJobs = ServiceConfiguration.defaults.maxQueuedJobs
   @Option(help: "Descriptors in flight per hardware queue.")
   var inFlightPerQueue = ServiceConfiguration.defaults.inFlightPerQueue
+  @Option(help: "Estimated device time kept in flight per hardware queue, in microseconds (one job always fits).")
+  var inFlightBudgetUs = 2000
   @Option(help: "Most descriptors per doorbell.") var maxBatch = ServiceConfiguration.defaults.maxBatch
   @Option(help: "Deadline in milliseconds for calls that set none.") var defaultDeadlineMs = 30_000
   @Option(help: "Hardware queues on the embedded device.") var queues = DeviceConfiguration.defaults.queueCount
@@ -59,6 +61,7 @@ struct Serve: AsyncParsableCommand {
       $0.maxDecompressedBytes = maxDecompressedBytes
       $0.maxQueuedJobs = maxQueuedJobs
       $0.inFlightPerQueue = inFlightPerQueue
+      $0.inFlightBudget = .microseconds(inFlightBudgetUs)
       $0.maxBatch = maxBatch
       $0.defaultDeadline = .milliseconds(defaultDeadlineMs)
       $0.device.queueCount = queues

@@ -4,8 +4,12 @@ conftest.py generates the stubs and puts them on sys.path before test modules
 (and so this module) are imported.
 """
 import gzip
+import hashlib
 import io
+import os
 import random
+import secrets
+import signal
 import struct
 import time
 import zlib
@@ -278,3 +282,107 @@ def check_stats(stats, *, input_bytes: int, output_bytes: int, queues: int = 2, 
     assert stats.engine_id < engines, f"engine_id {stats.engine_id} but the server has {engines} engines"
     assert stats.batch_size >= 1, "batch_size is 0"
     assert stats.engine, "stats.engine is empty"
+
+
+# ----------------------------------------------------------------------------------------
+# Tenants
+
+REJECTION_REASON = "rejection-reason"
+
+
+def key_hash(key: str) -> str:
+    """The api_key_sha256 entry for `key` (what `accelgate hash-key` prints)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key(label: str = "k") -> str:
+    """A fresh random API key; the label makes it easy to spot in a log."""
+    return f"{label}-{secrets.token_urlsafe(24)}"
+
+
+def bearer(key: str):
+    """Call metadata carrying `key`."""
+    return (("authorization", f"Bearer {key}"),)
+
+
+@dataclass
+class Tenant:
+    id: str
+    keys: list
+    weight: int = None
+    limits: dict = field(default_factory=dict)
+
+    @property
+    def md(self):
+        return bearer(self.keys[0])
+
+
+def tenants_yaml(tenants) -> str:
+    lines = ["tenants:"]
+    for t in tenants:
+        lines.append(f"  - id: {t.id}")
+        if t.weight is not None:
+            lines.append(f"    weight: {t.weight}")
+        lines.append(f"    api_key_sha256: [{', '.join(key_hash(k) for k in t.keys)}]")
+        if t.limits:
+            lines.append("    limits:")
+            lines += [f"      {name}: {value}" for name, value in t.limits.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_tenants(path: str, tenants=None, *, text: str = None) -> str:
+    """Writes a tenants file atomically (a reload never sees half a file); returns path."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text if text is not None else tenants_yaml(tenants))
+    os.replace(tmp, path)
+    return path
+
+
+def _log_text(srv) -> str:
+    with open(srv.log_path, "rb") as f:
+        return f.read().decode(errors="replace")
+
+
+def _reload_lines(srv):
+    return [line for line in _log_text(srv).splitlines() if "reload" in line and "tenants" in line]
+
+
+def sighup_and_wait(srv, *, ok: bool = True, within_s: float = 15.0) -> str:
+    """Sends SIGHUP and waits for the server's log line about the reload. Returns it;
+    fails if the reload did not log, or logged the other outcome than `ok`."""
+    before = len(_reload_lines(srv))
+    srv.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        lines = _reload_lines(srv)
+        if len(lines) > before:
+            line = lines[before]
+            failed = "error" in line.lower() or "fail" in line.lower()
+            assert failed != ok, f"expected a {'successful' if ok else 'failed'} reload, the server logged: {line}"
+            return line
+        assert srv.alive(), f"server died on SIGHUP\n{srv.log_tail()}"
+        time.sleep(0.02)
+    raise AssertionError(f"no reload line in the server log within {within_s} s of SIGHUP\n{srv.log_tail()}")
+
+
+def device_jobs(stub, metadata=None):
+    """(jobs run by all engines, jobs completed by all queues) from DescribeDevice."""
+    o = call(stub.DescribeDevice, pb.DescribeDeviceRequest(), timeout=30, metadata=metadata)
+    assert o.ok, f"DescribeDevice -> {o.describe()}"
+    return sum(e.jobs for e in o.response.engines), sum(q.completed for q in o.response.queues)
+
+
+def wait_device_idle(stub, metadata=None, within_s: float = 30.0):
+    """Waits until no descriptor is in flight and the job counters stop moving."""
+    deadline = time.monotonic() + within_s
+    last = None
+    while time.monotonic() < deadline:
+        o = call(stub.DescribeDevice, pb.DescribeDeviceRequest(), timeout=30, metadata=metadata)
+        assert o.ok, f"DescribeDevice -> {o.describe()}"
+        now = (sum(e.jobs for e in o.response.engines), sum(q.completed for q in o.response.queues))
+        if all(q.in_flight == 0 for q in o.response.queues) and now == last:
+            return now
+        last = now
+        time.sleep(0.2)
+    raise AssertionError(f"device still busy after {within_s} s")

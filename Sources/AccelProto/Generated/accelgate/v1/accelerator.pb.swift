@@ -495,6 +495,12 @@ public nonisolated struct Accelgate_V1_Limits: Sendable {
 
   public var defaultDeadlineMs: UInt64 = 0
 
+  /// "fair" (weighted fair queuing by device time) or "fifo".
+  public var scheduler: String = String()
+
+  /// Estimated device time kept in flight per hardware queue, in microseconds.
+  public var inFlightBudgetUs: UInt64 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1188,7 +1194,7 @@ nonisolated extension Accelgate_V1_Capability: SwiftProtobuf.Message, SwiftProto
 
 nonisolated extension Accelgate_V1_Limits: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Limits"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}max_request_bytes\0\u{3}max_response_bytes\0\u{3}max_decompressed_bytes\0\u{3}max_queued_jobs\0\u{3}in_flight_per_queue\0\u{3}max_batch\0\u{3}default_deadline_ms\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}max_request_bytes\0\u{3}max_response_bytes\0\u{3}max_decompressed_bytes\0\u{3}max_queued_jobs\0\u{3}in_flight_per_queue\0\u{3}max_batch\0\u{3}default_deadline_ms\0\u{1}scheduler\0\u{3}in_flight_budget_us\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1203,6 +1209,8 @@ nonisolated extension Accelgate_V1_Limits: SwiftProtobuf.Message, SwiftProtobuf.
       case 5: try { try decoder.decodeSingularUInt32Field(value: &self.inFlightPerQueue) }()
       case 6: try { try decoder.decodeSingularUInt32Field(value: &self.maxBatch) }()
       case 7: try { try decoder.decodeSingularUInt64Field(value: &self.defaultDeadlineMs) }()
+      case 8: try { try decoder.decodeSingularStringField(value: &self.scheduler) }()
+      case 9: try { try decoder.decodeSingularUInt64Field(value: &self.inFlightBudgetUs) }()
       default: break
       }
     }
@@ -1230,6 +1238,12 @@ nonisolated extension Accelgate_V1_Limits: SwiftProtobuf.Message, SwiftProtobuf.
     if self.defaultDeadlineMs != 0 {
       try visitor.visitSingularUInt64Field(value: self.defaultDeadlineMs, fieldNumber: 7)
     }
+    if !self.scheduler.isEmpty {
+      try visitor.visitSingularStringField(value: self.scheduler, fieldNumber: 8)
+    }
+    if self.inFlightBudgetUs != 0 {
+      try visitor.visitSingularUInt64Field(value: self.inFlightBudgetUs, fieldNumber: 9)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1241,6 +1255,8 @@ nonisolated extension Accelgate_V1_Limits: SwiftProtobuf.Message, SwiftProtobuf.
     if lhs.inFlightPerQueue != rhs.inFlightPerQueue {return false}
     if lhs.maxBatch != rhs.maxBatch {return false}
     if lhs.defaultDeadlineMs != rhs.defaultDeadlineMs {return false}
+    if lhs.scheduler != rhs.scheduler {return false}
+    if lhs.inFlightBudgetUs != rhs.inFlightBudgetUs {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
