@@ -2,6 +2,7 @@ internal import AccelABI
 internal import AccelDevice
 internal import AccelDispatcher
 internal import AccelDriver
+internal import AccelScheduler
 internal import AccelProto
 internal import CAccelABI
 
