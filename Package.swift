@@ -46,7 +46,7 @@ let package = Package(
       name: "CAccelEngines",
       dependencies: ["CAccelABI"],
       cSettings: [.unsafeFlags(["-O2"])],
-      linkerSettings: [.linkedLibrary("isal"), .linkedLibrary("deflate"), .linkedLibrary("z")]
+      linkerSettings: [.linkedLibrary("isal"), .linkedLibrary("deflate"), .linkedLibrary("z"), .linkedLibrary("crypto")]
     ),
 
     /// OpenSSL primitives for the gateway: key hashing, randomness, secure zeroing.
@@ -131,7 +131,7 @@ let package = Package(
     .testTarget(name: "AccelDriverTests", dependencies: ["AccelDriver", "AccelABI"], swiftSettings: strictSettings),
     .testTarget(
       name: "AccelDispatcherTests",
-      dependencies: ["AccelDispatcher", "AccelDevice", "AccelDriver", "AccelABI"],
+      dependencies: ["AccelDispatcher", "AccelDevice", "AccelDriver", "AccelABI", "AccelScheduler"],
       swiftSettings: strictSettings
     ),
     .testTarget(name: "AccelSchedulerTests", dependencies: ["AccelScheduler"], swiftSettings: strictSettings),

@@ -3,24 +3,37 @@ public import CAccelABI
 /// The ABI's rules for a submission descriptor, applied by the device to its
 /// private copy of every SQE before any byte of the region is touched.
 public enum DescriptorRules {
+  static let compression: Set<UInt8> = [1, 2, 3]
+  static let aead: Set<UInt8> = [16, 17, 18]
+  static let digests: Set<UInt8> = [32, 33, 34, 35, 36, 37, 38, 39]
+  static let keyedDigests: Set<UInt8> = [35, 36]
+
   /// Checks a descriptor against the region geometry.
   /// - Returns: `.ok`, `.invalidDescriptor` for bad offsets, lengths, flags or
   ///   reserved fields, or `.unsupported` for an unknown opcode or algorithm.
   public static func validate(_ sqe: accel_sqe, layout: RegionLayout) -> DeviceStatus {
-    guard sqe.reserved == 0, sqe.flags & ~UInt8(ACCEL_SQE_F_KNOWN_MASK) == 0 else { return .invalidDescriptor }
+    let allowedFlags = UInt8(ACCEL_SQE_F_CHAIN)
+    guard sqe.reserved == 0, sqe.flags & ~allowedFlags == 0, sqe.stream_ctx == 0 else { return .invalidDescriptor }
     guard let opcode = DeviceOpcode(rawValue: sqe.opcode) else { return .unsupported }
+    var needsKey = false
+    var needsAux = false
     switch opcode {
     case .nop:
-      return .ok
+      return sqe.key_slot == 0 && sqe.aux_offset == 0 && sqe.aux_length == 0 ? .ok : .invalidDescriptor
     case .compress, .decompress:
-      guard let alg = DeviceAlgorithm(rawValue: sqe.algorithm), alg == .deflateRaw || alg == .zlib || alg == .gzip
-      else { return .unsupported }
+      guard compression.contains(sqe.algorithm) else { return .unsupported }
       if opcode == .compress && sqe.level > 9 { return .unsupported }
-    case .encrypt, .decrypt, .digest:
-      return .unsupported
+    case .encrypt, .decrypt:
+      guard aead.contains(sqe.algorithm) else { return .unsupported }
+      needsKey = true
+      needsAux = true
+    case .digest:
+      guard digests.contains(sqe.algorithm) else { return .unsupported }
+      needsKey = keyedDigests.contains(sqe.algorithm)
     }
-    // Features reserved in this ABI minor must be off.
-    guard sqe.key_slot == 0, sqe.stream_ctx == 0, sqe.aux_offset == 0, sqe.aux_length == 0, sqe.flags == 0 else {
+    if needsKey {
+      guard layout.keySlot(sqe.key_slot) != nil else { return .badKey }
+    } else if sqe.key_slot != 0 {
       return .invalidDescriptor
     }
     let src = (offset: sqe.src_offset, length: UInt64(sqe.src_length))
@@ -29,9 +42,19 @@ public enum DescriptorRules {
       layout.dataPoolContains(offset: dst.offset, length: dst.length)
     else { return .invalidDescriptor }
     // Out-of-place operations: input and output must not overlap.
-    if src.length > 0 && dst.length > 0 && src.offset < dst.offset + dst.length && dst.offset < src.offset + src.length {
+    if overlaps(src, dst) { return .invalidDescriptor }
+    if needsAux {
+      let aux = (offset: sqe.aux_offset, length: UInt64(sqe.aux_length))
+      guard aux.length >= UInt64(MemoryLayout<accel_aead_params>.size),
+        layout.dataPoolContains(offset: aux.offset, length: aux.length), !overlaps(aux, dst)
+      else { return .badParams }
+    } else if sqe.aux_offset != 0 || sqe.aux_length != 0 {
       return .invalidDescriptor
     }
     return .ok
+  }
+
+  static func overlaps(_ a: (offset: UInt64, length: UInt64), _ b: (offset: UInt64, length: UInt64)) -> Bool {
+    a.length > 0 && b.length > 0 && a.offset < b.offset + b.length && b.offset < a.offset + a.length
   }
 }

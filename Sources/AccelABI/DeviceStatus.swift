@@ -13,6 +13,8 @@ public enum DeviceStatus: UInt16, Sendable, CaseIterable, CustomStringConvertibl
   case engineError = 8
   case queueStopped = 9
   case deviceFault = 10
+  case badKey = 11
+  case badParams = 12
 
   /// Which side is at fault, as the ABI defines it (see `accel_status_error_class`).
   public var errorClass: DeviceErrorClass {
@@ -32,6 +34,8 @@ public enum DeviceStatus: UInt16, Sendable, CaseIterable, CustomStringConvertibl
     case .engineError: "engine error"
     case .queueStopped: "queue stopped"
     case .deviceFault: "device fault"
+    case .badKey: "bad key"
+    case .badParams: "bad parameters"
     }
   }
 }
@@ -63,10 +67,65 @@ public enum DeviceAlgorithm: UInt8, Sendable, CaseIterable {
   case gzip = 3
   case zstd = 4
   case lz4 = 5
+  case aes128GCM = 16
+  case aes256GCM = 17
+  case chacha20Poly1305 = 18
+  case sha256 = 32
+  case sha384 = 33
+  case sha512 = 34
+  case hmacSHA256 = 35
+  case hmacSHA512 = 36
+  case crc32c = 37
+  case crc32 = 38
+  case adler32 = 39
+
+  /// Key bytes an AEAD algorithm needs (nil for others).
+  public var aeadKeyLength: Int? {
+    switch self {
+    case .aes128GCM: 16
+    case .aes256GCM, .chacha20Poly1305: 32
+    default: nil
+    }
+  }
+
+  /// Output bytes of a digest or checksum (nil for others).
+  public var digestLength: Int? {
+    switch self {
+    case .sha256, .hmacSHA256: 32
+    case .sha384: 48
+    case .sha512, .hmacSHA512: 64
+    case .crc32c, .crc32, .adler32: 4
+    default: nil
+    }
+  }
+
+  public var isKeyedDigest: Bool { self == .hmacSHA256 || self == .hmacSHA512 }
+}
+
+/// Sizes the ABI fixes for crypto jobs.
+public enum CryptoSizing {
+  public static let tagLength = 16
+  public static let nonceLength = 12
+  public static let aeadParamsLength = MemoryLayout<accel_aead_params>.size
+  public static let maxKeyLength = Int(ACCEL_KEY_MAX)
 }
 
 /// Sizing rules the ABI guarantees.
 public enum BufferSizing {
   /// Output capacity that always suffices to compress `n` bytes (`accel_compress_bound`).
   public static func compressBound(_ n: UInt64) -> UInt64 { accel_compress_bound(n) }
+}
+
+/// Builds the AEAD parameter block (`accel_aead_params` followed by the AAD).
+public enum AEADParameters {
+  public static func encode(nonce: some Collection<UInt8>, aad: some Collection<UInt8>) -> [UInt8] {
+    precondition(nonce.count == CryptoSizing.nonceLength)
+    var p = accel_aead_params()
+    withUnsafeMutableBytes(of: &p.nonce) { $0.copyBytes(from: nonce) }
+    p.aad_length = UInt32(aad.count)
+    p.tag_length = UInt32(CryptoSizing.tagLength)
+    var out = withUnsafeBytes(of: &p) { Array($0) }
+    out.append(contentsOf: aad)
+    return out
+  }
 }

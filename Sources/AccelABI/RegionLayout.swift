@@ -11,21 +11,27 @@ public struct RegionLayout: Sendable, Equatable {
   public var dataOffset: UInt64
   public var dataSize: UInt64
   public var regionSize: UInt64
+  /// Key slot table (ABI 1.1); `keySlotCount == 0` means none.
+  public var keySlotOffset: UInt64
+  public var keySlotCount: UInt32
 
   public static let pageSize: UInt64 = 4096
 
   /// Lays out a region with the given ring sizes and data pool.
   /// - Throws: `ABIError.invalidGeometry` unless both ring sizes are powers of two,
   ///   `cqEntries >= sqEntries`, and the pool is non-empty.
-  public init(sqEntries: UInt32, cqEntries: UInt32, dataPoolBytes: UInt64) throws(ABIError) {
+  public init(sqEntries: UInt32, cqEntries: UInt32, dataPoolBytes: UInt64, keySlots: UInt32 = 0) throws(ABIError) {
     guard sqEntries.nonzeroBitCount == 1, cqEntries.nonzeroBitCount == 1, cqEntries >= sqEntries,
-      sqEntries <= 1 << 16, dataPoolBytes > 0, dataPoolBytes <= 1 << 40
+      sqEntries <= 1 << 16, dataPoolBytes > 0, dataPoolBytes <= 1 << 40, keySlots <= 1 << 16
     else { throw ABIError.invalidGeometry("rings must be powers of two <= 65536 with cq >= sq, pool > 0") }
     self.sqEntries = sqEntries
     self.cqEntries = cqEntries
     self.sqOffset = UInt64(ACCEL_HEADER_SIZE)
     self.cqOffset = Self.alignUp(sqOffset + UInt64(sqEntries) * UInt64(ACCEL_SQE_SIZE), to: Self.pageSize)
-    self.dataOffset = Self.alignUp(cqOffset + UInt64(cqEntries) * UInt64(ACCEL_CQE_SIZE), to: Self.pageSize)
+    let cqEnd = Self.alignUp(cqOffset + UInt64(cqEntries) * UInt64(ACCEL_CQE_SIZE), to: Self.pageSize)
+    self.keySlotCount = keySlots
+    self.keySlotOffset = keySlots > 0 ? cqEnd : 0
+    self.dataOffset = Self.alignUp(cqEnd + UInt64(keySlots) * UInt64(ACCEL_KEYSLOT_SIZE), to: Self.pageSize)
     self.dataSize = Self.alignUp(dataPoolBytes, to: Self.pageSize)
     self.regionSize = dataOffset + dataSize
   }
@@ -48,11 +54,17 @@ public struct RegionLayout: Sendable, Equatable {
     // Areas are found through the header, not recomputed, so a later minor version may
     // insert areas (key slots, stream contexts). They must lie inside the region, past the
     // header, page-aligned, and must not overlap.
-    let areas: [(UInt64, UInt64)] = [
+    var areas: [(UInt64, UInt64)] = [
       (h.sq_offset, UInt64(h.sq_entries) * UInt64(ACCEL_SQE_SIZE)),
       (h.cq_offset, UInt64(h.cq_entries) * UInt64(ACCEL_CQE_SIZE)),
       (h.data_offset, h.data_size),
     ]
+    if h.keyslot_count > 0 {
+      guard h.keyslot_size == ACCEL_KEYSLOT_SIZE, h.keyslot_count <= 1 << 16 else {
+        throw ABIError.invalidGeometry("key slot size differs from this ABI")
+      }
+      areas.append((h.keyslot_offset, UInt64(h.keyslot_count) * UInt64(ACCEL_KEYSLOT_SIZE)))
+    }
     for (offset, size) in areas {
       guard offset % Self.pageSize == 0, offset >= UInt64(ACCEL_HEADER_SIZE), size > 0, offset <= h.region_size,
         size <= h.region_size - offset
@@ -70,6 +82,8 @@ public struct RegionLayout: Sendable, Equatable {
     self.dataOffset = h.data_offset
     self.dataSize = h.data_size
     self.regionSize = h.region_size
+    self.keySlotCount = h.keyslot_count
+    self.keySlotOffset = h.keyslot_count > 0 ? h.keyslot_offset : 0
   }
 
   /// Writes identity and geometry into a zeroed header. Device side only.
@@ -88,6 +102,15 @@ public struct RegionLayout: Sendable, Equatable {
     header.pointee.sqe_size = ACCEL_SQE_SIZE
     header.pointee.cqe_size = ACCEL_CQE_SIZE
     header.pointee.weight = weight
+    header.pointee.keyslot_offset = keySlotOffset
+    header.pointee.keyslot_count = keySlotCount
+    header.pointee.keyslot_size = keySlotCount > 0 ? ACCEL_KEYSLOT_SIZE : 0
+  }
+
+  /// Region offset of 1-based key slot `slot`, or nil when out of range.
+  public func keySlot(_ slot: UInt32) -> UInt64? {
+    guard slot >= 1, slot <= keySlotCount else { return nil }
+    return keySlotOffset + UInt64(slot - 1) * UInt64(ACCEL_KEYSLOT_SIZE)
   }
 
   /// True when `[offset, offset+length)` lies entirely inside the data pool.

@@ -46,6 +46,8 @@ public enum SharedMemory {
   public static func nowNanoseconds() -> UInt64 { accel_now_ns() }
   public static func threadCPUNanoseconds() -> UInt64 { accel_thread_cpu_ns() }
   public static func sleep(nanoseconds: UInt64) { accel_sleep_ns(nanoseconds) }
+  /// Zeroes memory in a way the compiler may not elide (secrets in shared buffers).
+  public static func secureZero(_ p: UnsafeMutableRawPointer, count: Int) { accel_explicit_zero(p, count) }
 
   /// Waits on several futex words at once; falls back to a bounded single wait
   /// on kernels without futex_waitv. Returns when woken, a value differs, or the timeout passes.

@@ -60,22 +60,28 @@ public final class DeviceQueue: @unchecked Sendable {
     stateFlags.loadAcquire() & (ACCEL_QF_STOPPED | ACCEL_QF_ERROR) == 0 && sqTail.loadAcquire() != sqHead.loadRelaxed()
   }
 
-  /// Takes the next descriptor, copied out of shared memory. Nil when the ring is
-  /// empty or the queue is stopped. A producer index that is impossible marks
-  /// the queue in error and stops it.
-  func fetch() -> accel_sqe? {
+  /// Takes the next job — one descriptor, or a chain of up to `ACCEL_CHAIN_MAX` —
+  /// copied out of shared memory. Nil when the ring is empty or the queue is
+  /// stopped. A producer index that is impossible marks the queue in error.
+  /// A chain cut short (the ring ends, or it is too long) is returned as is;
+  /// the engine fails it with BAD_PARAMS.
+  func fetch() -> [accel_sqe]? {
     guard stateFlags.loadAcquire() & (ACCEL_QF_STOPPED | ACCEL_QF_ERROR) == 0 else { return nil }
-    return fetchLock.withLock { head -> accel_sqe? in
+    return fetchLock.withLock { head -> [accel_sqe]? in
       let tail = sqTail.loadAcquire()
       if tail == head { return nil }
       guard region.sqIndex.isConsistent(head: head, tail: tail) else {
         markError(.invalidDescriptor)
         return nil
       }
-      let sqe = region.sqe(at: head).pointee
+      var chain = [region.sqe(at: head).pointee]
       head &+= 1
+      while chain.last!.flags & UInt8(ACCEL_SQE_F_CHAIN) != 0 && chain.count < Int(ACCEL_CHAIN_MAX) && head != tail {
+        chain.append(region.sqe(at: head).pointee)
+        head &+= 1
+      }
       sqHead.storeRelease(head)
-      return sqe
+      return chain
     }
   }
 

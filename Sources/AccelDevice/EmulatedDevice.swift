@@ -32,7 +32,7 @@ public final class EmulatedDevice: @unchecked Sendable {
     do {
       layout = try RegionLayout(
         sqEntries: configuration.sqEntries, cqEntries: configuration.sqEntries,
-        dataPoolBytes: configuration.dataPoolBytes)
+        dataPoolBytes: configuration.dataPoolBytes, keySlots: configuration.keySlots)
     } catch { throw .invalidConfiguration(error.description) }
     var queues: [DeviceQueue] = []
     for i in 0..<configuration.queueCount {
@@ -98,7 +98,7 @@ public final class EmulatedDevice: @unchecked Sendable {
       var didWork = false
       for step in 0..<queues.count {
         let q = queues[(cursor + step) % queues.count]
-        guard let sqe = q.fetch() else { continue }
+        guard let sqe = q.fetch() else { continue }  // one job: a descriptor or a chain
         if step != 0 {
           cursor = (cursor + step) % queues.count
           credit = q.weight
@@ -151,35 +151,32 @@ public final class EmulatedDevice: @unchecked Sendable {
   }
 
   private func process(
-    _ sqe: accel_sqe, on q: DeviceQueue, ctx: OpaquePointer, stats: EngineStats, capBytesPerNs: Double?
+    _ chain: [accel_sqe], on q: DeviceQueue, ctx: OpaquePointer, stats: EngineStats, capBytesPerNs: Double?
   ) {
     let start = SharedMemory.nowNanoseconds()
-    var status = DescriptorRules.validate(sqe, layout: q.region.layout)
+    var status = DeviceStatus.ok
     var produced: UInt32 = 0
     var consumed: UInt32 = 0
-    if status == .ok {
-      let src = UnsafePointer(q.region.bytes(at: sqe.src_offset).assumingMemoryBound(to: UInt8.self))
-      let dst = q.region.bytes(at: sqe.dst_offset).assumingMemoryBound(to: UInt8.self)
-      switch DeviceOpcode(rawValue: sqe.opcode) {
-      case .compress:
-        status = DeviceStatus(
-          rawValue: accel_engine_compress(
-            ctx, sqe.algorithm, sqe.level, src, sqe.src_length, dst, sqe.dst_capacity, &produced, &consumed))
-          ?? .engineError
-      case .decompress:
-        status = DeviceStatus(
-          rawValue: accel_engine_decompress(
-            ctx, sqe.algorithm, src, sqe.src_length, dst, sqe.dst_capacity, &produced, &consumed))
-          ?? .engineError
-      default:
-        status = .ok  // NOP
+    var inputBytes: UInt64 = 0
+    if chain.last!.flags & UInt8(ACCEL_SQE_F_CHAIN) != 0 { status = .badParams }  // cut short
+    for (i, sqe) in chain.enumerated() where status == .ok {
+      status = DescriptorRules.validate(sqe, layout: q.region.layout)
+      guard status == .ok else { break }
+      var length = sqe.src_length
+      if i > 0 {
+        // A follower reads what its predecessor wrote.
+        guard sqe.src_offset == chain[i - 1].dst_offset, produced <= sqe.src_length else {
+          status = .badParams
+          break
+        }
+        length = produced
       }
-      // The engine reports how much it wrote; never more than the buffer.
-      if produced > sqe.dst_capacity { status = .engineError; produced = 0 }
+      inputBytes += UInt64(length)
+      (status, produced, consumed) = run(sqe, inputLength: length, on: q, ctx: ctx)
     }
     var elapsed = SharedMemory.nowNanoseconds() &- start
-    if let cap = capBytesPerNs, cap > 0, sqe.src_length > 0 {
-      let modeled = UInt64(Double(sqe.src_length) / cap)
+    if let cap = capBytesPerNs, cap > 0, inputBytes > 0 {
+      let modeled = UInt64(Double(inputBytes) / cap)
       if modeled > elapsed {
         SharedMemory.sleep(nanoseconds: modeled - elapsed)
         elapsed = modeled
@@ -188,7 +185,7 @@ public final class EmulatedDevice: @unchecked Sendable {
     stats.jobs.add(1, ordering: .relaxed)
     stats.busyNanoseconds.add(elapsed, ordering: .relaxed)
     var cqe = accel_cqe()
-    cqe.cookie = sqe.cookie
+    cqe.cookie = chain.last!.cookie
     cqe.status = status.rawValue
     cqe.error_class = status.errorClass.rawValue
     cqe.produced = status == .ok ? produced : 0
@@ -196,6 +193,61 @@ public final class EmulatedDevice: @unchecked Sendable {
     cqe.engine_id = UInt16(truncatingIfNeeded: stats.id)
     cqe.engine_ns = elapsed
     q.post(cqe, isRunning: { self.running.load(ordering: .relaxed) })
+  }
+
+  /// Runs one validated step in place on the queue's data pool.
+  private func run(_ sqe: accel_sqe, inputLength: UInt32, on q: DeviceQueue, ctx: OpaquePointer)
+    -> (DeviceStatus, UInt32, UInt32)
+  {
+    let region = q.region
+    let src = UnsafePointer(region.bytes(at: sqe.src_offset).assumingMemoryBound(to: UInt8.self))
+    let dst = region.bytes(at: sqe.dst_offset).assumingMemoryBound(to: UInt8.self)
+    var produced: UInt32 = 0
+    var consumed: UInt32 = 0
+    var raw: UInt16
+    switch DeviceOpcode(rawValue: sqe.opcode) {
+    case .compress:
+      raw = accel_engine_compress(
+        ctx, sqe.algorithm, sqe.level, src, inputLength, dst, sqe.dst_capacity, &produced, &consumed)
+    case .decompress:
+      raw = accel_engine_decompress(ctx, sqe.algorithm, src, inputLength, dst, sqe.dst_capacity, &produced, &consumed)
+    case .encrypt, .decrypt:
+      let (key, keyLength) = keyMaterial(sqe, region: region)
+      let params = UnsafePointer(region.bytes(at: sqe.aux_offset).assumingMemoryBound(to: accel_aead_params.self))
+      let aadLength = UInt64(params.pointee.aad_length)
+      guard UInt64(CryptoSizing.aeadParamsLength) + aadLength <= UInt64(sqe.aux_length) else {
+        return (.badParams, 0, 0)
+      }
+      let aad = UnsafePointer(
+        region.bytes(at: sqe.aux_offset + UInt64(CryptoSizing.aeadParamsLength)).assumingMemoryBound(to: UInt8.self))
+      raw = accel_engine_aead(
+        ctx, sqe.opcode == DeviceOpcode.encrypt.rawValue ? 1 : 0, sqe.algorithm, key, keyLength, params, aad, src,
+        inputLength, dst, sqe.dst_capacity, &produced)
+      consumed = inputLength
+    case .digest:
+      let (key, keyLength) = keyMaterial(sqe, region: region)
+      raw = accel_engine_digest(ctx, sqe.algorithm, key, keyLength, src, inputLength, dst, sqe.dst_capacity, &produced)
+      consumed = inputLength
+    case .nop, nil:
+      raw = 0
+    }
+    var status = DeviceStatus(rawValue: raw) ?? .engineError
+    // The engine reports how much it wrote; never more than the buffer.
+    if produced > sqe.dst_capacity {
+      status = .engineError
+      produced = 0
+    }
+    return (status, status == .ok ? produced : 0, consumed)
+  }
+
+  /// The key in the SQE's slot, or (nil, 0) when it names none. Validation already
+  /// checked that a keyed operation names an existing slot.
+  private func keyMaterial(_ sqe: accel_sqe, region: QueueRegion) -> (UnsafePointer<UInt8>?, UInt32) {
+    guard let offset = region.layout.keySlot(sqe.key_slot) else { return (nil, 0) }
+    let slot = region.bytes(at: offset).assumingMemoryBound(to: accel_key_slot.self)
+    let length = min(slot.pointee.length, ACCEL_KEY_MAX)
+    let key = UnsafePointer(region.bytes(at: offset + 8).assumingMemoryBound(to: UInt8.self))
+    return (key, length)
   }
 }
 

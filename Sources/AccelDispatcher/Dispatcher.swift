@@ -179,7 +179,10 @@ package final class Dispatcher: Sendable {
   package func execute(_ request: JobRequest, id: UInt64? = nil) async throws(JobError) -> JobResult {
     let id = id ?? makeJobID()
     let queue0 = driver.queues[0]
-    let footprint = queue0.poolFootprint(UInt64(request.input.count)) + queue0.poolFootprint(UInt64(request.outputCapacity))
+    let footprint =
+      queue0.poolFootprint(UInt64(request.input.count)) + queue0.poolFootprint(UInt64(request.outputCapacity))
+      + (request.aux.isEmpty ? 0 : queue0.poolFootprint(UInt64(request.aux.count)))
+      + (request.midCapacity > 0 ? queue0.poolFootprint(UInt64(request.midCapacity)) : 0)
     guard footprint <= maxJobFootprint, request.input.count <= Int(UInt32.max), request.outputCapacity <= Int(UInt32.max)
     else { throw .tooLarge(needed: footprint, limit: maxJobFootprint) }
 
@@ -409,6 +412,8 @@ package final class Dispatcher: Sendable {
         for queue in candidates {
           reserved = queue.reserve(
             srcLength: UInt32(p.request.input.count), dstCapacity: UInt32(p.request.outputCapacity),
+            auxLength: UInt32(p.request.aux.count), midCapacity: UInt32(p.request.midCapacity), key: p.request.key,
+            sensitive: p.request.sensitive,
             handler: { [weak self] c in self?.complete(id: id, completion: c) })
           if reserved != nil { break }
         }
@@ -416,6 +421,7 @@ package final class Dispatcher: Sendable {
         guard let lease = reserved else { break }
         let qi = lease.queueIndex
         _ = s.scheduler.pop(now: nanos(now))
+        s.jobs[id]?.request.key = nil  // now in the device key slot; drop the gateway's copy
         woken += leftQueueLocked(&s, p)
         s.inFlight[qi] += 1
         s.inFlightCost[qi] += next.cost
@@ -431,9 +437,14 @@ package final class Dispatcher: Sendable {
   private func submit(_ work: [Work]) {
     var byQueue: [Int: [Work]] = [:]
     for w in work {
-      let dst = driver.queues[w.lease.queueIndex].input(w.lease)
+      let queue = driver.queues[w.lease.queueIndex]
+      let dst = queue.input(w.lease)
       w.request.input.withUnsafeBytes { src in
         if let s = src.baseAddress, let d = dst.baseAddress, src.count > 0 { d.copyMemory(from: s, byteCount: src.count) }
+      }
+      if !w.request.aux.isEmpty {
+        let aux = queue.aux(w.lease)
+        w.request.aux.withUnsafeBytes { aux.baseAddress!.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
       }
       byQueue[w.lease.queueIndex, default: []].append(w)
     }
@@ -443,8 +454,7 @@ package final class Dispatcher: Sendable {
         let chunk = jobs[start..<min(jobs.count, start + configuration.maxBatch)]
         state.withLock { s in for w in chunk { s.jobs[w.id]?.batchSize = chunk.count } }
         batchHistogram.withLock { $0[min(64, chunk.count)] += 1 }
-        driver.queues[qi].submit(
-          chunk.map { (lease: $0.lease, opcode: $0.request.opcode, algorithm: $0.request.algorithm, level: $0.request.level) })
+        driver.queues[qi].submit(chunk.map { (lease: $0.lease, steps: $0.request.steps) })
         start += chunk.count
       }
     }

@@ -1,12 +1,20 @@
 package import AccelABI
+package import AccelDriver
 package import FoundationEssentials
 
 /// One job as the service hands it to the dispatcher.
 package struct JobRequest: Sendable {
-  package var opcode: DeviceOpcode
-  package var algorithm: DeviceAlgorithm
-  package var level: UInt8
+  /// One step, or two run as a descriptor chain on the device.
+  package var steps: [DeviceStep]
   package var input: Data
+  /// Parameter block for AEAD steps (see `AEADParameters`), empty otherwise.
+  package var aux: [UInt8] = []
+  /// Key for keyed steps, copied into a device key slot and zeroed there after the job.
+  package var key: SecretBytes? = nil
+  /// Capacity of the intermediate buffer of a two-step chain.
+  package var midCapacity: Int = 0
+  /// Whether the job's buffers carry secrets or plaintext (zeroed on release).
+  package var sensitive = false
   /// Bytes reserved in the pool for the result; the device never writes more.
   package var outputCapacity: Int
   package var tenant: String
@@ -17,13 +25,29 @@ package struct JobRequest: Sendable {
     opcode: DeviceOpcode, algorithm: DeviceAlgorithm, level: UInt8 = 0, input: Data, outputCapacity: Int,
     tenant: String = "default", deadline: ContinuousClock.Instant? = nil
   ) {
-    self.opcode = opcode
-    self.algorithm = algorithm
-    self.level = level
+    self.steps = [DeviceStep(opcode, algorithm, level: level)]
     self.input = input
     self.outputCapacity = outputCapacity
     self.tenant = tenant
     self.deadline = deadline
+  }
+}
+
+extension JobRequest {
+  package var opcode: DeviceOpcode { steps[0].opcode }
+  package var algorithm: DeviceAlgorithm { steps[0].algorithm }
+  package var level: UInt8 { steps[0].level }
+
+  package init(
+    steps: [DeviceStep], input: Data, outputCapacity: Int, tenant: String, aux: [UInt8] = [], key: SecretBytes? = nil,
+    midCapacity: Int = 0, sensitive: Bool = false
+  ) {
+    self.init(opcode: steps[0].opcode, algorithm: steps[0].algorithm, input: input, outputCapacity: outputCapacity, tenant: tenant)
+    self.steps = steps
+    self.aux = aux
+    self.key = key
+    self.midCapacity = midCapacity
+    self.sensitive = sensitive
   }
 }
 

@@ -3,7 +3,7 @@ internal import CAccelABI
 internal import Synchronization
 
 /// Resources one job holds on a queue between reservation and release:
-/// a completion slot and its buffers in the data pool.
+/// a completion slot, its buffers in the data pool and, for keyed jobs, a key slot.
 package struct Lease: Sendable {
   package let queueIndex: Int
   package let slot: Int
@@ -12,6 +12,30 @@ package struct Lease: Sendable {
   package let srcLength: UInt32
   package let dstOffset: UInt64
   package let dstCapacity: UInt32
+  /// Parameter block (AEAD nonce and AAD); length 0 when none.
+  package var auxOffset: UInt64 = 0
+  package var auxLength: UInt32 = 0
+  /// Intermediate buffer between the two steps of a chain; capacity 0 when none.
+  package var midOffset: UInt64 = 0
+  package var midCapacity: UInt32 = 0
+  /// 1-based key slot, 0 when none.
+  package var keySlot: UInt32 = 0
+  /// Buffers held secrets or plaintext: zeroed on release.
+  package var sensitive = false
+}
+
+/// One step of a device job. A job of two steps is submitted as a descriptor
+/// chain: the first writes the lease's intermediate buffer, the second reads it.
+package struct DeviceStep: Sendable, Equatable {
+  package var opcode: DeviceOpcode
+  package var algorithm: DeviceAlgorithm
+  package var level: UInt8
+  package init(_ opcode: DeviceOpcode, _ algorithm: DeviceAlgorithm, level: UInt8 = 0) {
+    self.opcode = opcode
+    self.algorithm = algorithm
+    self.level = level
+  }
+  var isCrypto: Bool { opcode == .encrypt || opcode == .decrypt || opcode == .digest }
 }
 
 /// A completion as the driver delivers it, after validation.
@@ -52,6 +76,7 @@ package final class DriverQueue: @unchecked Sendable {
     var pool: PoolAllocator
     var slots: [SlotState]
     var freeSlots: [Int]
+    var freeKeySlots: [UInt32]
     var generation: UInt32 = 0
     /// Driver's private copy of sq_tail.
     var tail: UInt32 = 0
@@ -86,6 +111,7 @@ package final class DriverQueue: @unchecked Sendable {
         pool: PoolAllocator(base: layout.dataOffset, capacity: layout.dataSize, alignment: UInt64(ACCEL_BUFFER_ALIGN)),
         slots: Array(repeating: .free, count: slots),
         freeSlots: Array((0..<slots).reversed()),
+        freeKeySlots: layout.keySlotCount > 0 ? Array((1...layout.keySlotCount).reversed()) : [],
         tail: startTail))
     reapLock.withLock { $0 = startHead }
   }
@@ -105,37 +131,85 @@ package final class DriverQueue: @unchecked Sendable {
   /// The bytes a pool allocation of `size` really takes.
   package func poolFootprint(_ size: UInt64) -> UInt64 { state.withLock { $0.pool.rounded(size) } }
 
-  /// Reserves a slot and buffers for one job, or nil if the queue has no room.
-  package func reserve(srcLength: UInt32, dstCapacity: UInt32, handler: @escaping CompletionHandler) -> Lease? {
-    state.withLock { s -> Lease? in
-      guard let slot = s.freeSlots.last else { return nil }
-      guard let src = s.pool.allocate(UInt64(srcLength)) else { return nil }
-      guard let dst = s.pool.allocate(UInt64(dstCapacity)) else {
-        s.pool.release(offset: src, size: UInt64(srcLength))
+  /// Reserves a completion slot, buffers and (when `key` is given) a key slot for
+  /// one job, or nil if the queue has no room. The key is copied into the key
+  /// slot here, and zeroed there on release.
+  package func reserve(
+    srcLength: UInt32, dstCapacity: UInt32, auxLength: UInt32 = 0, midCapacity: UInt32 = 0,
+    key: SecretBytes? = nil, sensitive: Bool = false, handler: @escaping CompletionHandler
+  ) -> Lease? {
+    precondition((key?.count ?? 0) <= CryptoSizing.maxKeyLength)
+    return state.withLock { s -> Lease? in
+      guard let slot = s.freeSlots.last, key == nil || !s.freeKeySlots.isEmpty else { return nil }
+      var taken: [(UInt64, UInt64)] = []
+      func take(_ n: UInt32) -> UInt64? {
+        guard let o = s.pool.allocate(UInt64(n)) else { return nil }
+        taken.append((o, UInt64(n)))
+        return o
+      }
+      guard let src = take(srcLength), let dst = take(dstCapacity),
+        let aux = auxLength > 0 ? take(auxLength) : 0, let mid = midCapacity > 0 ? take(midCapacity) : 0
+      else {
+        for (o, n) in taken { s.pool.release(offset: o, size: n) }
         return nil
       }
       s.freeSlots.removeLast()
       s.generation &+= 1
       let gen = s.generation
-      let lease = Lease(
+      var lease = Lease(
         queueIndex: index, slot: slot, cookie: UInt64(gen) << 32 | UInt64(slot),
         srcOffset: src, srcLength: srcLength, dstOffset: dst, dstCapacity: dstCapacity)
+      lease.auxOffset = auxLength > 0 ? aux : 0
+      lease.auxLength = auxLength
+      lease.midOffset = midCapacity > 0 ? mid : 0
+      lease.midCapacity = midCapacity
+      lease.sensitive = sensitive || key != nil
+      if let key {
+        let ks = s.freeKeySlots.removeLast()
+        lease.keySlot = ks
+        let p = region.bytes(at: region.layout.keySlot(ks)!).assumingMemoryBound(to: accel_key_slot.self)
+        p.pointee.length = UInt32(key.count)
+        p.pointee.flags = 0
+        key.withBytes { b in
+          if let base = b.baseAddress { region.bytes(at: region.layout.keySlot(ks)! + 8).copyMemory(from: base, byteCount: b.count) }
+        }
+      }
       s.slots[slot] = .inFlight(generation: gen, lease: lease, handler: handler)
       s.leased += 1
       return lease
     }
   }
 
-  /// Frees a lease's buffers and slot. Safe only once the device has completed
-  /// the job (or will never touch the buffers again).
+  /// Frees a lease's buffers, key slot and completion slot. Safe only once the
+  /// device has completed the job (or will never touch the buffers again).
+  /// Sensitive leases have every buffer and the key slot zeroed first.
   package func release(_ lease: Lease) {
+    if lease.sensitive {
+      for (o, n) in [
+        (lease.srcOffset, lease.srcLength), (lease.dstOffset, lease.dstCapacity), (lease.auxOffset, lease.auxLength),
+        (lease.midOffset, lease.midCapacity),
+      ] where n > 0 {
+        SharedMemory.secureZero(region.bytes(at: o), count: Int(n))
+      }
+      if let ks = region.layout.keySlot(lease.keySlot) {
+        SharedMemory.secureZero(region.bytes(at: ks), count: Int(ACCEL_KEYSLOT_SIZE))
+      }
+    }
     state.withLock { s in
       s.pool.release(offset: lease.srcOffset, size: UInt64(lease.srcLength))
       s.pool.release(offset: lease.dstOffset, size: UInt64(lease.dstCapacity))
+      if lease.auxLength > 0 { s.pool.release(offset: lease.auxOffset, size: UInt64(lease.auxLength)) }
+      if lease.midCapacity > 0 { s.pool.release(offset: lease.midOffset, size: UInt64(lease.midCapacity)) }
+      if lease.keySlot != 0 { s.freeKeySlots.append(lease.keySlot) }
       s.slots[lease.slot] = .free
       s.freeSlots.append(lease.slot)
       s.leased -= 1
     }
+  }
+
+  /// Pointer to a lease's parameter block, for the caller to fill before submit.
+  package func aux(_ lease: Lease) -> UnsafeMutableRawBufferPointer {
+    UnsafeMutableRawBufferPointer(start: region.bytes(at: lease.auxOffset), count: Int(lease.auxLength))
   }
 
   /// Pointer to a lease's input buffer, for the caller to fill before submit.
@@ -153,27 +227,21 @@ package final class DriverQueue: @unchecked Sendable {
   /// Leases always fit: there are as many slots as SQ entries.
   /// - Returns: true if a wake syscall was made.
   @discardableResult
-  package func submit(_ batch: [(lease: Lease, opcode: DeviceOpcode, algorithm: DeviceAlgorithm, level: UInt8)]) -> Bool {
+  package func submit(_ batch: [(lease: Lease, steps: [DeviceStep])]) -> Bool {
     guard !batch.isEmpty else { return false }
     state.withLock { s in
       var tail = s.tail
       for job in batch {
-        var sqe = accel_sqe()
-        sqe.cookie = job.lease.cookie
-        sqe.opcode = job.opcode.rawValue
-        sqe.algorithm = job.algorithm.rawValue
-        sqe.level = job.level
-        sqe.src_offset = job.lease.srcOffset
-        sqe.src_length = job.lease.srcLength
-        sqe.dst_offset = job.lease.dstOffset
-        sqe.dst_capacity = job.lease.dstCapacity
-        region.sqe(at: tail).pointee = sqe
-        tail &+= 1
+        for sqe in Self.descriptors(job.lease, job.steps) {
+          region.sqe(at: tail).pointee = sqe
+          tail &+= 1
+        }
       }
       s.tail = tail
       sqTail.storeRelease(tail)
     }
     counters.submitted.add(UInt64(batch.count), ordering: .relaxed)
+    counters.descriptors.add(UInt64(batch.reduce(0) { $0 + $1.steps.count }), ordering: .relaxed)
     counters.batches.add(1, ordering: .relaxed)
     SharedMemory.fence()
     if sqNeedWakeup.loadAcquire() != 0 {
@@ -183,6 +251,33 @@ package final class DriverQueue: @unchecked Sendable {
       return true
     }
     return false
+  }
+
+  /// Descriptors for one job: a single SQE, or a chain src → mid → dst.
+  static func descriptors(_ lease: Lease, _ steps: [DeviceStep]) -> [accel_sqe] {
+    precondition(steps.count == 1 || (steps.count == 2 && lease.midCapacity > 0), "chains are two steps with a mid buffer")
+    return steps.enumerated().map { i, step in
+      var sqe = accel_sqe()
+      sqe.cookie = lease.cookie
+      sqe.opcode = step.opcode.rawValue
+      sqe.algorithm = step.algorithm.rawValue
+      sqe.level = step.level
+      let first = i == 0
+      let last = i == steps.count - 1
+      sqe.src_offset = first ? lease.srcOffset : lease.midOffset
+      sqe.src_length = first ? lease.srcLength : lease.midCapacity
+      sqe.dst_offset = last ? lease.dstOffset : lease.midOffset
+      sqe.dst_capacity = last ? lease.dstCapacity : lease.midCapacity
+      if !last { sqe.flags = UInt8(ACCEL_SQE_F_CHAIN) }
+      if step.isCrypto {
+        sqe.key_slot = lease.keySlot
+        if step.opcode != .digest {
+          sqe.aux_offset = lease.auxOffset
+          sqe.aux_length = lease.auxLength
+        }
+      }
+      return sqe
+    }
   }
 
   /// Drains the completion ring, validating each entry and calling its handler.
@@ -231,7 +326,7 @@ package final class DriverQueue: @unchecked Sendable {
       else { return nil }
       s.slots[slot] = .completed(generation: gen)
       guard let status = DeviceStatus(rawValue: cqe.status), cqe.produced <= lease.dstCapacity,
-        cqe.consumed <= lease.srcLength
+        cqe.consumed <= max(lease.srcLength, lease.midCapacity)
       else {
         counters.invalidCompletions.add(1, ordering: .relaxed)
         return (
@@ -286,6 +381,7 @@ package struct DriverQueueStatistics: Sendable {
 
 private final class Counters: Sendable {
   let submitted = Atomic<UInt64>(0)
+  let descriptors = Atomic<UInt64>(0)
   let completed = Atomic<UInt64>(0)
   let batches = Atomic<UInt64>(0)
   let wakes = Atomic<UInt64>(0)

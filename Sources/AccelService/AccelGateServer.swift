@@ -13,6 +13,7 @@ public final class AccelGateServer: Sendable {
   let device: EmulatedDevice
   let dispatcher: Dispatcher
   let directory: TenantDirectory
+  let keyring: KeyringDirectory
   private let server: GRPCServer<HTTP2ServerTransport.Posix>
   private let logger: Logger
 
@@ -47,7 +48,11 @@ public final class AccelGateServer: Sendable {
     self.device = device
     self.dispatcher = dispatcher
     self.directory = directory
-    let service = AcceleratorService(dispatcher: dispatcher, configuration: configuration, device: device)
+    let keyring = try KeyringDirectory(path: configuration.keyringFile)
+    self.keyring = keyring
+    let service = AcceleratorService(
+      dispatcher: dispatcher, configuration: configuration, device: device, keyring: keyring,
+      nonceLedger: try NonceLedger(path: configuration.nonceStateFile), audit: try AuditLog(path: configuration.auditLogFile))
     self.server = GRPCServer(
       transport: .http2NIOPosix(
         address: .ipv4(host: configuration.host, port: configuration.port),
@@ -84,6 +89,7 @@ public final class AccelGateServer: Sendable {
     do {
       let table = try directory.reload()
       dispatcher.updateTenants(table.policies)
+      try keyring.reload()
       return .success(table.policies.count)
     } catch let e as ConfigurationError {
       return .failure(e)

@@ -11,6 +11,9 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
   let dispatcher: Dispatcher
   let configuration: ServiceConfiguration
   let device: EmulatedDevice?
+  let keyring: KeyringDirectory
+  let nonceLedger: NonceLedger
+  let audit: AuditLog
 
   static let defaultLevel: Int32 = 6
 
@@ -97,7 +100,7 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
     }
   }
 
-  private func checkSize(_ size: Int) throws {
+  func checkSize(_ size: Int) throws {
     guard size <= configuration.maxRequestBytes else {
       throw StatusMapping.rpcError(.payloadTooLarge(size: size, limit: configuration.maxRequestBytes))
     }

@@ -27,6 +27,12 @@ public struct ServiceConfiguration: Sendable {
   /// YAML file listing tenants, weights, key hashes and limits; nil runs a single
   /// open `default` tenant. Reloaded on SIGHUP.
   public var tenantsFile: String? = nil
+  /// YAML keyring of named, versioned keys per tenant (a secret; reloaded on SIGHUP).
+  public var keyringFile: String? = nil
+  /// Where per-key-version nonce counts are persisted (JSON); nil keeps them in memory only.
+  public var nonceStateFile: String? = nil
+  /// Append-only JSON-lines audit log of key operations; nil logs nowhere.
+  public var auditLogFile: String? = nil
   /// Limits for tenants that do not set their own (and for the open default tenant).
   public var defaultTenantLimits: TenantLimits = .defaults
   /// Which policy orders waiting jobs: weighted fair (default) or FIFO for comparison.

@@ -8,6 +8,22 @@ enum RequestError: Error {
   case payloadTooLarge(size: Int, limit: Int)
 }
 
+extension StatusMapping {
+  static func rpcError(_ error: KeyError) -> RPCError {
+    switch error {
+    case .notFound(let name): RPCError(code: .notFound, message: "no key named '\(name)'")
+    case .otherTenant(let name): RPCError(code: .permissionDenied, message: "key '\(name)' belongs to another tenant")
+    case .noUsableVersion(let name): RPCError(code: .failedPrecondition, message: "key '\(name)' has no enabled version")
+    case .versionRetired(let name, let v):
+      RPCError(code: .failedPrecondition, message: "key '\(name)' version \(v) is retired and cannot decrypt")
+    case .versionUnknown(let name, let v): RPCError(code: .failedPrecondition, message: "key '\(name)' has no version \(v)")
+    case .exhausted(let name, let v):
+      RPCError(code: .failedPrecondition, message: "key '\(name)' version \(v) has used its nonce budget; rotate the key")
+    case .noKeyring: RPCError(code: .failedPrecondition, message: "the server has no keyring; use a raw key")
+    }
+  }
+}
+
 /// The one place where failures become gRPC statuses. The table is in docs/STATUS.md.
 ///
 /// Retry hints (`retry-after-ms` metadata) go only on admission rejections.
@@ -50,6 +66,8 @@ enum StatusMapping {
         return RPCError(code: .resourceExhausted, message: "\(operation): output exceeds the limit of \(outputLimit) bytes")
       case .unsupported: return RPCError(code: .invalidArgument, message: "\(operation): unsupported by the device")
       case .authFailed: return RPCError(code: .invalidArgument, message: "authentication failed")
+      case .badKey: return RPCError(code: .invalidArgument, message: "\(operation): key is not valid for the algorithm")
+      case .badParams: return RPCError(code: .invalidArgument, message: "\(operation): invalid parameters")
       case .invalidDescriptor, .engineError, .queueStopped, .deviceFault, .ok:
         return RPCError(code: .internalError, message: "\(operation): device error (\(status))")
       }

@@ -79,8 +79,11 @@ extension AcceleratorService {
           $0.data = result.output
           $0.stats = Self.stats(result.stats, engine: Self.engineName(.decompress, level: 0))
         }
+      case .encrypt(let r): out.encrypt = try await encrypt(r, tenant: tenant, deadline: deadline)
+      case .decrypt(let r): out.decrypt = try await decrypt(r, tenant: tenant, deadline: deadline)
+      case .digest(let r): out.digest = try await digest(r, tenant: tenant, deadline: deadline)
       case nil:
-        throw StatusMapping.rpcError(.invalidArgument("job must be set (compress or decompress)"))
+        throw StatusMapping.rpcError(.invalidArgument("job must be set"))
       }
     } catch let e as RPCError {
       out.code = Int32(e.code.rawValue)

@@ -20,7 +20,13 @@ struct accel_engine_ctx {
     struct libdeflate_compressor *ld[ACCEL_LIBDEFLATE_MAX_LEVEL + 1]; /* created on first use */
     z_stream stored[3];                /* level-0 streams per wrapper, created on first use */
     int stored_ready[3];
+    struct accel_crypto_state *crypto; /* created on first crypto job */
 };
+
+struct accel_crypto_state *accel_engine_crypto_state(accel_engine_ctx *ctx) {
+    if (!ctx->crypto) ctx->crypto = accel_crypto_state_create();
+    return ctx->crypto;
+}
 
 accel_engine_ctx *accel_engine_create(void) {
     accel_engine_ctx *ctx = calloc(1, sizeof(*ctx));
@@ -37,6 +43,7 @@ void accel_engine_destroy(accel_engine_ctx *ctx) {
         if (ctx->ld[i]) libdeflate_free_compressor(ctx->ld[i]);
     for (int i = 0; i < 3; i++)
         if (ctx->stored_ready[i]) deflateEnd(&ctx->stored[i]);
+    accel_crypto_state_destroy(ctx->crypto);
     free(ctx->isal_level_buf);
     free(ctx);
 }
@@ -53,6 +60,14 @@ int accel_engine_max_level(uint8_t algorithm) {
 
 const char *accel_engine_name(uint8_t opcode, uint8_t algorithm, uint8_t level) {
     if (opcode == ACCEL_OP_NOP) return "nop";
+    if (opcode == ACCEL_OP_ENCRYPT || opcode == ACCEL_OP_DECRYPT) return "openssl-evp";
+    if (opcode == ACCEL_OP_DIGEST) {
+        switch (algorithm) {
+        case ACCEL_ALG_CRC32C: case ACCEL_ALG_CRC32: return "isal-crc";
+        case ACCEL_ALG_ADLER32: return "zlib";
+        default: return "openssl-evp";
+        }
+    }
     if (accel_engine_max_level(algorithm) < 0) return "unsupported";
     if (opcode == ACCEL_OP_DECOMPRESS) return "isal-inflate";
     if (level == 0) return "zlib";

@@ -44,6 +44,9 @@ struct Serve: AsyncParsableCommand {
   @Option(help: "Engine idle spin before parking, in microseconds.") var idleSpinUs = 50
   @Option(help: "Tenants file (YAML); without it a single open 'default' tenant serves every call.")
   var tenants: String?
+  @Option(help: "Keyring file (YAML) of named, versioned keys per tenant; reloaded on SIGHUP.") var keyring: String?
+  @Option(help: "File persisting per-key-version nonce counts (JSON).") var nonceState: String?
+  @Option(help: "Audit log of key operations (JSON lines).") var auditLog: String?
   @Option(help: "Scheduler: fair (weighted fair queuing by device time) or fifo (for comparison).")
   var scheduler: SchedulerArgument = .fair
   @Option(help: "Default per-tenant limit on queued jobs.") var tenantMaxQueuedJobs = TenantLimits.defaults.maxQueuedJobs
@@ -71,6 +74,9 @@ struct Serve: AsyncParsableCommand {
       $0.device.engineThroughputCapMBps = engineCapMbps > 0 ? engineCapMbps : nil
       $0.device.idleSpin = .microseconds(idleSpinUs)
       $0.tenantsFile = tenants
+      $0.keyringFile = keyring
+      $0.nonceStateFile = nonceState
+      $0.auditLogFile = auditLog
       $0.scheduler = scheduler.kind
       $0.defaultTenantLimits.maxQueuedJobs = tenantMaxQueuedJobs
       $0.defaultTenantLimits.maxQueuedBytes = tenantMaxQueuedBytes

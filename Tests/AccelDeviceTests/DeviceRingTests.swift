@@ -132,7 +132,7 @@ import Testing
       }
       let l = try #require(lease)
       q.input(l).copyBytes(from: data)
-      q.submit([(lease: l, opcode: .compress, algorithm: .gzip, level: 1)])
+      q.submit([(lease: l, steps: [DeviceStep(.compress, .gzip, level: 1)])])
       leases[job] = l
     }
     let deadline = ContinuousClock.now + .seconds(30)

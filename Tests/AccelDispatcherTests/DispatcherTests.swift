@@ -2,6 +2,7 @@ import AccelABI
 import AccelDevice
 import AccelDispatcher
 import AccelDriver
+import AccelScheduler
 import Foundation
 import Synchronization
 import Testing
@@ -30,7 +31,9 @@ import Testing
       c.maxQueuedJobs = maxQueued
       c.defaultDeadline = deadline
       c.sweepInterval = .milliseconds(5)
-      dispatcher = Dispatcher(driver: driver, configuration: c)
+      dispatcher = Dispatcher(
+        driver: driver, configuration: c,
+        tenants: [TenantPolicy(id: "default", limits: TenantLimits(maxQueuedJobs: maxQueued))])
       dispatcher.start()
     }
 

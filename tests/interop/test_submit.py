@@ -166,11 +166,13 @@ def test_results_come_in_completion_order(start_server):
 
 BP = Tenant("bp", [new_key("bp")], limits={"max_queued_jobs": 2})
 SMALLPAY = Tenant("smallpay", [new_key("smallpay")], limits={"max_payload_bytes": 100_000})
+RATE = 200_000
+RATED = Tenant("rated", [new_key("rated")], limits={"max_bytes_per_second": RATE, "max_payload_bytes": 64 * KiB})
 
 
 @pytest.fixture(scope="module")
 def tenants_server(start_module_server, tmp_path_factory):
-    path = write_tenants(str(tmp_path_factory.mktemp("tenants") / "tenants.yaml"), [BP, SMALLPAY])
+    path = write_tenants(str(tmp_path_factory.mktemp("tenants") / "tenants.yaml"), [BP, SMALLPAY, RATED])
     # 128 KiB at 8 MB/s is about 16 ms of device time.
     return start_module_server("--tenants", path, "--queues", 1, "--engines", 1, "--in-flight-per-queue", 1,
                                "--engine-cap-mbps", 8, label="tenants")
@@ -230,6 +232,34 @@ def test_item_over_tenant_payload_limit_fails_alone(tenants_server):
             assert r.retry_after_ms == 0, f"a payload over the limit got a retry hint of {r.retry_after_ms} ms"
         else:
             _check_item(r, ("compress", GZIP, fine[r.id]))
+
+
+def test_rate_cap_applies_to_streams(tenants_server):
+    """A tenant's max_bytes_per_second holds for Submit as for unary calls: a stream
+    cannot get more than the one-second burst plus the rate. (Items over the rate may
+    wait or come back RESOURCE_EXHAUSTED with a retry hint; either way the bytes that
+    ran are bounded.)"""
+    stub = tenants_server.stub()
+    job = os.urandom(16 * KiB)
+    n = 40
+    results, at = _submit(stub, [_compress_item(f"r{i}", GZIP, job, level=1) for i in range(n)], metadata=RATED.md)
+    elapsed = at[-1]
+    assert sorted(r.id for r in results) == sorted(f"r{i}" for i in range(n))
+    ran = 0
+    for r in results:
+        if r.code == 0:
+            _check_item(r, ("compress", GZIP, job))
+            ran += len(job)
+        else:
+            assert r.code == EXHAUSTED.value[0] and r.retry_after_ms > 0, \
+                f"item {r.id}: {r.code} {r.message!r} retry_after_ms={r.retry_after_ms}"
+    allowed = RATE + RATE * elapsed + len(job)
+    assert ran <= allowed, \
+        f"a Submit stream of a tenant capped at {RATE} B/s (burst {RATE} B) ran {ran} B in {elapsed:.2f} s; " \
+        f"at most {allowed:.0f} B were allowed"
+    # Unary calls right after see the cap (the stream did not leave the bucket full).
+    o = call(stub.Compress, pb.CompressRequest(format=GZIP, data=job, level=1), metadata=RATED.md)
+    assert o.ok or o.trailing.get(REJECTION_REASON) == "rate_limited", o.describe()
 
 
 @pytest.mark.parametrize("md", [None, bearer("not-a-key"), (("authorization", "Bearer"),)],

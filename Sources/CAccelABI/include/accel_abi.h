@@ -45,8 +45,8 @@ extern "C" {
 
 #define ACCEL_ABI_MAGIC          0x4C434341u /* "ACCL" in little-endian memory order */
 #define ACCEL_ABI_VERSION_MAJOR  1u
-#define ACCEL_ABI_VERSION_MINOR  0u
-#define ACCEL_ABI_VERSION        0x00010000u /* (MAJOR << 16) | MINOR */
+#define ACCEL_ABI_VERSION_MINOR  1u
+#define ACCEL_ABI_VERSION        0x00010001u /* (MAJOR << 16) | MINOR */
 
 #define ACCEL_CACHELINE          64u
 #define ACCEL_HEADER_SIZE        4096u
@@ -62,9 +62,9 @@ enum accel_opcode {
     ACCEL_OP_NOP        = 0, /* completes at once; for ring benchmarks */
     ACCEL_OP_COMPRESS   = 1,
     ACCEL_OP_DECOMPRESS = 2,
-    ACCEL_OP_ENCRYPT    = 3, /* reserved: AEAD, ABI 1.x minor */
-    ACCEL_OP_DECRYPT    = 4, /* reserved */
-    ACCEL_OP_DIGEST     = 5, /* reserved: hashes, HMAC, checksums */
+    ACCEL_OP_ENCRYPT    = 3, /* 1.1: AEAD seal: dst = ct || tag */
+    ACCEL_OP_DECRYPT    = 4, /* 1.1: AEAD open: src = ct || tag, dst = plaintext */
+    ACCEL_OP_DIGEST     = 5, /* 1.1: hashes, HMAC, checksums */
 };
 
 /* ---------------------------------------------------------------------------
@@ -78,11 +78,11 @@ enum accel_algorithm {
     ACCEL_ALG_GZIP              = 3, /* RFC 1952 */
     ACCEL_ALG_ZSTD              = 4, /* reserved */
     ACCEL_ALG_LZ4               = 5, /* reserved (LZ4 frame) */
-    /* AEAD: 16..31 (reserved) */
+    /* AEAD: 16..31 (1.1) */
     ACCEL_ALG_AES128_GCM        = 16,
     ACCEL_ALG_AES256_GCM        = 17,
     ACCEL_ALG_CHACHA20_POLY1305 = 18,
-    /* digests and checksums: 32..63 (reserved) */
+    /* digests and checksums: 32..63 (1.1). Checksums are written as 4 bytes, big-endian. */
     ACCEL_ALG_SHA256            = 32,
     ACCEL_ALG_SHA384            = 33,
     ACCEL_ALG_SHA512            = 34,
@@ -96,11 +96,52 @@ enum accel_algorithm {
 /* ---------------------------------------------------------------------------
  * Descriptor flags (accel_sqe.flags)
  * ------------------------------------------------------------------------- */
-#define ACCEL_SQE_F_CHAIN        (1u << 0) /* reserved: the next SQE continues this job */
+#define ACCEL_SQE_F_CHAIN        (1u << 0) /* 1.1: the next SQE continues this job (see below) */
 #define ACCEL_SQE_F_STREAM       (1u << 1) /* reserved: uses the stream context in stream_ctx */
 #define ACCEL_SQE_F_STREAM_FINAL (1u << 2) /* reserved: last chunk of a stream */
 #define ACCEL_SQE_F_VERIFY       (1u << 3) /* reserved: compress-and-verify */
 #define ACCEL_SQE_F_KNOWN_MASK   0x0Fu
+
+/* ---------------------------------------------------------------------------
+ * Key slots (ABI 1.1). A region may carry keyslot_count slots of
+ * ACCEL_KEYSLOT_SIZE bytes at keyslot_offset. The driver writes a key into a
+ * free slot, names it in accel_sqe.key_slot (1-based) and zeroes the slot when
+ * the job completes. The device reads keys only from slots.
+ * ------------------------------------------------------------------------- */
+#define ACCEL_KEYSLOT_SIZE  256u
+#define ACCEL_KEY_MAX       128u /* HMAC keys up to the SHA-512 block size; longer keys are pre-hashed (RFC 2104) */
+
+typedef struct accel_key_slot {
+    uint32_t length;                 /* key bytes in key[] */
+    uint32_t flags;                  /* reserved, zero */
+    uint8_t  key[ACCEL_KEY_MAX];
+    uint8_t  reserved[ACCEL_KEYSLOT_SIZE - 8 - ACCEL_KEY_MAX];
+} accel_key_slot;
+
+/* ---------------------------------------------------------------------------
+ * AEAD parameter block (ABI 1.1), at accel_sqe.aux_offset in the data pool:
+ * this header, then aad_length bytes of additional authenticated data.
+ * aux_length must be at least sizeof(accel_aead_params) + aad_length.
+ * Encrypt: dst_capacity >= src_length + tag_length; output is ct || tag.
+ * Decrypt: src is ct || tag (src_length >= tag_length); output is the
+ * plaintext, written only if the tag verifies (else AUTH_FAILED, produced 0
+ * and the output buffer is zeroed).
+ * ------------------------------------------------------------------------- */
+typedef struct accel_aead_params {
+    uint8_t  nonce[12];
+    uint32_t aad_length;
+    uint32_t tag_length;             /* 16 */
+    uint32_t reserved[3];            /* zero */
+} accel_aead_params;
+
+/* Chains (ABI 1.1): SQEs with ACCEL_SQE_F_CHAIN continue into the next SQE of
+ * the same ring; the last one has the flag clear. At most ACCEL_CHAIN_MAX
+ * entries. A follower's src_offset must equal its predecessor's dst_offset;
+ * its input length is what the predecessor produced (src_length is the upper
+ * bound). The device runs the steps back to back and posts one CQE, with the
+ * last SQE's cookie, the last step's produced bytes and the summed engine time.
+ * The first failing step ends the chain with its status. */
+#define ACCEL_CHAIN_MAX 4u
 
 /* ---------------------------------------------------------------------------
  * Completion status (accel_cqe.status) and error class (accel_cqe.error_class)
@@ -113,10 +154,12 @@ enum accel_status {
     ACCEL_STATUS_OUTPUT_OVERFLOW    = 4,  /* result does not fit dst_capacity */
     ACCEL_STATUS_CHECKSUM_MISMATCH  = 5,  /* gzip CRC / zlib Adler-32 trailer mismatch */
     ACCEL_STATUS_TRUNCATED_INPUT    = 6,  /* stream ended before its final block */
-    ACCEL_STATUS_AUTH_FAILED        = 7,  /* reserved: AEAD tag mismatch */
+    ACCEL_STATUS_AUTH_FAILED        = 7,  /* AEAD tag mismatch; no plaintext released */
     ACCEL_STATUS_ENGINE_ERROR       = 8,  /* the engine library failed unexpectedly */
     ACCEL_STATUS_QUEUE_STOPPED      = 9,  /* queue is stopped or in error; job not run */
     ACCEL_STATUS_DEVICE_FAULT       = 10, /* device-side fault (e.g. injected) */
+    ACCEL_STATUS_BAD_KEY            = 11, /* 1.1: key slot missing or key length wrong for the algorithm */
+    ACCEL_STATUS_BAD_PARAMS         = 12, /* 1.1: AEAD parameter block or chain malformed */
 };
 
 enum accel_error_class {
@@ -141,13 +184,13 @@ typedef struct accel_sqe {
     uint8_t  algorithm;     /*  9: enum accel_algorithm */
     uint8_t  level;         /* 10: compression level, 0..9 for the deflate family */
     uint8_t  flags;         /* 11: ACCEL_SQE_F_* */
-    uint32_t key_slot;      /* 12: reserved: 1-based key slot index, 0 = none */
+    uint32_t key_slot;      /* 12: 1-based key slot index, 0 = none (1.1) */
     uint64_t src_offset;    /* 16: region offset of the input (must lie in the data pool) */
     uint64_t dst_offset;    /* 24: region offset of the output (must lie in the data pool) */
     uint32_t src_length;    /* 32: input bytes */
     uint32_t dst_capacity;  /* 36: output buffer bytes; the device never writes past it */
-    uint64_t aux_offset;    /* 40: reserved: parameter block (nonce, AAD, tag), 0 = none */
-    uint32_t aux_length;    /* 48: reserved */
+    uint64_t aux_offset;    /* 40: parameter block (accel_aead_params + AAD), 0 = none (1.1) */
+    uint32_t aux_length;    /* 48 */
     uint32_t stream_ctx;    /* 52: reserved: 1-based stream context index, 0 = stateless */
     uint64_t reserved;      /* 56: must be zero */
 } accel_sqe;
@@ -188,7 +231,7 @@ typedef struct accel_region_header {
     /* line 1: more geometry, reserved areas */
     uint32_t sqe_size;           /*  64: ACCEL_SQE_SIZE */
     uint32_t cqe_size;           /*  68: ACCEL_CQE_SIZE */
-    uint64_t keyslot_offset;     /*  72: reserved: key slot table, 0 = none */
+    uint64_t keyslot_offset;     /*  72: key slot table (1.1), 0 = none */
     uint32_t keyslot_count;      /*  80 */
     uint32_t keyslot_size;       /*  84 */
     uint64_t stream_ctx_offset;  /*  88: reserved: stream context area, 0 = none */
@@ -242,6 +285,8 @@ ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_region_header, cq_doorbell) == 448,
 ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_region_header, state_flags) == 512, "state offset");
 ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_cqe, engine_ns) == 24, "cqe engine_ns offset");
 ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_sqe, aux_offset) == 40, "sqe aux offset");
+ACCEL_STATIC_ASSERT(sizeof(accel_key_slot) == ACCEL_KEYSLOT_SIZE, "key slot size");
+ACCEL_STATIC_ASSERT(sizeof(accel_aead_params) == 32, "AEAD params size");
 
 /** Output capacity that always suffices for compressing n bytes with any
     deflate-family engine and wrapper. Stored blocks cost 5 bytes per 64 KiB;

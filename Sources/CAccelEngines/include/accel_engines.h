@@ -38,6 +38,31 @@ uint16_t accel_engine_decompress(accel_engine_ctx *ctx, uint8_t algorithm,
                                  uint8_t *dst, uint32_t dst_cap,
                                  uint32_t *produced, uint32_t *consumed);
 
+/** AEAD seal (encrypt = 1) or open (encrypt = 0); see accel_aead_params in accel_abi.h.
+    On open, a tag mismatch returns ACCEL_STATUS_AUTH_FAILED and zeroes dst. */
+uint16_t accel_engine_aead(accel_engine_ctx *ctx, int encrypt, uint8_t algorithm,
+                           const uint8_t *key, uint32_t key_len,
+                           const accel_aead_params *params, const uint8_t *aad,
+                           const uint8_t *src, uint32_t src_len,
+                           uint8_t *dst, uint32_t dst_cap, uint32_t *produced);
+
+/** Hash, HMAC (key required) or checksum (4 bytes, big-endian) of src into dst. */
+uint16_t accel_engine_digest(accel_engine_ctx *ctx, uint8_t algorithm,
+                             const uint8_t *key, uint32_t key_len,
+                             const uint8_t *src, uint32_t src_len,
+                             uint8_t *dst, uint32_t dst_cap, uint32_t *produced);
+
+/** Key bytes an AEAD algorithm needs, or -1. */
+int accel_aead_key_length(uint8_t algorithm);
+/** Output bytes of a digest algorithm, or -1. */
+int accel_digest_length(uint8_t algorithm);
+
+struct accel_crypto_state;
+struct accel_crypto_state *accel_crypto_state_create(void);
+void accel_crypto_state_destroy(struct accel_crypto_state *st);
+/** The engine's crypto contexts, created on first use (NULL if OpenSSL fails). */
+struct accel_crypto_state *accel_engine_crypto_state(accel_engine_ctx *ctx);
+
 /** Name of the library that runs (algorithm, level), for DescribeDevice and stats. */
 const char *accel_engine_name(uint8_t opcode, uint8_t algorithm, uint8_t level);
 

@@ -144,4 +144,7 @@ static inline void accel_sleep_ns(uint64_t ns) {
 
 static inline int accel_errno(void) { return errno; }
 
+/** memset that the compiler may not drop (explicit_bzero semantics). */
+static inline void accel_explicit_zero(void *p, size_t n) { explicit_bzero(p, n); }
+
 #endif /* ACCEL_SYS_H */

@@ -79,12 +79,54 @@ public enum Accelgate_V1_Accelerator: Sendable {
                 type: .bidirectionalStreaming
             )
         }
+        /// Namespace for "Encrypt" metadata.
+        public enum Encrypt: Sendable {
+            /// Request type for "Encrypt".
+            public typealias Input = Accelgate_V1_EncryptRequest
+            /// Response type for "Encrypt".
+            public typealias Output = Accelgate_V1_EncryptResponse
+            /// Descriptor for "Encrypt".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "accelgate.v1.Accelerator"),
+                method: "Encrypt",
+                type: .unary
+            )
+        }
+        /// Namespace for "Decrypt" metadata.
+        public enum Decrypt: Sendable {
+            /// Request type for "Decrypt".
+            public typealias Input = Accelgate_V1_DecryptRequest
+            /// Response type for "Decrypt".
+            public typealias Output = Accelgate_V1_DecryptResponse
+            /// Descriptor for "Decrypt".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "accelgate.v1.Accelerator"),
+                method: "Decrypt",
+                type: .unary
+            )
+        }
+        /// Namespace for "Digest" metadata.
+        public enum Digest: Sendable {
+            /// Request type for "Digest".
+            public typealias Input = Accelgate_V1_DigestRequest
+            /// Response type for "Digest".
+            public typealias Output = Accelgate_V1_DigestResponse
+            /// Descriptor for "Digest".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "accelgate.v1.Accelerator"),
+                method: "Digest",
+                type: .unary
+            )
+        }
         /// Descriptors for all methods in the "accelgate.v1.Accelerator" service.
         public static let descriptors: [GRPCCore.MethodDescriptor] = [
             Compress.descriptor,
             Decompress.descriptor,
             DescribeDevice.descriptor,
-            Submit.descriptor
+            Submit.descriptor,
+            Encrypt.descriptor,
+            Decrypt.descriptor,
+            Digest.descriptor
         ]
     }
 }
@@ -194,6 +236,62 @@ extension Accelgate_V1_Accelerator {
             request: GRPCCore.StreamingServerRequest<Accelgate_V1_SubmitRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Accelgate_V1_SubmitResponse>
+
+        /// Handle the "Encrypt" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > AEAD encryption: AES-128-GCM, AES-256-GCM or ChaCha20-Poly1305, optionally
+        /// > compressing first in the same device job (a descriptor chain).
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Accelgate_V1_EncryptRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Accelgate_V1_EncryptResponse` messages.
+        func encrypt(
+            request: GRPCCore.StreamingServerRequest<Accelgate_V1_EncryptRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Accelgate_V1_EncryptResponse>
+
+        /// Handle the "Decrypt" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > AEAD decryption, optionally decompressing after in the same device job.
+        /// > A wrong tag gives INVALID_ARGUMENT "authentication failed" and no plaintext.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Accelgate_V1_DecryptRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Accelgate_V1_DecryptResponse` messages.
+        func decrypt(
+            request: GRPCCore.StreamingServerRequest<Accelgate_V1_DecryptRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Accelgate_V1_DecryptResponse>
+
+        /// Handle the "Digest" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Hashes, HMACs and checksums.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Accelgate_V1_DigestRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Accelgate_V1_DigestResponse` messages.
+        func digest(
+            request: GRPCCore.StreamingServerRequest<Accelgate_V1_DigestRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Accelgate_V1_DigestResponse>
     }
 
     /// Service protocol for the "accelgate.v1.Accelerator" service.
@@ -287,6 +385,62 @@ extension Accelgate_V1_Accelerator {
             request: GRPCCore.StreamingServerRequest<Accelgate_V1_SubmitRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Accelgate_V1_SubmitResponse>
+
+        /// Handle the "Encrypt" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > AEAD encryption: AES-128-GCM, AES-256-GCM or ChaCha20-Poly1305, optionally
+        /// > compressing first in the same device job (a descriptor chain).
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Accelgate_V1_EncryptRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Accelgate_V1_EncryptResponse` message.
+        func encrypt(
+            request: GRPCCore.ServerRequest<Accelgate_V1_EncryptRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Accelgate_V1_EncryptResponse>
+
+        /// Handle the "Decrypt" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > AEAD decryption, optionally decompressing after in the same device job.
+        /// > A wrong tag gives INVALID_ARGUMENT "authentication failed" and no plaintext.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Accelgate_V1_DecryptRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Accelgate_V1_DecryptResponse` message.
+        func decrypt(
+            request: GRPCCore.ServerRequest<Accelgate_V1_DecryptRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Accelgate_V1_DecryptResponse>
+
+        /// Handle the "Digest" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Hashes, HMACs and checksums.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Accelgate_V1_DigestRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Accelgate_V1_DigestResponse` message.
+        func digest(
+            request: GRPCCore.ServerRequest<Accelgate_V1_DigestRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Accelgate_V1_DigestResponse>
     }
 
     /// Simple service protocol for the "accelgate.v1.Accelerator" service.
@@ -379,6 +533,62 @@ extension Accelgate_V1_Accelerator {
             response: GRPCCore.RPCWriter<Accelgate_V1_SubmitResponse>,
             context: GRPCCore.ServerContext
         ) async throws
+
+        /// Handle the "Encrypt" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > AEAD encryption: AES-128-GCM, AES-256-GCM or ChaCha20-Poly1305, optionally
+        /// > compressing first in the same device job (a descriptor chain).
+        ///
+        /// - Parameters:
+        ///   - request: A `Accelgate_V1_EncryptRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Accelgate_V1_EncryptResponse` to respond with.
+        func encrypt(
+            request: Accelgate_V1_EncryptRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Accelgate_V1_EncryptResponse
+
+        /// Handle the "Decrypt" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > AEAD decryption, optionally decompressing after in the same device job.
+        /// > A wrong tag gives INVALID_ARGUMENT "authentication failed" and no plaintext.
+        ///
+        /// - Parameters:
+        ///   - request: A `Accelgate_V1_DecryptRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Accelgate_V1_DecryptResponse` to respond with.
+        func decrypt(
+            request: Accelgate_V1_DecryptRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Accelgate_V1_DecryptResponse
+
+        /// Handle the "Digest" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Hashes, HMACs and checksums.
+        ///
+        /// - Parameters:
+        ///   - request: A `Accelgate_V1_DigestRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Accelgate_V1_DigestResponse` to respond with.
+        func digest(
+            request: Accelgate_V1_DigestRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Accelgate_V1_DigestResponse
     }
 }
 
@@ -430,6 +640,39 @@ extension Accelgate_V1_Accelerator.StreamingServiceProtocol {
                 )
             }
         )
+        router.registerHandler(
+            forMethod: Accelgate_V1_Accelerator.Method.Encrypt.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Accelgate_V1_EncryptRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Accelgate_V1_EncryptResponse>(),
+            handler: { request, context in
+                try await self.encrypt(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Accelgate_V1_Accelerator.Method.Decrypt.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Accelgate_V1_DecryptRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Accelgate_V1_DecryptResponse>(),
+            handler: { request, context in
+                try await self.decrypt(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Accelgate_V1_Accelerator.Method.Digest.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Accelgate_V1_DigestRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Accelgate_V1_DigestResponse>(),
+            handler: { request, context in
+                try await self.digest(
+                    request: request,
+                    context: context
+                )
+            }
+        )
     }
 }
 
@@ -463,6 +706,39 @@ extension Accelgate_V1_Accelerator.ServiceProtocol {
         context: GRPCCore.ServerContext
     ) async throws -> GRPCCore.StreamingServerResponse<Accelgate_V1_DescribeDeviceResponse> {
         let response = try await self.describeDevice(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func encrypt(
+        request: GRPCCore.StreamingServerRequest<Accelgate_V1_EncryptRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Accelgate_V1_EncryptResponse> {
+        let response = try await self.encrypt(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func decrypt(
+        request: GRPCCore.StreamingServerRequest<Accelgate_V1_DecryptRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Accelgate_V1_DecryptResponse> {
+        let response = try await self.decrypt(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func digest(
+        request: GRPCCore.StreamingServerRequest<Accelgate_V1_DigestRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Accelgate_V1_DigestResponse> {
+        let response = try await self.digest(
             request: GRPCCore.ServerRequest(stream: request),
             context: context
         )
@@ -526,6 +802,45 @@ extension Accelgate_V1_Accelerator.SimpleServiceProtocol {
                 )
                 return [:]
             }
+        )
+    }
+
+    public func encrypt(
+        request: GRPCCore.ServerRequest<Accelgate_V1_EncryptRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Accelgate_V1_EncryptResponse> {
+        return GRPCCore.ServerResponse<Accelgate_V1_EncryptResponse>(
+            message: try await self.encrypt(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func decrypt(
+        request: GRPCCore.ServerRequest<Accelgate_V1_DecryptRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Accelgate_V1_DecryptResponse> {
+        return GRPCCore.ServerResponse<Accelgate_V1_DecryptResponse>(
+            message: try await self.decrypt(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func digest(
+        request: GRPCCore.ServerRequest<Accelgate_V1_DigestRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Accelgate_V1_DigestResponse> {
+        return GRPCCore.ServerResponse<Accelgate_V1_DigestResponse>(
+            message: try await self.digest(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
         )
     }
 }
@@ -641,6 +956,77 @@ extension Accelgate_V1_Accelerator {
             deserializer: some GRPCCore.MessageDeserializer<Accelgate_V1_SubmitResponse>,
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Accelgate_V1_SubmitResponse>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "Encrypt" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > AEAD encryption: AES-128-GCM, AES-256-GCM or ChaCha20-Poly1305, optionally
+        /// > compressing first in the same device job (a descriptor chain).
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Accelgate_V1_EncryptRequest` message.
+        ///   - serializer: A serializer for `Accelgate_V1_EncryptRequest` messages.
+        ///   - deserializer: A deserializer for `Accelgate_V1_EncryptResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func encrypt<Result>(
+            request: GRPCCore.ClientRequest<Accelgate_V1_EncryptRequest>,
+            serializer: some GRPCCore.MessageSerializer<Accelgate_V1_EncryptRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Accelgate_V1_EncryptResponse>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Accelgate_V1_EncryptResponse>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "Decrypt" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > AEAD decryption, optionally decompressing after in the same device job.
+        /// > A wrong tag gives INVALID_ARGUMENT "authentication failed" and no plaintext.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Accelgate_V1_DecryptRequest` message.
+        ///   - serializer: A serializer for `Accelgate_V1_DecryptRequest` messages.
+        ///   - deserializer: A deserializer for `Accelgate_V1_DecryptResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func decrypt<Result>(
+            request: GRPCCore.ClientRequest<Accelgate_V1_DecryptRequest>,
+            serializer: some GRPCCore.MessageSerializer<Accelgate_V1_DecryptRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Accelgate_V1_DecryptResponse>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Accelgate_V1_DecryptResponse>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "Digest" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Hashes, HMACs and checksums.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Accelgate_V1_DigestRequest` message.
+        ///   - serializer: A serializer for `Accelgate_V1_DigestRequest` messages.
+        ///   - deserializer: A deserializer for `Accelgate_V1_DigestResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func digest<Result>(
+            request: GRPCCore.ClientRequest<Accelgate_V1_DigestRequest>,
+            serializer: some GRPCCore.MessageSerializer<Accelgate_V1_DigestRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Accelgate_V1_DigestResponse>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Accelgate_V1_DigestResponse>) async throws -> Result
         ) async throws -> Result where Result: Sendable
     }
 
@@ -805,6 +1191,110 @@ extension Accelgate_V1_Accelerator {
                 onResponse: handleResponse
             )
         }
+
+        /// Call the "Encrypt" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > AEAD encryption: AES-128-GCM, AES-256-GCM or ChaCha20-Poly1305, optionally
+        /// > compressing first in the same device job (a descriptor chain).
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Accelgate_V1_EncryptRequest` message.
+        ///   - serializer: A serializer for `Accelgate_V1_EncryptRequest` messages.
+        ///   - deserializer: A deserializer for `Accelgate_V1_EncryptResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func encrypt<Result>(
+            request: GRPCCore.ClientRequest<Accelgate_V1_EncryptRequest>,
+            serializer: some GRPCCore.MessageSerializer<Accelgate_V1_EncryptRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Accelgate_V1_EncryptResponse>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Accelgate_V1_EncryptResponse>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Accelgate_V1_Accelerator.Method.Encrypt.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "Decrypt" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > AEAD decryption, optionally decompressing after in the same device job.
+        /// > A wrong tag gives INVALID_ARGUMENT "authentication failed" and no plaintext.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Accelgate_V1_DecryptRequest` message.
+        ///   - serializer: A serializer for `Accelgate_V1_DecryptRequest` messages.
+        ///   - deserializer: A deserializer for `Accelgate_V1_DecryptResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func decrypt<Result>(
+            request: GRPCCore.ClientRequest<Accelgate_V1_DecryptRequest>,
+            serializer: some GRPCCore.MessageSerializer<Accelgate_V1_DecryptRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Accelgate_V1_DecryptResponse>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Accelgate_V1_DecryptResponse>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Accelgate_V1_Accelerator.Method.Decrypt.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "Digest" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Hashes, HMACs and checksums.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Accelgate_V1_DigestRequest` message.
+        ///   - serializer: A serializer for `Accelgate_V1_DigestRequest` messages.
+        ///   - deserializer: A deserializer for `Accelgate_V1_DigestResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func digest<Result>(
+            request: GRPCCore.ClientRequest<Accelgate_V1_DigestRequest>,
+            serializer: some GRPCCore.MessageSerializer<Accelgate_V1_DigestRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Accelgate_V1_DigestResponse>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Accelgate_V1_DigestResponse>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Accelgate_V1_Accelerator.Method.Digest.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
     }
 }
 
@@ -924,6 +1414,95 @@ extension Accelgate_V1_Accelerator.ClientProtocol {
             request: request,
             serializer: GRPCProtobuf.ProtobufSerializer<Accelgate_V1_SubmitRequest>(),
             deserializer: GRPCProtobuf.ProtobufDeserializer<Accelgate_V1_SubmitResponse>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Encrypt" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > AEAD encryption: AES-128-GCM, AES-256-GCM or ChaCha20-Poly1305, optionally
+    /// > compressing first in the same device job (a descriptor chain).
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Accelgate_V1_EncryptRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func encrypt<Result>(
+        request: GRPCCore.ClientRequest<Accelgate_V1_EncryptRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Accelgate_V1_EncryptResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.encrypt(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Accelgate_V1_EncryptRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Accelgate_V1_EncryptResponse>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Decrypt" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > AEAD decryption, optionally decompressing after in the same device job.
+    /// > A wrong tag gives INVALID_ARGUMENT "authentication failed" and no plaintext.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Accelgate_V1_DecryptRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func decrypt<Result>(
+        request: GRPCCore.ClientRequest<Accelgate_V1_DecryptRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Accelgate_V1_DecryptResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.decrypt(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Accelgate_V1_DecryptRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Accelgate_V1_DecryptResponse>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Digest" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Hashes, HMACs and checksums.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Accelgate_V1_DigestRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func digest<Result>(
+        request: GRPCCore.ClientRequest<Accelgate_V1_DigestRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Accelgate_V1_DigestResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.digest(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Accelgate_V1_DigestRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Accelgate_V1_DigestResponse>(),
             options: options,
             onResponse: handleResponse
         )
@@ -1062,6 +1641,107 @@ extension Accelgate_V1_Accelerator.ClientProtocol {
             producer: producer
         )
         return try await self.submit(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Encrypt" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > AEAD encryption: AES-128-GCM, AES-256-GCM or ChaCha20-Poly1305, optionally
+    /// > compressing first in the same device job (a descriptor chain).
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func encrypt<Result>(
+        _ message: Accelgate_V1_EncryptRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Accelgate_V1_EncryptResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Accelgate_V1_EncryptRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.encrypt(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Decrypt" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > AEAD decryption, optionally decompressing after in the same device job.
+    /// > A wrong tag gives INVALID_ARGUMENT "authentication failed" and no plaintext.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func decrypt<Result>(
+        _ message: Accelgate_V1_DecryptRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Accelgate_V1_DecryptResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Accelgate_V1_DecryptRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.decrypt(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Digest" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Hashes, HMACs and checksums.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func digest<Result>(
+        _ message: Accelgate_V1_DigestRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Accelgate_V1_DigestResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Accelgate_V1_DigestRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.digest(
             request: request,
             options: options,
             onResponse: handleResponse

@@ -82,6 +82,116 @@ public nonisolated enum Accelgate_V1_CompressionFormat: SwiftProtobuf.Enum, Swif
 
 }
 
+/// AEAD algorithms. Values match the device ABI's algorithm numbers.
+public nonisolated enum Accelgate_V1_CipherAlgorithm: SwiftProtobuf.Enum, Swift.CaseIterable {
+  public typealias RawValue = Int
+  case unspecified // = 0
+  case aes128Gcm // = 16
+  case aes256Gcm // = 17
+  case chacha20Poly1305 // = 18
+  case UNRECOGNIZED(Int)
+
+  public init() {
+    self = .unspecified
+  }
+
+  public init?(rawValue: Int) {
+    switch rawValue {
+    case 0: self = .unspecified
+    case 16: self = .aes128Gcm
+    case 17: self = .aes256Gcm
+    case 18: self = .chacha20Poly1305
+    default: self = .UNRECOGNIZED(rawValue)
+    }
+  }
+
+  public var rawValue: Int {
+    switch self {
+    case .unspecified: return 0
+    case .aes128Gcm: return 16
+    case .aes256Gcm: return 17
+    case .chacha20Poly1305: return 18
+    case .UNRECOGNIZED(let i): return i
+    }
+  }
+
+  // The compiler won't synthesize support with the UNRECOGNIZED case.
+  public static let allCases: [Accelgate_V1_CipherAlgorithm] = [
+    .unspecified,
+    .aes128Gcm,
+    .aes256Gcm,
+    .chacha20Poly1305,
+  ]
+
+}
+
+/// Digest and checksum algorithms. Values match the device ABI's algorithm numbers.
+public nonisolated enum Accelgate_V1_DigestAlgorithm: SwiftProtobuf.Enum, Swift.CaseIterable {
+  public typealias RawValue = Int
+  case unspecified // = 0
+  case sha256 // = 32
+  case sha384 // = 33
+  case sha512 // = 34
+  case hmacSha256 // = 35
+  case hmacSha512 // = 36
+
+  /// CRC-32C (Castagnoli), as in iSCSI and ext4.
+  case crc32C // = 37
+
+  /// CRC-32 (IEEE), as in zlib, gzip and PNG.
+  case crc32 // = 38
+  case adler32 // = 39
+  case UNRECOGNIZED(Int)
+
+  public init() {
+    self = .unspecified
+  }
+
+  public init?(rawValue: Int) {
+    switch rawValue {
+    case 0: self = .unspecified
+    case 32: self = .sha256
+    case 33: self = .sha384
+    case 34: self = .sha512
+    case 35: self = .hmacSha256
+    case 36: self = .hmacSha512
+    case 37: self = .crc32C
+    case 38: self = .crc32
+    case 39: self = .adler32
+    default: self = .UNRECOGNIZED(rawValue)
+    }
+  }
+
+  public var rawValue: Int {
+    switch self {
+    case .unspecified: return 0
+    case .sha256: return 32
+    case .sha384: return 33
+    case .sha512: return 34
+    case .hmacSha256: return 35
+    case .hmacSha512: return 36
+    case .crc32C: return 37
+    case .crc32: return 38
+    case .adler32: return 39
+    case .UNRECOGNIZED(let i): return i
+    }
+  }
+
+  // The compiler won't synthesize support with the UNRECOGNIZED case.
+  public static let allCases: [Accelgate_V1_DigestAlgorithm] = [
+    .unspecified,
+    .sha256,
+    .sha384,
+    .sha512,
+    .hmacSha256,
+    .hmacSha512,
+    .crc32C,
+    .crc32,
+    .adler32,
+  ]
+
+}
+
 /// Operations the device can run.
 public nonisolated enum Accelgate_V1_Operation: SwiftProtobuf.Enum, Swift.CaseIterable {
   public typealias RawValue = Int
@@ -258,6 +368,261 @@ public nonisolated struct Accelgate_V1_JobStats: Sendable {
   public init() {}
 }
 
+/// Which key a crypto job uses: raw bytes in the request, or a named key of the
+/// calling tenant from the server's keyring (versioned; see docs/KEYS.md).
+public nonisolated struct Accelgate_V1_KeySpec: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var source: Accelgate_V1_KeySpec.OneOf_Source? = nil
+
+  public var raw: Data {
+    get {
+      if case .raw(let v)? = source {return v}
+      return Data()
+    }
+    set {source = .raw(newValue)}
+  }
+
+  public var name: String {
+    get {
+      if case .name(let v)? = source {return v}
+      return String()
+    }
+    set {source = .name(newValue)}
+  }
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public nonisolated enum OneOf_Source: Equatable, Sendable {
+    case raw(Data)
+    case name(String)
+
+  }
+
+  public init() {}
+}
+
+/// Compression applied before encryption (or decompression after decryption)
+/// inside the same device job.
+public nonisolated struct Accelgate_V1_ChainedCompression: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var format: Accelgate_V1_CompressionFormat = .unspecified
+
+  public var level: Int32 {
+    get {_level ?? 0}
+    set {_level = newValue}
+  }
+  /// Returns true if `level` has been explicitly set.
+  public var hasLevel: Bool {self._level != nil}
+  /// Clears the value of `level`. Subsequent reads from it will return its default value.
+  public mutating func clearLevel() {self._level = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _level: Int32? = nil
+}
+
+public nonisolated struct Accelgate_V1_EncryptRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// Required for raw keys; for named keys, unset or equal to the key's algorithm.
+  public var algorithm: Accelgate_V1_CipherAlgorithm = .unspecified
+
+  public var key: Accelgate_V1_KeySpec {
+    get {_key ?? Accelgate_V1_KeySpec()}
+    set {_key = newValue}
+  }
+  /// Returns true if `key` has been explicitly set.
+  public var hasKey: Bool {self._key != nil}
+  /// Clears the value of `key`. Subsequent reads from it will return its default value.
+  public mutating func clearKey() {self._key = nil}
+
+  /// 12 bytes. Empty: the service draws a random nonce and returns it.
+  public var nonce: Data = Data()
+
+  public var aad: Data = Data()
+
+  public var plaintext: Data = Data()
+
+  /// Set to compress the plaintext before encrypting it.
+  public var compress: Accelgate_V1_ChainedCompression {
+    get {_compress ?? Accelgate_V1_ChainedCompression()}
+    set {_compress = newValue}
+  }
+  /// Returns true if `compress` has been explicitly set.
+  public var hasCompress: Bool {self._compress != nil}
+  /// Clears the value of `compress`. Subsequent reads from it will return its default value.
+  public mutating func clearCompress() {self._compress = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _key: Accelgate_V1_KeySpec? = nil
+  fileprivate var _compress: Accelgate_V1_ChainedCompression? = nil
+}
+
+public nonisolated struct Accelgate_V1_EncryptResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// Raw keys: ciphertext || 16-byte tag. Named keys: the envelope (docs/KEYS.md),
+  /// which carries the key version and nonce.
+  public var ciphertext: Data = Data()
+
+  public var nonce: Data = Data()
+
+  /// Named keys: the key version used; 0 for raw keys.
+  public var keyVersion: UInt32 = 0
+
+  public var stats: Accelgate_V1_JobStats {
+    get {_stats ?? Accelgate_V1_JobStats()}
+    set {_stats = newValue}
+  }
+  /// Returns true if `stats` has been explicitly set.
+  public var hasStats: Bool {self._stats != nil}
+  /// Clears the value of `stats`. Subsequent reads from it will return its default value.
+  public mutating func clearStats() {self._stats = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _stats: Accelgate_V1_JobStats? = nil
+}
+
+public nonisolated struct Accelgate_V1_DecryptRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var algorithm: Accelgate_V1_CipherAlgorithm = .unspecified
+
+  public var key: Accelgate_V1_KeySpec {
+    get {_key ?? Accelgate_V1_KeySpec()}
+    set {_key = newValue}
+  }
+  /// Returns true if `key` has been explicitly set.
+  public var hasKey: Bool {self._key != nil}
+  /// Clears the value of `key`. Subsequent reads from it will return its default value.
+  public mutating func clearKey() {self._key = nil}
+
+  /// Raw keys: the 12-byte nonce. Named keys: leave empty (it is in the envelope).
+  public var nonce: Data = Data()
+
+  public var aad: Data = Data()
+
+  public var ciphertext: Data = Data()
+
+  /// Set to decompress the plaintext after decrypting it.
+  public var decompress: Accelgate_V1_ChainedCompression {
+    get {_decompress ?? Accelgate_V1_ChainedCompression()}
+    set {_decompress = newValue}
+  }
+  /// Returns true if `decompress` has been explicitly set.
+  public var hasDecompress: Bool {self._decompress != nil}
+  /// Clears the value of `decompress`. Subsequent reads from it will return its default value.
+  public mutating func clearDecompress() {self._decompress = nil}
+
+  /// Cap on the (decompressed) output; 0 = the server's limit.
+  public var maxOutputBytes: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _key: Accelgate_V1_KeySpec? = nil
+  fileprivate var _decompress: Accelgate_V1_ChainedCompression? = nil
+}
+
+public nonisolated struct Accelgate_V1_DecryptResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var plaintext: Data = Data()
+
+  public var keyVersion: UInt32 = 0
+
+  public var stats: Accelgate_V1_JobStats {
+    get {_stats ?? Accelgate_V1_JobStats()}
+    set {_stats = newValue}
+  }
+  /// Returns true if `stats` has been explicitly set.
+  public var hasStats: Bool {self._stats != nil}
+  /// Clears the value of `stats`. Subsequent reads from it will return its default value.
+  public mutating func clearStats() {self._stats = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _stats: Accelgate_V1_JobStats? = nil
+}
+
+public nonisolated struct Accelgate_V1_DigestRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var algorithm: Accelgate_V1_DigestAlgorithm = .unspecified
+
+  /// HMAC only.
+  public var key: Accelgate_V1_KeySpec {
+    get {_key ?? Accelgate_V1_KeySpec()}
+    set {_key = newValue}
+  }
+  /// Returns true if `key` has been explicitly set.
+  public var hasKey: Bool {self._key != nil}
+  /// Clears the value of `key`. Subsequent reads from it will return its default value.
+  public mutating func clearKey() {self._key = nil}
+
+  public var data: Data = Data()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _key: Accelgate_V1_KeySpec? = nil
+}
+
+public nonisolated struct Accelgate_V1_DigestResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// The digest, or the checksum as 4 big-endian bytes.
+  public var digest: Data = Data()
+
+  /// Checksums (CRC-32C, CRC-32, Adler-32) also as a number; 0 otherwise.
+  public var checksum: UInt32 = 0
+
+  public var stats: Accelgate_V1_JobStats {
+    get {_stats ?? Accelgate_V1_JobStats()}
+    set {_stats = newValue}
+  }
+  /// Returns true if `stats` has been explicitly set.
+  public var hasStats: Bool {self._stats != nil}
+  /// Clears the value of `stats`. Subsequent reads from it will return its default value.
+  public mutating func clearStats() {self._stats = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _stats: Accelgate_V1_JobStats? = nil
+}
+
 public nonisolated struct Accelgate_V1_SubmitRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -284,11 +649,38 @@ public nonisolated struct Accelgate_V1_SubmitRequest: Sendable {
     set {job = .decompress(newValue)}
   }
 
+  public var encrypt: Accelgate_V1_EncryptRequest {
+    get {
+      if case .encrypt(let v)? = job {return v}
+      return Accelgate_V1_EncryptRequest()
+    }
+    set {job = .encrypt(newValue)}
+  }
+
+  public var decrypt: Accelgate_V1_DecryptRequest {
+    get {
+      if case .decrypt(let v)? = job {return v}
+      return Accelgate_V1_DecryptRequest()
+    }
+    set {job = .decrypt(newValue)}
+  }
+
+  public var digest: Accelgate_V1_DigestRequest {
+    get {
+      if case .digest(let v)? = job {return v}
+      return Accelgate_V1_DigestRequest()
+    }
+    set {job = .digest(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Job: Equatable, Sendable {
     case compress(Accelgate_V1_CompressRequest)
     case decompress(Accelgate_V1_DecompressRequest)
+    case encrypt(Accelgate_V1_EncryptRequest)
+    case decrypt(Accelgate_V1_DecryptRequest)
+    case digest(Accelgate_V1_DigestRequest)
 
   }
 
@@ -325,6 +717,30 @@ public nonisolated struct Accelgate_V1_SubmitResponse: Sendable {
     set {result = .decompress(newValue)}
   }
 
+  public var encrypt: Accelgate_V1_EncryptResponse {
+    get {
+      if case .encrypt(let v)? = result {return v}
+      return Accelgate_V1_EncryptResponse()
+    }
+    set {result = .encrypt(newValue)}
+  }
+
+  public var decrypt: Accelgate_V1_DecryptResponse {
+    get {
+      if case .decrypt(let v)? = result {return v}
+      return Accelgate_V1_DecryptResponse()
+    }
+    set {result = .decrypt(newValue)}
+  }
+
+  public var digest: Accelgate_V1_DigestResponse {
+    get {
+      if case .digest(let v)? = result {return v}
+      return Accelgate_V1_DigestResponse()
+    }
+    set {result = .digest(newValue)}
+  }
+
   /// Admission hint for a rejected job, in milliseconds; 0 when not applicable.
   public var retryAfterMs: UInt64 = 0
 
@@ -333,6 +749,9 @@ public nonisolated struct Accelgate_V1_SubmitResponse: Sendable {
   public nonisolated enum OneOf_Result: Equatable, Sendable {
     case compress(Accelgate_V1_CompressResponse)
     case decompress(Accelgate_V1_DecompressResponse)
+    case encrypt(Accelgate_V1_EncryptResponse)
+    case decrypt(Accelgate_V1_DecryptResponse)
+    case digest(Accelgate_V1_DigestResponse)
 
   }
 
@@ -512,6 +931,14 @@ fileprivate nonisolated let _protobuf_package = "accelgate.v1"
 
 nonisolated extension Accelgate_V1_CompressionFormat: SwiftProtobuf._ProtoNameProviding {
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0COMPRESSION_FORMAT_UNSPECIFIED\0\u{1}COMPRESSION_FORMAT_DEFLATE\0\u{1}COMPRESSION_FORMAT_ZLIB\0\u{1}COMPRESSION_FORMAT_GZIP\0")
+}
+
+nonisolated extension Accelgate_V1_CipherAlgorithm: SwiftProtobuf._ProtoNameProviding {
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0CIPHER_ALGORITHM_UNSPECIFIED\0\u{2}\u{10}CIPHER_ALGORITHM_AES_128_GCM\0\u{1}CIPHER_ALGORITHM_AES_256_GCM\0\u{1}CIPHER_ALGORITHM_CHACHA20_POLY1305\0")
+}
+
+nonisolated extension Accelgate_V1_DigestAlgorithm: SwiftProtobuf._ProtoNameProviding {
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0DIGEST_ALGORITHM_UNSPECIFIED\0\u{2} DIGEST_ALGORITHM_SHA256\0\u{1}DIGEST_ALGORITHM_SHA384\0\u{1}DIGEST_ALGORITHM_SHA512\0\u{1}DIGEST_ALGORITHM_HMAC_SHA256\0\u{1}DIGEST_ALGORITHM_HMAC_SHA512\0\u{1}DIGEST_ALGORITHM_CRC32C\0\u{1}DIGEST_ALGORITHM_CRC32\0\u{1}DIGEST_ALGORITHM_ADLER32\0")
 }
 
 nonisolated extension Accelgate_V1_Operation: SwiftProtobuf._ProtoNameProviding {
@@ -750,9 +1177,409 @@ nonisolated extension Accelgate_V1_JobStats: SwiftProtobuf.Message, SwiftProtobu
   }
 }
 
+nonisolated extension Accelgate_V1_KeySpec: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".KeySpec"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}raw\0\u{1}name\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try {
+        var v: Data?
+        try decoder.decodeSingularBytesField(value: &v)
+        if let v = v {
+          if self.source != nil {try decoder.handleConflictingOneOf()}
+          self.source = .raw(v)
+        }
+      }()
+      case 2: try {
+        var v: String?
+        try decoder.decodeSingularStringField(value: &v)
+        if let v = v {
+          if self.source != nil {try decoder.handleConflictingOneOf()}
+          self.source = .name(v)
+        }
+      }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    switch self.source {
+    case .raw?: try {
+      guard case .raw(let v)? = self.source else { preconditionFailure() }
+      try visitor.visitSingularBytesField(value: v, fieldNumber: 1)
+    }()
+    case .name?: try {
+      guard case .name(let v)? = self.source else { preconditionFailure() }
+      try visitor.visitSingularStringField(value: v, fieldNumber: 2)
+    }()
+    case nil: break
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Accelgate_V1_KeySpec, rhs: Accelgate_V1_KeySpec) -> Bool {
+    if lhs.source != rhs.source {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Accelgate_V1_ChainedCompression: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ChainedCompression"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}format\0\u{1}level\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularEnumField(value: &self.format) }()
+      case 2: try { try decoder.decodeSingularInt32Field(value: &self._level) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if self.format != .unspecified {
+      try visitor.visitSingularEnumField(value: self.format, fieldNumber: 1)
+    }
+    try { if let v = self._level {
+      try visitor.visitSingularInt32Field(value: v, fieldNumber: 2)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Accelgate_V1_ChainedCompression, rhs: Accelgate_V1_ChainedCompression) -> Bool {
+    if lhs.format != rhs.format {return false}
+    if lhs._level != rhs._level {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Accelgate_V1_EncryptRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".EncryptRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}algorithm\0\u{1}key\0\u{1}nonce\0\u{1}aad\0\u{1}plaintext\0\u{1}compress\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularEnumField(value: &self.algorithm) }()
+      case 2: try { try decoder.decodeSingularMessageField(value: &self._key) }()
+      case 3: try { try decoder.decodeSingularBytesField(value: &self.nonce) }()
+      case 4: try { try decoder.decodeSingularBytesField(value: &self.aad) }()
+      case 5: try { try decoder.decodeSingularBytesField(value: &self.plaintext) }()
+      case 6: try { try decoder.decodeSingularMessageField(value: &self._compress) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if self.algorithm != .unspecified {
+      try visitor.visitSingularEnumField(value: self.algorithm, fieldNumber: 1)
+    }
+    try { if let v = self._key {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+    } }()
+    if !self.nonce.isEmpty {
+      try visitor.visitSingularBytesField(value: self.nonce, fieldNumber: 3)
+    }
+    if !self.aad.isEmpty {
+      try visitor.visitSingularBytesField(value: self.aad, fieldNumber: 4)
+    }
+    if !self.plaintext.isEmpty {
+      try visitor.visitSingularBytesField(value: self.plaintext, fieldNumber: 5)
+    }
+    try { if let v = self._compress {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 6)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Accelgate_V1_EncryptRequest, rhs: Accelgate_V1_EncryptRequest) -> Bool {
+    if lhs.algorithm != rhs.algorithm {return false}
+    if lhs._key != rhs._key {return false}
+    if lhs.nonce != rhs.nonce {return false}
+    if lhs.aad != rhs.aad {return false}
+    if lhs.plaintext != rhs.plaintext {return false}
+    if lhs._compress != rhs._compress {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Accelgate_V1_EncryptResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".EncryptResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}ciphertext\0\u{1}nonce\0\u{3}key_version\0\u{1}stats\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularBytesField(value: &self.ciphertext) }()
+      case 2: try { try decoder.decodeSingularBytesField(value: &self.nonce) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.keyVersion) }()
+      case 4: try { try decoder.decodeSingularMessageField(value: &self._stats) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.ciphertext.isEmpty {
+      try visitor.visitSingularBytesField(value: self.ciphertext, fieldNumber: 1)
+    }
+    if !self.nonce.isEmpty {
+      try visitor.visitSingularBytesField(value: self.nonce, fieldNumber: 2)
+    }
+    if self.keyVersion != 0 {
+      try visitor.visitSingularUInt32Field(value: self.keyVersion, fieldNumber: 3)
+    }
+    try { if let v = self._stats {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Accelgate_V1_EncryptResponse, rhs: Accelgate_V1_EncryptResponse) -> Bool {
+    if lhs.ciphertext != rhs.ciphertext {return false}
+    if lhs.nonce != rhs.nonce {return false}
+    if lhs.keyVersion != rhs.keyVersion {return false}
+    if lhs._stats != rhs._stats {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Accelgate_V1_DecryptRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".DecryptRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}algorithm\0\u{1}key\0\u{1}nonce\0\u{1}aad\0\u{1}ciphertext\0\u{1}decompress\0\u{3}max_output_bytes\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularEnumField(value: &self.algorithm) }()
+      case 2: try { try decoder.decodeSingularMessageField(value: &self._key) }()
+      case 3: try { try decoder.decodeSingularBytesField(value: &self.nonce) }()
+      case 4: try { try decoder.decodeSingularBytesField(value: &self.aad) }()
+      case 5: try { try decoder.decodeSingularBytesField(value: &self.ciphertext) }()
+      case 6: try { try decoder.decodeSingularMessageField(value: &self._decompress) }()
+      case 7: try { try decoder.decodeSingularUInt64Field(value: &self.maxOutputBytes) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if self.algorithm != .unspecified {
+      try visitor.visitSingularEnumField(value: self.algorithm, fieldNumber: 1)
+    }
+    try { if let v = self._key {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+    } }()
+    if !self.nonce.isEmpty {
+      try visitor.visitSingularBytesField(value: self.nonce, fieldNumber: 3)
+    }
+    if !self.aad.isEmpty {
+      try visitor.visitSingularBytesField(value: self.aad, fieldNumber: 4)
+    }
+    if !self.ciphertext.isEmpty {
+      try visitor.visitSingularBytesField(value: self.ciphertext, fieldNumber: 5)
+    }
+    try { if let v = self._decompress {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 6)
+    } }()
+    if self.maxOutputBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.maxOutputBytes, fieldNumber: 7)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Accelgate_V1_DecryptRequest, rhs: Accelgate_V1_DecryptRequest) -> Bool {
+    if lhs.algorithm != rhs.algorithm {return false}
+    if lhs._key != rhs._key {return false}
+    if lhs.nonce != rhs.nonce {return false}
+    if lhs.aad != rhs.aad {return false}
+    if lhs.ciphertext != rhs.ciphertext {return false}
+    if lhs._decompress != rhs._decompress {return false}
+    if lhs.maxOutputBytes != rhs.maxOutputBytes {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Accelgate_V1_DecryptResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".DecryptResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}plaintext\0\u{3}key_version\0\u{1}stats\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularBytesField(value: &self.plaintext) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.keyVersion) }()
+      case 3: try { try decoder.decodeSingularMessageField(value: &self._stats) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.plaintext.isEmpty {
+      try visitor.visitSingularBytesField(value: self.plaintext, fieldNumber: 1)
+    }
+    if self.keyVersion != 0 {
+      try visitor.visitSingularUInt32Field(value: self.keyVersion, fieldNumber: 2)
+    }
+    try { if let v = self._stats {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Accelgate_V1_DecryptResponse, rhs: Accelgate_V1_DecryptResponse) -> Bool {
+    if lhs.plaintext != rhs.plaintext {return false}
+    if lhs.keyVersion != rhs.keyVersion {return false}
+    if lhs._stats != rhs._stats {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Accelgate_V1_DigestRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".DigestRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}algorithm\0\u{1}key\0\u{1}data\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularEnumField(value: &self.algorithm) }()
+      case 2: try { try decoder.decodeSingularMessageField(value: &self._key) }()
+      case 3: try { try decoder.decodeSingularBytesField(value: &self.data) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if self.algorithm != .unspecified {
+      try visitor.visitSingularEnumField(value: self.algorithm, fieldNumber: 1)
+    }
+    try { if let v = self._key {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+    } }()
+    if !self.data.isEmpty {
+      try visitor.visitSingularBytesField(value: self.data, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Accelgate_V1_DigestRequest, rhs: Accelgate_V1_DigestRequest) -> Bool {
+    if lhs.algorithm != rhs.algorithm {return false}
+    if lhs._key != rhs._key {return false}
+    if lhs.data != rhs.data {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Accelgate_V1_DigestResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".DigestResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}digest\0\u{1}checksum\0\u{1}stats\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularBytesField(value: &self.digest) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.checksum) }()
+      case 3: try { try decoder.decodeSingularMessageField(value: &self._stats) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.digest.isEmpty {
+      try visitor.visitSingularBytesField(value: self.digest, fieldNumber: 1)
+    }
+    if self.checksum != 0 {
+      try visitor.visitSingularUInt32Field(value: self.checksum, fieldNumber: 2)
+    }
+    try { if let v = self._stats {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Accelgate_V1_DigestResponse, rhs: Accelgate_V1_DigestResponse) -> Bool {
+    if lhs.digest != rhs.digest {return false}
+    if lhs.checksum != rhs.checksum {return false}
+    if lhs._stats != rhs._stats {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
 nonisolated extension Accelgate_V1_SubmitRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".SubmitRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}compress\0\u{1}decompress\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}compress\0\u{1}decompress\0\u{2}\u{4}encrypt\0\u{1}decrypt\0\u{1}digest\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -787,6 +1614,45 @@ nonisolated extension Accelgate_V1_SubmitRequest: SwiftProtobuf.Message, SwiftPr
           self.job = .decompress(v)
         }
       }()
+      case 7: try {
+        var v: Accelgate_V1_EncryptRequest?
+        var hadOneofValue = false
+        if let current = self.job {
+          hadOneofValue = true
+          if case .encrypt(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.job = .encrypt(v)
+        }
+      }()
+      case 8: try {
+        var v: Accelgate_V1_DecryptRequest?
+        var hadOneofValue = false
+        if let current = self.job {
+          hadOneofValue = true
+          if case .decrypt(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.job = .decrypt(v)
+        }
+      }()
+      case 9: try {
+        var v: Accelgate_V1_DigestRequest?
+        var hadOneofValue = false
+        if let current = self.job {
+          hadOneofValue = true
+          if case .digest(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.job = .digest(v)
+        }
+      }()
       default: break
       }
     }
@@ -809,6 +1675,18 @@ nonisolated extension Accelgate_V1_SubmitRequest: SwiftProtobuf.Message, SwiftPr
       guard case .decompress(let v)? = self.job else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
     }()
+    case .encrypt?: try {
+      guard case .encrypt(let v)? = self.job else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 7)
+    }()
+    case .decrypt?: try {
+      guard case .decrypt(let v)? = self.job else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 8)
+    }()
+    case .digest?: try {
+      guard case .digest(let v)? = self.job else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 9)
+    }()
     case nil: break
     }
     try unknownFields.traverse(visitor: &visitor)
@@ -824,7 +1702,7 @@ nonisolated extension Accelgate_V1_SubmitRequest: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Accelgate_V1_SubmitResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".SubmitResponse"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}code\0\u{1}message\0\u{1}compress\0\u{1}decompress\0\u{3}retry_after_ms\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}code\0\u{1}message\0\u{1}compress\0\u{1}decompress\0\u{3}retry_after_ms\0\u{1}encrypt\0\u{1}decrypt\0\u{1}digest\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -862,6 +1740,45 @@ nonisolated extension Accelgate_V1_SubmitResponse: SwiftProtobuf.Message, SwiftP
         }
       }()
       case 6: try { try decoder.decodeSingularUInt64Field(value: &self.retryAfterMs) }()
+      case 7: try {
+        var v: Accelgate_V1_EncryptResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .encrypt(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .encrypt(v)
+        }
+      }()
+      case 8: try {
+        var v: Accelgate_V1_DecryptResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .decrypt(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .decrypt(v)
+        }
+      }()
+      case 9: try {
+        var v: Accelgate_V1_DigestResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .digest(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .digest(v)
+        }
+      }()
       default: break
       }
     }
@@ -890,10 +1807,25 @@ nonisolated extension Accelgate_V1_SubmitResponse: SwiftProtobuf.Message, SwiftP
       guard case .decompress(let v)? = self.result else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
     }()
-    case nil: break
+    default: break
     }
     if self.retryAfterMs != 0 {
       try visitor.visitSingularUInt64Field(value: self.retryAfterMs, fieldNumber: 6)
+    }
+    switch self.result {
+    case .encrypt?: try {
+      guard case .encrypt(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 7)
+    }()
+    case .decrypt?: try {
+      guard case .decrypt(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 8)
+    }()
+    case .digest?: try {
+      guard case .digest(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 9)
+    }()
+    default: break
     }
     try unknownFields.traverse(visitor: &visitor)
   }
