@@ -23,6 +23,8 @@ stop_servers() { cleanup; servers=(); }
 # 1. Compression layers: engine, rings, gRPC.
 start_server "$out/server-layers.log"
 .build/release/accelbench layers --target "127.0.0.1:$port" --seconds "$seconds" --json "$out/compress.json"
+# 1b. Crypto: AES-256-GCM and SHA-256, raw OpenSSL engine vs the service.
+.build/release/accelbench crypto --target "127.0.0.1:$port" --seconds "$seconds" --json "$out/crypto.json"
 stop_servers
 
 # 2. Tenants: fairness shares and isolation, fair vs fifo, on a device capped

@@ -39,6 +39,18 @@ def compress_section(results) -> str:
     return "\n".join(rows)
 
 
+def crypto_section(results) -> str:
+    rows = ["Command: `make bench` (raw: the device's engine function on one thread; service: gRPC "
+            "Encrypt/Digest with 4 concurrent callers; 3 s per row).", "",
+            "| path | payload | callers | MB/s | ops/s | p50 µs | p99 µs |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        size = f"{r['payloadBytes'] // 1024} KiB" if r["payloadBytes"] < 1 << 20 else f"{r['payloadBytes'] >> 20} MiB"
+        rows.append(f"| {r['layer']} | {size} | {r['concurrency']} | {r['megabytesPerSecond']:.1f} | "
+                    f"{r['opsPerSecond']:.0f} | {r['p50Microseconds']:.0f} | {r['p99Microseconds']:.0f} |")
+    return "\n".join(rows)
+
+
 def fairness_section(runs) -> str:
     rows = ["Command: `make bench` (device capped at 50 MB/s per engine, 2 engines, 2 queues; "
             "tenants w1, w2, w4 each with 8 closed-loop gRPC callers of mixed 4 KiB–1 MiB gzip-1 jobs; "
@@ -95,6 +107,9 @@ def main(d: str, doc: str) -> None:
     compress = load(d, "compress.json")
     if compress:
         text = replace(text, "compress-bench", stamp + "\n\n" + compress_section(compress))
+    crypto = load(d, "crypto.json")
+    if crypto:
+        text = replace(text, "crypto-bench", stamp + "\n\n" + crypto_section(crypto))
     runs = [x for x in (load(d, "fairness-fair.json"), load(d, "fairness-fifo.json")) if x]
     if runs:
         text = replace(text, "fairness-bench", stamp + "\n\n" + fairness_section(runs))

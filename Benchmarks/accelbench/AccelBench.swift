@@ -18,7 +18,7 @@ import Synchronization
 struct AccelBench: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "accelbench", abstract: "AccelGate benchmarks.",
-    subcommands: [CompressLayers.self, Fairness.self, Isolation.self, IsolationInProcess.self], defaultSubcommand: CompressLayers.self)
+    subcommands: [CompressLayers.self, Fairness.self, Isolation.self, IsolationInProcess.self, CryptoBench.self], defaultSubcommand: CompressLayers.self)
 }
 
 struct CompressLayers: AsyncParsableCommand {
@@ -139,8 +139,14 @@ struct CompressLayers: AsyncParsableCommand {
       layer: "grpc", payloadBytes: payload.count, concurrency: concurrency, latenciesNs: latencies, seconds: seconds)
   }
 
-  /// Runs `body` in `n` closed loops for `seconds` and returns every call's latency.
   func runConcurrent(_ n: Int, _ body: @escaping @Sendable () async throws -> Void) async throws -> [UInt64] {
+    try await Self.runConcurrent(n, seconds: seconds, body)
+  }
+
+  /// Runs `body` in `n` closed loops for `seconds` and returns every call's latency.
+  static func runConcurrent(_ n: Int, seconds: Double, _ body: @escaping @Sendable () async throws -> Void) async throws
+    -> [UInt64]
+  {
     let end = SharedMemory.nowNanoseconds() + UInt64(seconds * 1e9)
     return try await withThrowingTaskGroup(of: [UInt64].self) { group in
       for _ in 0..<n {

@@ -53,6 +53,29 @@ enum DeviceDescription {
       d.engines = "isal-inflate"
       r.capabilities.append(d)
     }
+    for cipher in [Accelgate_V1_CipherAlgorithm.aes128Gcm, .aes256Gcm, .chacha20Poly1305] {
+      for op in [Accelgate_V1_Operation.encrypt, .decrypt] {
+        var c = Accelgate_V1_Capability()
+        c.operation = op
+        c.cipher = cipher
+        c.engines = "openssl-evp"
+        r.capabilities.append(c)
+      }
+    }
+    for digest in [
+      Accelgate_V1_DigestAlgorithm.sha256, .sha384, .sha512, .hmacSha256, .hmacSha512, .crc32C, .crc32, .adler32,
+    ] {
+      var c = Accelgate_V1_Capability()
+      c.operation = .digest
+      c.digest = digest
+      c.engines =
+        switch digest {
+        case .crc32C, .crc32: "isal-crc"
+        case .adler32: "zlib"
+        default: "openssl-evp"
+        }
+      r.capabilities.append(c)
+    }
     r.limits.maxRequestBytes = UInt64(configuration.maxRequestBytes)
     r.limits.maxResponseBytes = max(
       BufferSizing.compressBound(UInt64(configuration.maxRequestBytes)), UInt64(configuration.maxDecompressedBytes))

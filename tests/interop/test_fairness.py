@@ -14,8 +14,6 @@ import random
 import threading
 import time
 
-import pytest
-
 from agtest import GZIP, KiB, Tenant, call, new_key, pb, write_tenants
 
 WEIGHTS = {"light": 1, "medium": 2, "heavy": 4}

@@ -9,10 +9,8 @@ import grpc
 import pytest
 
 from agtest import (DEFLATE, FORMATS, FORMAT_NAMES, GZIP, KiB, MiB, REJECTION_REASON, ZLIB, Tenant, bearer, call,
-                    expect_error, new_key, pb, py_compress, py_decompress_strict, text_bytes, wait_device_idle,
-                    write_tenants)
+                    new_key, pb, py_compress, py_decompress_strict, text_bytes, wait_device_idle, write_tenants)
 
-OK = grpc.StatusCode.OK
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 DATA_LOSS = grpc.StatusCode.DATA_LOSS
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -890,6 +890,12 @@ public nonisolated struct Accelgate_V1_Capability: Sendable {
   /// Engines used, e.g. "zlib(0) isal-igzip(1-3) libdeflate(4-9)".
   public var engines: String = String()
 
+  /// Set for OPERATION_ENCRYPT / OPERATION_DECRYPT.
+  public var cipher: Accelgate_V1_CipherAlgorithm = .unspecified
+
+  /// Set for OPERATION_DIGEST.
+  public var digest: Accelgate_V1_DigestAlgorithm = .unspecified
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -2071,7 +2077,7 @@ nonisolated extension Accelgate_V1_EngineInfo: SwiftProtobuf.Message, SwiftProto
 
 nonisolated extension Accelgate_V1_Capability: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Capability"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}operation\0\u{1}format\0\u{3}min_level\0\u{3}max_level\0\u{3}default_level\0\u{1}engines\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}operation\0\u{1}format\0\u{3}min_level\0\u{3}max_level\0\u{3}default_level\0\u{1}engines\0\u{1}cipher\0\u{1}digest\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2085,6 +2091,8 @@ nonisolated extension Accelgate_V1_Capability: SwiftProtobuf.Message, SwiftProto
       case 4: try { try decoder.decodeSingularInt32Field(value: &self.maxLevel) }()
       case 5: try { try decoder.decodeSingularInt32Field(value: &self.defaultLevel) }()
       case 6: try { try decoder.decodeSingularStringField(value: &self.engines) }()
+      case 7: try { try decoder.decodeSingularEnumField(value: &self.cipher) }()
+      case 8: try { try decoder.decodeSingularEnumField(value: &self.digest) }()
       default: break
       }
     }
@@ -2109,6 +2117,12 @@ nonisolated extension Accelgate_V1_Capability: SwiftProtobuf.Message, SwiftProto
     if !self.engines.isEmpty {
       try visitor.visitSingularStringField(value: self.engines, fieldNumber: 6)
     }
+    if self.cipher != .unspecified {
+      try visitor.visitSingularEnumField(value: self.cipher, fieldNumber: 7)
+    }
+    if self.digest != .unspecified {
+      try visitor.visitSingularEnumField(value: self.digest, fieldNumber: 8)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2119,6 +2133,8 @@ nonisolated extension Accelgate_V1_Capability: SwiftProtobuf.Message, SwiftProto
     if lhs.maxLevel != rhs.maxLevel {return false}
     if lhs.defaultLevel != rhs.defaultLevel {return false}
     if lhs.engines != rhs.engines {return false}
+    if lhs.cipher != rhs.cipher {return false}
+    if lhs.digest != rhs.digest {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
