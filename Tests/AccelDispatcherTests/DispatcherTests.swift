@@ -10,7 +10,7 @@ import Testing
 /// Admission, deadlines and cancellation against a real (slow) device.
 @Suite(.timeLimit(.minutes(2))) struct DispatcherTests {
   /// A device slow enough that jobs visibly wait: 1 engine at `capMBps`.
-  final class Rig: Sendable {
+  final class Rig: @unchecked Sendable {
     let device: EmulatedDevice
     let driver: DeviceDriver
     let dispatcher: Dispatcher
