@@ -15,6 +15,8 @@ public struct DeviceConfiguration: Sendable, Equatable {
   public var idleSpin: Duration
   /// Longest a parked engine sleeps before it re-checks state and bumps the heartbeat.
   public var parkTimeout: Duration
+  /// Most bytes of queue regions the device may hold at once; nil = unbounded.
+  public var memoryBudget: UInt64? = nil
   /// Key slots per queue (ABI 1.1), for crypto jobs in flight.
   public var keySlots: UInt32 = 256
   /// Arbitration weight of each queue (weighted round-robin); missing entries default to 1.

@@ -110,6 +110,9 @@ public final class DeviceQueue: @unchecked Sendable {
     }
   }
 
+  /// Stops the queue: engines take no more descriptors from it.
+  func stop() { stateFlags.fetchOr(ACCEL_QF_STOPPED) }
+
   func markError(_ status: DeviceStatus) {
     if stateFlags.fetchOr(ACCEL_QF_ERROR) & ACCEL_QF_ERROR == 0 {
       errorStatus.storeRelease(UInt32(status.rawValue))

@@ -13,8 +13,20 @@ internal import Synchronization
 /// for `idleSpin`, then set `sq_need_wakeup` and park on the doorbell futexes.
 public final class EmulatedDevice: @unchecked Sendable {
   public let configuration: DeviceConfiguration
-  public let queues: [DeviceQueue]
   public let engines: [EngineStats]
+
+  /// Live queues. Engines work from a snapshot and re-read it when `queueGeneration` moves.
+  private let queueSet = Mutex<[DeviceQueue]>([])
+  private let queueGeneration = Atomic<UInt64>(0)
+  private let nextQueueID = Atomic<UInt32>(0)
+  /// Engines also park on this word, so adding or removing a queue wakes them.
+  private let controlWord = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
+  private let controlDoorbell: SharedWord
+
+  /// The queues currently allocated.
+  public var queues: [DeviceQueue] { queueSet.withLock { $0 } }
+  /// Bytes of all live queue regions (accounted against `memoryBudget`).
+  public var regionBytes: UInt64 { queues.reduce(0) { $0 + $1.region.layout.regionSize } }
 
   private let running = Atomic<Bool>(false)
   /// Engines currently parked; the need-wakeup flags are cleared when it drops to 0.
@@ -23,30 +35,69 @@ public final class EmulatedDevice: @unchecked Sendable {
   /// Busy engines bump every queue's heartbeat at least this often (ns); parked ones on each wake-up.
   static let heartbeatInterval: UInt64 = 10_000_000
 
+  /// Builds the device with `configuration.queueCount` queues allocated up front
+  /// (the embedded layout); a standalone daemon starts with none and allocates
+  /// queues as gateways ask for them.
   public init(configuration: DeviceConfiguration = .defaults) throws(DeviceError) {
-    guard configuration.queueCount >= 1, configuration.queueCount <= 128, configuration.engineCount >= 1 else {
-      throw .invalidConfiguration("need 1...128 queues and at least one engine")
+    guard configuration.queueCount >= 0, configuration.queueCount <= 128, configuration.engineCount >= 1 else {
+      throw .invalidConfiguration("need 0...128 queues and at least one engine")
     }
     self.configuration = configuration
+    controlWord.initialize(to: 0)
+    controlDoorbell = SharedWord(controlWord)
+    self.engines = (0..<configuration.engineCount).map { EngineStats(id: $0) }
+    for i in 0..<configuration.queueCount {
+      let weight = i < configuration.queueWeights.count ? max(1, configuration.queueWeights[i]) : 1
+      _ = try allocateQueue(weight: weight)
+    }
+  }
+
+  deinit {
+    stop()
+    controlWord.deallocate()
+  }
+
+  /// Creates a queue region with the configured geometry and adds it to arbitration.
+  /// - Throws: `.budget` when the region would exceed `memoryBudget`.
+  public func allocateQueue(weight: UInt32, dataPoolBytes: UInt64? = nil) throws(DeviceError) -> DeviceQueue {
     let layout: RegionLayout
     do {
       layout = try RegionLayout(
         sqEntries: configuration.sqEntries, cqEntries: configuration.sqEntries,
-        dataPoolBytes: configuration.dataPoolBytes, keySlots: configuration.keySlots)
+        dataPoolBytes: dataPoolBytes ?? configuration.dataPoolBytes, keySlots: configuration.keySlots)
     } catch { throw .invalidConfiguration(error.description) }
-    var queues: [DeviceQueue] = []
-    for i in 0..<configuration.queueCount {
-      let weight = i < configuration.queueWeights.count ? max(1, configuration.queueWeights[i]) : 1
-      do {
-        let region = try QueueRegion.create(layout: layout, queueID: UInt32(i), weight: weight, name: "accelgate-q\(i)")
-        queues.append(DeviceQueue(region: region))
-      } catch { throw .region(error.description) }
+    guard queues.count < 128 else { throw .budget("the device has 128 queues already") }
+    if let budget = configuration.memoryBudget, regionBytes + layout.regionSize > budget {
+      throw .budget("queue of \(layout.regionSize) bytes exceeds the device memory budget (\(regionBytes) of \(budget) in use)")
     }
-    self.queues = queues
-    self.engines = (0..<configuration.engineCount).map { EngineStats(id: $0) }
+    let id = nextQueueID.add(1, ordering: .relaxed).oldValue
+    let queue: DeviceQueue
+    do {
+      let region = try QueueRegion.create(layout: layout, queueID: id, weight: max(1, weight), name: "accelgate-q\(id)")
+      queue = DeviceQueue(region: region)
+    } catch { throw .region(error.description) }
+    queueSet.withLock { $0.append(queue) }
+    queuesChanged()
+    return queue
   }
 
-  deinit { stop() }
+  /// Stops a queue and removes it from arbitration. Its region is unmapped once
+  /// no engine holds it; descriptors still in its ring are never run.
+  public func releaseQueue(id: UInt32) {
+    let removed = queueSet.withLock { qs -> DeviceQueue? in
+      guard let i = qs.firstIndex(where: { $0.id == id }) else { return nil }
+      return qs.remove(at: i)
+    }
+    guard let removed else { return }
+    removed.stop()
+    queuesChanged()
+  }
+
+  private func queuesChanged() {
+    queueGeneration.add(1, ordering: .sequentiallyConsistent)
+    controlDoorbell.fetchAdd(1)
+    controlDoorbell.wake()
+  }
 
   /// Starts the engine threads. Idempotent.
   public func start() {
@@ -69,10 +120,8 @@ public final class EmulatedDevice: @unchecked Sendable {
     guard running.compareExchange(expected: true, desired: false, ordering: .sequentiallyConsistent).exchanged else {
       return
     }
-    for q in queues {
-      q.sqDoorbell.fetchAdd(1)
-      q.sqDoorbell.wake()
-    }
+    controlDoorbell.fetchAdd(1)
+    controlDoorbell.wake()
     exited.wait()
   }
 
@@ -80,6 +129,9 @@ public final class EmulatedDevice: @unchecked Sendable {
 
   /// A new file descriptor for queue `index`'s memfd, for a driver to map.
   public func exportQueue(_ index: Int) -> Int32 { dup(queues[index].region.fd) }
+
+  /// A new file descriptor for the queue with `id`, or nil.
+  public func exportQueue(id: UInt32) -> Int32? { queues.first { $0.id == id }.map { dup($0.region.fd) } }
 
   // MARK: engine loop
 
@@ -89,12 +141,21 @@ public final class EmulatedDevice: @unchecked Sendable {
     let spinNs = configuration.idleSpin.nanoseconds
     let capBytesPerNs = configuration.engineThroughputCapMBps.map { $0 * 1e6 / 1e9 }
     // Weighted round-robin: a queue may take `weight` descriptors in a row.
-    var cursor = stats.id % queues.count
-    var credit = queues[cursor].weight
+    var generation = queueGeneration.load(ordering: .sequentiallyConsistent)
+    var queues = self.queues
+    var cursor = queues.isEmpty ? 0 : stats.id % queues.count
+    var credit = queues.isEmpty ? 1 : queues[cursor].weight
     var lastWork = SharedMemory.nowNanoseconds()
     var lastBeat = lastWork
 
     while running.load(ordering: .relaxed) {
+      let current = queueGeneration.load(ordering: .sequentiallyConsistent)
+      if current != generation {
+        generation = current
+        queues = self.queues
+        cursor = queues.isEmpty ? 0 : cursor % queues.count
+        credit = queues.isEmpty ? 1 : queues[cursor].weight
+      }
       var didWork = false
       for step in 0..<queues.count {
         let q = queues[(cursor + step) % queues.count]
@@ -122,7 +183,7 @@ public final class EmulatedDevice: @unchecked Sendable {
       } else if now &- lastWork < spinNs {
         SharedMemory.cpuRelax()
       } else {
-        park(stats)
+        park(stats, queues: queues, generation: generation)
         lastWork = SharedMemory.nowNanoseconds()
       }
     }
@@ -132,16 +193,19 @@ public final class EmulatedDevice: @unchecked Sendable {
   /// engine stores `sq_need_wakeup = 1`, fence, loads `sq_tail`;
   /// driver stores `sq_tail`, fence, loads `sq_need_wakeup`.
   /// One of them always sees the other's store, so no wake-up is lost.
-  private func park(_ stats: EngineStats) {
+  /// Also parks on the device's control word, so a queue added or removed (which
+  /// bumps it) wakes the engine to take a fresh snapshot.
+  private func park(_ stats: EngineStats, queues: [DeviceQueue], generation: UInt64) {
     sleepers.add(1, ordering: .sequentiallyConsistent)
     for q in queues { q.sqNeedWakeup.storeSeqCst(1) }
     SharedMemory.fence()
+    let seenControl = controlDoorbell.loadAcquire()
     let seen = queues.map { $0.sqDoorbell.loadAcquire() }
     let pending = queues.contains { $0.hasPendingWork }
-    if !pending && running.load(ordering: .relaxed) {
+    if !pending && running.load(ordering: .relaxed) && queueGeneration.load(ordering: .sequentiallyConsistent) == generation {
       stats.parks.add(1, ordering: .relaxed)
       SharedMemory.waitAny(
-        queues.map { $0.sqDoorbell.pointer }, expected: seen,
+        [controlDoorbell.pointer] + queues.map { $0.sqDoorbell.pointer }, expected: [seenControl] + seen,
         timeoutNanoseconds: configuration.parkTimeout.nanoseconds)
     }
     for q in queues { q.heartbeat.fetchAdd(1) }
@@ -271,11 +335,13 @@ public final class EngineStats: Sendable {
 public enum DeviceError: Error, CustomStringConvertible {
   case invalidConfiguration(String)
   case region(String)
+  case budget(String)
 
   public var description: String {
     switch self {
     case .invalidConfiguration(let why): "invalid device configuration: \(why)"
     case .region(let why): "cannot create queue region: \(why)"
+    case .budget(let why): "out of device memory: \(why)"
     }
   }
 }

@@ -94,9 +94,12 @@ public struct AdmissionControl: Sendable {
       return .tooManyQueuedBytes(retryAfterNanoseconds: hint)
     }
     if let rate = a.limits.maxBytesPerSecond, rate > 0 {
-      let elapsed = Double(now &- a.refilledAt) / 1e9
+      // Callers may read their clock before taking the lock that serialises
+      // admissions, so `now` can be slightly behind the last refill: never
+      // let time run backwards (an unsigned wrap would refill the bucket).
+      let elapsed = now > a.refilledAt ? Double(now - a.refilledAt) / 1e9 : 0
       a.tokens = min(Self.burst(a.limits), a.tokens + elapsed * Double(rate))
-      a.refilledAt = now
+      a.refilledAt = max(a.refilledAt, now)
       guard a.tokens >= Double(bytes) else {
         let wait = (Double(bytes) - a.tokens) / Double(rate)
         return .rateLimited(retryAfterNanoseconds: UInt64(wait * 1e9))

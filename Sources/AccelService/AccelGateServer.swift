@@ -61,6 +61,7 @@ public final class AccelGateServer: Sendable {
           $0.rpc.maxRequestPayloadSize = configuration.transportMaxRequestBytes
           $0.http2.maxFrameSize = configuration.http2MaxFrameSize
           $0.http2.targetWindowSize = configuration.http2TargetWindowSize
+          $0.http2.maxConcurrentStreams = configuration.maxConcurrentStreams
         }
       ),
       services: [service],

@@ -37,6 +37,9 @@ public struct ServiceConfiguration: Sendable {
   public var defaultTenantLimits: TenantLimits = .defaults
   /// Which policy orders waiting jobs: weighted fair (default) or FIFO for comparison.
   public var scheduler: SchedulerKind = .fair
+  /// Concurrent streams per HTTP/2 connection, advertised to clients so they
+  /// queue calls instead of overrunning the server.
+  public var maxConcurrentStreams: Int = 256
   /// The embedded device.
   public var device: DeviceConfiguration = .defaults
 

@@ -102,10 +102,13 @@ extension AcceleratorService {
     while true {
       do {
         return try await run(job, operation: operation, outputLimit: outputLimit, deadline: deadline)
-      } catch let e as RPCError where e.code == .resourceExhausted && e.metadata[stringValues: "retry-after-ms"].first(where: { _ in true }) != nil {
-        if Task.isCancelled || deadline.hasPassed { throw e }
+      } catch let e as RPCError where e.code == .resourceExhausted {
+        guard let hint = e.metadata[stringValues: "retry-after-ms"].first(where: { _ in true }).flatMap({ Int64($0) }),
+          !Task.isCancelled, !deadline.hasPassed
+        else { throw e }
+        // Queue full: wait for room. Rate-limited: wait out the hint the bucket gave.
         await dispatcher.waitForRoom(tenant: job.tenant)
-        try await Task.sleep(for: .milliseconds(1))
+        try await Task.sleep(for: .milliseconds(min(max(hint, 1), 1000)))
       }
     }
   }

@@ -33,6 +33,8 @@ struct Serve: AsyncParsableCommand {
   var inFlightPerQueue = ServiceConfiguration.defaults.inFlightPerQueue
   @Option(help: "Estimated device time kept in flight per hardware queue, in microseconds (one job always fits).")
   var inFlightBudgetUs = 2000
+  @Option(help: "Concurrent streams per HTTP/2 connection (advertised to clients).")
+  var maxConcurrentStreams = ServiceConfiguration.defaults.maxConcurrentStreams
   @Option(help: "Most descriptors per doorbell.") var maxBatch = ServiceConfiguration.defaults.maxBatch
   @Option(help: "Deadline in milliseconds for calls that set none.") var defaultDeadlineMs = 30_000
   @Option(help: "Hardware queues on the embedded device.") var queues = DeviceConfiguration.defaults.queueCount
@@ -66,6 +68,7 @@ struct Serve: AsyncParsableCommand {
       $0.inFlightPerQueue = inFlightPerQueue
       $0.inFlightBudget = .microseconds(inFlightBudgetUs)
       $0.maxBatch = maxBatch
+      $0.maxConcurrentStreams = maxConcurrentStreams
       $0.defaultDeadline = .milliseconds(defaultDeadlineMs)
       $0.device.queueCount = queues
       $0.device.engineCount = engines

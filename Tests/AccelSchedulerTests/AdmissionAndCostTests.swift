@@ -36,6 +36,17 @@ import Testing
   }
 }
 
+extension AdmissionTests {
+  @Test func aClockReadingFromThePastDoesNotRefillTheBucket() {
+    var a = AdmissionControl()
+    a.setLimits(TenantLimits(maxQueuedJobs: 1000, maxPayloadBytes: 1000, maxBytesPerSecond: 1000), for: "t", now: 5_000)
+    #expect(a.admit(tenant: "t", bytes: 1000, now: 5_000, drainEstimate: 0) == nil)
+    // A caller that read its clock just before the previous admission took the lock.
+    #expect(a.admit(tenant: "t", bytes: 1000, now: 4_999, drainEstimate: 0) != nil)
+    #expect(a.admit(tenant: "t", bytes: 1000, now: 5_000, drainEstimate: 0) != nil)
+  }
+}
+
 @Suite struct CostModelTests {
   let gzipFast = CostModel.JobClass(operation: 1, algorithm: 3, band: 1)
 

@@ -17,7 +17,10 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -146,5 +149,105 @@ static inline int accel_errno(void) { return errno; }
 
 /** memset that the compiler may not drop (explicit_bzero semantics). */
 static inline void accel_explicit_zero(void *p, size_t n) { explicit_bzero(p, n); }
+
+/* ---- Unix-socket control channel ------------------------------------------ */
+
+/** Listens on a Unix stream socket at path (removing a stale one) with the given mode. -1 on error. */
+static inline int accel_unix_listen(const char *path, int mode) {
+    struct sockaddr_un a;
+    if (strlen(path) >= sizeof(a.sun_path)) { errno = ENAMETOOLONG; return -1; }
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    memset(&a, 0, sizeof(a));
+    a.sun_family = AF_UNIX;
+    strcpy(a.sun_path, path);
+    unlink(path);
+    mode_t old = umask(0177);
+    int rc = bind(fd, (struct sockaddr *)&a, sizeof(a));
+    umask(old);
+    if (rc < 0 || chmod(path, (mode_t)mode) < 0 || listen(fd, 64) < 0) { int e = errno; close(fd); errno = e; return -1; }
+    return fd;
+}
+
+static inline int accel_unix_accept(int fd) { return accept4(fd, NULL, NULL, SOCK_CLOEXEC); }
+
+static inline int accel_unix_connect(const char *path) {
+    struct sockaddr_un a;
+    if (strlen(path) >= sizeof(a.sun_path)) { errno = ENAMETOOLONG; return -1; }
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    memset(&a, 0, sizeof(a));
+    a.sun_family = AF_UNIX;
+    strcpy(a.sun_path, path);
+    if (connect(fd, (struct sockaddr *)&a, sizeof(a)) < 0) { int e = errno; close(fd); errno = e; return -1; }
+    return fd;
+}
+
+/** The connecting process's credentials (SO_PEERCRED). 0 on success. */
+static inline int accel_peer_cred(int fd, int32_t *pid, uint32_t *uid, uint32_t *gid) {
+    struct ucred c;
+    socklen_t n = sizeof(c);
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &c, &n) < 0) return -1;
+    *pid = c.pid; *uid = c.uid; *gid = c.gid;
+    return 0;
+}
+
+/** Sends all of buf, with up to 8 file descriptors attached to the first byte. 0 on success. */
+static inline int accel_send_with_fds(int fd, const void *buf, size_t len, const int *fds, int nfds) {
+    char control[CMSG_SPACE(8 * sizeof(int))];
+    size_t sent = 0;
+    while (sent < len) {
+        struct iovec iov = { (char *)buf + sent, len - sent };
+        struct msghdr m;
+        memset(&m, 0, sizeof(m));
+        m.msg_iov = &iov;
+        m.msg_iovlen = 1;
+        if (sent == 0 && nfds > 0) {
+            if (nfds > 8) { errno = EINVAL; return -1; }
+            memset(control, 0, sizeof(control));
+            m.msg_control = control;
+            m.msg_controllen = CMSG_SPACE((size_t)nfds * sizeof(int));
+            struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+            c->cmsg_level = SOL_SOCKET;
+            c->cmsg_type = SCM_RIGHTS;
+            c->cmsg_len = CMSG_LEN((size_t)nfds * sizeof(int));
+            memcpy(CMSG_DATA(c), fds, (size_t)nfds * sizeof(int));
+        }
+        ssize_t n = sendmsg(fd, &m, MSG_NOSIGNAL);
+        if (n < 0) { if (errno == EINTR) continue; return -1; }
+        sent += (size_t)n;
+    }
+    return 0;
+}
+
+/** Receives exactly len bytes, collecting up to max_fds passed descriptors. 0 on success, -1 on error or EOF. */
+static inline int accel_recv_with_fds(int fd, void *buf, size_t len, int *fds, int max_fds, int *nfds) {
+    char control[CMSG_SPACE(8 * sizeof(int))];
+    size_t got = 0;
+    *nfds = 0;
+    while (got < len) {
+        struct iovec iov = { (char *)buf + got, len - got };
+        struct msghdr m;
+        memset(&m, 0, sizeof(m));
+        m.msg_iov = &iov;
+        m.msg_iovlen = 1;
+        m.msg_control = control;
+        m.msg_controllen = sizeof(control);
+        ssize_t n = recvmsg(fd, &m, MSG_CMSG_CLOEXEC);
+        if (n < 0) { if (errno == EINTR) continue; return -1; }
+        if (n == 0) { errno = ECONNRESET; return -1; }
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
+            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+                int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+                int *in = (int *)CMSG_DATA(c);
+                for (int i = 0; i < k; i++) {
+                    if (*nfds < max_fds) fds[(*nfds)++] = in[i]; else close(in[i]);
+                }
+            }
+        }
+        got += (size_t)n;
+    }
+    return 0;
+}
 
 #endif /* ACCEL_SYS_H */
