@@ -10,7 +10,10 @@ public import Logging
 /// The whole gateway in one process: embedded device, driver, dispatcher and gRPC server.
 public final class AccelGateServer: Sendable {
   public let configuration: ServiceConfiguration
-  let device: EmulatedDevice
+  /// The embedded device, or nil when a standalone daemon serves the queues.
+  let device: EmulatedDevice?
+  /// The session with a standalone daemon; closing it gives the queues back.
+  let deviceClient: DeviceClient?
   let dispatcher: Dispatcher
   let directory: TenantDirectory
   let keyring: KeyringDirectory
@@ -30,9 +33,25 @@ public final class AccelGateServer: Sendable {
       throw ConfigurationError(
         "device data pool (\(configuration.device.dataPoolBytes) bytes) cannot hold the largest job (\(worstJob) bytes)")
     }
-    let device = try EmulatedDevice(configuration: configuration.device)
-    device.start()
-    let driver = try DeviceDriver(queueFileDescriptors: (0..<device.queues.count).map { device.exportQueue($0) })
+    let fds: [Int32]
+    if let address = configuration.deviceAddress {
+      let client = try DeviceClient(address: address)
+      var got: [Int32] = []
+      for _ in 0..<max(1, configuration.device.queueCount) {
+        got.append(try client.allocateQueue(weight: configuration.queueWeight).fd)
+      }
+      fds = got
+      self.deviceClient = client
+      self.device = nil
+      logger.info("attached to device", metadata: ["device": "\(address)", "queues": "\(got.count)"])
+    } else {
+      let device = try EmulatedDevice(configuration: configuration.device)
+      device.start()
+      fds = (0..<device.queues.count).map { device.exportQueue($0) }
+      self.device = device
+      self.deviceClient = nil
+    }
+    let driver = try DeviceDriver(queueFileDescriptors: fds)
     var dc = DispatcherConfiguration.defaults
     dc.maxQueuedJobs = configuration.maxQueuedJobs
     dc.inFlightPerQueue = configuration.inFlightPerQueue
@@ -45,7 +64,6 @@ public final class AccelGateServer: Sendable {
     let directory = try TenantDirectory(path: configuration.tenantsFile, defaultLimits: tenantLimits)
     let dispatcher = Dispatcher(driver: driver, configuration: dc, tenants: directory.current.policies, logger: logger)
     dispatcher.start()
-    self.device = device
     self.dispatcher = dispatcher
     self.directory = directory
     let keyring = try KeyringDirectory(path: configuration.keyringFile)
@@ -74,7 +92,7 @@ public final class AccelGateServer: Sendable {
     defer {
       dispatcher.shutdown()
       dispatcher.driver.stop()
-      device.stop()
+      device?.stop()
     }
     try await server.serve()
   }

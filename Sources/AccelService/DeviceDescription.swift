@@ -14,7 +14,7 @@ enum DeviceDescription {
     var r = Accelgate_V1_DescribeDeviceResponse()
     let snapshot = dispatcher.snapshot
     r.device.name = "accelgate-emulated"
-    r.device.mode = "embedded"
+    r.device.mode = device == nil ? "external" : "embedded"
     r.device.abiVersion = "\(ACCEL_ABI_VERSION_MAJOR).\(ACCEL_ABI_VERSION_MINOR)"
     r.device.healthy = (device?.isRunning ?? true) && dispatcher.driver.queues.allSatisfy(\.isHealthy)
     for q in dispatcher.driver.queues {

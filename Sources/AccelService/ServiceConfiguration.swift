@@ -40,7 +40,11 @@ public struct ServiceConfiguration: Sendable {
   /// Concurrent streams per HTTP/2 connection, advertised to clients so they
   /// queue calls instead of overrunning the server.
   public var maxConcurrentStreams: Int = 256
-  /// The embedded device.
+  /// A standalone device daemon to use (`unix:///run/accelgate/dev0.sock`); nil embeds one.
+  public var deviceAddress: String? = nil
+  /// Arbitration weight of this gateway's queues on a shared device (fairness between gateways).
+  public var queueWeight: UInt32 = 1
+  /// The embedded device (also: how many queues to ask a standalone device for).
   public var device: DeviceConfiguration = .defaults
 
   public init() {}

@@ -15,7 +15,7 @@ struct AccelGate: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "accelgate",
     abstract: "Share compression and crypto accelerators between tenants over gRPC.",
-    subcommands: [Serve.self, HashKey.self, GenKey.self],
+    subcommands: [Serve.self, Device.self, HashKey.self, GenKey.self],
     defaultSubcommand: Serve.self
   )
 }
@@ -46,6 +46,9 @@ struct Serve: AsyncParsableCommand {
   @Option(help: "Engine idle spin before parking, in microseconds.") var idleSpinUs = 50
   @Option(help: "Tenants file (YAML); without it a single open 'default' tenant serves every call.")
   var tenants: String?
+  @Option(help: "Standalone device to use, e.g. unix:///run/accelgate/dev0.sock (default: embedded device).")
+  var device: String?
+  @Option(help: "Arbitration weight of this gateway's queues on a shared device.") var queueWeight: UInt32 = 1
   @Option(help: "Keyring file (YAML) of named, versioned keys per tenant; reloaded on SIGHUP.") var keyring: String?
   @Option(help: "File persisting per-key-version nonce counts (JSON).") var nonceState: String?
   @Option(help: "Audit log of key operations (JSON lines).") var auditLog: String?
@@ -77,6 +80,8 @@ struct Serve: AsyncParsableCommand {
       $0.device.engineThroughputCapMBps = engineCapMbps > 0 ? engineCapMbps : nil
       $0.device.idleSpin = .microseconds(idleSpinUs)
       $0.tenantsFile = tenants
+      $0.deviceAddress = device
+      $0.queueWeight = queueWeight
       $0.keyringFile = keyring
       $0.nonceStateFile = nonceState
       $0.auditLogFile = auditLog
@@ -110,6 +115,49 @@ struct Serve: AsyncParsableCommand {
       }
     }
     _ = signals
+  }
+}
+
+/// `accelgate device`: a standalone emulated device that gateways share over a Unix socket.
+struct Device: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    abstract: "Run a standalone device daemon; gateways attach with --device unix://PATH.")
+  @Option(help: "Control socket path.") var socket = "/run/accelgate/dev0.sock"
+  @Option(help: "Engine threads.") var engines = DeviceConfiguration.defaults.engineCount
+  @Option(help: "Submission ring entries per queue (power of two).")
+  var sqEntries = Int(DeviceConfiguration.defaults.sqEntries)
+  @Option(help: "Data pool per queue, in MiB.") var poolMib = Int(DeviceConfiguration.defaults.dataPoolBytes >> 20)
+  @Option(help: "Total bytes of queue regions, in MiB (0 = unbounded).") var memoryBudgetMib = 0
+  @Option(help: "Per-engine throughput cap in MB/s (0 = uncapped).") var engineCapMbps: Double = 0
+  @Option(help: "Engine idle spin before parking, in microseconds.") var idleSpinUs = 50
+  @Option(help: "Another user id allowed to attach (root and the daemon's own user always are).")
+  var allowUid: [UInt32] = []
+
+  func run() throws {
+    let device = try EmulatedDevice(
+      configuration: .defaults {
+        $0.queueCount = 0
+        $0.engineCount = engines
+        $0.sqEntries = UInt32(sqEntries)
+        $0.dataPoolBytes = UInt64(poolMib) << 20
+        $0.memoryBudget = memoryBudgetMib > 0 ? UInt64(memoryBudgetMib) << 20 : nil
+        $0.engineThroughputCapMBps = engineCapMbps > 0 ? engineCapMbps : nil
+        $0.idleSpin = .microseconds(idleSpinUs)
+      })
+    device.start()
+    var config = ControlServer.Configuration(socketPath: socket)
+    config.allowedUIDs = Set(allowUid)
+    let logger = Logger(label: "accelgate.device")
+    let server = try ControlServer(device: device, configuration: config) { logger.notice("\($0)") }
+    server.start()
+    print("accelgate device listening on \(socket)")
+    fflush(nil)
+    let done = DispatchSemaphore(value: 0)
+    let signals = SignalHandler(onTerminate: { done.signal() }, onHangup: {})
+    done.wait()
+    _ = signals
+    server.stop()
+    device.stop()
   }
 }
 

@@ -1,0 +1,125 @@
+public import FoundationEssentials
+internal import CAccelSys
+import Glibc
+
+/// The device's Unix-socket control channel (the UACCE-style "kernel" side of
+/// a standalone device): capability query, queue allocation and release, and a
+/// heartbeat. Frames are a little-endian u32 length followed by a JSON object;
+/// an `alloc` reply carries the queue's memfd as SCM_RIGHTS ancillary data.
+/// Documented in docs/DEVICE_ABI.md §10.
+public enum ControlProtocol {
+  /// Bumped when a message changes incompatibly; checked in `hello`.
+  public static let version = 1
+  public static let maxFrame = 64 * 1024
+}
+
+public struct ControlRequest: Codable, Sendable {
+  public enum Op: String, Codable, Sendable { case hello, capabilities, alloc, release, heartbeat }
+  public var op: Op
+  /// hello: the driver's ABI version (`major << 16 | minor`).
+  public var abi: UInt32?
+  /// alloc: arbitration weight for the new queue.
+  public var weight: UInt32?
+  /// release: the queue to give back.
+  public var queue: UInt32?
+  public init(op: Op, abi: UInt32? = nil, weight: UInt32? = nil, queue: UInt32? = nil) {
+    self.op = op
+    self.abi = abi
+    self.weight = weight
+    self.queue = queue
+  }
+}
+
+public struct ControlResponse: Codable, Sendable {
+  public var ok: Bool
+  public var error: String?
+  public var abi: UInt32?
+  public var device: String?
+  public var queue: UInt32?
+  public var engines: Int?
+  public var queues: Int?
+  public var heartbeat: UInt64?
+  public var regionBytes: UInt64?
+  public var memoryBudget: UInt64?
+  public var engineThroughputCapMBps: Double?
+  public var algorithms: [String]?
+  public init(ok: Bool, error: String? = nil) {
+    self.ok = ok
+    self.error = error
+  }
+  public static func failure(_ why: String) -> Self { Self(ok: false, error: why) }
+}
+
+/// Failures on the control channel.
+public enum ControlError: Error, CustomStringConvertible, Equatable {
+  case io(String)
+  case refused(String)
+  case protocolViolation(String)
+  public var description: String {
+    switch self {
+    case .io(let s): "device control channel: \(s)"
+    case .refused(let s): "device refused: \(s)"
+    case .protocolViolation(let s): "device control protocol: \(s)"
+    }
+  }
+}
+
+/// One end of a control connection: framed JSON with optional passed descriptors.
+public struct ControlConnection: Sendable {
+  public let fd: Int32
+  public init(fd: Int32) { self.fd = fd }
+
+  public static func connect(path: String) throws(ControlError) -> ControlConnection {
+    let fd = accel_unix_connect(path)
+    guard fd >= 0 else { throw .io("connect \(path): \(String(cString: strerror(accel_errno())))") }
+    return ControlConnection(fd: fd)
+  }
+
+  public func send<T: Encodable>(_ message: T, passing fds: [Int32] = []) throws(ControlError) {
+    let body: Data
+    do { body = try JSONEncoder().encode(message) } catch { throw .protocolViolation("encode: \(error)") }
+    var frame = withUnsafeBytes(of: UInt32(body.count).littleEndian) { Array($0) }
+    frame.append(contentsOf: body)
+    let rc = fds.withUnsafeBufferPointer { f in
+      frame.withUnsafeBytes { accel_send_with_fds(fd, $0.baseAddress, $0.count, f.baseAddress, Int32(f.count)) }
+    }
+    guard rc == 0 else { throw .io("send: \(String(cString: strerror(accel_errno())))") }
+  }
+
+  /// Reads one message and any descriptors passed with it. The caller owns the descriptors.
+  public func receive<T: Decodable>(_ type: T.Type) throws(ControlError) -> (T, [Int32]) {
+    var header = [UInt8](repeating: 0, count: 4)
+    var fds = [Int32](repeating: -1, count: 8)
+    var nfds: Int32 = 0
+    guard accel_recv_with_fds(fd, &header, 4, &fds, 8, &nfds) == 0 else { throw .io("connection closed") }
+    var passed = Array(fds.prefix(Int(nfds)))
+    let length = Int(header.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }.littleEndian)
+    guard length > 0, length <= ControlProtocol.maxFrame else {
+      passed.forEach { _ = Glibc.close($0) }
+      throw .protocolViolation("frame of \(length) bytes")
+    }
+    var body = [UInt8](repeating: 0, count: length)
+    var more = [Int32](repeating: -1, count: 8)
+    guard accel_recv_with_fds(fd, &body, length, &more, 8, &nfds) == 0 else {
+      passed.forEach { _ = Glibc.close($0) }
+      throw .io("connection closed mid-frame")
+    }
+    passed += more.prefix(Int(nfds))
+    do {
+      return (try JSONDecoder().decode(T.self, from: Data(body)), passed)
+    } catch {
+      passed.forEach { _ = Glibc.close($0) }
+      throw .protocolViolation("bad message: \(error)")
+    }
+  }
+
+  public func close() { _ = Glibc.close(fd) }
+
+  /// The peer's process, user and group (SO_PEERCRED).
+  public func peer() -> (pid: Int32, uid: UInt32, gid: UInt32)? {
+    var pid: Int32 = 0
+    var uid: UInt32 = 0
+    var gid: UInt32 = 0
+    return accel_peer_cred(fd, &pid, &uid, &gid) == 0 ? (pid, uid, gid) : nil
+  }
+}
