@@ -39,7 +39,11 @@ package struct DispatcherConfiguration: Sendable {
 /// batches. The reaper resumes the caller, which copies the output out and
 /// frees the buffers. One pumper runs at a time; others leave it a note.
 package final class Dispatcher: Sendable {
-  package let driver: DeviceDriver
+  private let driverRef: Mutex<DeviceDriver>
+  /// Set while the device is gone: new jobs fail at once with UNAVAILABLE.
+  private let detachedReason = Mutex<String?>(nil)
+  /// The driver jobs go to now (replaced when a standalone device comes back).
+  package var driver: DeviceDriver { driverRef.withLock { $0 } }
   package let configuration: DispatcherConfiguration
   private let logger: Logger
   private let state: Mutex<State>
@@ -50,7 +54,8 @@ package final class Dispatcher: Sendable {
 
   private enum Outcome: Sendable {
     case completed(
-      Completion, Lease, enqueuedAt: ContinuousClock.Instant, dispatchedAt: ContinuousClock.Instant, batchSize: Int)
+      Completion, Lease, DriverQueue, enqueuedAt: ContinuousClock.Instant, dispatchedAt: ContinuousClock.Instant,
+      batchSize: Int)
     case failed(JobError)
   }
 
@@ -90,7 +95,7 @@ package final class Dispatcher: Sendable {
     driver: DeviceDriver, configuration: DispatcherConfiguration = .defaults, tenants: [TenantPolicy] = [],
     logger: Logger = Logger(label: "accelgate.dispatcher")
   ) {
-    self.driver = driver
+    self.driverRef = Mutex(driver)
     self.configuration = configuration
     self.logger = logger
     self.epoch = clock.now
@@ -134,6 +139,7 @@ package final class Dispatcher: Sendable {
 
   /// Starts the reaper hook and the deadline sweeper.
   package func start() {
+    let driver = self.driver
     driver.setAfterReap { [weak self] in self?.pump() }
     driver.start()
     let interval = configuration.sweepInterval
@@ -190,8 +196,10 @@ package final class Dispatcher: Sendable {
       await withCheckedContinuation { (cont: CheckedContinuation<Outcome, Never>) in
         let now = clock.now
         let jobClass = Self.jobClass(request)
+        let detached = detachedReason.withLock { $0 }
         let admitted = state.withLock { s -> JobError? in
           if s.shuttingDown { return .shuttingDown }
+          if let detached { return .unavailable(detached) }
           if let reason = s.cancelledEarly.removeValue(forKey: id) { return reason }
           if s.scheduler.count >= configuration.maxQueuedJobs {
             return .rejected(reason: .queueFull, retryAfterMilliseconds: retryHintLocked(s))
@@ -224,8 +232,7 @@ package final class Dispatcher: Sendable {
     switch outcome {
     case .failed(let e):
       throw e
-    case .completed(let completion, let lease, let enqueuedAt, let dispatchedAt, let batchSize):
-      let q = driver.queues[lease.queueIndex]
+    case .completed(let completion, let lease, let q, let enqueuedAt, let dispatchedAt, let batchSize):
       defer {
         q.release(lease)
         pump()
@@ -387,13 +394,15 @@ package final class Dispatcher: Sendable {
     }
   }
 
-  private typealias Work = (id: UInt64, lease: Lease, request: JobRequest)
+  private typealias Work = (id: UInt64, lease: Lease, request: JobRequest, queue: DriverQueue)
 
   /// Under the lock: pops jobs the device has room for and reserves their resources.
   private func takeDispatchable() -> [Work] {
     let now = clock.now
     var woken: [CheckedContinuation<Void, Never>] = []
     defer { for w in woken { w.resume() } }
+    guard detachedReason.withLock({ $0 == nil }) else { return [] }
+    let driver = self.driver
     return state.withLock { s -> [Work] in
       var work: [Work] = []
       let limit = configuration.maxBatch * driver.queues.count
@@ -414,7 +423,7 @@ package final class Dispatcher: Sendable {
             srcLength: UInt32(p.request.input.count), dstCapacity: UInt32(p.request.outputCapacity),
             auxLength: UInt32(p.request.aux.count), midCapacity: UInt32(p.request.midCapacity), key: p.request.key,
             sensitive: p.request.sensitive,
-            handler: { [weak self] c in self?.complete(id: id, completion: c) })
+            handler: { [weak self, queue] c in self?.complete(id: id, completion: c, queue: queue) })
           if reserved != nil { break }
         }
         // No room anywhere: the job keeps its place until slots or buffers free up.
@@ -427,7 +436,7 @@ package final class Dispatcher: Sendable {
         s.inFlightCost[qi] += next.cost
         s.jobs[id]?.lease = lease
         s.jobs[id]?.dispatchedAt = now
-        work.append((id, lease, p.request))
+        work.append((id, lease, p.request, driver.queues[qi]))
       }
       return work
     }
@@ -435,9 +444,9 @@ package final class Dispatcher: Sendable {
 
   /// Outside the lock: copies inputs into the pools and publishes them, one doorbell per queue batch.
   private func submit(_ work: [Work]) {
-    var byQueue: [Int: [Work]] = [:]
+    var byQueue: [ObjectIdentifier: [Work]] = [:]
     for w in work {
-      let queue = driver.queues[w.lease.queueIndex]
+      let queue = w.queue
       let dst = queue.input(w.lease)
       w.request.input.withUnsafeBytes { src in
         if let s = src.baseAddress, let d = dst.baseAddress, src.count > 0 { d.copyMemory(from: s, byteCount: src.count) }
@@ -446,40 +455,81 @@ package final class Dispatcher: Sendable {
         let aux = queue.aux(w.lease)
         w.request.aux.withUnsafeBytes { aux.baseAddress!.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
       }
-      byQueue[w.lease.queueIndex, default: []].append(w)
+      byQueue[ObjectIdentifier(w.queue), default: []].append(w)
     }
-    for (qi, jobs) in byQueue {
+    for (_, jobs) in byQueue {
       var start = 0
       while start < jobs.count {
         let chunk = jobs[start..<min(jobs.count, start + configuration.maxBatch)]
         state.withLock { s in for w in chunk { s.jobs[w.id]?.batchSize = chunk.count } }
         batchHistogram.withLock { $0[min(64, chunk.count)] += 1 }
-        driver.queues[qi].submit(chunk.map { (lease: $0.lease, steps: $0.request.steps) })
+        jobs[0].queue.submit(chunk.map { (lease: $0.lease, steps: $0.request.steps) })
         start += chunk.count
       }
     }
   }
 
   /// Reaper thread: a completion arrived for job `id`.
-  private func complete(id: UInt64, completion: Completion) {
+  private func complete(id: UInt64, completion: Completion, queue: DriverQueue) {
+    let current = driver
     let delivery = state.withLock { s -> (CheckedContinuation<Outcome, Never>, Outcome)? in
       guard let p = s.jobs.removeValue(forKey: id), let lease = p.lease else { return nil }
-      s.inFlight[lease.queueIndex] -= 1
-      s.inFlightCost[lease.queueIndex] -= min(s.inFlightCost[lease.queueIndex], p.job.cost)
+      // Counters belong to the current driver; a job of a replaced one no longer counts.
+      if lease.queueIndex < current.queues.count && current.queues[lease.queueIndex] === queue {
+        s.inFlight[lease.queueIndex] -= 1
+        s.inFlightCost[lease.queueIndex] -= min(s.inFlightCost[lease.queueIndex], p.job.cost)
+      }
       if completion.status == .ok {
         s.cost.observe(p.jobClass, bytes: p.request.input.count, engineNanoseconds: completion.engineNanoseconds)
       }
       s.scheduler.complete(p.job, actualCost: completion.engineNanoseconds, now: nanos(clock.now))
       if p.abandoned || p.continuation == nil {
-        driver.queues[lease.queueIndex].release(lease)
+        queue.release(lease)
         return nil
       }
       return (p.continuation!, .completed(
-          completion, lease, enqueuedAt: p.enqueuedAt, dispatchedAt: p.dispatchedAt ?? p.enqueuedAt,
+          completion, lease, queue, enqueuedAt: p.enqueuedAt, dispatchedAt: p.dispatchedAt ?? p.enqueuedAt,
           batchSize: p.batchSize))
     }
     if let (c, o) = delivery { c.resume(returning: o) }
   }
+
+  /// The device is gone (daemon died or its channel broke): jobs on it fail with
+  /// UNAVAILABLE now, waiting jobs too, and new jobs fail at once until `attach`.
+  package func detach(reason: String) {
+    detachedReason.withLock { $0 = reason }
+    let old = driver
+    old.failAll()  // completions with DEVICE_FAULT reach their callers as UNAVAILABLE
+    old.stop()
+    let waiting = state.withLock { s -> [CheckedContinuation<Outcome, Never>] in
+      var out: [CheckedContinuation<Outcome, Never>] = []
+      for (id, p) in s.jobs where p.lease == nil {
+        _ = s.scheduler.remove(id: id)
+        if let c = p.continuation { out.append(c) }
+        s.jobs[id] = nil
+        s.admission.leave(tenant: p.request.tenant, bytes: p.request.input.count)
+      }
+      return out
+    }
+    for c in waiting { c.resume(returning: .failed(.unavailable(reason))) }
+    logger.error("device detached", metadata: ["reason": "\(reason)"])
+  }
+
+  /// Uses a new driver (the device came back) and accepts jobs again.
+  package func attach(_ newDriver: DeviceDriver) {
+    state.withLock { s in
+      s.inFlight = Array(repeating: 0, count: newDriver.queues.count)
+      s.inFlightCost = Array(repeating: 0, count: newDriver.queues.count)
+    }
+    driverRef.withLock { $0 = newDriver }
+    newDriver.setAfterReap { [weak self] in self?.pump() }
+    newDriver.start()
+    detachedReason.withLock { $0 = nil }
+    logger.notice("device attached", metadata: ["queues": "\(newDriver.queues.count)"])
+    pump()
+  }
+
+  package var isAttached: Bool { detachedReason.withLock { $0 == nil } }
 
   /// Batch sizes seen so far: index = descriptors per doorbell.
   package var batchSizeCounts: [Int] { batchHistogram.withLock { $0 } }

@@ -1,5 +1,7 @@
 package import AccelABI
 internal import CAccelABI
+internal import Foundation
+internal import Synchronization
 import Glibc
 
 /// A gateway's session with a standalone device daemon: checks ABI versions,
@@ -8,6 +10,8 @@ import Glibc
 package final class DeviceClient: @unchecked Sendable {
   package let connection: ControlConnection
   package let deviceABI: UInt32
+  private let requestLock = Mutex<Void>(())
+  private let monitoring = Atomic<Bool>(false)
 
   /// Connects to `unix:///path` (or a bare path) and says hello.
   package init(address: String) throws(ControlError) {
@@ -27,12 +31,59 @@ package final class DeviceClient: @unchecked Sendable {
     }
   }
 
-  deinit { connection.close() }
+  deinit {
+    monitoring.store(false, ordering: .relaxed)
+    connection.close()
+  }
+
+  /// One request and its reply; requests from the heartbeat and from callers never interleave.
+  private func call(_ request: ControlRequest) throws(ControlError) -> (ControlResponse, [Int32]) {
+    try requestLock.withLock { _ throws(ControlError) in
+      try connection.send(request)
+      return try connection.receive(ControlResponse.self)
+    }
+  }
+
+  /// Starts a heartbeat thread: every `interval` it asks the daemon for its
+  /// heartbeat and calls `onLost` once if the channel breaks or the reply does
+  /// not come within `timeout` (a dead daemon is noticed within about 1 s).
+  package func monitor(
+    interval: Duration = .milliseconds(200), timeout: Duration = .milliseconds(800),
+    onLost: @escaping @Sendable (String) -> Void
+  ) {
+    guard !monitoring.exchange(true, ordering: .relaxed) else { return }
+    let t = Thread { [self] in
+      var reason: String?
+      while monitoring.load(ordering: .relaxed) && reason == nil {
+        reason = self.beat(timeout: timeout)
+        if reason == nil { Thread.sleep(forTimeInterval: Double(interval.components.seconds) + Double(interval.components.attoseconds) / 1e18) }
+      }
+      if let reason, monitoring.load(ordering: .relaxed) { onLost(reason) }
+    }
+    t.name = "accel-device-heartbeat"
+    t.start()
+  }
+
+  package func stopMonitoring() { monitoring.store(false, ordering: .relaxed) }
+
+  /// One heartbeat; nil if the daemon answered in time, else why not.
+  private func beat(timeout: Duration) -> String? {
+    requestLock.withLock { _ -> String? in
+      do { try connection.send(ControlRequest(op: .heartbeat)) } catch { return "\(error)" }
+      var p = pollfd(fd: connection.fd, events: Int16(POLLIN), revents: 0)
+      let ms = Int32(timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
+      guard poll(&p, 1, ms) == 1 else { return "device missed its heartbeat (no reply in \(ms) ms)" }
+      do {
+        let (reply, fds) = try connection.receive(ControlResponse.self)
+        fds.forEach { _ = close($0) }
+        return reply.ok ? nil : (reply.error ?? "heartbeat refused")
+      } catch { return "\(error)" }
+    }
+  }
 
   /// Allocates a queue with an arbitration weight; returns its id and memfd.
   package func allocateQueue(weight: UInt32) throws(ControlError) -> (id: UInt32, fd: Int32) {
-    try connection.send(ControlRequest(op: .alloc, weight: weight))
-    let (reply, fds) = try connection.receive(ControlResponse.self)
+    let (reply, fds) = try call(ControlRequest(op: .alloc, weight: weight))
     guard reply.ok, let id = reply.queue, let fd = fds.first else {
       fds.forEach { _ = close($0) }
       throw .refused(reply.error ?? "no queue")
@@ -42,13 +93,11 @@ package final class DeviceClient: @unchecked Sendable {
   }
 
   package func release(queue: UInt32) throws(ControlError) {
-    try connection.send(ControlRequest(op: .release, queue: queue))
-    let (reply, _) = try connection.receive(ControlResponse.self)
+    let (reply, _) = try call(ControlRequest(op: .release, queue: queue))
     guard reply.ok else { throw .refused(reply.error ?? "release refused") }
   }
 
   package func capabilities() throws(ControlError) -> ControlResponse {
-    try connection.send(ControlRequest(op: .capabilities))
-    return try connection.receive(ControlResponse.self).0
+    try call(ControlRequest(op: .capabilities)).0
   }
 }

@@ -56,6 +56,9 @@ package final class DeviceDriver: @unchecked Sendable {
     t.start()
   }
 
+  /// Fails every in-flight job on every queue (the device is gone).
+  package func failAll() { for q in queues { q.fault() } }
+
   package func stop() {
     guard running.compareExchange(expected: true, desired: false, ordering: .sequentiallyConsistent).exchanged else {
       return

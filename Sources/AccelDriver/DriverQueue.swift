@@ -345,6 +345,13 @@ package final class DriverQueue: @unchecked Sendable {
 
   package var hasCompletions: Bool { !faulted.load(ordering: .relaxed) && cqTail.loadAcquire() != reapLock.withLock { $0 } }
 
+  /// Takes the queue out of service and fails its in-flight jobs with `deviceFault`
+  /// (the device behind it is gone). Handlers run on the calling thread.
+  package func fault() {
+    faulted.store(true, ordering: .relaxed)
+    for (handler, completion) in failAllInFlight() { handler(completion) }
+  }
+
   /// Completes every in-flight job with `deviceFault`. Their buffers stay leased
   /// to their owners, who release them; the queue takes no new work, so a late
   /// write by the device can never land in another job's buffer.

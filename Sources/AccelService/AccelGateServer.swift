@@ -12,8 +12,8 @@ public final class AccelGateServer: Sendable {
   public let configuration: ServiceConfiguration
   /// The embedded device, or nil when a standalone daemon serves the queues.
   let device: EmulatedDevice?
-  /// The session with a standalone daemon; closing it gives the queues back.
-  let deviceClient: DeviceClient?
+  /// The standalone daemon, when one serves the queues.
+  let external: ExternalDevice?
   let dispatcher: Dispatcher
   let directory: TenantDirectory
   let keyring: KeyringDirectory
@@ -33,25 +33,22 @@ public final class AccelGateServer: Sendable {
       throw ConfigurationError(
         "device data pool (\(configuration.device.dataPoolBytes) bytes) cannot hold the largest job (\(worstJob) bytes)")
     }
-    let fds: [Int32]
+    let driver: DeviceDriver
     if let address = configuration.deviceAddress {
-      let client = try DeviceClient(address: address)
-      var got: [Int32] = []
-      for _ in 0..<max(1, configuration.device.queueCount) {
-        got.append(try client.allocateQueue(weight: configuration.queueWeight).fd)
-      }
-      fds = got
-      self.deviceClient = client
+      let external = ExternalDevice(
+        address: address, queueCount: configuration.device.queueCount, weight: configuration.queueWeight,
+        logger: logger)
+      driver = try external.connect()
+      self.external = external
       self.device = nil
-      logger.info("attached to device", metadata: ["device": "\(address)", "queues": "\(got.count)"])
+      logger.info("attached to device", metadata: ["device": "\(address)", "queues": "\(driver.queues.count)"])
     } else {
       let device = try EmulatedDevice(configuration: configuration.device)
       device.start()
-      fds = (0..<device.queues.count).map { device.exportQueue($0) }
+      driver = try DeviceDriver(queueFileDescriptors: (0..<device.queues.count).map { device.exportQueue($0) })
       self.device = device
-      self.deviceClient = nil
+      self.external = nil
     }
-    let driver = try DeviceDriver(queueFileDescriptors: fds)
     var dc = DispatcherConfiguration.defaults
     dc.maxQueuedJobs = configuration.maxQueuedJobs
     dc.inFlightPerQueue = configuration.inFlightPerQueue
@@ -64,6 +61,7 @@ public final class AccelGateServer: Sendable {
     let directory = try TenantDirectory(path: configuration.tenantsFile, defaultLimits: tenantLimits)
     let dispatcher = Dispatcher(driver: driver, configuration: dc, tenants: directory.current.policies, logger: logger)
     dispatcher.start()
+    external?.watch(dispatcher)
     self.dispatcher = dispatcher
     self.directory = directory
     let keyring = try KeyringDirectory(path: configuration.keyringFile)
@@ -90,6 +88,7 @@ public final class AccelGateServer: Sendable {
   /// Serves until `shutdown()`; then stops the dispatcher, driver and device.
   public func serve() async throws {
     defer {
+      external?.stop()
       dispatcher.shutdown()
       dispatcher.driver.stop()
       device?.stop()

@@ -16,7 +16,8 @@ enum DeviceDescription {
     r.device.name = "accelgate-emulated"
     r.device.mode = device == nil ? "external" : "embedded"
     r.device.abiVersion = "\(ACCEL_ABI_VERSION_MAJOR).\(ACCEL_ABI_VERSION_MINOR)"
-    r.device.healthy = (device?.isRunning ?? true) && dispatcher.driver.queues.allSatisfy(\.isHealthy)
+    r.device.healthy =
+      dispatcher.isAttached && (device?.isRunning ?? true) && dispatcher.driver.queues.allSatisfy(\.isHealthy)
     for q in dispatcher.driver.queues {
       var qi = Accelgate_V1_QueueInfo()
       let h = q.region.header.pointee

@@ -314,9 +314,24 @@ def write_keyring(path: str, keys=None, *, text: str = None) -> str:
 # Logs, reloads, key-material scans
 
 
-def log_text(srv) -> str:
+def log_bytes(srv) -> bytes:
+    """Everything the server has logged so far. Reads through the test process's own
+    open log file when it can (/proc/self/fd), so a second pytest session started
+    meanwhile (whose conftest clears and reuses the log folder) cannot swap or delete
+    the file under us; falls back to the path."""
+    handle = getattr(srv, "_log", None)
+    if handle is not None and not handle.closed and os.path.isdir("/proc/self/fd"):
+        try:
+            with open(f"/proc/self/fd/{handle.fileno()}", "rb") as f:
+                return f.read()
+        except OSError:
+            pass
     with open(srv.log_path, "rb") as f:
-        return f.read().decode(errors="replace")
+        return f.read()
+
+
+def log_text(srv) -> str:
+    return log_bytes(srv).decode(errors="replace")
 
 
 def _reload_lines(srv):

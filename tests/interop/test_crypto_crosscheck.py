@@ -24,10 +24,10 @@ from cryptography.exceptions import InvalidTag
 from agtest import (DEFAULT_MAX_DECOMPRESSED, DEFAULT_MAX_REQUEST, DEFLATE, FORMAT_NAMES, GZIP, KiB, MiB, ZLIB,
                     assert_serves, call, pb, py_compress, py_decompress_strict, text_bytes)
 from cryptohelp import (ADLER32, AES128, AES256, AUTH_FAILED, CHACHA, CIPHER_NAMES, CRC32, CRC32C, EXHAUSTED,
-                        HASH_NAMES, HMAC_SHA256, HMAC_SHA512, INVALID, KEY_LEN, MAX_AAD, NONCE_LEN, OK, PRECONDITION,
+                        HASH_NAMES, HMAC_SHA256, HMAC_SHA512, INVALID, KEY_LEN, MAX_AAD, NONCE_LEN, PRECONDITION,
                         SHA256, SHA384, SHA512, TAG_LEN, assert_no_key_material, code_of, crc32c_bitwise,
-                        crc32c_table, crypto_round_trip, decrypt, digest, encrypt, expect_code, parallel, py_aead,
-                        submit_all)
+                        crc32c_table, crypto_round_trip, decrypt, digest, encrypt, expect_code, log_bytes, parallel,
+                        py_aead, submit_all)
 
 SEED = 20240611
 ALGS = [AES128, AES256, CHACHA]
@@ -508,15 +508,36 @@ def test_bad_input_boundaries_pass(stub):
     d = decrypt(stub, alg=AES256, key=K32, nonce=N12, aad=bytes(MAX_AAD), ciphertext=o.response.ciphertext)
     assert d.ok and d.response.plaintext == b"x", d.describe()
     full = BIG[:DEFAULT_MAX_REQUEST]
-    o = encrypt(stub, alg=CHACHA, key=K32, nonce=N12, plaintext=full, timeout=BIG_TIMEOUT_S)
-    assert o.ok, f"plaintext of exactly {DEFAULT_MAX_REQUEST} bytes -> {o.describe()}"
-    assert py_aead(CHACHA, K32).decrypt(N12, o.response.ciphertext, b"") == full
     o = digest(stub, SHA512, full, timeout=BIG_TIMEOUT_S)
     assert o.ok and o.response.digest == hashlib.sha512(full).digest(), o.describe()
     # A 16-byte ciphertext is a bare tag over an empty plaintext.
     tag_only = py_aead(AES128, K16).encrypt(N12, b"", b"")
     o = decrypt(stub, alg=AES128, key=K16, nonce=N12, ciphertext=tag_only)
     assert o.ok and o.response.plaintext == b"", o.describe()
+
+
+@pytest.mark.parametrize("chain", [None, GZIP], ids=["plain", "gzip-chain"])
+@pytest.mark.parametrize("alg", ALGS, ids=ALG_IDS)
+def test_largest_encrypt_output_decrypts(stub, alg, chain):
+    """Whatever Encrypt returns, Decrypt must accept: a plaintext at the request limit
+    is either refused by Encrypt (RESOURCE_EXHAUSTED), or its ciphertext (limit + 16
+    bytes; with a chain, the compressed size + 16) opens again in the service."""
+    rng = random.Random(SEED + 12 + alg)
+    key, nonce = rng.randbytes(KEY_LEN[alg]), rng.randbytes(12)
+    pt = rng.randbytes(DEFAULT_MAX_REQUEST)  # random: compression cannot shrink it
+    comp = pb.ChainedCompression(format=chain, level=1) if chain else None
+    o = encrypt(stub, alg=alg, key=key, nonce=nonce, plaintext=pt, compress=comp, timeout=BIG_TIMEOUT_S)
+    if not o.ok:
+        expect_code(o, EXHAUSTED, what=f"Encrypt of {len(pt)} bytes (the request limit)")
+        return
+    sealed = o.response.ciphertext
+    packed = py_aead(alg, key).decrypt(nonce, sealed, b"")
+    assert (py_decompress_strict(chain, packed) if chain else packed) == pt
+    d = decrypt(stub, alg=alg, key=key, nonce=nonce, ciphertext=sealed, timeout=BIG_TIMEOUT_S,
+                decompress=pb.ChainedCompression(format=chain) if chain else None)
+    assert d.ok, (f"Encrypt accepted a {len(pt)}-byte plaintext and returned {len(sealed)} bytes, "
+                  f"but Decrypt of exactly that output -> {d.describe()}")
+    assert d.response.plaintext == pt
 
 
 def test_bad_input_on_submit_stream(stub):
@@ -552,6 +573,48 @@ def test_bad_input_on_submit_stream(stub):
     assert_serves(stub, what="bad crypto jobs")
 
 
+# ---------------------------------------------------------------------------------------
+# Back-pressure on the Submit stream
+
+SLOW_SMALL_QUEUE = ("--queues", 1, "--engines", 1, "--in-flight-per-queue", 1, "--engine-cap-mbps", 20,
+                    "--tenant-max-queued-jobs", 2)
+
+
+def test_crypto_jobs_on_submit_wait_instead_of_failing(start_server):
+    """The Submit contract: while the tenant's queue is full the stream back-pressures;
+    admission rejections are not returned as job failures. Compress jobs are the
+    control; crypto jobs on the same kind of stream must behave the same way. A slow
+    device (20 MB/s, one descriptor in flight) and a tenant queue of 2 jobs make the
+    queue fill; 40 jobs of 64 KiB take about 0.15 s of device time per kind."""
+    srv = start_server(*SLOW_SMALL_QUEUE, label="submit-backpressure")
+    stub = srv.stub()
+    rng = random.Random(SEED + 13)
+    key, data = rng.randbytes(32), rng.randbytes(64 * KiB)
+    nonce = rng.randbytes(12)
+    sealed = py_aead(AES256, key).encrypt(nonce, data, b"")
+    kinds = {
+        "compress": lambda i: ("compress", pb.CompressRequest(format=GZIP, level=1, data=data)),
+        "digest": lambda i: ("digest", pb.DigestRequest(algorithm=SHA256, data=data)),
+        "hmac": lambda i: ("digest", pb.DigestRequest(algorithm=HMAC_SHA256, key=pb.KeySpec(raw=key), data=data)),
+        "encrypt": lambda i: ("encrypt", pb.EncryptRequest(algorithm=AES256, key=pb.KeySpec(raw=key),
+                                                           nonce=i.to_bytes(12, "big"), plaintext=data)),
+        "decrypt": lambda i: ("decrypt", pb.DecryptRequest(algorithm=AES256, key=pb.KeySpec(raw=key), nonce=nonce,
+                                                           ciphertext=sealed)),
+    }
+    summary = {}
+    for name, make in kinds.items():
+        jobs = [(f"{name}-{i}", *make(i)) for i in range(40)]
+        res = submit_all(stub, jobs, timeout=BIG_TIMEOUT_S)
+        failed = [f"{jid}: {code_of(r.code).name} {r.message!r}" for jid, r in res.items() if r.code != 0]
+        summary[name] = failed
+    assert not summary["compress"], "control: compress jobs failed on a Submit stream:\n" + \
+        "\n".join(summary["compress"][:5])
+    bad = {k: v for k, v in summary.items() if v}
+    assert not bad, "crypto jobs on a Submit stream failed instead of waiting for room:\n" + "\n".join(
+        f"{k}: {len(v)} of 40 failed, e.g. {v[0]}" for k, v in bad.items())
+    crypto_round_trip(stub, "a full tenant queue")
+
+
 def test_zz_raw_keys_never_logged(stub, server):
     """Runs last in the module (pytest keeps file order): no raw key sent by this
     module, in good or failing requests, appears in the session server's log."""
@@ -568,6 +631,4 @@ def test_zz_raw_keys_never_logged(stub, server):
     hkey = _remember("log-check-hmac", rng.randbytes(300))
     assert digest(stub, HMAC_SHA512, b"log check", key=hkey).ok
     expect_code(digest(stub, SHA256, b"x", key=hkey), INVALID, what="SHA256 with a key")
-    with open(server.log_path, "rb") as f:
-        log = f.read()
-    assert_no_key_material(log, _SENT_KEYS, f"the session server log {server.log_path}")
+    assert_no_key_material(log_bytes(server), _SENT_KEYS, f"the session server log {server.log_path}")

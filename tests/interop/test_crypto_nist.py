@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from agtest import pb
 from cryptohelp import (AES128, AES256, AUTH_FAILED, HMAC_SHA256, HMAC_SHA512, INVALID, SHA256, SHA384, SHA512,
-                        code_of, decrypt, digest, encrypt, expect_code, parallel, parse_rsp, submit_all, unhex)
+                        code_of, decrypt, digest, encrypt, parallel, parse_rsp, submit_all, unhex)
 
 GCM_FILES = {
     (AES128, "encrypt"): "ciphers/AES/GCM/gcmEncryptExtIV128.rsp",
