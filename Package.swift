@@ -94,7 +94,7 @@ let package = Package(
     ),
     .executableTarget(
       name: "accelgate",
-      dependencies: ["AccelService", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+      dependencies: ["AccelService", "CAccelSys", .product(name: "ArgumentParser", package: "swift-argument-parser")],
       swiftSettings: strictSettings
     ),
     .executableTarget(

@@ -33,6 +33,11 @@ public final class ControlServer: @unchecked Sendable {
     self.device = device
     self.configuration = configuration
     self.log = log
+    let probe = accel_unix_connect(configuration.socketPath)
+    if probe >= 0 {
+      close(probe)
+      throw .refused("another device is already serving \(configuration.socketPath)")
+    }
     let fd = accel_unix_listen(configuration.socketPath, configuration.socketMode)
     guard fd >= 0 else {
       throw .io("listen \(configuration.socketPath): \(String(cString: strerror(accel_errno())))")

@@ -165,7 +165,7 @@ package final class Dispatcher: Sendable {
         _ = s.scheduler.remove(id: id)
         if let c = s.jobs[id]?.continuation { out.append(c) }
         s.jobs[id] = nil
-        s.admission.leave(tenant: p.request.tenant, bytes: p.request.input.count)
+        s.admission.leave(tenant: p.request.tenant, bytes: p.request.chargedBytes)
       }
       return out
     }
@@ -208,9 +208,9 @@ package final class Dispatcher: Sendable {
           let backlog = UInt64(s.admission.queuedJobs(request.tenant) + 1) * cost
           let engines = UInt64(max(1, configuration.inFlightPerQueue * s.inFlight.count / 2))
           if let refusal = s.admission.admit(
-            tenant: request.tenant, bytes: request.input.count, now: nanos(now), drainEstimate: backlog / engines)
+            tenant: request.tenant, bytes: request.chargedBytes, now: nanos(now), drainEstimate: backlog / engines)
           {
-            return Self.jobError(refusal, size: request.input.count)
+            return Self.jobError(refusal, size: request.chargedBytes)
           }
           let job = QueuedJob(id: id, tenant: request.tenant, cost: cost)
           s.jobs[id] = Pending(
@@ -265,7 +265,7 @@ package final class Dispatcher: Sendable {
 
   /// A job left the wait queue: free its admission slot and wake stream readers.
   private func leftQueueLocked(_ s: inout State, _ p: Pending) -> [CheckedContinuation<Void, Never>] {
-    s.admission.leave(tenant: p.request.tenant, bytes: p.request.input.count)
+    s.admission.leave(tenant: p.request.tenant, bytes: p.request.chargedBytes)
     return takeRoomWaitersLocked(&s, tenant: p.request.tenant)
   }
 
@@ -409,11 +409,14 @@ package final class Dispatcher: Sendable {
       while work.count < limit, let next = s.scheduler.peek(), let p = s.jobs[next.id] {
         // Healthy queues with a free in-flight slot, least loaded first; the first
         // whose pool has room takes the job.
+        // A queue of weight w keeps w jobs and w budgets in flight, so a shared
+        // device's weighted round-robin always finds w descriptors to take in a row.
         let budget = UInt64(configuration.inFlightBudget.nanosecondsClamped)
         let candidates = driver.queues
           .filter {
-            $0.isHealthy && s.inFlight[$0.index] < configuration.inFlightPerQueue
-              && (s.inFlight[$0.index] == 0 || s.inFlightCost[$0.index] + next.cost <= budget)
+            let w = Int($0.weight)
+            return $0.isHealthy && s.inFlight[$0.index] < max(configuration.inFlightPerQueue, w)
+              && (s.inFlight[$0.index] < w || s.inFlightCost[$0.index] + next.cost <= budget * UInt64(w))
           }
           .sorted { s.inFlightCost[$0.index] < s.inFlightCost[$1.index] }
         let id = next.id
@@ -507,7 +510,7 @@ package final class Dispatcher: Sendable {
         _ = s.scheduler.remove(id: id)
         if let c = p.continuation { out.append(c) }
         s.jobs[id] = nil
-        s.admission.leave(tenant: p.request.tenant, bytes: p.request.input.count)
+        s.admission.leave(tenant: p.request.tenant, bytes: p.request.chargedBytes)
       }
       return out
     }

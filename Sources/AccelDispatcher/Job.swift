@@ -15,6 +15,12 @@ package struct JobRequest: Sendable {
   package var midCapacity: Int = 0
   /// Whether the job's buffers carry secrets or plaintext (zeroed on release).
   package var sensitive = false
+  /// Payload size counted against the tenant's limits, when it differs from the
+  /// input (a ciphertext counts without the tag and envelope it carries).
+  package var admissionBytes: Int? = nil
+
+  /// Bytes admission charges for the job.
+  package var chargedBytes: Int { admissionBytes ?? input.count }
   /// Bytes reserved in the pool for the result; the device never writes more.
   package var outputCapacity: Int
   package var tenant: String

@@ -117,6 +117,8 @@ package final class DriverQueue: @unchecked Sendable {
   }
 
   package var queueID: UInt32 { region.queueID }
+  /// Arbitration weight the device gave this queue.
+  package var weight: UInt32 { max(1, region.header.pointee.weight) }
   package var poolCapacity: UInt64 { region.layout.dataSize }
   package var slotCount: Int { Int(region.layout.sqEntries) }
   package var isHealthy: Bool {

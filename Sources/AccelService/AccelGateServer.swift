@@ -26,9 +26,10 @@ public final class AccelGateServer: Sendable {
     guard configuration.maxRequestBytes > 0, configuration.maxDecompressedBytes > 0 else {
       throw ConfigurationError("maxRequestBytes and maxDecompressedBytes must be positive")
     }
-    let worstJob =
-      BufferSizing.compressBound(UInt64(configuration.maxRequestBytes))
-      + UInt64(max(configuration.maxRequestBytes, configuration.maxDecompressedBytes)) + 256
+    // The largest job is a chained decrypt+decompress: sealed input, plaintext in
+    // the middle buffer, decompressed output, plus the parameter block.
+    let sealed = BufferSizing.compressBound(UInt64(configuration.maxRequestBytes)) + 64
+    let worstJob = 2 * sealed + UInt64(max(configuration.maxRequestBytes, configuration.maxDecompressedBytes)) + 70_000
     guard worstJob <= configuration.device.dataPoolBytes else {
       throw ConfigurationError(
         "device data pool (\(configuration.device.dataPoolBytes) bytes) cannot hold the largest job (\(worstJob) bytes)")
@@ -59,6 +60,12 @@ public final class AccelGateServer: Sendable {
     var tenantLimits = configuration.defaultTenantLimits
     tenantLimits.maxPayloadBytes = min(tenantLimits.maxPayloadBytes, configuration.maxRequestBytes)
     let directory = try TenantDirectory(path: configuration.tenantsFile, defaultLimits: tenantLimits)
+    let smallest = driver.queues.map(\.poolCapacity).min() ?? 0
+    guard smallest >= worstJob else {
+      throw ConfigurationError(
+        "the device's queue pools hold \(smallest) bytes but the largest job needs \(worstJob); lower --max-request-bytes or give the device a larger pool"
+      )
+    }
     let dispatcher = Dispatcher(driver: driver, configuration: dc, tenants: directory.current.policies, logger: logger)
     dispatcher.start()
     external?.watch(dispatcher)

@@ -139,7 +139,13 @@ extension AcceleratorService {
     -> Accelgate_V1_DecryptResponse
   {
     var key = try resolveKey(r.key, requested: r.algorithm, tenant: tenant, forEncryption: false)
-    try checkSize(r.ciphertext.count)
+    // Whatever Encrypt can return must decrypt: allow the tag, the envelope and,
+    // for chained jobs, the compress bound on top of the request limit.
+    let sealedLimit =
+      Int(BufferSizing.compressBound(UInt64(configuration.maxRequestBytes))) + CryptoSizing.tagLength + Envelope.overhead
+    guard r.ciphertext.count <= sealedLimit else {
+      throw StatusMapping.rpcError(.payloadTooLarge(size: r.ciphertext.count, limit: sealedLimit))
+    }
     guard r.aad.count <= Self.maxAADBytes else {
       throw StatusMapping.rpcError(.payloadTooLarge(size: r.aad.count, limit: Self.maxAADBytes))
     }
@@ -189,9 +195,10 @@ extension AcceleratorService {
     } else if plainLength > limit {
       throw StatusMapping.rpcError(.payloadTooLarge(size: plainLength, limit: limit))
     }
-    let job = JobRequest(
+    var job = JobRequest(
       steps: steps, input: sealed, outputCapacity: capacity, tenant: tenant, aux: aux, key: key.material,
       midCapacity: mid, sensitive: true)
+    job.admissionBytes = max(0, r.ciphertext.count - (sealedLimit - configuration.maxRequestBytes))
     let result: JobResult
     do {
       result = try await run(job, operation: "decrypt", outputLimit: capacity, deadline: deadline)
@@ -291,7 +298,10 @@ extension AcceleratorService {
       guard named.algorithm.aeadKeyLength != nil || digest != nil else {
         throw StatusMapping.rpcError(.invalidArgument("key '\(name)' is not an AEAD key"))
       }
-      guard let newest = named.newestEnabled else { throw StatusMapping.rpcError(KeyError.noUsableVersion(name)) }
+      // Encrypt only with a version that may also decrypt, so no envelope is ever unreadable.
+      guard let newest = named.versions.last(where: { !$0.disabled && $0.version >= named.minDecryptionVersion }) else {
+        throw StatusMapping.rpcError(KeyError.noUsableVersion(name))
+      }
       return ResolvedKey(material: newest.material, algorithm: named.algorithm, named: named, version: newest.version)
     case nil:
       throw StatusMapping.rpcError(.invalidArgument("key is required (raw bytes or a key name)"))

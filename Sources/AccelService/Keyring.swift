@@ -98,7 +98,8 @@ struct Keyring: Sendable {
   static func parse(yaml: String, source: String = "keyring") throws -> Keyring {
     let file: KeyringFile
     do { file = try YAMLDecoder().decode(KeyringFile.self, from: yaml) } catch {
-      throw ConfigurationError("\(source): \(error)")
+      // Never echo the file's text: it holds keys.
+      throw ConfigurationError("\(source): \(ConfigErrorText.describe(error, revealValues: false))")
     }
     var keys: [String: NamedKey] = [:]
     for (i, k) in file.keys.enumerated() {

@@ -64,26 +64,28 @@ extension AcceleratorService {
     var out = Accelgate_V1_SubmitResponse()
     out.id = item.id
     do {
-      switch item.job {
-      case .compress(let r):
-        let (job, limit, engine) = try compressJob(r, tenant: tenant)
-        let result = try await runRetryingAdmission(job, operation: "compress", outputLimit: limit, deadline: deadline)
-        out.compress = .with {
-          $0.data = result.output
-          $0.stats = Self.stats(result.stats, engine: engine)
+      try await retryingAdmission(tenant: tenant, deadline: deadline) {
+        switch item.job {
+        case .compress(let r):
+          let (job, limit, engine) = try compressJob(r, tenant: tenant)
+          let result = try await run(job, operation: "compress", outputLimit: limit, deadline: deadline)
+          out.compress = .with {
+            $0.data = result.output
+            $0.stats = Self.stats(result.stats, engine: engine)
+          }
+        case .decompress(let r):
+          let (job, limit) = try decompressJob(r, tenant: tenant)
+          let result = try await run(job, operation: "decompress", outputLimit: limit, deadline: deadline)
+          out.decompress = .with {
+            $0.data = result.output
+            $0.stats = Self.stats(result.stats, engine: Self.engineName(.decompress, level: 0))
+          }
+        case .encrypt(let r): out.encrypt = try await encrypt(r, tenant: tenant, deadline: deadline)
+        case .decrypt(let r): out.decrypt = try await decrypt(r, tenant: tenant, deadline: deadline)
+        case .digest(let r): out.digest = try await digest(r, tenant: tenant, deadline: deadline)
+        case nil:
+          throw StatusMapping.rpcError(.invalidArgument("job must be set"))
         }
-      case .decompress(let r):
-        let (job, limit) = try decompressJob(r, tenant: tenant)
-        let result = try await runRetryingAdmission(job, operation: "decompress", outputLimit: limit, deadline: deadline)
-        out.decompress = .with {
-          $0.data = result.output
-          $0.stats = Self.stats(result.stats, engine: Self.engineName(.decompress, level: 0))
-        }
-      case .encrypt(let r): out.encrypt = try await encrypt(r, tenant: tenant, deadline: deadline)
-      case .decrypt(let r): out.decrypt = try await decrypt(r, tenant: tenant, deadline: deadline)
-      case .digest(let r): out.digest = try await digest(r, tenant: tenant, deadline: deadline)
-      case nil:
-        throw StatusMapping.rpcError(.invalidArgument("job must be set"))
       }
     } catch let e as RPCError {
       out.code = Int32(e.code.rawValue)
@@ -96,18 +98,17 @@ extension AcceleratorService {
     return out
   }
 
-  private func runRetryingAdmission(_ job: JobRequest, operation: String, outputLimit: Int, deadline: CallDeadline)
-    async throws -> JobResult
-  {
+  /// Runs `body` again while admission turns it away with a retry hint.
+  private func retryingAdmission(tenant: String, deadline: CallDeadline, _ body: () async throws -> Void) async throws {
     while true {
       do {
-        return try await run(job, operation: operation, outputLimit: outputLimit, deadline: deadline)
+        return try await body()
       } catch let e as RPCError where e.code == .resourceExhausted {
         guard let hint = e.metadata[stringValues: "retry-after-ms"].first(where: { _ in true }).flatMap({ Int64($0) }),
           !Task.isCancelled, !deadline.hasPassed
         else { throw e }
         // Queue full: wait for room. Rate-limited: wait out the hint the bucket gave.
-        await dispatcher.waitForRoom(tenant: job.tenant)
+        await dispatcher.waitForRoom(tenant: tenant)
         try await Task.sleep(for: .milliseconds(min(max(hint, 1), 1000)))
       }
     }

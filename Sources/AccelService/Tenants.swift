@@ -76,7 +76,7 @@ public struct TenantTable: Sendable {
   static func parse(yaml: String, defaultLimits: TenantLimits, source: String = "tenants") throws -> TenantTable {
     let file: TenantsFile
     do { file = try YAMLDecoder().decode(TenantsFile.self, from: yaml) } catch {
-      throw ConfigurationError("\(source): \(describe(error))")
+      throw ConfigurationError("\(source): \(ConfigErrorText.describe(error, revealValues: false))")
     }
     var policies: [TenantPolicy] = []
     var byKeyHash: [String: Int] = [:]
@@ -123,21 +123,6 @@ public struct TenantTable: Sendable {
     return policies[index]
   }
 
-  private static func describe(_ error: any Error) -> String {
-    switch error {
-    case DecodingError.keyNotFound(let key, let ctx):
-      return "\(path(ctx.codingPath + [key])): missing"
-    case DecodingError.typeMismatch(_, let ctx), DecodingError.valueNotFound(_, let ctx),
-      DecodingError.dataCorrupted(let ctx):
-      return "\(path(ctx.codingPath)): \(ctx.debugDescription)"
-    default:
-      return "\(error)"
-    }
-  }
-
-  private static func path(_ keys: [any CodingKey]) -> String {
-    keys.map { $0.intValue.map { "[\($0)]" } ?? ".\($0.stringValue)" }.joined().trimmingPrefix(".").description
-  }
 }
 
 /// SHA-256 of API keys, as lowercase hex.

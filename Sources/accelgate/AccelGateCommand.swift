@@ -2,7 +2,9 @@ import AccelDevice
 import AccelScheduler
 import AccelService
 import ArgumentParser
+import CAccelSys
 import Dispatch
+import Foundation
 import Logging
 
 #if canImport(Glibc)
@@ -149,11 +151,11 @@ struct Device: ParsableCommand {
     config.allowedUIDs = Set(allowUid)
     let logger = Logger(label: "accelgate.device")
     let server = try ControlServer(device: device, configuration: config) { logger.notice("\($0)") }
+    let done = DispatchSemaphore(value: 0)
+    let signals = SignalHandler(onTerminate: { done.signal() }, onHangup: {})
     server.start()
     print("accelgate device listening on \(socket)")
     fflush(nil)
-    let done = DispatchSemaphore(value: 0)
-    let signals = SignalHandler(onTerminate: { done.signal() }, onHangup: {})
     done.wait()
     _ = signals
     server.stop()
@@ -162,18 +164,25 @@ struct Device: ParsableCommand {
 }
 
 /// Turns SIGINT/SIGTERM into a graceful shutdown and SIGHUP into a tenants reload.
-final class SignalHandler: @unchecked Sendable {
-  private let sources: [any DispatchSourceSignal]
+///
+/// A real signal handler feeds a self-pipe and a dedicated thread acts on it, so
+/// a signal that arrives while the program starts is never dropped (ignoring the
+/// signal first, as dispatch sources need, can lose one that races with setup).
+final class SignalHandler: Sendable {
   init(onTerminate: @escaping @Sendable () -> Void, onHangup: @escaping @Sendable () -> Void) {
-    var sources: [any DispatchSourceSignal] = []
-    for (sig, handler) in [(SIGINT, onTerminate), (SIGTERM, onTerminate), (SIGHUP, onHangup)] {
-      signal(sig, SIG_IGN)
-      let s = DispatchSource.makeSignalSource(signal: sig)
-      s.setEventHandler(handler: handler)
-      s.resume()
-      sources.append(s)
+    let fd = [SIGINT, SIGTERM, SIGHUP].withUnsafeBufferPointer {
+      accel_signal_pipe_install($0.baseAddress, Int32($0.count))
     }
-    self.sources = sources
+    guard fd >= 0 else { return }
+    let t = Thread {
+      while true {
+        let sig = accel_signal_pipe_wait(fd)
+        if sig < 0 { return }
+        if sig == SIGHUP { onHangup() } else { onTerminate() }
+      }
+    }
+    t.name = "accel-signals"
+    t.start()
   }
 }
 

@@ -436,6 +436,9 @@ def raw(k):
 
 
 BIG = os.urandom(DEFAULT_MAX_REQUEST + 1)
+# accel_compress_bound(n) = n + n/256 + 1024; tag 16; named-key envelope 18.
+SEALED_LIMIT = DEFAULT_MAX_REQUEST + (DEFAULT_MAX_REQUEST >> 8) + 1024 + 16 + 18
+SEALED_OVER = os.urandom(SEALED_LIMIT + 1)
 
 # (id, (kind, request), expected code, text the message must contain)
 BAD_INPUT = [
@@ -465,8 +468,10 @@ BAD_INPUT = [
     ("decrypt-aad-over-64k", _dec(algorithm=AES256, key=raw(K32), aad=bytes(MAX_AAD + 1)), EXHAUSTED, str(MAX_AAD)),
     ("encrypt-payload-over-limit", _enc(algorithm=AES256, key=raw(K32), plaintext=BIG), EXHAUSTED,
      str(DEFAULT_MAX_REQUEST)),
-    ("decrypt-payload-over-limit", _dec(algorithm=AES256, key=raw(K32), ciphertext=BIG), EXHAUSTED,
-     str(DEFAULT_MAX_REQUEST)),
+    # Decrypt accepts whatever Encrypt can return (request limit + compress bound + tag + envelope),
+    # so "over the limit" for a ciphertext is past that allowance.
+    ("decrypt-payload-over-limit", _dec(algorithm=AES256, key=raw(K32), ciphertext=SEALED_OVER), EXHAUSTED,
+     str(SEALED_LIMIT)),
     ("digest-payload-over-limit", _dig(algorithm=SHA256, data=BIG), EXHAUSTED, str(DEFAULT_MAX_REQUEST)),
     ("hmac-payload-over-limit", _dig(algorithm=HMAC_SHA256, key=raw(K32), data=BIG), EXHAUSTED,
      str(DEFAULT_MAX_REQUEST)),

@@ -63,17 +63,30 @@ def test_default_queues_and_engines(stub):
 
 def test_capabilities(stub):
     r = _describe(stub)
-    caps = {(c.operation, c.format): c for c in r.capabilities}
+    caps = {(c.operation, c.format, c.cipher, c.digest): c for c in r.capabilities}
     assert len(caps) == len(r.capabilities), "duplicate capabilities"
     for name, fmt in FORMATS.items():
-        assert (COMPRESS, fmt) in caps, f"no COMPRESS capability for {name}"
-        assert (DECOMPRESS, fmt) in caps, f"no DECOMPRESS capability for {name}"
-        c = caps[(COMPRESS, fmt)]
+        assert (COMPRESS, fmt, 0, 0) in caps, f"no COMPRESS capability for {name}"
+        assert (DECOMPRESS, fmt, 0, 0) in caps, f"no DECOMPRESS capability for {name}"
+        c = caps[(COMPRESS, fmt, 0, 0)]
         assert (c.min_level, c.max_level, c.default_level) == (0, 9, DEFAULT_LEVEL), c
         assert c.engines, c
-        assert caps[(DECOMPRESS, fmt)].engines
+        assert caps[(DECOMPRESS, fmt, 0, 0)].engines
     for c in r.capabilities:
-        assert c.format != pb.COMPRESSION_FORMAT_UNSPECIFIED and c.operation != pb.OPERATION_UNSPECIFIED, c
+        assert c.operation != pb.OPERATION_UNSPECIFIED, c
+        # Each capability names exactly one algorithm: a format, a cipher or a digest.
+        named = [x for x in (c.format, c.cipher, c.digest) if x != 0]
+        assert len(named) == 1, c
+        if c.operation in (pb.OPERATION_ENCRYPT, pb.OPERATION_DECRYPT):
+            assert c.cipher != 0, c
+        elif c.operation == pb.OPERATION_DIGEST:
+            assert c.digest != 0, c
+        else:
+            assert c.format != 0, c
+    ciphers = {c.cipher for c in r.capabilities if c.operation == pb.OPERATION_ENCRYPT}
+    assert ciphers == {pb.CIPHER_ALGORITHM_AES_128_GCM, pb.CIPHER_ALGORITHM_AES_256_GCM,
+                       pb.CIPHER_ALGORITHM_CHACHA20_POLY1305}
+    assert len({c.digest for c in r.capabilities if c.operation == pb.OPERATION_DIGEST}) == 8
 
 
 def _engine_for_level(spec: str, level: int) -> str:
@@ -86,8 +99,8 @@ def _engine_for_level(spec: str, level: int) -> str:
 
 @pytest.mark.parametrize("fmt", list(FORMATS.values()), ids=list(FORMATS))
 def test_capability_engines_match_job_stats(stub, fmt):
-    caps = {(c.operation, c.format): c for c in _describe(stub).capabilities}
-    spec = caps[(COMPRESS, fmt)].engines
+    caps = {(c.operation, c.format, c.cipher, c.digest): c for c in _describe(stub).capabilities}
+    spec = caps[(COMPRESS, fmt, 0, 0)].engines
     data = text_bytes(16 * KiB)
     for level in range(0, 10):
         o = call(stub.Compress, pb.CompressRequest(format=fmt, data=data, level=level))
@@ -96,7 +109,7 @@ def test_capability_engines_match_job_stats(stub, fmt):
             f"level {level}: stats.engine {o.response.stats.engine!r}, capability says {spec!r}"
     d = call(stub.Decompress, pb.DecompressRequest(format=fmt, data=py_compress(fmt, data)))
     assert d.ok, d.describe()
-    assert d.response.stats.engine in caps[(DECOMPRESS, fmt)].engines
+    assert d.response.stats.engine in caps[(DECOMPRESS, fmt, 0, 0)].engines
 
 
 def test_default_limits(stub):
@@ -104,7 +117,7 @@ def test_default_limits(stub):
     assert lim.max_request_bytes == DEFAULT_MAX_REQUEST
     assert lim.max_decompressed_bytes == DEFAULT_MAX_DECOMPRESSED
     assert lim.max_queued_jobs == 1024
-    assert lim.in_flight_per_queue == 4
+    assert lim.in_flight_per_queue == 8
     assert lim.max_batch == 16
     assert lim.default_deadline_ms == 30000
     assert lim.max_response_bytes >= lim.max_request_bytes

@@ -250,4 +250,46 @@ static inline int accel_recv_with_fds(int fd, void *buf, size_t len, int *fds, i
     return 0;
 }
 
+/* ---- signals ------------------------------------------------------------------ */
+
+#include <signal.h>
+
+/* Self-pipe for signals: a real handler (never SIG_IGN, which lets the kernel
+   drop a signal that races with installation) writes the signal number to a
+   pipe; a thread of the program reads it and acts outside signal context. */
+static int accel_signal_pipe_fds[2] = { -1, -1 };
+
+static void accel_signal_pipe_handler(int sig) {
+    int saved = errno;
+    unsigned char b = (unsigned char)sig;
+    ssize_t ignored = write(accel_signal_pipe_fds[1], &b, 1);
+    (void)ignored;
+    errno = saved;
+}
+
+/** Installs the handler for n signals; returns the pipe's read end, or -1. */
+static inline int accel_signal_pipe_install(const int *sigs, int n) {
+    if (accel_signal_pipe_fds[0] < 0 && pipe2(accel_signal_pipe_fds, O_CLOEXEC) < 0) return -1;
+    for (int i = 0; i < n; i++) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof(sa));
+        sa.sa_handler = accel_signal_pipe_handler;
+        sa.sa_flags = SA_RESTART;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(sigs[i], &sa, NULL) < 0) return -1;
+    }
+    return accel_signal_pipe_fds[0];
+}
+
+/** Blocks until a signal arrives through the pipe; returns its number, or -1. */
+static inline int accel_signal_pipe_wait(int fd) {
+    unsigned char b;
+    for (;;) {
+        ssize_t n = read(fd, &b, 1);
+        if (n == 1) return b;
+        if (n < 0 && errno == EINTR) continue;
+        return -1;
+    }
+}
+
 #endif /* ACCEL_SYS_H */
