@@ -26,29 +26,25 @@ def load(d, name):
     return json.load(open(p)) if os.path.exists(p) else None
 
 
-def compress_section(results) -> str:
-    ratio = next((r.get("compressionRatio") for r in results if r.get("compressionRatio")), None)
-    rows = ["Command: `make bench` (gzip level 1, log-like text"
-            + (f", ratio {ratio:.1f}:1" if ratio else "") + "; 3 s per row).", "",
-            "| layer | payload | callers | MB/s | ops/s | p50 µs | p99 µs |",
+def throughput_table(intro: str, results) -> str:
+    rows = [intro, "", "| path | payload | callers | MB/s | ops/s | p50 µs | p99 µs |",
             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         size = f"{r['payloadBytes'] // 1024} KiB" if r["payloadBytes"] < 1 << 20 else f"{r['payloadBytes'] >> 20} MiB"
         rows.append(f"| {r['layer']} | {size} | {r['concurrency']} | {r['megabytesPerSecond']:.1f} | "
                     f"{r['opsPerSecond']:.0f} | {r['p50Microseconds']:.0f} | {r['p99Microseconds']:.0f} |")
     return "\n".join(rows)
+
+
+def compress_section(results) -> str:
+    ratio = next((r.get("compressionRatio") for r in results if r.get("compressionRatio")), None)
+    return throughput_table("Command: `make bench` (gzip level 1, log-like text"
+                            + (f", ratio {ratio:.1f}:1" if ratio else "") + "; 3 s per row).", results)
 
 
 def crypto_section(results) -> str:
-    rows = ["Command: `make bench` (raw: the device's engine function on one thread; service: gRPC "
-            "Encrypt/Digest with 4 concurrent callers; 3 s per row).", "",
-            "| path | payload | callers | MB/s | ops/s | p50 µs | p99 µs |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in results:
-        size = f"{r['payloadBytes'] // 1024} KiB" if r["payloadBytes"] < 1 << 20 else f"{r['payloadBytes'] >> 20} MiB"
-        rows.append(f"| {r['layer']} | {size} | {r['concurrency']} | {r['megabytesPerSecond']:.1f} | "
-                    f"{r['opsPerSecond']:.0f} | {r['p50Microseconds']:.0f} | {r['p99Microseconds']:.0f} |")
-    return "\n".join(rows)
+    return throughput_table("Command: `make bench` (raw: the device's engine function on one thread; service: "
+                            "gRPC Encrypt/Digest with 4 concurrent callers; 3 s per row).", results)
 
 
 def fairness_section(runs) -> str:

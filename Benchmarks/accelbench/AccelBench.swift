@@ -112,19 +112,8 @@ struct CompressLayers: AsyncParsableCommand {
 
   /// End-to-end over gRPC against a running server.
   func grpc(_ payload: Data, concurrency: Int) async throws -> BenchResult {
-    let parts = target.split(separator: ":")
-    let host = String(parts[0])
-    let port = Int(parts[1])!
     let level = Int32(level)
-    let latencies = try await withGRPCClient(
-      transport: .http2NIOPosix(
-        target: .ipv4(address: host, port: port), transportSecurity: .plaintext,
-        config: .defaults {
-          $0.http2.maxFrameSize = 1 << 20
-          $0.http2.targetWindowSize = 16 << 20
-        })
-    ) { client in
-      let stub = Accelgate_V1_Accelerator.Client(wrapping: client)
+    let latencies = try await withAcceleratorClient(target: target) { stub in
       let options = CallOptions.defaults.with { $0.maxResponseMessageBytes = 16 << 20 }
       let request = Accelgate_V1_CompressRequest.with {
         $0.format = .gzip

@@ -70,16 +70,7 @@ struct CryptoBench: AsyncParsableCommand {
   }
 
   func service(_ op: String, _ payload: Data) async throws -> BenchResult {
-    let parts = target.split(separator: ":")
-    let latencies = try await withGRPCClient(
-      transport: .http2NIOPosix(
-        target: .ipv4(address: String(parts[0]), port: Int(parts[1])!), transportSecurity: .plaintext,
-        config: .defaults {
-          $0.http2.maxFrameSize = 1 << 20
-          $0.http2.targetWindowSize = 16 << 20
-        })
-    ) { client in
-      let stub = Accelgate_V1_Accelerator.Client(wrapping: client)
+    let latencies = try await withAcceleratorClient(target: target) { stub in
       let key = Data(repeating: 7, count: 32)
       return try await CompressLayers.runConcurrent(concurrency, seconds: seconds) {
         if op == "sha-256" {

@@ -30,7 +30,6 @@ struct TenantOutcome: Codable, Sendable {
 func drive(target: String, loads: [TenantLoad], seconds: Double, warmup: Double, cooldown: Double) async throws
   -> [TenantOutcome]
 {
-  let parts = target.split(separator: ":")
   let payloads = Dictionary(
     uniqueKeysWithValues: Set(loads.flatMap(\.sizes)).map { ($0, Corpus.logLike(bytes: $0)) })
   let start = ContinuousClock.now
@@ -47,15 +46,7 @@ func drive(target: String, loads: [TenantLoad], seconds: Double, warmup: Double,
   return try await withThrowingTaskGroup(of: TenantOutcome.self) { tenants in
     for load in loads {
       tenants.addTask {
-        try await withGRPCClient(
-          transport: .http2NIOPosix(
-            target: .ipv4(address: String(parts[0]), port: Int(parts[1])!), transportSecurity: .plaintext,
-            config: .defaults {
-              $0.http2.maxFrameSize = 1 << 20
-              $0.http2.targetWindowSize = 16 << 20
-            })
-        ) { client in
-          let stub = Accelgate_V1_Accelerator.Client(wrapping: client)
+        try await withAcceleratorClient(target: target) { stub in
           return try await withThrowingTaskGroup(of: TenantOutcome.self) { group in
             for caller in 0..<load.callers {
               group.addTask {
@@ -109,6 +100,23 @@ func drive(target: String, loads: [TenantLoad], seconds: Double, warmup: Double,
     for try await o in tenants { all[o.tenant] = o }
     return loads.compactMap { all[$0.name] }
   }
+}
+
+/// A client with the HTTP/2 window and frame size the server uses for MiB payloads
+/// (the transport's 64 KiB default window caps a MiB call at a few round trips).
+func withAcceleratorClient<R: Sendable>(
+  target: String, _ body: (Accelgate_V1_Accelerator.Client<HTTP2ClientTransport.Posix>) async throws -> R
+) async throws -> R {
+  let parts = target.split(separator: ":")
+  guard parts.count == 2, let port = Int(parts[1]) else { throw ValidationError("target must be host:port") }
+  return try await withGRPCClient(
+    transport: .http2NIOPosix(
+      target: .ipv4(address: String(parts[0]), port: port), transportSecurity: .plaintext,
+      config: .defaults {
+        $0.http2.maxFrameSize = 1 << 20
+        $0.http2.targetWindowSize = 16 << 20
+      })
+  ) { client in try await body(Accelgate_V1_Accelerator.Client(wrapping: client)) }
 }
 
 func percentile(_ values: [Double], _ p: Double) -> Double {

@@ -152,15 +152,20 @@ static inline void accel_explicit_zero(void *p, size_t n) { explicit_bzero(p, n)
 
 /* ---- Unix-socket control channel ------------------------------------------ */
 
+/** A Unix stream socket and its address for path; -1 (errno set) if the path is too long. */
+static inline int accel_unix_socket(const char *path, struct sockaddr_un *a) {
+    if (strlen(path) >= sizeof(a->sun_path)) { errno = ENAMETOOLONG; return -1; }
+    memset(a, 0, sizeof(*a));
+    a->sun_family = AF_UNIX;
+    strcpy(a->sun_path, path);
+    return socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+}
+
 /** Listens on a Unix stream socket at path (removing a stale one) with the given mode. -1 on error. */
 static inline int accel_unix_listen(const char *path, int mode) {
     struct sockaddr_un a;
-    if (strlen(path) >= sizeof(a.sun_path)) { errno = ENAMETOOLONG; return -1; }
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int fd = accel_unix_socket(path, &a);
     if (fd < 0) return -1;
-    memset(&a, 0, sizeof(a));
-    a.sun_family = AF_UNIX;
-    strcpy(a.sun_path, path);
     unlink(path);
     mode_t old = umask(0177);
     int rc = bind(fd, (struct sockaddr *)&a, sizeof(a));
@@ -173,12 +178,8 @@ static inline int accel_unix_accept(int fd) { return accept4(fd, NULL, NULL, SOC
 
 static inline int accel_unix_connect(const char *path) {
     struct sockaddr_un a;
-    if (strlen(path) >= sizeof(a.sun_path)) { errno = ENAMETOOLONG; return -1; }
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int fd = accel_unix_socket(path, &a);
     if (fd < 0) return -1;
-    memset(&a, 0, sizeof(a));
-    a.sun_family = AF_UNIX;
-    strcpy(a.sun_path, path);
     if (connect(fd, (struct sockaddr *)&a, sizeof(a)) < 0) { int e = errno; close(fd); errno = e; return -1; }
     return fd;
 }
