@@ -1,1 +1,148 @@
+/* Out-of-line parts of accel_sys.h: Unix sockets with SCM_RIGHTS and SO_PEERCRED, signals. */
+#define _GNU_SOURCE
 #include "accel_sys.h"
+
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+
+
+/** A Unix stream socket and its address for path; -1 (errno set) if the path is too long. */
+static int accel_unix_socket(const char *path, struct sockaddr_un *a) {
+    if (strlen(path) >= sizeof(a->sun_path)) { errno = ENAMETOOLONG; return -1; }
+    memset(a, 0, sizeof(*a));
+    a->sun_family = AF_UNIX;
+    strcpy(a->sun_path, path);
+    return socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+}
+
+/** Listens on a Unix stream socket at path (removing a stale one) with the given mode. -1 on error. */
+int accel_unix_listen(const char *path, int mode) {
+    struct sockaddr_un a;
+    int fd = accel_unix_socket(path, &a);
+    if (fd < 0) return -1;
+    unlink(path);
+    mode_t old = umask(0177);
+    int rc = bind(fd, (struct sockaddr *)&a, sizeof(a));
+    umask(old);
+    if (rc < 0 || chmod(path, (mode_t)mode) < 0 || listen(fd, 64) < 0) { int e = errno; close(fd); errno = e; return -1; }
+    return fd;
+}
+
+int accel_unix_accept(int fd) { return accept4(fd, NULL, NULL, SOCK_CLOEXEC); }
+
+int accel_unix_connect(const char *path) {
+    struct sockaddr_un a;
+    int fd = accel_unix_socket(path, &a);
+    if (fd < 0) return -1;
+    if (connect(fd, (struct sockaddr *)&a, sizeof(a)) < 0) { int e = errno; close(fd); errno = e; return -1; }
+    return fd;
+}
+
+/** The connecting process's credentials (SO_PEERCRED). 0 on success. */
+int accel_peer_cred(int fd, int32_t *pid, uint32_t *uid, uint32_t *gid) {
+    struct ucred c;
+    socklen_t n = sizeof(c);
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &c, &n) < 0) return -1;
+    *pid = c.pid; *uid = c.uid; *gid = c.gid;
+    return 0;
+}
+
+/** Sends all of buf, with up to 8 file descriptors attached to the first byte. 0 on success. */
+int accel_send_with_fds(int fd, const void *buf, size_t len, const int *fds, int nfds) {
+    char control[CMSG_SPACE(8 * sizeof(int))];
+    size_t sent = 0;
+    while (sent < len) {
+        struct iovec iov = { (char *)buf + sent, len - sent };
+        struct msghdr m;
+        memset(&m, 0, sizeof(m));
+        m.msg_iov = &iov;
+        m.msg_iovlen = 1;
+        if (sent == 0 && nfds > 0) {
+            if (nfds > 8) { errno = EINVAL; return -1; }
+            memset(control, 0, sizeof(control));
+            m.msg_control = control;
+            m.msg_controllen = CMSG_SPACE((size_t)nfds * sizeof(int));
+            struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+            c->cmsg_level = SOL_SOCKET;
+            c->cmsg_type = SCM_RIGHTS;
+            c->cmsg_len = CMSG_LEN((size_t)nfds * sizeof(int));
+            memcpy(CMSG_DATA(c), fds, (size_t)nfds * sizeof(int));
+        }
+        ssize_t n = sendmsg(fd, &m, MSG_NOSIGNAL);
+        if (n < 0) { if (errno == EINTR) continue; return -1; }
+        sent += (size_t)n;
+    }
+    return 0;
+}
+
+/** Receives exactly len bytes, collecting up to max_fds passed descriptors. 0 on success, -1 on error or EOF. */
+int accel_recv_with_fds(int fd, void *buf, size_t len, int *fds, int max_fds, int *nfds) {
+    char control[CMSG_SPACE(8 * sizeof(int))];
+    size_t got = 0;
+    *nfds = 0;
+    while (got < len) {
+        struct iovec iov = { (char *)buf + got, len - got };
+        struct msghdr m;
+        memset(&m, 0, sizeof(m));
+        m.msg_iov = &iov;
+        m.msg_iovlen = 1;
+        m.msg_control = control;
+        m.msg_controllen = sizeof(control);
+        ssize_t n = recvmsg(fd, &m, MSG_CMSG_CLOEXEC);
+        if (n < 0) { if (errno == EINTR) continue; return -1; }
+        if (n == 0) { errno = ECONNRESET; return -1; }
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
+            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+                int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+                int *in = (int *)CMSG_DATA(c);
+                for (int i = 0; i < k; i++) {
+                    if (*nfds < max_fds) fds[(*nfds)++] = in[i]; else close(in[i]);
+                }
+            }
+        }
+        got += (size_t)n;
+    }
+    return 0;
+}
+
+
+/* Self-pipe for signals: a real handler (never SIG_IGN, which lets the kernel
+   drop a signal that races with installation) writes the signal number to a
+   pipe; a thread of the program reads it and acts outside signal context. */
+static int accel_signal_pipe_fds[2] = { -1, -1 };
+
+static void accel_signal_pipe_handler(int sig) {
+    int saved = errno;
+    unsigned char b = (unsigned char)sig;
+    ssize_t ignored = write(accel_signal_pipe_fds[1], &b, 1);
+    (void)ignored;
+    errno = saved;
+}
+
+/** Installs the handler for n signals; returns the pipe's read end, or -1. */
+int accel_signal_pipe_install(const int *sigs, int n) {
+    if (accel_signal_pipe_fds[0] < 0 && pipe2(accel_signal_pipe_fds, O_CLOEXEC) < 0) return -1;
+    for (int i = 0; i < n; i++) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof(sa));
+        sa.sa_handler = accel_signal_pipe_handler;
+        sa.sa_flags = SA_RESTART;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(sigs[i], &sa, NULL) < 0) return -1;
+    }
+    return accel_signal_pipe_fds[0];
+}
+
+/** Blocks until a signal arrives through the pipe; returns its number, or -1. */
+int accel_signal_pipe_wait(int fd) {
+    unsigned char b;
+    for (;;) {
+        ssize_t n = read(fd, &b, 1);
+        if (n == 1) return b;
+        if (n < 0 && errno == EINTR) continue;
+        return -1;
+    }
+}
+
