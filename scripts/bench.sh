@@ -49,5 +49,8 @@ for sched in fair fifo; do
   .build/release/accelbench isolation-rings --scheduler "$sched" --json "$out/isolation-rings-$sched.json"
 done
 
+# 3. Doorbells at the driver layer (no gRPC): adaptive vs a wake per job.
+.build/release/accelbench doorbell --seconds "$seconds" --json "$out/doorbell.json"
+
 python3 scripts/render_bench.py "$out" docs/BENCHMARKS.md
 echo "wrote docs/BENCHMARKS.md"

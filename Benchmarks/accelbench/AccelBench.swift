@@ -18,7 +18,7 @@ import Synchronization
 struct AccelBench: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "accelbench", abstract: "AccelGate benchmarks.",
-    subcommands: [CompressLayers.self, Fairness.self, Isolation.self, IsolationInProcess.self, CryptoBench.self], defaultSubcommand: CompressLayers.self)
+    subcommands: [CompressLayers.self, Fairness.self, Isolation.self, IsolationInProcess.self, CryptoBench.self, DoorbellBench.self], defaultSubcommand: CompressLayers.self)
 }
 
 struct CompressLayers: AsyncParsableCommand {

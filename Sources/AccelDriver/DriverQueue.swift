@@ -87,11 +87,16 @@ package final class DriverQueue: @unchecked Sendable {
   /// Serialises reaping; only the reaper thread takes it, except in tests.
   private let reapLock = Mutex<UInt32>(0)  // private copy of cq_head
   private let counters = Counters()
+  /// Comparison mode for benchmarks only: make the wake syscall for every
+  /// descriptor, whether or not an engine sleeps (what an eventfd-per-job
+  /// doorbell costs), instead of only when `sq_need_wakeup` is set.
+  package let wakePerJob: Bool
   /// Set when the completion ring itself is corrupt; the queue takes no more work.
   private let faulted = Atomic<Bool>(false)
 
-  package init(index: Int, region: QueueRegion) {
+  package init(index: Int, region: QueueRegion, wakePerJob: Bool = false) {
     self.index = index
+    self.wakePerJob = wakePerJob
     self.region = region
     sqTail = SharedWord(region.field(\.sq_tail))
     sqHead = SharedWord(region.field(\.sq_head))
@@ -209,6 +214,16 @@ package final class DriverQueue: @unchecked Sendable {
     }
   }
 
+  /// Makes a completed lease submittable again with the same buffers and cookie
+  /// (for benchmarks that measure the ring without the allocator).
+  package func rearm(_ lease: Lease, handler: @escaping CompletionHandler) {
+    state.withLock { s in
+      if case .completed(let gen) = s.slots[lease.slot], UInt64(gen) == lease.cookie >> 32 {
+        s.slots[lease.slot] = .inFlight(generation: gen, lease: lease, handler: handler)
+      }
+    }
+  }
+
   /// Pointer to a lease's parameter block, for the caller to fill before submit.
   package func aux(_ lease: Lease) -> UnsafeMutableRawBufferPointer {
     UnsafeMutableRawBufferPointer(start: region.bytes(at: lease.auxOffset), count: Int(lease.auxLength))
@@ -246,6 +261,14 @@ package final class DriverQueue: @unchecked Sendable {
     counters.descriptors.add(UInt64(batch.reduce(0) { $0 + $1.steps.count }), ordering: .relaxed)
     counters.batches.add(1, ordering: .relaxed)
     SharedMemory.fence()
+    if wakePerJob {
+      for _ in batch {
+        sqDoorbell.fetchAdd(1)
+        sqDoorbell.wake()
+      }
+      counters.wakes.add(UInt64(batch.count), ordering: .relaxed)
+      return true
+    }
     if sqNeedWakeup.loadAcquire() != 0 {
       sqDoorbell.fetchAdd(1)
       sqDoorbell.wake()
