@@ -325,13 +325,19 @@ package final class DriverQueue: @unchecked Sendable {
         return 0
       }
       var n = 0
+      var batch: [accel_cqe] = []
       while head != tail && n < limit {
-        let cqe = region.cqe(at: head).pointee
+        batch.append(region.cqe(at: head).pointee)
         head &+= 1
         n += 1
-        if let d = validate(cqe) { delivered.append(d) } else { counters.invalidCompletions.add(1, ordering: .relaxed) }
       }
       cqHead.storeRelease(head)
+      // One pass under the slot lock for the whole batch, not a lock per entry.
+      state.withLock { s in
+        for cqe in batch {
+          if let d = validate(cqe, &s) { delivered.append(d) } else { counters.invalidCompletions.add(1, ordering: .relaxed) }
+        }
+      }
       return n
     }
     for (handler, completion) in delivered { handler(completion) }
@@ -343,10 +349,10 @@ package final class DriverQueue: @unchecked Sendable {
   /// is dropped; an entry that names a live job but is itself malformed (unknown
   /// status, sizes beyond the job's buffers) fails that job with a queue-class
   /// `deviceFault` instead of leaving it waiting, and is counted as invalid.
-  private func validate(_ cqe: accel_cqe) -> (CompletionHandler, Completion)? {
+  private func validate(_ cqe: accel_cqe, _ s: inout State) -> (CompletionHandler, Completion)? {
     let slot = Int(cqe.cookie & 0xFFFF_FFFF)
     let generation = UInt32(truncatingIfNeeded: cqe.cookie >> 32)
-    return state.withLock { s -> (CompletionHandler, Completion)? in
+    do {
       guard slot < s.slots.count, case .inFlight(let gen, let lease, let handler) = s.slots[slot], gen == generation
       else { return nil }
       s.slots[slot] = .completed(generation: gen)
