@@ -15,6 +15,7 @@ protoc -I proto \
   --plugin=protoc-gen-grpc-swift="$bin/protoc-gen-grpc-swift-2" \
   --swift_out="$out" --swift_opt=Visibility=Public,UseAccessLevelOnImports=true \
   --grpc-swift_out="$out" --grpc-swift_opt=Visibility=Public,UseAccessLevelOnImports=true \
-  accelgate/v1/accelerator.proto
+  accelgate/v1/accelerator.proto grpc/health/v1/health.proto
 mkdir -p proto/descriptors
-protoc -I proto --include_imports --descriptor_set_out=proto/descriptors/accelgate.v1.pb accelgate/v1/accelerator.proto
+protoc -I proto --include_imports --descriptor_set_out=proto/descriptors/accelgate.v1.pb \
+  accelgate/v1/accelerator.proto grpc/health/v1/health.proto

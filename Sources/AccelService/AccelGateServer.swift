@@ -17,6 +17,7 @@ public final class AccelGateServer: Sendable {
   let dispatcher: Dispatcher
   let directory: TenantDirectory
   let keyring: KeyringDirectory
+  let draining = Draining()
   private let server: GRPCServer<HTTP2ServerTransport.Posix>
   private let logger: Logger
 
@@ -87,7 +88,7 @@ public final class AccelGateServer: Sendable {
           $0.http2.maxConcurrentStreams = configuration.maxConcurrentStreams
         }
       ),
-      services: [service],
+      services: [service, HealthService(dispatcher: dispatcher, device: self.device, draining: draining)],
       interceptors: [AuthInterceptor(directory: directory)]
     )
   }
@@ -123,8 +124,11 @@ public final class AccelGateServer: Sendable {
     }
   }
 
-  /// Stops accepting calls and lets in-flight calls finish.
-  public func shutdown() { server.beginGracefulShutdown() }
+  /// Turns health NOT_SERVING, stops accepting calls and lets in-flight calls finish.
+  public func shutdown() {
+    draining.begin()
+    server.beginGracefulShutdown()
+  }
 }
 
 public struct ConfigurationError: Error, CustomStringConvertible {

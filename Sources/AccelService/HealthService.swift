@@ -1,0 +1,61 @@
+internal import AccelDevice
+internal import AccelDispatcher
+internal import AccelDriver
+internal import AccelProto
+internal import GRPCCore
+internal import Synchronization
+
+/// `grpc.health.v1.Health`: SERVING while the device is attached and healthy and
+/// the server is not draining; NOT_SERVING otherwise. The overall status ("")
+/// and `accelgate.v1.Accelerator` follow the same rule.
+struct HealthService: Grpc_Health_V1_Health.SimpleServiceProtocol {
+  let dispatcher: Dispatcher
+  let device: EmulatedDevice?
+  let draining: Draining
+
+  static let services: Set<String> = ["", "accelgate.v1.Accelerator"]
+  /// How often Watch re-evaluates the status.
+  static let watchInterval: Duration = .milliseconds(100)
+
+  var status: Grpc_Health_V1_HealthCheckResponse.ServingStatus {
+    let healthy =
+      !draining.isDraining && dispatcher.isAttached && (device?.isRunning ?? true)
+      && dispatcher.driver.queues.contains(where: \.isHealthy)
+    return healthy ? .serving : .notServing
+  }
+
+  func check(request: Grpc_Health_V1_HealthCheckRequest, context: ServerContext) async throws
+    -> Grpc_Health_V1_HealthCheckResponse
+  {
+    guard Self.services.contains(request.service) else {
+      throw RPCError(code: .notFound, message: "unknown service '\(request.service)'")
+    }
+    var r = Grpc_Health_V1_HealthCheckResponse()
+    r.status = status
+    return r
+  }
+
+  func watch(
+    request: Grpc_Health_V1_HealthCheckRequest, response: RPCWriter<Grpc_Health_V1_HealthCheckResponse>,
+    context: ServerContext
+  ) async throws {
+    var last: Grpc_Health_V1_HealthCheckResponse.ServingStatus?
+    while !Task.isCancelled && !context.cancellation.isCancelled {
+      let now = Self.services.contains(request.service) ? status : .serviceUnknown
+      if now != last {
+        var r = Grpc_Health_V1_HealthCheckResponse()
+        r.status = now
+        try await response.write(r)
+        last = now
+      }
+      try await Task.sleep(for: Self.watchInterval)
+    }
+  }
+}
+
+/// Set when the server starts draining (SIGTERM): health turns NOT_SERVING first.
+final class Draining: Sendable {
+  private let flag = Atomic<Bool>(false)
+  var isDraining: Bool { flag.load(ordering: .relaxed) }
+  func begin() { flag.store(true, ordering: .relaxed) }
+}
