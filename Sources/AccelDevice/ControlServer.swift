@@ -127,7 +127,7 @@ public final class ControlServer: @unchecked Sendable {
       case .alloc:
         do {
           let q = try device.allocateQueue(weight: max(1, request.weight ?? 1))
-          connections.withLock { $0[conn.fd, default: []].insert(q.id) }
+          connections.withLock { _ = $0[conn.fd, default: []].insert(q.id) }
           reply = ControlResponse(ok: true)
           reply.queue = q.id
           fds = [device.exportQueue(id: q.id) ?? -1].filter { $0 >= 0 }
