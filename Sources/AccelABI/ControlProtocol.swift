@@ -14,7 +14,15 @@ public enum ControlProtocol {
 }
 
 public struct ControlRequest: Codable, Sendable {
-  public enum Op: String, Codable, Sendable { case hello, capabilities, alloc, release, heartbeat }
+  public enum Op: String, Codable, Sendable {
+    case hello, capabilities, alloc, release, heartbeat
+    /// Error counters, isolation and the faults being injected.
+    case status
+    /// Sets fault injection (`fault`: `MODE[,every=N]…`); needs fault control enabled.
+    case inject
+    /// Ends a device isolation now; needs fault control enabled.
+    case liftIsolation = "lift-isolation"
+  }
   public var op: Op
   /// hello: the driver's ABI version (`major << 16 | minor`).
   public var abi: UInt32?
@@ -22,8 +30,11 @@ public struct ControlRequest: Codable, Sendable {
   public var weight: UInt32?
   /// release: the queue to give back.
   public var queue: UInt32?
-  public init(op: Op, abi: UInt32? = nil, weight: UInt32? = nil, queue: UInt32? = nil) {
+  /// inject: the fault plan.
+  public var fault: String?
+  public init(op: Op, abi: UInt32? = nil, weight: UInt32? = nil, queue: UInt32? = nil, fault: String? = nil) {
     self.op = op
+    self.fault = fault
     self.abi = abi
     self.weight = weight
     self.queue = queue
@@ -43,6 +54,11 @@ public struct ControlResponse: Codable, Sendable {
   public var memoryBudget: UInt64?
   public var engineThroughputCapMBps: Double?
   public var algorithms: [String]?
+  public var isolated: Bool?
+  public var queueErrors: UInt64?
+  public var resets: UInt64?
+  public var isolations: UInt64?
+  public var fault: String?
   public init(ok: Bool, error: String? = nil) {
     self.ok = ok
     self.error = error

@@ -12,9 +12,11 @@ public enum DescriptorRules {
   /// - Returns: `.ok`, `.invalidDescriptor` for bad offsets, lengths, flags or
   ///   reserved fields, or `.unsupported` for an unknown opcode or algorithm.
   public static func validate(_ sqe: accel_sqe, layout: RegionLayout) -> DeviceStatus {
-    let allowedFlags = UInt8(ACCEL_SQE_F_CHAIN)
+    let allowedFlags = UInt8(ACCEL_SQE_F_CHAIN | ACCEL_SQE_F_VERIFY)
     guard sqe.reserved == 0, sqe.flags & ~allowedFlags == 0, sqe.stream_ctx == 0 else { return .invalidDescriptor }
     guard let opcode = DeviceOpcode(rawValue: sqe.opcode) else { return .unsupported }
+    // Compress-and-verify (1.2) only means something for compression.
+    if sqe.flags & UInt8(ACCEL_SQE_F_VERIFY) != 0 && opcode != .compress { return .invalidDescriptor }
     var needsKey = false
     var needsAux = false
     switch opcode {

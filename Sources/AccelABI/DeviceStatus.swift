@@ -15,6 +15,7 @@ public enum DeviceStatus: UInt16, Sendable, CaseIterable, CustomStringConvertibl
   case deviceFault = 10
   case badKey = 11
   case badParams = 12
+  case verifyFailed = 13
 
   /// Which side is at fault, as the ABI defines it (see `accel_status_error_class`).
   public var errorClass: DeviceErrorClass {
@@ -36,6 +37,7 @@ public enum DeviceStatus: UInt16, Sendable, CaseIterable, CustomStringConvertibl
     case .deviceFault: "device fault"
     case .badKey: "bad key"
     case .badParams: "bad parameters"
+    case .verifyFailed: "compress-and-verify mismatch"
     }
   }
 }

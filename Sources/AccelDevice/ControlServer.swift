@@ -19,6 +19,9 @@ public final class ControlServer: @unchecked Sendable {
     public var allowedUIDs: Set<UInt32> = []
     /// Socket file mode (owner and group read/write by default, never world).
     public var socketMode: Int32 = 0o660
+    /// Whether peers may change fault injection and lift isolation (`inject`,
+    /// `lift-isolation`). Off in production; tests and drills turn it on.
+    public var allowFaultControl = false
     public init(socketPath: String) { self.socketPath = socketPath }
   }
 
@@ -146,6 +149,33 @@ public final class ControlServer: @unchecked Sendable {
       case .heartbeat:
         reply = ControlResponse(ok: true)
         reply.heartbeat = device.queues.first?.heartbeat.loadAcquire() ?? 0
+      case .status:
+        reply = ControlResponse(ok: true)
+        let e = device.errorStatistics
+        reply.isolated = e.isolated
+        reply.queueErrors = e.queueErrors
+        reply.resets = e.resets
+        reply.isolations = e.isolations
+        reply.fault = device.faults.description
+      case .inject, .liftIsolation:
+        guard configuration.allowFaultControl else {
+          reply = .failure("fault control is disabled on this device (start it with --allow-fault-control)")
+          break
+        }
+        if request.op == .liftIsolation {
+          device.liftIsolation()
+          reply = ControlResponse(ok: true)
+          break
+        }
+        do {
+          let plan = try FaultInjection(parsing: request.fault ?? "none")
+          device.injectFaults(plan)
+          log("peer pid \(pid) set fault injection to \(plan)")
+          reply = ControlResponse(ok: true)
+          reply.fault = plan.description
+        } catch {
+          reply = .failure(error.description)
+        }
       }
       do { try conn.send(reply, passing: fds) } catch { fds.forEach { close($0) }; return }
       fds.forEach { close($0) }

@@ -21,6 +21,16 @@ public struct DeviceConfiguration: Sendable, Equatable {
   public var keySlots: UInt32 = 256
   /// Arbitration weight of each queue (weighted round-robin); missing entries default to 1.
   public var queueWeights: [UInt32]
+  /// Queue errors within `isolationWindow` that isolate the whole device (as
+  /// HiSilicon's QM isolation strategy does): every queue is flagged isolated and
+  /// runs nothing until the isolation is lifted.
+  public var isolationThreshold: Int = 16
+  public var isolationWindow: Duration = .seconds(10)
+  /// How long an isolation lasts before the device lifts it by itself; nil keeps
+  /// it until an operator lifts it.
+  public var isolationCooldown: Duration? = .seconds(30)
+  /// Faults to inject from the start (tests and drills); `.none` in production.
+  public var faults: FaultInjection = .none
 
   public init(
     queueCount: Int = 2,

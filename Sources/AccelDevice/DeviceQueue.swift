@@ -21,6 +21,11 @@ public final class DeviceQueue: @unchecked Sendable {
   let heartbeat: SharedWord64
   let completed: SharedWord64
   let errorCount: SharedWord64
+  let resetRequest: SharedWord
+  let resetAck: SharedWord
+  /// Jobs of this queue an engine holds right now (taken under the fetch lock).
+  /// A reset waits until it is zero, so no engine writes into buffers the driver reuses.
+  private let held = Atomic<Int>(0)
 
   private let fetchLock = Mutex<UInt32>(0)  // private copy of sq_head
   private let postLock = Mutex<UInt32>(0)  // private copy of cq_tail
@@ -41,6 +46,8 @@ public final class DeviceQueue: @unchecked Sendable {
     heartbeat = SharedWord64(region.field64(\.heartbeat))
     completed = SharedWord64(region.field64(\.completed))
     errorCount = SharedWord64(region.field64(\.error_count))
+    resetRequest = SharedWord(region.field(\.reset_request))
+    resetAck = SharedWord(region.field(\.reset_ack))
     weight = max(1, region.header.pointee.weight)
   }
 
@@ -57,21 +64,29 @@ public final class DeviceQueue: @unchecked Sendable {
   public var completedCount: UInt64 { completed.loadAcquire() }
 
   var hasPendingWork: Bool {
-    stateFlags.loadAcquire() & (ACCEL_QF_STOPPED | ACCEL_QF_ERROR) == 0 && sqTail.loadAcquire() != sqHead.loadRelaxed()
+    stateFlags.loadAcquire() & ACCEL_QF_STOPPED == 0 && sqTail.loadAcquire() != sqHead.loadRelaxed()
   }
+
+  /// Whether the queue runs jobs (not in error, not isolated). A queue that does
+  /// not still drains its ring, completing each job with QUEUE_STOPPED unrun.
+  var isRunnable: Bool { stateFlags.loadAcquire() & (ACCEL_QF_ERROR | ACCEL_QF_ISOLATED) == 0 }
 
   /// Takes the next job — one descriptor, or a chain of up to `ACCEL_CHAIN_MAX` —
   /// copied out of shared memory. Nil when the ring is empty or the queue is
   /// stopped. A producer index that is impossible marks the queue in error.
   /// A chain cut short (the ring ends, or it is too long) is returned as is;
-  /// the engine fails it with BAD_PARAMS.
+  /// the engine fails it with BAD_PARAMS. Every job returned must be given
+  /// back with `finished()` once its completion is posted.
   func fetch() -> [accel_sqe]? {
-    guard stateFlags.loadAcquire() & (ACCEL_QF_STOPPED | ACCEL_QF_ERROR) == 0 else { return nil }
+    guard stateFlags.loadAcquire() & ACCEL_QF_STOPPED == 0 else { return nil }
     return fetchLock.withLock { head -> [accel_sqe]? in
       let tail = sqTail.loadAcquire()
       if tail == head { return nil }
       guard region.sqIndex.isConsistent(head: head, tail: tail) else {
-        markError(.invalidDescriptor)
+        // The driver's index cannot be trusted: skip to it and wait for a reset.
+        _ = markError(.invalidDescriptor)
+        head = tail
+        sqHead.storeRelease(head)
         return nil
       }
       var chain = [region.sqe(at: head).pointee]
@@ -81,7 +96,31 @@ public final class DeviceQueue: @unchecked Sendable {
         head &+= 1
       }
       sqHead.storeRelease(head)
+      held.add(1, ordering: .relaxed)
       return chain
+    }
+  }
+
+  /// The engine is done with a job `fetch` gave it.
+  func finished() { held.subtract(1, ordering: .releasing) }
+
+  /// Carries out a reset the driver asked for, if one is pending and no engine
+  /// holds a job of this queue: discards unfetched descriptors, clears the error
+  /// flag and acknowledges. Isolation is the device's to lift, not a reset's.
+  /// - Returns: nil when there was nothing to do (or it must wait), else whether
+  ///   the queue was in error when reset (if not, the driver found the fault).
+  func serviceReset() -> Bool? {
+    let request = resetRequest.loadAcquire()
+    guard request != resetAck.loadRelaxed() else { return nil }
+    return fetchLock.withLock { head -> Bool? in
+      guard request != resetAck.loadRelaxed(), held.load(ordering: .acquiring) == 0 else { return nil }
+      let wasInError = stateFlags.loadAcquire() & ACCEL_QF_ERROR != 0
+      head = sqTail.loadAcquire()
+      sqHead.storeRelease(head)
+      stateFlags.fetchAnd(~ACCEL_QF_ERROR)
+      errorStatus.storeRelease(0)
+      resetAck.storeRelease(request)
+      return wasInError
     }
   }
 
@@ -113,11 +152,19 @@ public final class DeviceQueue: @unchecked Sendable {
   /// Stops the queue: engines take no more descriptors from it.
   func stop() { stateFlags.fetchOr(ACCEL_QF_STOPPED) }
 
-  func markError(_ status: DeviceStatus) {
+  /// Puts the queue in error. - Returns: true if it was not in error before.
+  @discardableResult
+  func markError(_ status: DeviceStatus) -> Bool {
+    errorCount.fetchAdd(1)
     if stateFlags.fetchOr(ACCEL_QF_ERROR) & ACCEL_QF_ERROR == 0 {
       errorStatus.storeRelease(UInt32(status.rawValue))
+      return true
     }
-    errorCount.fetchAdd(1)
+    return false
+  }
+
+  func setIsolated(_ on: Bool) {
+    if on { stateFlags.fetchOr(ACCEL_QF_ISOLATED) } else { stateFlags.fetchAnd(~ACCEL_QF_ISOLATED) }
   }
 }
 

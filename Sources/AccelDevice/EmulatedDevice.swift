@@ -32,6 +32,14 @@ public final class EmulatedDevice: @unchecked Sendable {
   /// Engines currently parked; the need-wakeup flags are cleared when it drops to 0.
   private let sleepers = Atomic<Int>(0)
   private let exited = DispatchGroup()
+  /// Faults to inject; `faultsOn` keeps the per-job check to one relaxed load when off.
+  private let faultPlan: Mutex<FaultInjection>
+  private let faultsOn = Atomic<Bool>(false)
+  private let faultTick = Atomic<UInt64>(0)
+  private let isolation = Mutex(IsolationState())
+  private let isolated = Atomic<Bool>(false)
+  private let counters = DeviceCounters()
+  private let eventHandler: Mutex<(@Sendable (String) -> Void)?> = Mutex(nil)
   /// Busy engines bump every queue's heartbeat at least this often (ns); parked ones on each wake-up.
   static let heartbeatInterval: UInt64 = 10_000_000
 
@@ -43,6 +51,8 @@ public final class EmulatedDevice: @unchecked Sendable {
       throw .invalidConfiguration("need 0...128 queues and at least one engine")
     }
     self.configuration = configuration
+    faultPlan = Mutex(configuration.faults)
+    faultsOn.store(configuration.faults.mode != .none, ordering: .relaxed)
     controlWord.initialize(to: 0)
     controlDoorbell = SharedWord(controlWord)
     self.engines = (0..<configuration.engineCount).map { EngineStats(id: $0) }
@@ -76,6 +86,7 @@ public final class EmulatedDevice: @unchecked Sendable {
       let region = try QueueRegion.create(layout: layout, queueID: id, weight: max(1, weight), name: "accelgate-q\(id)")
       queue = DeviceQueue(region: region)
     } catch { throw .region(error.description) }
+    if isolated.load(ordering: .acquiring) { queue.setIsolated(true) }
     queueSet.withLock { $0.append(queue) }
     queuesChanged()
     return queue
@@ -127,6 +138,96 @@ public final class EmulatedDevice: @unchecked Sendable {
 
   public var isRunning: Bool { running.load(ordering: .relaxed) }
 
+  // MARK: faults, errors and isolation
+
+  /// Replaces the faults being injected (`.none` stops injecting; a stalled engine resumes).
+  public func injectFaults(_ plan: FaultInjection) {
+    faultPlan.withLock { $0 = plan }
+    faultsOn.store(plan.mode != .none, ordering: .releasing)
+    emit(plan.mode == .none ? "fault injection off" : "injecting faults: \(plan)")
+  }
+
+  /// The faults being injected.
+  public var faults: FaultInjection { faultPlan.withLock { $0 } }
+
+  /// Called with a one-line description of device events (errors, isolation).
+  public func setEventHandler(_ handler: @escaping @Sendable (String) -> Void) { eventHandler.withLock { $0 = handler } }
+
+  private func emit(_ event: String) { eventHandler.withLock { $0 }?(event) }
+
+  /// Whether the device isolated itself after repeated queue errors.
+  public var isIsolated: Bool { isolated.load(ordering: .acquiring) }
+
+  /// Error and recovery counters.
+  public var errorStatistics: DeviceErrorStatistics {
+    DeviceErrorStatistics(
+      queueErrors: counters.queueErrors.load(ordering: .relaxed), resets: counters.resets.load(ordering: .relaxed),
+      isolations: counters.isolations.load(ordering: .relaxed),
+      injectedFaults: counters.injected.load(ordering: .relaxed), isolated: isIsolated)
+  }
+
+  /// Ends an isolation now (an operator's action; also done after `isolationCooldown`).
+  /// Queues still in error stay so until their drivers reset them.
+  public func liftIsolation() {
+    let was = isolation.withLock { s -> Bool in
+      defer {
+        s.isolatedAt = nil
+        s.errorTimes = []
+      }
+      return s.isolatedAt != nil
+    }
+    guard was else { return }
+    isolated.store(false, ordering: .releasing)
+    for q in queues { q.setIsolated(false) }
+    emit("device isolation lifted")
+    queuesChanged()
+  }
+
+  /// Counts a queue error; isolates the device when the window holds too many.
+  private func recordQueueError(now: UInt64, queue: UInt32, status: DeviceStatus) {
+    counters.queueErrors.add(1, ordering: .relaxed)
+    let window = configuration.isolationWindow.nanoseconds
+    let isolate = isolation.withLock { s -> Bool in
+      s.errorTimes.append(now)
+      s.errorTimes.removeAll { now &- $0 > window }
+      guard s.isolatedAt == nil, s.errorTimes.count >= max(1, configuration.isolationThreshold) else { return false }
+      s.isolatedAt = now
+      return true
+    }
+    guard isolate else { return }
+    counters.isolations.add(1, ordering: .relaxed)
+    isolated.store(true, ordering: .releasing)
+    for q in queues { q.setIsolated(true) }
+    emit(
+      "device isolated after \(configuration.isolationThreshold) queue errors within \(configuration.isolationWindow) (last: queue \(queue), \(status))"
+    )
+  }
+
+  /// Resets the driver asked for, and the end of an isolation's cool-down.
+  private func maintain(_ queues: [DeviceQueue], now: UInt64) {
+    for q in queues {
+      guard let wasInError = q.serviceReset() else { continue }
+      counters.resets.add(1, ordering: .relaxed)
+      // A reset of a queue the device saw no error on means the driver found one
+      // (a lost or malformed completion, a stall): it counts toward isolation too.
+      if !wasInError { recordQueueError(now: now, queue: q.id, status: .deviceFault) }
+    }
+    if isolated.load(ordering: .relaxed), let cooldown = configuration.isolationCooldown {
+      let since = isolation.withLock { $0.isolatedAt }
+      if let since, now &- since >= cooldown.nanoseconds { liftIsolation() }
+    }
+  }
+
+  /// The fault to inject into the next job of `q`, if any.
+  private func nextFault(for q: DeviceQueue) -> FaultInjection? {
+    guard faultsOn.load(ordering: .relaxed) else { return nil }
+    let plan = faultPlan.withLock { $0 }
+    guard plan.mode != .none, plan.queue == nil || plan.queue == q.id else { return nil }
+    guard faultTick.add(1, ordering: .relaxed).newValue % UInt64(plan.every) == 0 else { return nil }
+    counters.injected.add(1, ordering: .relaxed)
+    return plan
+  }
+
   /// A new file descriptor for queue `index`'s memfd, for a driver to map.
   public func exportQueue(_ index: Int) -> Int32 { dup(queues[index].region.fd) }
 
@@ -177,6 +278,9 @@ public final class EmulatedDevice: @unchecked Sendable {
       if now &- lastBeat > Self.heartbeatInterval {
         for q in queues { q.heartbeat.fetchAdd(1) }
         lastBeat = now
+        maintain(queues, now: now)
+      } else if !didWork {
+        maintain(queues, now: now)
       }
       if didWork {
         lastWork = now
@@ -185,6 +289,7 @@ public final class EmulatedDevice: @unchecked Sendable {
       } else {
         park(stats, queues: queues, generation: generation)
         lastWork = SharedMemory.nowNanoseconds()
+        maintain(queues, now: lastWork)
       }
     }
   }
@@ -217,12 +322,31 @@ public final class EmulatedDevice: @unchecked Sendable {
   private func process(
     _ chain: [accel_sqe], on q: DeviceQueue, ctx: OpaquePointer, stats: EngineStats, capBytesPerNs: Double?
   ) {
+    defer { q.finished() }
     let start = SharedMemory.nowNanoseconds()
+    // A queue in error or isolated drains its ring without running anything.
+    let runnable = q.isRunnable
+    let fault = runnable ? nextFault(for: q) : nil
+    switch fault?.mode {
+    case .stall?:
+      // A hung engine: it holds the job (and so blocks the queue's reset) until the fault is cleared.
+      while running.load(ordering: .relaxed) && faults.mode == .stall { SharedMemory.sleep(nanoseconds: 2_000_000) }
+    case .latency?:
+      pause(nanoseconds: fault!.latency.nanoseconds)
+    default:
+      break
+    }
     var status = DeviceStatus.ok
     var produced: UInt32 = 0
     var consumed: UInt32 = 0
     var inputBytes: UInt64 = 0
-    if chain.last!.flags & UInt8(ACCEL_SQE_F_CHAIN) != 0 { status = .badParams }  // cut short
+    if !runnable {
+      status = .queueStopped
+    } else if fault?.mode == .error {
+      status = .deviceFault
+    } else if chain.last!.flags & UInt8(ACCEL_SQE_F_CHAIN) != 0 {
+      status = .badParams  // cut short
+    }
     for (i, sqe) in chain.enumerated() where status == .ok {
       status = DescriptorRules.validate(sqe, layout: q.region.layout)
       guard status == .ok else { break }
@@ -237,17 +361,32 @@ public final class EmulatedDevice: @unchecked Sendable {
       }
       inputBytes += UInt64(length)
       (status, produced, consumed) = run(sqe, inputLength: length, on: q, ctx: ctx)
+      guard status == .ok else { break }
+      if fault?.mode == .corruptOutput && i == chain.count - 1 && produced > 0 {
+        // Silent corruption of the result, before any verification sees it.
+        q.region.bytes(at: sqe.dst_offset + UInt64(produced / 2)).assumingMemoryBound(to: UInt8.self).pointee ^= 0x5A
+      }
+      if sqe.flags & UInt8(ACCEL_SQE_F_VERIFY) != 0 {
+        status = verify(sqe, inputLength: length, produced: produced, on: q, ctx: ctx)
+        stats.verified.add(1, ordering: .relaxed)
+      }
     }
     var elapsed = SharedMemory.nowNanoseconds() &- start
     if let cap = capBytesPerNs, cap > 0, inputBytes > 0 {
       let modeled = UInt64(Double(inputBytes) / cap)
       if modeled > elapsed {
-        SharedMemory.sleep(nanoseconds: modeled - elapsed)
+        pause(nanoseconds: modeled - elapsed)
         elapsed = modeled
       }
     }
     stats.jobs.add(1, ordering: .relaxed)
     stats.busyNanoseconds.add(elapsed, ordering: .relaxed)
+    // Queue-class errors put the queue in error before the completion is
+    // visible, so a driver retrying the job already sees this queue unhealthy.
+    if runnable && status.errorClass == .queue {
+      q.markError(status)
+      recordQueueError(now: SharedMemory.nowNanoseconds(), queue: q.id, status: status)
+    }
     var cqe = accel_cqe()
     cqe.cookie = chain.last!.cookie
     cqe.status = status.rawValue
@@ -256,7 +395,38 @@ public final class EmulatedDevice: @unchecked Sendable {
     cqe.consumed = consumed
     cqe.engine_id = UInt16(truncatingIfNeeded: stats.id)
     cqe.engine_ns = elapsed
+    switch fault?.mode {
+    case .lost?:
+      return
+    case .corruptCompletion?:
+      cqe.status = 0xBEEF
+      cqe.produced = 0xFFFF_FFF0
+    default:
+      break
+    }
     q.post(cqe, isRunning: { self.running.load(ordering: .relaxed) })
+  }
+
+  /// Sleeps an engine (modelled slowness, injected latency) in slices, so
+  /// `stop()` never waits long for it.
+  private func pause(nanoseconds: UInt64) {
+    let end = SharedMemory.nowNanoseconds() &+ nanoseconds
+    while running.load(ordering: .relaxed) {
+      let now = SharedMemory.nowNanoseconds()
+      guard now < end else { return }
+      SharedMemory.sleep(nanoseconds: min(end - now, 5_000_000))
+    }
+  }
+
+  /// Compress-and-verify: inflates what a compress step wrote and compares it
+  /// with the step's input.
+  private func verify(_ sqe: accel_sqe, inputLength: UInt32, produced: UInt32, on q: DeviceQueue, ctx: OpaquePointer)
+    -> DeviceStatus
+  {
+    let original = UnsafePointer(q.region.bytes(at: sqe.src_offset).assumingMemoryBound(to: UInt8.self))
+    let compressed = UnsafePointer(q.region.bytes(at: sqe.dst_offset).assumingMemoryBound(to: UInt8.self))
+    let raw = accel_engine_verify(ctx, sqe.algorithm, compressed, produced, original, inputLength)
+    return DeviceStatus(rawValue: raw) ?? .engineError
   }
 
   /// Runs one validated step in place on the queue's data pool.
@@ -321,7 +491,11 @@ public final class EngineStats: Sendable {
   let jobs = Atomic<UInt64>(0)
   let busyNanoseconds = Atomic<UInt64>(0)
   let parks = Atomic<UInt64>(0)
+  let verified = Atomic<UInt64>(0)
   init(id: Int) { self.id = id }
+
+  /// Compression results this engine verified (compress-and-verify).
+  public var verifiedCount: UInt64 { verified.load(ordering: .relaxed) }
 
   /// Jobs completed by this engine.
   public var jobCount: UInt64 { jobs.load(ordering: .relaxed) }
@@ -329,6 +503,33 @@ public final class EngineStats: Sendable {
   public var busyTime: UInt64 { busyNanoseconds.load(ordering: .relaxed) }
   /// Times the engine parked on the doorbell.
   public var parkCount: UInt64 { parks.load(ordering: .relaxed) }
+}
+
+/// Errors, resets and isolation as the device counts them.
+public struct DeviceErrorStatistics: Sendable, Equatable {
+  /// Queue-class errors: device faults, engine errors, verify mismatches, and
+  /// resets the driver asked for after finding a fault itself.
+  public var queueErrors: UInt64
+  /// Queue resets carried out.
+  public var resets: UInt64
+  /// Times the device isolated itself.
+  public var isolations: UInt64
+  /// Faults injected on purpose.
+  public var injectedFaults: UInt64
+  /// Whether the device is isolated now.
+  public var isolated: Bool
+}
+
+private struct IsolationState {
+  var errorTimes: [UInt64] = []
+  var isolatedAt: UInt64?
+}
+
+private final class DeviceCounters: Sendable {
+  let queueErrors = Atomic<UInt64>(0)
+  let resets = Atomic<UInt64>(0)
+  let isolations = Atomic<UInt64>(0)
+  let injected = Atomic<UInt64>(0)
 }
 
 /// Device construction failures.

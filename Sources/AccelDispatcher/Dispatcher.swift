@@ -25,6 +25,9 @@ package struct DispatcherConfiguration: Sendable {
   package var sweepInterval: Duration = .milliseconds(20)
   /// Which policy orders waiting jobs.
   package var scheduler: SchedulerKind = .fair
+  /// Compress-and-verify: every compression step asks the device to check its
+  /// output by decompressing it (ABI 1.2 `ACCEL_SQE_F_VERIFY`).
+  package var verifyCompression = false
   /// Virtual-time credit a returning tenant may claim (fair scheduler), in ns of device time.
   package var idleCredit: UInt64 = 0
   package init() {}
@@ -41,7 +44,9 @@ package struct DispatcherConfiguration: Sendable {
 package final class Dispatcher: Sendable {
   private let driverRef: Mutex<DeviceDriver>
   /// Set while the device is gone: new jobs fail at once with UNAVAILABLE.
-  private let detachedReason = Mutex<String?>(nil)
+  private let detachedReasonBox = Mutex<String?>(nil)
+  /// Set while a stand-in device serves (see `failover`).
+  private let degradedReason = Mutex<String?>(nil)
   /// The driver jobs go to now (replaced when a standalone device comes back).
   package var driver: DeviceDriver { driverRef.withLock { $0 } }
   package let configuration: DispatcherConfiguration
@@ -72,6 +77,8 @@ package final class Dispatcher: Sendable {
     var batchSize = 0
     /// The caller has gone (cancelled or timed out) while the job was on the device.
     var abandoned = false
+    /// Times the job was put back after a queue error (at most once).
+    var retries = 0
   }
 
   private struct State {
@@ -89,6 +96,7 @@ package final class Dispatcher: Sendable {
     var pumpAgain = false
     var cancelledEarly: [UInt64: JobError] = [:]
     var shuttingDown = false
+    var retried: UInt64 = 0
   }
 
   package init(
@@ -196,7 +204,7 @@ package final class Dispatcher: Sendable {
       await withCheckedContinuation { (cont: CheckedContinuation<Outcome, Never>) in
         let now = clock.now
         let jobClass = Self.jobClass(request)
-        let detached = detachedReason.withLock { $0 }
+        let detached = detachedReasonBox.withLock { $0 } ?? noQueueCanServe
         let admitted = state.withLock { s -> JobError? in
           if s.shuttingDown { return .shuttingDown }
           if let detached { return .unavailable(detached) }
@@ -238,7 +246,9 @@ package final class Dispatcher: Sendable {
         pump()
       }
       guard completion.status == .ok else {
-        if completion.status.errorClass == .queue { throw .unavailable("device: \(completion.status)") }
+        if completion.status.errorClass == .queue {
+          throw .unavailable("device: \(completion.detail ?? "\(completion.status) on queue \(q.queueID)")")
+        }
         throw .device(completion.status)
       }
       let output = Data(q.output(lease, count: Int(completion.produced)))
@@ -326,7 +336,7 @@ package final class Dispatcher: Sendable {
 
   /// Snapshot for DescribeDevice and metrics.
   package var snapshot: DispatcherSnapshot {
-    state.withLock { s in DispatcherSnapshot(queued: s.scheduler.count, inFlight: s.inFlight) }
+    state.withLock { s in DispatcherSnapshot(queued: s.scheduler.count, inFlight: s.inFlight, retried: s.retried) }
   }
 
   // MARK: internals
@@ -339,7 +349,18 @@ package final class Dispatcher: Sendable {
     return UInt64(max(10, min(5_000, s.scheduler.count / depth)))
   }
 
+  /// Why no queue can take jobs now or soon (every one is isolated, stopped or
+  /// dead); nil when at least one is healthy or recovering by itself.
+  private var noQueueCanServe: String? {
+    let queues = driver.queues
+    guard !queues.contains(where: { $0.mayRecover }) else { return nil }
+    let states = Set(queues.map(\.deviceState))
+    if states == ["isolated"] { return "device isolated after repeated queue errors" }
+    return "no device queue can serve: " + queues.map { "queue \($0.queueID) \($0.service.reason ?? $0.deviceState)" }.joined(separator: "; ")
+  }
+
   private func expireOverdue() {
+    if let reason = noQueueCanServe { failWaiting(.unavailable(reason)) }
     let now = clock.now
     var woken: [CheckedContinuation<Void, Never>] = []
     defer { for w in woken { w.resume() } }
@@ -401,7 +422,7 @@ package final class Dispatcher: Sendable {
     let now = clock.now
     var woken: [CheckedContinuation<Void, Never>] = []
     defer { for w in woken { w.resume() } }
-    guard detachedReason.withLock({ $0 == nil }) else { return [] }
+    guard detachedReasonBox.withLock({ $0 == nil }) else { return [] }
     let driver = self.driver
     return state.withLock { s -> [Work] in
       var work: [Work] = []
@@ -433,7 +454,6 @@ package final class Dispatcher: Sendable {
         guard let lease = reserved else { break }
         let qi = lease.queueIndex
         _ = s.scheduler.pop(now: nanos(now))
-        s.jobs[id]?.request.key = nil  // now in the device key slot; drop the gateway's copy
         woken += leftQueueLocked(&s, p)
         s.inFlight[qi] += 1
         s.inFlightCost[qi] += next.cost
@@ -466,17 +486,36 @@ package final class Dispatcher: Sendable {
         let chunk = jobs[start..<min(jobs.count, start + configuration.maxBatch)]
         state.withLock { s in for w in chunk { s.jobs[w.id]?.batchSize = chunk.count } }
         batchHistogram.withLock { $0[min(64, chunk.count)] += 1 }
-        jobs[0].queue.submit(chunk.map { (lease: $0.lease, steps: $0.request.steps) })
+        jobs[0].queue.submit(chunk.map { (lease: $0.lease, steps: steps(of: $0.request)) })
         start += chunk.count
       }
     }
   }
 
+  private func steps(of request: JobRequest) -> [DeviceStep] {
+    guard configuration.verifyCompression else { return request.steps }
+    return request.steps.map {
+      var step = $0
+      step.verify = step.opcode == .compress
+      return step
+    }
+  }
+
   /// Reaper thread: a completion arrived for job `id`.
+  ///
+  /// A keyed job keeps the gateway's copy of its key until it completes, so a
+  /// retry can fill a key slot on another queue; a retried AEAD seal reuses its
+  /// nonce with the same key and plaintext, which yields the same ciphertext and
+  /// so reveals nothing.
+  ///
+  /// A queue-class failure (the queue's fault, not the job's) is retried once:
+  /// the job goes back to the head of its tenant's line and runs on whichever
+  /// queue is healthy next. A second failure reaches the caller as UNAVAILABLE.
   private func complete(id: UInt64, completion: Completion, queue: DriverQueue) {
     let current = driver
+    let attached = isAttached
     let delivery = state.withLock { s -> (CheckedContinuation<Outcome, Never>, Outcome)? in
-      guard let p = s.jobs.removeValue(forKey: id), let lease = p.lease else { return nil }
+      guard var p = s.jobs.removeValue(forKey: id), let lease = p.lease else { return nil }
       // Counters belong to the current driver; a job of a replaced one no longer counts.
       if lease.queueIndex < current.queues.count && current.queues[lease.queueIndex] === queue {
         s.inFlight[lease.queueIndex] -= 1
@@ -490,6 +529,24 @@ package final class Dispatcher: Sendable {
         queue.release(lease)
         return nil
       }
+      if completion.status.errorClass == .queue && p.retries == 0 && attached && !s.shuttingDown
+        && current.queues.contains(where: { $0.mayRecover })
+      {
+        // The device is done with the buffers (or the queue stays out of service
+        // until a reset proves it is), so they can go back to the pool now.
+        queue.release(lease)
+        p.lease = nil
+        p.dispatchedAt = nil
+        p.retries += 1
+        s.retried += 1
+        s.admission.reenter(tenant: p.request.tenant, bytes: p.request.chargedBytes)
+        s.jobs[id] = p
+        s.scheduler.enqueue(p.job, now: nanos(clock.now))
+        logger.warning(
+          "retrying job after a queue error",
+          metadata: ["job": "\(id)", "queue": "\(queue.queueID)", "error": "\(completion.detail ?? "\(completion.status)")"])
+        return nil
+      }
       return (p.continuation!, .completed(
           completion, lease, queue, enqueuedAt: p.enqueuedAt, dispatchedAt: p.dispatchedAt ?? p.enqueuedAt,
           batchSize: p.batchSize))
@@ -497,13 +554,8 @@ package final class Dispatcher: Sendable {
     if let (c, o) = delivery { c.resume(returning: o) }
   }
 
-  /// The device is gone (daemon died or its channel broke): jobs on it fail with
-  /// UNAVAILABLE now, waiting jobs too, and new jobs fail at once until `attach`.
-  package func detach(reason: String) {
-    detachedReason.withLock { $0 = reason }
-    let old = driver
-    old.failAll()  // completions with DEVICE_FAULT reach their callers as UNAVAILABLE
-    old.stop()
+  /// Fails every job still waiting for the device.
+  private func failWaiting(_ error: JobError) {
     let waiting = state.withLock { s -> [CheckedContinuation<Outcome, Never>] in
       var out: [CheckedContinuation<Outcome, Never>] = []
       for (id, p) in s.jobs where p.lease == nil {
@@ -514,9 +566,43 @@ package final class Dispatcher: Sendable {
       }
       return out
     }
-    for c in waiting { c.resume(returning: .failed(.unavailable(reason))) }
+    for c in waiting { c.resume(returning: .failed(error)) }
+  }
+
+  /// The device is gone (daemon died or its channel broke): jobs on it fail with
+  /// UNAVAILABLE now, waiting jobs too, and new jobs fail at once until `attach`.
+  package func detach(reason: String) {
+    detachedReasonBox.withLock { $0 = reason }
+    let old = driver
+    old.failAll(reason: reason)  // completions with DEVICE_FAULT reach their callers as UNAVAILABLE
+    old.stop()
+    failWaiting(.unavailable(reason))
     logger.error("device detached", metadata: ["reason": "\(reason)"])
   }
+
+  /// Moves to another device without refusing calls (software fallback and
+  /// back): waiting jobs stay queued for the new driver. When the old device is
+  /// gone (`oldIsGone`), its in-flight jobs fail as queue errors and so are
+  /// retried once on the new one; otherwise they finish where they are and the
+  /// old driver keeps running for them (and for the next failover).
+  /// `degraded` says why the gateway runs on a stand-in device (nil: it does not).
+  package func failover(to newDriver: DeviceDriver, oldIsGone: Bool, reason: String, degraded: String?) {
+    let old = driver
+    degradedReason.withLock { $0 = degraded }
+    attach(newDriver)
+    if old !== newDriver && oldIsGone {
+      old.failAll(reason: reason)
+      old.stop()
+    }
+    if let degraded {
+      logger.warning("serving degraded", metadata: ["reason": "\(degraded)"])
+    } else {
+      logger.notice("no longer degraded")
+    }
+  }
+
+  /// Why the gateway serves from a stand-in (software fallback) device; nil when it does not.
+  package var degraded: String? { degradedReason.withLock { $0 } }
 
   /// Uses a new driver (the device came back) and accepts jobs again.
   package func attach(_ newDriver: DeviceDriver) {
@@ -527,12 +613,15 @@ package final class Dispatcher: Sendable {
     driverRef.withLock { $0 = newDriver }
     newDriver.setAfterReap { [weak self] in self?.pump() }
     newDriver.start()
-    detachedReason.withLock { $0 = nil }
+    detachedReasonBox.withLock { $0 = nil }
     logger.notice("device attached", metadata: ["queues": "\(newDriver.queues.count)"])
     pump()
   }
 
-  package var isAttached: Bool { detachedReason.withLock { $0 == nil } }
+  package var isAttached: Bool { detachedReasonBox.withLock { $0 == nil } }
+
+  /// Why the device is detached; nil while attached.
+  package var detachedReason: String? { detachedReasonBox.withLock { $0 } }
 
   /// Batch sizes seen so far: index = descriptors per doorbell.
   package var batchSizeCounts: [Int] { batchHistogram.withLock { $0 } }
@@ -541,6 +630,8 @@ package final class Dispatcher: Sendable {
 package struct DispatcherSnapshot: Sendable {
   package var queued: Int
   package var inFlight: [Int]
+  /// Jobs put back once after a queue error.
+  package var retried: UInt64
 }
 
 extension Duration {

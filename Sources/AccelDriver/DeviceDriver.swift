@@ -7,7 +7,13 @@ package struct DriverConfiguration: Sendable {
   /// How long the reaper polls an empty completion ring before parking.
   package var reaperSpin: Duration = .microseconds(20)
   /// Longest the parked reaper sleeps before re-checking.
-  package var reaperParkTimeout: Duration = .milliseconds(100)
+  package var reaperParkTimeout: Duration = .milliseconds(50)
+  /// A job with no completion for this long is declared lost: the queue's
+  /// in-flight jobs fail as a queue error and the queue is reset. Must exceed
+  /// the longest job the device can be given.
+  package var completionTimeout: Duration = .seconds(5)
+  /// How often the reaper runs error recovery (health, stalls, resets).
+  package var maintenanceInterval: Duration = .milliseconds(50)
   package init() {}
   package static var defaults: Self { Self() }
 }
@@ -57,7 +63,7 @@ package final class DeviceDriver: @unchecked Sendable {
   }
 
   /// Fails every in-flight job on every queue (the device is gone).
-  package func failAll() { for q in queues { q.fault() } }
+  package func failAll(reason: String = "device gone") { for q in queues { q.fault(reason: reason) } }
 
   package func stop() {
     guard running.compareExchange(expected: true, desired: false, ordering: .sequentiallyConsistent).exchanged else {
@@ -72,10 +78,22 @@ package final class DeviceDriver: @unchecked Sendable {
 
   private func reaperLoop() {
     let spinNs = configuration.reaperSpin.nanoseconds
+    let maintenanceNs = configuration.maintenanceInterval.nanoseconds
+    let timeoutNs = configuration.completionTimeout.nanoseconds
     var lastWork = SharedMemory.nowNanoseconds()
+    var lastMaintenance = lastWork
     while running.load(ordering: .relaxed) {
       var n = 0
       for q in queues { n += q.reap() }
+      let now = SharedMemory.nowNanoseconds()
+      if now &- lastMaintenance >= maintenanceNs {
+        lastMaintenance = now
+        for q in queues {
+          let (failed, changed) = q.maintain(now: now, completionTimeout: timeoutNs)
+          for (handler, completion) in failed { handler(completion) }
+          if changed { n += 1 }
+        }
+      }
       if n > 0 {
         afterReap.withLock { $0 }?()
         lastWork = SharedMemory.nowNanoseconds()

@@ -30,10 +30,13 @@ package struct DeviceStep: Sendable, Equatable {
   package var opcode: DeviceOpcode
   package var algorithm: DeviceAlgorithm
   package var level: UInt8
-  package init(_ opcode: DeviceOpcode, _ algorithm: DeviceAlgorithm, level: UInt8 = 0) {
+  /// Compress-and-verify (compression steps only).
+  package var verify = false
+  package init(_ opcode: DeviceOpcode, _ algorithm: DeviceAlgorithm, level: UInt8 = 0, verify: Bool = false) {
     self.opcode = opcode
     self.algorithm = algorithm
     self.level = level
+    self.verify = verify
   }
   var isCrypto: Bool { opcode == .encrypt || opcode == .decrypt || opcode == .digest }
 }
@@ -45,6 +48,31 @@ package struct Completion: Sendable {
   package var consumed: UInt32
   package var engineID: UInt16
   package var engineNanoseconds: UInt64
+  /// Why the driver failed the job itself (no completion, a malformed one, the device gone).
+  package var detail: String? = nil
+
+  static func failed(_ status: DeviceStatus, _ detail: String, engine: UInt16 = 0) -> Completion {
+    Completion(status: status, produced: 0, consumed: 0, engineID: engine, engineNanoseconds: 0, detail: detail)
+  }
+}
+
+/// Where a queue stands in the driver's error recovery (ABI 1.2 reset protocol).
+package enum QueueService: Sendable, Equatable {
+  /// Takes new jobs (if the device's flags allow).
+  case inService
+  /// Faulted: takes no new jobs; waits for its in-flight jobs to come back.
+  case draining(reason: String)
+  /// Asked the device for reset number `request`; waits for the acknowledgement.
+  case awaitingReset(request: UInt32, reason: String)
+  /// Beyond recovery (corrupt completion ring, device gone, or a device too old to reset).
+  case dead(reason: String)
+
+  package var reason: String? {
+    switch self {
+    case .inService: nil
+    case .draining(let r), .awaitingReset(_, let r), .dead(let r): r
+    }
+  }
 }
 
 /// Called on the reaper thread once per validated completion. Must not block.
@@ -64,10 +92,14 @@ package final class DriverQueue: @unchecked Sendable {
   let cqDoorbell: SharedWord
   let cqNeedWakeup: SharedWord
   let stateFlags: SharedWord
+  let errorStatus: SharedWord
+  let resetRequest: SharedWord
+  let resetAck: SharedWord
 
   private enum SlotState {
     case free
-    case inFlight(generation: UInt32, lease: Lease, handler: CompletionHandler)
+    /// On the device since `since` (monotonic ns).
+    case inFlight(generation: UInt32, lease: Lease, handler: CompletionHandler, since: UInt64)
     /// Completed and delivered; the owner still holds the buffers.
     case completed(generation: UInt32)
   }
@@ -81,6 +113,7 @@ package final class DriverQueue: @unchecked Sendable {
     /// Driver's private copy of sq_tail.
     var tail: UInt32 = 0
     var leased = 0
+    var service = QueueService.inService
   }
 
   private let state: Mutex<State>
@@ -91,7 +124,10 @@ package final class DriverQueue: @unchecked Sendable {
   /// descriptor, whether or not an engine sleeps (what an eventfd-per-job
   /// doorbell costs), instead of only when `sq_need_wakeup` is set.
   package let wakePerJob: Bool
-  /// Set when the completion ring itself is corrupt; the queue takes no more work.
+  /// Set while the queue is out of the driver's service (draining, resetting or dead).
+  /// Mirrors `State.service` for the lock-free health check.
+  private let outOfService = Atomic<Bool>(false)
+  /// Set when the queue can never be used again (its completion ring is corrupt or the device is gone).
   private let faulted = Atomic<Bool>(false)
 
   package init(index: Int, region: QueueRegion, wakePerJob: Bool = false) {
@@ -107,6 +143,9 @@ package final class DriverQueue: @unchecked Sendable {
     cqDoorbell = SharedWord(region.field(\.cq_doorbell))
     cqNeedWakeup = SharedWord(region.field(\.cq_need_wakeup))
     stateFlags = SharedWord(region.field(\.state_flags))
+    errorStatus = SharedWord(region.field(\.error_status))
+    resetRequest = SharedWord(region.field(\.reset_request))
+    resetAck = SharedWord(region.field(\.reset_ack))
     let layout = region.layout
     let slots = Int(layout.sqEntries)
     let startTail = SharedWord(region.field(\.sq_tail)).loadAcquire()
@@ -127,8 +166,26 @@ package final class DriverQueue: @unchecked Sendable {
   package var poolCapacity: UInt64 { region.layout.dataSize }
   package var slotCount: Int { Int(region.layout.sqEntries) }
   package var isHealthy: Bool {
-    !faulted.load(ordering: .relaxed)
+    !outOfService.load(ordering: .relaxed)
       && stateFlags.loadAcquire() & (ACCEL_QF_ERROR | ACCEL_QF_STOPPED | ACCEL_QF_ISOLATED) == 0
+  }
+
+  /// Whether the queue can come back into service by itself (a reset), as
+  /// opposed to being dead or on an isolated device.
+  package var mayRecover: Bool {
+    !faulted.load(ordering: .relaxed) && stateFlags.loadAcquire() & (ACCEL_QF_STOPPED | ACCEL_QF_ISOLATED) == 0
+  }
+
+  /// Where the queue stands in error recovery.
+  package var service: QueueService { state.withLock { $0.service } }
+
+  /// The device's flags for this queue, as text ("running", "error", "isolated"…).
+  package var deviceState: String {
+    let f = stateFlags.loadAcquire()
+    if f & ACCEL_QF_ISOLATED != 0 { return "isolated" }
+    if f & ACCEL_QF_STOPPED != 0 { return "stopped" }
+    if f & ACCEL_QF_ERROR != 0 { return "error" }
+    return "running"
   }
 
   /// Jobs holding a slot (in flight or awaiting release).
@@ -181,7 +238,7 @@ package final class DriverQueue: @unchecked Sendable {
           if let base = b.baseAddress { region.bytes(at: region.layout.keySlot(ks)! + 8).copyMemory(from: base, byteCount: b.count) }
         }
       }
-      s.slots[slot] = .inFlight(generation: gen, lease: lease, handler: handler)
+      s.slots[slot] = .inFlight(generation: gen, lease: lease, handler: handler, since: SharedMemory.nowNanoseconds())
       s.leased += 1
       return lease
     }
@@ -219,7 +276,7 @@ package final class DriverQueue: @unchecked Sendable {
   package func rearm(_ lease: Lease, handler: @escaping CompletionHandler) {
     state.withLock { s in
       if case .completed(let gen) = s.slots[lease.slot], UInt64(gen) == lease.cookie >> 32 {
-        s.slots[lease.slot] = .inFlight(generation: gen, lease: lease, handler: handler)
+        s.slots[lease.slot] = .inFlight(generation: gen, lease: lease, handler: handler, since: SharedMemory.nowNanoseconds())
       }
     }
   }
@@ -294,6 +351,7 @@ package final class DriverQueue: @unchecked Sendable {
       sqe.dst_offset = last ? lease.dstOffset : lease.midOffset
       sqe.dst_capacity = last ? lease.dstCapacity : lease.midCapacity
       if !last { sqe.flags = UInt8(ACCEL_SQE_F_CHAIN) }
+      if step.verify && step.opcode == .compress { sqe.flags |= UInt8(ACCEL_SQE_F_VERIFY) }
       if step.isCrypto {
         sqe.key_slot = lease.keySlot
         if step.opcode != .digest {
@@ -320,7 +378,11 @@ package final class DriverQueue: @unchecked Sendable {
         // and take the queue out of service.
         if !faulted.exchange(true, ordering: .relaxed) {
           counters.invalidCompletions.add(1, ordering: .relaxed)
-          delivered = failAllInFlight()
+          delivered = state.withLock { s in
+            s.service = .dead(reason: "completion ring indices are corrupt")
+            outOfService.store(true, ordering: .relaxed)
+            return failAllInFlightLocked(&s, "queue \(queueID): completion ring corrupt")
+          }
         }
         return 0
       }
@@ -353,17 +415,18 @@ package final class DriverQueue: @unchecked Sendable {
     let slot = Int(cqe.cookie & 0xFFFF_FFFF)
     let generation = UInt32(truncatingIfNeeded: cqe.cookie >> 32)
     do {
-      guard slot < s.slots.count, case .inFlight(let gen, let lease, let handler) = s.slots[slot], gen == generation
+      guard slot < s.slots.count, case .inFlight(let gen, let lease, let handler, _) = s.slots[slot], gen == generation
       else { return nil }
       s.slots[slot] = .completed(generation: gen)
       guard let status = DeviceStatus(rawValue: cqe.status), cqe.produced <= lease.dstCapacity,
         cqe.consumed <= max(lease.srcLength, lease.midCapacity)
       else {
+        // A malformed completion for a live job: the queue is suspect. Take it
+        // out of service until a reset, and fail the job as a queue error.
         counters.invalidCompletions.add(1, ordering: .relaxed)
-        return (
-          handler,
-          Completion(status: .deviceFault, produced: 0, consumed: 0, engineID: cqe.engine_id, engineNanoseconds: 0)
-        )
+        let why = "queue \(queueID): malformed completion (status \(cqe.status), \(cqe.produced) bytes produced)"
+        takeOutOfServiceLocked(&s, why)
+        return (handler, .failed(.deviceFault, why, engine: cqe.engine_id))
       }
       return (
         handler,
@@ -376,27 +439,102 @@ package final class DriverQueue: @unchecked Sendable {
 
   package var hasCompletions: Bool { !faulted.load(ordering: .relaxed) && cqTail.loadAcquire() != reapLock.withLock { $0 } }
 
-  /// Takes the queue out of service and fails its in-flight jobs with `deviceFault`
-  /// (the device behind it is gone). Handlers run on the calling thread.
-  package func fault() {
+  /// Takes the queue out of service for good and fails its in-flight jobs with
+  /// `deviceFault` (the device behind it is gone). Handlers run on the calling thread.
+  package func fault(reason: String = "device gone") {
     faulted.store(true, ordering: .relaxed)
-    for (handler, completion) in failAllInFlight() { handler(completion) }
+    let failed = state.withLock { s in
+      s.service = .dead(reason: reason)
+      outOfService.store(true, ordering: .relaxed)
+      return failAllInFlightLocked(&s, reason)
+    }
+    for (handler, completion) in failed { handler(completion) }
   }
 
-  /// Completes every in-flight job with `deviceFault`. Their buffers stay leased
-  /// to their owners, who release them; the queue takes no new work, so a late
-  /// write by the device can never land in another job's buffer.
-  private func failAllInFlight() -> [(CompletionHandler, Completion)] {
-    state.withLock { s in
-      var out: [(CompletionHandler, Completion)] = []
-      for i in s.slots.indices {
-        if case .inFlight(let gen, _, let handler) = s.slots[i] {
-          s.slots[i] = .completed(generation: gen)
-          out.append((handler, Completion(status: .deviceFault, produced: 0, consumed: 0, engineID: 0, engineNanoseconds: 0)))
-        }
+  private func takeOutOfServiceLocked(_ s: inout State, _ reason: String) {
+    guard case .inService = s.service else { return }
+    s.service = .draining(reason: reason)
+    outOfService.store(true, ordering: .relaxed)
+  }
+
+  /// Completes every in-flight job with `deviceFault`. Their owners release the
+  /// buffers; the queue is out of service until the device acknowledges a reset
+  /// (which it does only once no engine holds a job of it), so a late write by
+  /// the device never lands in another job's buffer.
+  private func failAllInFlightLocked(_ s: inout State, _ detail: String) -> [(CompletionHandler, Completion)] {
+    var out: [(CompletionHandler, Completion)] = []
+    for i in s.slots.indices {
+      if case .inFlight(let gen, _, let handler, _) = s.slots[i] {
+        s.slots[i] = .completed(generation: gen)
+        out.append((handler, .failed(.deviceFault, detail)))
       }
-      return out
     }
+    return out
+  }
+
+  /// Error recovery, run by the reaper every few tens of milliseconds:
+  /// - a queue the device put in error leaves service and drains;
+  /// - a job without a completion for `completionTimeout` (lost completion,
+  ///   stalled engine) fails with the rest of the queue's in-flight jobs;
+  /// - a drained queue asks the device for a reset, and returns to service
+  ///   when the device acknowledges it.
+  /// - Returns: completions to deliver, and whether the queue changed state.
+  package func maintain(now: UInt64, completionTimeout: UInt64) -> (failed: [(CompletionHandler, Completion)], changed: Bool) {
+    guard !faulted.load(ordering: .relaxed) else { return ([], false) }
+    let flags = stateFlags.loadAcquire()
+    var ring = false
+    let result = state.withLock { s -> ([(CompletionHandler, Completion)], Bool) in
+      var failed: [(CompletionHandler, Completion)] = []
+      var changed = false
+      if case .inService = s.service, flags & ACCEL_QF_ERROR != 0 {
+        let status = DeviceStatus(rawValue: UInt16(truncatingIfNeeded: errorStatus.loadAcquire()))
+        takeOutOfServiceLocked(&s, "queue \(queueID) in error (\(status.map { "\($0)" } ?? "unknown status"))")
+        changed = true
+      }
+      switch s.service {
+      case .inService, .draining:
+        var oldest = UInt64.max
+        for slot in s.slots { if case .inFlight(_, _, _, let since) = slot { oldest = min(oldest, since) } }
+        if oldest != .max && now > oldest && now - oldest > completionTimeout {
+          let why =
+            "queue \(queueID): no completion within \(completionTimeout / 1_000_000) ms (lost completion or stalled engine)"
+          counters.stalls.add(1, ordering: .relaxed)
+          takeOutOfServiceLocked(&s, why)
+          failed = failAllInFlightLocked(&s, why)
+          changed = true
+        }
+        guard case .draining(let reason) = s.service else { break }
+        let busy = s.slots.contains { if case .inFlight = $0 { true } else { false } }
+        guard !busy else { break }
+        guard region.header.pointee.abi_version & 0xFFFF >= 2 else {
+          s.service = .dead(reason: reason + "; the device is too old to reset queues")
+          faulted.store(true, ordering: .relaxed)
+          changed = true
+          break
+        }
+        let request = resetRequest.fetchAdd(1) &+ 1
+        s.service = .awaitingReset(request: request, reason: reason)
+        counters.resets.add(1, ordering: .relaxed)
+        ring = true
+        changed = true
+      case .awaitingReset(let request, _):
+        if resetAck.loadAcquire() == request {
+          s.service = .inService
+          outOfService.store(false, ordering: .relaxed)
+          changed = true
+        }
+      case .dead:
+        break
+      }
+      return (failed, changed)
+    }
+    if ring {
+      // Wake a parked engine so it sees the request.
+      SharedMemory.fence()
+      sqDoorbell.fetchAdd(1)
+      sqDoorbell.wake()
+    }
+    return result
   }
 
   package var statistics: DriverQueueStatistics {
@@ -405,7 +543,8 @@ package final class DriverQueue: @unchecked Sendable {
       completed: counters.completed.load(ordering: .relaxed),
       batches: counters.batches.load(ordering: .relaxed),
       doorbellWakes: counters.wakes.load(ordering: .relaxed),
-      invalidCompletions: counters.invalidCompletions.load(ordering: .relaxed))
+      invalidCompletions: counters.invalidCompletions.load(ordering: .relaxed),
+      stalls: counters.stalls.load(ordering: .relaxed), resets: counters.resets.load(ordering: .relaxed))
   }
 }
 
@@ -415,6 +554,10 @@ package struct DriverQueueStatistics: Sendable {
   package var batches: UInt64
   package var doorbellWakes: UInt64
   package var invalidCompletions: UInt64
+  /// Times jobs went without a completion past the timeout.
+  package var stalls: UInt64
+  /// Resets this driver asked the device for.
+  package var resets: UInt64
 }
 
 private final class Counters: Sendable {
@@ -424,4 +567,6 @@ private final class Counters: Sendable {
   let batches = Atomic<UInt64>(0)
   let wakes = Atomic<UInt64>(0)
   let invalidCompletions = Atomic<UInt64>(0)
+  let stalls = Atomic<UInt64>(0)
+  let resets = Atomic<UInt64>(0)
 }

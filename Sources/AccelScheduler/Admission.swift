@@ -111,6 +111,15 @@ public struct AdmissionControl: Sendable {
     return nil
   }
 
+  /// A job that was already admitted comes back to wait (a retry after a queue
+  /// error): counted again, without limits or rate checks, since it was admitted once.
+  public mutating func reenter(tenant: String, bytes: Int) {
+    guard var a = accounts[tenant] else { return }
+    a.queuedJobs += 1
+    a.queuedBytes += bytes
+    accounts[tenant] = a
+  }
+
   /// A job left the queue (dispatched, cancelled or expired).
   public mutating func leave(tenant: String, bytes: Int) {
     guard var a = accounts[tenant] else { return }

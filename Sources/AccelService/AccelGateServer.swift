@@ -36,18 +36,33 @@ public final class AccelGateServer: Sendable {
         "device data pool (\(configuration.device.dataPoolBytes) bytes) cannot hold the largest job (\(worstJob) bytes)")
     }
     let driver: DeviceDriver
+    var driverConfiguration = DriverConfiguration.defaults
+    driverConfiguration.completionTimeout = configuration.completionTimeout
+    var startDegraded: String?
     if let address = configuration.deviceAddress {
+      let fallback =
+        configuration.softwareFallback
+        ? FallbackDevice(configuration: configuration.device, driverConfiguration: driverConfiguration) : nil
       let external = ExternalDevice(
         address: address, queueCount: configuration.device.queueCount, weight: configuration.queueWeight,
-        logger: logger)
-      driver = try external.connect()
+        driverConfiguration: driverConfiguration, fallback: fallback, logger: logger)
+      do {
+        driver = try external.connect()
+        logger.info("attached to device", metadata: ["device": "\(address)", "queues": "\(driver.queues.count)"])
+      } catch let error where fallback != nil {
+        // Start on the stand-in and attach when the device appears.
+        driver = try fallback!.driver()
+        startDegraded = "device \(address) unavailable at start (\(error)); serving from the software fallback"
+      }
       self.external = external
       self.device = nil
-      logger.info("attached to device", metadata: ["device": "\(address)", "queues": "\(driver.queues.count)"])
     } else {
       let device = try EmulatedDevice(configuration: configuration.device)
+      let log = logger
+      device.setEventHandler { log.warning("device: \($0)") }
       device.start()
-      driver = try DeviceDriver(queueFileDescriptors: (0..<device.queues.count).map { device.exportQueue($0) })
+      driver = try DeviceDriver(
+        queueFileDescriptors: (0..<device.queues.count).map { device.exportQueue($0) }, configuration: driverConfiguration)
       self.device = device
       self.external = nil
     }
@@ -58,6 +73,7 @@ public final class AccelGateServer: Sendable {
     dc.maxBatch = configuration.maxBatch
     dc.defaultDeadline = configuration.defaultDeadline
     dc.scheduler = configuration.scheduler
+    dc.verifyCompression = configuration.verifyCompression
     var tenantLimits = configuration.defaultTenantLimits
     tenantLimits.maxPayloadBytes = min(tenantLimits.maxPayloadBytes, configuration.maxRequestBytes)
     let directory = try TenantDirectory(path: configuration.tenantsFile, defaultLimits: tenantLimits)
@@ -69,6 +85,7 @@ public final class AccelGateServer: Sendable {
     }
     let dispatcher = Dispatcher(driver: driver, configuration: dc, tenants: directory.current.policies, logger: logger)
     dispatcher.start()
+    if let startDegraded { dispatcher.failover(to: driver, oldIsGone: false, reason: "start", degraded: startDegraded) }
     external?.watch(dispatcher)
     self.dispatcher = dispatcher
     self.directory = directory

@@ -16,9 +16,18 @@ enum DeviceDescription {
     r.device.name = "accelgate-emulated"
     r.device.mode = device == nil ? "external" : "embedded"
     r.device.abiVersion = "\(ACCEL_ABI_VERSION_MAJOR).\(ACCEL_ABI_VERSION_MINOR)"
-    r.device.healthy =
-      dispatcher.isAttached && (device?.isRunning ?? true) && dispatcher.driver.queues.allSatisfy(\.isHealthy)
-    for q in dispatcher.driver.queues {
+    let queues = dispatcher.driver.queues
+    r.device.healthy = dispatcher.isAttached && (device?.isRunning ?? true) && queues.allSatisfy(\.isHealthy)
+    r.device.degraded = dispatcher.degraded != nil
+    r.device.statusDetail =
+      dispatcher.detachedReason ?? dispatcher.degraded
+      ?? (device?.isIsolated == true ? "device isolated after repeated queue errors" : nil)
+      ?? queues.compactMap { $0.service.reason }.first ?? ""
+    r.device.isolated = device?.isIsolated ?? false
+    r.device.verifyCompression = configuration.verifyCompression
+    r.device.retriedJobs = snapshot.retried
+    r.device.faultInjection = device?.faults.description ?? "none"
+    for q in queues {
       var qi = Accelgate_V1_QueueInfo()
       let h = q.region.header.pointee
       qi.id = h.queue_id
@@ -28,7 +37,12 @@ enum DeviceDescription {
       qi.weight = h.weight
       qi.inFlight = UInt32(snapshot.inFlight[q.index])
       qi.state = queueState(flags: h.state_flags, healthy: q.isHealthy)
-      qi.completed = q.statistics.completed
+      let stats = q.statistics
+      qi.completed = stats.completed
+      qi.recovery = q.service.reason ?? ""
+      qi.resets = stats.resets
+      qi.invalidCompletions = stats.invalidCompletions
+      qi.stalls = stats.stalls
       r.queues.append(qi)
     }
     for e in device?.engines ?? [] {

@@ -46,6 +46,15 @@ public struct ServiceConfiguration: Sendable {
   public var queueWeight: UInt32 = 1
   /// The embedded device (also: how many queues to ask a standalone device for).
   public var device: DeviceConfiguration = .defaults
+  /// With a standalone device: serve from an embedded software device while it
+  /// is down (health stays SERVING; DescribeDevice and the log say "degraded").
+  public var softwareFallback = false
+  /// Compress-and-verify: the device decompresses every compression result and
+  /// compares it with the input before completing (catches silent corruption).
+  public var verifyCompression = false
+  /// A job without a completion for this long is declared lost; its queue is
+  /// reset and the job retried once. Must exceed the longest job.
+  public var completionTimeout: Duration = .seconds(5)
 
   public init() {}
   public static var defaults: Self { Self() }

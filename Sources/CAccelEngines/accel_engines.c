@@ -21,6 +21,8 @@ struct accel_engine_ctx {
     z_stream stored[3];                /* level-0 streams per wrapper, created on first use */
     int stored_ready[3];
     struct accel_crypto_state *crypto; /* created on first crypto job */
+    uint8_t *verify_buf;               /* compress-and-verify scratch, grown on demand */
+    uint32_t verify_buf_size;
 };
 
 struct accel_crypto_state *accel_engine_crypto_state(accel_engine_ctx *ctx) {
@@ -44,6 +46,7 @@ void accel_engine_destroy(accel_engine_ctx *ctx) {
     for (int i = 0; i < 3; i++)
         if (ctx->stored_ready[i]) deflateEnd(&ctx->stored[i]);
     accel_crypto_state_destroy(ctx->crypto);
+    free(ctx->verify_buf);
     free(ctx->isal_level_buf);
     free(ctx);
 }
@@ -221,4 +224,26 @@ uint16_t accel_engine_decompress(accel_engine_ctx *ctx, uint8_t algorithm,
         if (algorithm == ACCEL_ALG_GZIP && is_gzip_member_start(src + in_pos, src_len - in_pos)) continue;
         return ACCEL_STATUS_CORRUPT_INPUT;
     }
+}
+
+uint16_t accel_engine_verify(accel_engine_ctx *ctx, uint8_t algorithm,
+                             const uint8_t *compressed, uint32_t compressed_len,
+                             const uint8_t *original, uint32_t original_len) {
+    /* One byte more than the original, so output that runs long is caught too. */
+    uint32_t need = original_len + 1;
+    if (need == 0) return ACCEL_STATUS_VERIFY_FAILED;
+    if (ctx->verify_buf_size < need) {
+        uint8_t *b = realloc(ctx->verify_buf, need);
+        if (!b) return ACCEL_STATUS_ENGINE_ERROR;
+        ctx->verify_buf = b;
+        ctx->verify_buf_size = need;
+    }
+    uint32_t produced = 0, consumed = 0;
+    uint16_t st = accel_engine_decompress(ctx, algorithm, compressed, compressed_len,
+                                          ctx->verify_buf, need, &produced, &consumed);
+    if (st != ACCEL_STATUS_OK || produced != original_len || consumed != compressed_len)
+        return ACCEL_STATUS_VERIFY_FAILED;
+    if (original_len && memcmp(ctx->verify_buf, original, original_len) != 0)
+        return ACCEL_STATUS_VERIFY_FAILED;
+    return ACCEL_STATUS_OK;
 }

@@ -60,11 +60,18 @@ struct Serve: AsyncParsableCommand {
   @Option(help: "Default per-tenant limit on queued payload bytes.")
   var tenantMaxQueuedBytes = TenantLimits.defaults.maxQueuedBytes
   @Option(help: "Log level (trace, debug, info, notice, warning, error).") var logLevel = "info"
+  @Flag(help: "With --device: serve from an embedded software device while the standalone one is down.")
+  var softwareFallback = false
+  @Flag(help: "Compress-and-verify: the device decompresses each compression result and compares it with the input.")
+  var verifyCompression = false
+  @Option(help: "Milliseconds without a completion before a job is declared lost and its queue reset.")
+  var completionTimeoutMs = 5000
+  @OptionGroup var faults: FaultOptions
 
   func run() async throws {
     var logger = Logger(label: "accelgate")
     logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
-    let config = ServiceConfiguration.defaults {
+    var config = ServiceConfiguration.defaults {
       $0.host = host
       $0.port = port
       $0.maxRequestBytes = maxRequestBytes
@@ -90,7 +97,11 @@ struct Serve: AsyncParsableCommand {
       $0.scheduler = scheduler.kind
       $0.defaultTenantLimits.maxQueuedJobs = tenantMaxQueuedJobs
       $0.defaultTenantLimits.maxQueuedBytes = tenantMaxQueuedBytes
+      $0.softwareFallback = softwareFallback
+      $0.verifyCompression = verifyCompression
+      $0.completionTimeout = .milliseconds(completionTimeoutMs)
     }
+    try faults.apply(to: &config.device)
     let server = try AccelGateServer(configuration: config, logger: logger)
     let log = logger
     let signals = SignalHandler(
@@ -134,10 +145,12 @@ struct Device: ParsableCommand {
   @Option(help: "Engine idle spin before parking, in microseconds.") var idleSpinUs = 50
   @Option(help: "Another user id allowed to attach (root and the daemon's own user always are).")
   var allowUid: [UInt32] = []
+  @OptionGroup var faults: FaultOptions
+  @Flag(help: "Let attached peers change fault injection and lift isolation over the control socket (tests, drills).")
+  var allowFaultControl = false
 
   func run() throws {
-    let device = try EmulatedDevice(
-      configuration: .defaults {
+    var deviceConfiguration = DeviceConfiguration.defaults {
         $0.queueCount = 0
         $0.engineCount = engines
         $0.sqEntries = UInt32(sqEntries)
@@ -145,11 +158,15 @@ struct Device: ParsableCommand {
         $0.memoryBudget = memoryBudgetMib > 0 ? UInt64(memoryBudgetMib) << 20 : nil
         $0.engineThroughputCapMBps = engineCapMbps > 0 ? engineCapMbps : nil
         $0.idleSpin = .microseconds(idleSpinUs)
-      })
+      }
+    try faults.apply(to: &deviceConfiguration)
+    let device = try EmulatedDevice(configuration: deviceConfiguration)
+    let logger = Logger(label: "accelgate.device")
+    device.setEventHandler { logger.warning("\($0)") }
     device.start()
     var config = ControlServer.Configuration(socketPath: socket)
     config.allowedUIDs = Set(allowUid)
-    let logger = Logger(label: "accelgate.device")
+    config.allowFaultControl = allowFaultControl
     let server = try ControlServer(device: device, configuration: config) { logger.notice("\($0)") }
     let done = DispatchSemaphore(value: 0)
     let signals = SignalHandler(onTerminate: { done.signal() }, onHangup: {})
@@ -160,6 +177,29 @@ struct Device: ParsableCommand {
     _ = signals
     server.stop()
     device.stop()
+  }
+}
+
+/// Device error handling and fault injection, shared by `serve` (embedded device) and `device`.
+struct FaultOptions: ParsableArguments {
+  @Option(help: "Queue errors within the isolation window that isolate the device.")
+  var isolationThreshold = DeviceConfiguration.defaults.isolationThreshold
+  @Option(help: "Isolation window, in milliseconds.") var isolationWindowMs = 10_000
+  @Option(help: "Milliseconds an isolation lasts before the device lifts it (0 = until restart).")
+  var isolationCooldownMs = 30_000
+  @Option(
+    help: ArgumentHelp(
+      "Inject faults, for tests and drills: MODE[,every=N][,latency-ms=M][,queue=Q].",
+      discussion: "MODE is one of: \(FaultInjection.Mode.allCases.map(\.rawValue).joined(separator: ", "))."))
+  var injectFault: String?
+
+  func apply(to device: inout DeviceConfiguration) throws {
+    device.isolationThreshold = max(1, isolationThreshold)
+    device.isolationWindow = .milliseconds(max(1, isolationWindowMs))
+    device.isolationCooldown = isolationCooldownMs > 0 ? .milliseconds(isolationCooldownMs) : nil
+    if let injectFault {
+      do { device.faults = try FaultInjection(parsing: injectFault) } catch { throw ValidationError(error.description) }
+    }
   }
 }
 

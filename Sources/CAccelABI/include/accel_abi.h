@@ -45,8 +45,8 @@ extern "C" {
 
 #define ACCEL_ABI_MAGIC          0x4C434341u /* "ACCL" in little-endian memory order */
 #define ACCEL_ABI_VERSION_MAJOR  1u
-#define ACCEL_ABI_VERSION_MINOR  1u
-#define ACCEL_ABI_VERSION        0x00010001u /* (MAJOR << 16) | MINOR */
+#define ACCEL_ABI_VERSION_MINOR  2u
+#define ACCEL_ABI_VERSION        0x00010002u /* (MAJOR << 16) | MINOR */
 
 #define ACCEL_CACHELINE          64u
 #define ACCEL_HEADER_SIZE        4096u
@@ -99,7 +99,9 @@ enum accel_algorithm {
 #define ACCEL_SQE_F_CHAIN        (1u << 0) /* 1.1: the next SQE continues this job (see below) */
 #define ACCEL_SQE_F_STREAM       (1u << 1) /* reserved: uses the stream context in stream_ctx */
 #define ACCEL_SQE_F_STREAM_FINAL (1u << 2) /* reserved: last chunk of a stream */
-#define ACCEL_SQE_F_VERIFY       (1u << 3) /* reserved: compress-and-verify */
+#define ACCEL_SQE_F_VERIFY       (1u << 3) /* 1.2: compress-and-verify: the device decompresses the
+                                              result and compares it with the input before completing;
+                                              a mismatch completes with ACCEL_STATUS_VERIFY_FAILED */
 #define ACCEL_SQE_F_KNOWN_MASK   0x0Fu
 
 /* ---------------------------------------------------------------------------
@@ -160,6 +162,7 @@ enum accel_status {
     ACCEL_STATUS_DEVICE_FAULT       = 10, /* device-side fault (e.g. injected) */
     ACCEL_STATUS_BAD_KEY            = 11, /* 1.1: key slot missing or key length wrong for the algorithm */
     ACCEL_STATUS_BAD_PARAMS         = 12, /* 1.1: AEAD parameter block or chain malformed */
+    ACCEL_STATUS_VERIFY_FAILED      = 13, /* 1.2: compress-and-verify found the engine's output wrong */
 };
 
 enum accel_error_class {
@@ -174,6 +177,22 @@ enum accel_error_class {
 #define ACCEL_QF_ERROR    (1u << 0) /* queue hit a queue-class error; needs reset */
 #define ACCEL_QF_STOPPED  (1u << 1) /* queue accepts no new work */
 #define ACCEL_QF_ISOLATED (1u << 2) /* device isolated the queue after repeated errors */
+
+/* Queue errors and reset (ABI 1.2). When a job on a queue completes with a
+ * queue-class status the device sets ACCEL_QF_ERROR. A queue in error (or
+ * isolated) runs nothing more: the device completes every descriptor still in
+ * its SQ with ACCEL_STATUS_QUEUE_STOPPED ("flushed, not run"). The driver stops
+ * submitting, waits for its in-flight jobs to come back, then asks for a reset
+ * by incrementing reset_request (and ringing the SQ doorbell). The device
+ * performs the reset once no engine holds a job of the queue: it discards any
+ * unfetched descriptors (sq_head = sq_tail), clears ACCEL_QF_ERROR and stores
+ * reset_ack = reset_request. Only then may the driver reuse the queue's
+ * buffers for new jobs. A driver that gave up on jobs itself (a lost
+ * completion, a stalled engine, a malformed completion) asks for a reset the
+ * same way; the device counts such a reset as a queue error.
+ * Isolation is device-wide: after isolation_threshold queue errors within the
+ * device's window every queue is marked ACCEL_QF_ISOLATED until the device
+ * lifts it (after a cool-down, or by an operator). */
 
 /* ---------------------------------------------------------------------------
  * Submission queue entry: 64 bytes
@@ -267,8 +286,12 @@ typedef struct accel_region_header {
     uint64_t error_count;        /* 520: queue-class errors since reset */
     uint64_t heartbeat;          /* 528: bumped by the device while it is alive */
     uint64_t completed;          /* 536: CQEs posted since creation */
-    uint32_t pad8[8];
-    uint8_t  reserved_tail[ACCEL_HEADER_SIZE - 576];
+    uint32_t reset_ack;          /* 544: 1.2: last reset_request the device carried out */
+    uint32_t pad8[7];
+    /* line 9: written by the driver */
+    uint32_t reset_request;      /* 576: 1.2: incremented by the driver to ask for a queue reset */
+    uint32_t pad9[15];
+    uint8_t  reserved_tail[ACCEL_HEADER_SIZE - 640];
 } accel_region_header;
 
 #define ACCEL_STATIC_ASSERT(c, m) _Static_assert(c, m)
@@ -283,6 +306,8 @@ ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_region_header, cq_head) == 320, "cq
 ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_region_header, sq_doorbell) == 384, "sq_doorbell offset");
 ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_region_header, cq_doorbell) == 448, "cq_doorbell offset");
 ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_region_header, state_flags) == 512, "state offset");
+ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_region_header, reset_ack) == 544, "reset_ack offset");
+ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_region_header, reset_request) == 576, "reset_request offset");
 ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_cqe, engine_ns) == 24, "cqe engine_ns offset");
 ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_sqe, aux_offset) == 40, "sqe aux offset");
 ACCEL_STATIC_ASSERT(sizeof(accel_key_slot) == ACCEL_KEYSLOT_SIZE, "key slot size");
@@ -300,6 +325,7 @@ static inline uint8_t accel_status_error_class(uint16_t status) {
     case ACCEL_STATUS_OK: return ACCEL_ERRCLASS_NONE;
     case ACCEL_STATUS_QUEUE_STOPPED:
     case ACCEL_STATUS_DEVICE_FAULT:
+    case ACCEL_STATUS_VERIFY_FAILED:
     case ACCEL_STATUS_ENGINE_ERROR: return ACCEL_ERRCLASS_QUEUE;
     default: return ACCEL_ERRCLASS_JOB;
     }

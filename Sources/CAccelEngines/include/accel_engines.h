@@ -38,6 +38,13 @@ uint16_t accel_engine_decompress(accel_engine_ctx *ctx, uint8_t algorithm,
                                  uint8_t *dst, uint32_t dst_cap,
                                  uint32_t *produced, uint32_t *consumed);
 
+/** Compress-and-verify (ABI 1.2): decompresses `compressed` into the engine's
+    scratch buffer and compares it with `original`. Returns ACCEL_STATUS_OK when
+    they match exactly, else ACCEL_STATUS_VERIFY_FAILED. */
+uint16_t accel_engine_verify(accel_engine_ctx *ctx, uint8_t algorithm,
+                             const uint8_t *compressed, uint32_t compressed_len,
+                             const uint8_t *original, uint32_t original_len);
+
 /** AEAD seal (encrypt = 1) or open (encrypt = 0); see accel_aead_params in accel_abi.h.
     On open, a tag mismatch returns ACCEL_STATUS_AUTH_FAILED and zeroes dst. */
 uint16_t accel_engine_aead(accel_engine_ctx *ctx, int encrypt, uint8_t algorithm,

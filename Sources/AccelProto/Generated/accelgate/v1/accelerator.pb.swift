@@ -768,41 +768,49 @@ public nonisolated struct Accelgate_V1_DescribeDeviceRequest: Sendable {
   public init() {}
 }
 
-public nonisolated struct Accelgate_V1_DescribeDeviceResponse: Sendable {
+public nonisolated struct Accelgate_V1_DescribeDeviceResponse: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
   public var device: Accelgate_V1_DeviceInfo {
-    get {_device ?? Accelgate_V1_DeviceInfo()}
-    set {_device = newValue}
+    get {_storage._device ?? Accelgate_V1_DeviceInfo()}
+    set {_uniqueStorage()._device = newValue}
   }
   /// Returns true if `device` has been explicitly set.
-  public var hasDevice: Bool {self._device != nil}
+  public var hasDevice: Bool {_storage._device != nil}
   /// Clears the value of `device`. Subsequent reads from it will return its default value.
-  public mutating func clearDevice() {self._device = nil}
+  public mutating func clearDevice() {_uniqueStorage()._device = nil}
 
-  public var queues: [Accelgate_V1_QueueInfo] = []
+  public var queues: [Accelgate_V1_QueueInfo] {
+    get {_storage._queues}
+    set {_uniqueStorage()._queues = newValue}
+  }
 
-  public var engines: [Accelgate_V1_EngineInfo] = []
+  public var engines: [Accelgate_V1_EngineInfo] {
+    get {_storage._engines}
+    set {_uniqueStorage()._engines = newValue}
+  }
 
-  public var capabilities: [Accelgate_V1_Capability] = []
+  public var capabilities: [Accelgate_V1_Capability] {
+    get {_storage._capabilities}
+    set {_uniqueStorage()._capabilities = newValue}
+  }
 
   public var limits: Accelgate_V1_Limits {
-    get {_limits ?? Accelgate_V1_Limits()}
-    set {_limits = newValue}
+    get {_storage._limits ?? Accelgate_V1_Limits()}
+    set {_uniqueStorage()._limits = newValue}
   }
   /// Returns true if `limits` has been explicitly set.
-  public var hasLimits: Bool {self._limits != nil}
+  public var hasLimits: Bool {_storage._limits != nil}
   /// Clears the value of `limits`. Subsequent reads from it will return its default value.
-  public mutating func clearLimits() {self._limits = nil}
+  public mutating func clearLimits() {_uniqueStorage()._limits = nil}
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
-  fileprivate var _device: Accelgate_V1_DeviceInfo? = nil
-  fileprivate var _limits: Accelgate_V1_Limits? = nil
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 public nonisolated struct Accelgate_V1_DeviceInfo: Sendable {
@@ -819,6 +827,24 @@ public nonisolated struct Accelgate_V1_DeviceInfo: Sendable {
   public var abiVersion: String = String()
 
   public var healthy: Bool = false
+
+  /// Serving from the software fallback while the standalone device is down.
+  public var degraded: Bool = false
+
+  /// Why the device is unhealthy or degraded; empty when it is neither.
+  public var statusDetail: String = String()
+
+  /// The device isolated itself after repeated queue errors (embedded device only).
+  public var isolated: Bool = false
+
+  /// Compression results are verified by decompressing them on the device.
+  public var verifyCompression: Bool = false
+
+  /// Jobs retried once on another queue after a queue error.
+  public var retriedJobs: UInt64 = 0
+
+  /// Faults being injected (embedded device only; "none" in production).
+  public var faultInjection: String = String()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -847,6 +873,18 @@ public nonisolated struct Accelgate_V1_QueueInfo: Sendable {
   public var state: String = String()
 
   public var completed: UInt64 = 0
+
+  /// Why the driver has the queue out of service (draining, awaiting a reset); empty when in service.
+  public var recovery: String = String()
+
+  /// Resets the driver asked the device for.
+  public var resets: UInt64 = 0
+
+  /// Completions the driver rejected as malformed.
+  public var invalidCompletions: UInt64 = 0
+
+  /// Times jobs on the queue went without a completion past the timeout.
+  public var stalls: UInt64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -1870,51 +1908,95 @@ nonisolated extension Accelgate_V1_DescribeDeviceResponse: SwiftProtobuf.Message
   public static let protoMessageName: String = _protobuf_package + ".DescribeDeviceResponse"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}device\0\u{1}queues\0\u{1}engines\0\u{1}capabilities\0\u{1}limits\0")
 
+  fileprivate class _StorageClass {
+    var _device: Accelgate_V1_DeviceInfo? = nil
+    var _queues: [Accelgate_V1_QueueInfo] = []
+    var _engines: [Accelgate_V1_EngineInfo] = []
+    var _capabilities: [Accelgate_V1_Capability] = []
+    var _limits: Accelgate_V1_Limits? = nil
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _device = source._device
+      _queues = source._queues
+      _engines = source._engines
+      _capabilities = source._capabilities
+      _limits = source._limits
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    while let fieldNumber = try decoder.nextFieldNumber() {
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every case branch when no optimizations are
-      // enabled. https://github.com/apple/swift-protobuf/issues/1034
-      switch fieldNumber {
-      case 1: try { try decoder.decodeSingularMessageField(value: &self._device) }()
-      case 2: try { try decoder.decodeRepeatedMessageField(value: &self.queues) }()
-      case 3: try { try decoder.decodeRepeatedMessageField(value: &self.engines) }()
-      case 4: try { try decoder.decodeRepeatedMessageField(value: &self.capabilities) }()
-      case 5: try { try decoder.decodeSingularMessageField(value: &self._limits) }()
-      default: break
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularMessageField(value: &_storage._device) }()
+        case 2: try { try decoder.decodeRepeatedMessageField(value: &_storage._queues) }()
+        case 3: try { try decoder.decodeRepeatedMessageField(value: &_storage._engines) }()
+        case 4: try { try decoder.decodeRepeatedMessageField(value: &_storage._capabilities) }()
+        case 5: try { try decoder.decodeSingularMessageField(value: &_storage._limits) }()
+        default: break
+        }
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    // The use of inline closures is to circumvent an issue where the compiler
-    // allocates stack space for every if/case branch local when no optimizations
-    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-    // https://github.com/apple/swift-protobuf/issues/1182
-    try { if let v = self._device {
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
-    } }()
-    if !self.queues.isEmpty {
-      try visitor.visitRepeatedMessageField(value: self.queues, fieldNumber: 2)
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      try { if let v = _storage._device {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+      } }()
+      if !_storage._queues.isEmpty {
+        try visitor.visitRepeatedMessageField(value: _storage._queues, fieldNumber: 2)
+      }
+      if !_storage._engines.isEmpty {
+        try visitor.visitRepeatedMessageField(value: _storage._engines, fieldNumber: 3)
+      }
+      if !_storage._capabilities.isEmpty {
+        try visitor.visitRepeatedMessageField(value: _storage._capabilities, fieldNumber: 4)
+      }
+      try { if let v = _storage._limits {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
+      } }()
     }
-    if !self.engines.isEmpty {
-      try visitor.visitRepeatedMessageField(value: self.engines, fieldNumber: 3)
-    }
-    if !self.capabilities.isEmpty {
-      try visitor.visitRepeatedMessageField(value: self.capabilities, fieldNumber: 4)
-    }
-    try { if let v = self._limits {
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
-    } }()
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Accelgate_V1_DescribeDeviceResponse, rhs: Accelgate_V1_DescribeDeviceResponse) -> Bool {
-    if lhs._device != rhs._device {return false}
-    if lhs.queues != rhs.queues {return false}
-    if lhs.engines != rhs.engines {return false}
-    if lhs.capabilities != rhs.capabilities {return false}
-    if lhs._limits != rhs._limits {return false}
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._device != rhs_storage._device {return false}
+        if _storage._queues != rhs_storage._queues {return false}
+        if _storage._engines != rhs_storage._engines {return false}
+        if _storage._capabilities != rhs_storage._capabilities {return false}
+        if _storage._limits != rhs_storage._limits {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1922,7 +2004,7 @@ nonisolated extension Accelgate_V1_DescribeDeviceResponse: SwiftProtobuf.Message
 
 nonisolated extension Accelgate_V1_DeviceInfo: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".DeviceInfo"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}mode\0\u{3}abi_version\0\u{1}healthy\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}mode\0\u{3}abi_version\0\u{1}healthy\0\u{1}degraded\0\u{3}status_detail\0\u{1}isolated\0\u{3}verify_compression\0\u{3}retried_jobs\0\u{3}fault_injection\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1934,6 +2016,12 @@ nonisolated extension Accelgate_V1_DeviceInfo: SwiftProtobuf.Message, SwiftProto
       case 2: try { try decoder.decodeSingularStringField(value: &self.mode) }()
       case 3: try { try decoder.decodeSingularStringField(value: &self.abiVersion) }()
       case 4: try { try decoder.decodeSingularBoolField(value: &self.healthy) }()
+      case 5: try { try decoder.decodeSingularBoolField(value: &self.degraded) }()
+      case 6: try { try decoder.decodeSingularStringField(value: &self.statusDetail) }()
+      case 7: try { try decoder.decodeSingularBoolField(value: &self.isolated) }()
+      case 8: try { try decoder.decodeSingularBoolField(value: &self.verifyCompression) }()
+      case 9: try { try decoder.decodeSingularUInt64Field(value: &self.retriedJobs) }()
+      case 10: try { try decoder.decodeSingularStringField(value: &self.faultInjection) }()
       default: break
       }
     }
@@ -1952,6 +2040,24 @@ nonisolated extension Accelgate_V1_DeviceInfo: SwiftProtobuf.Message, SwiftProto
     if self.healthy != false {
       try visitor.visitSingularBoolField(value: self.healthy, fieldNumber: 4)
     }
+    if self.degraded != false {
+      try visitor.visitSingularBoolField(value: self.degraded, fieldNumber: 5)
+    }
+    if !self.statusDetail.isEmpty {
+      try visitor.visitSingularStringField(value: self.statusDetail, fieldNumber: 6)
+    }
+    if self.isolated != false {
+      try visitor.visitSingularBoolField(value: self.isolated, fieldNumber: 7)
+    }
+    if self.verifyCompression != false {
+      try visitor.visitSingularBoolField(value: self.verifyCompression, fieldNumber: 8)
+    }
+    if self.retriedJobs != 0 {
+      try visitor.visitSingularUInt64Field(value: self.retriedJobs, fieldNumber: 9)
+    }
+    if !self.faultInjection.isEmpty {
+      try visitor.visitSingularStringField(value: self.faultInjection, fieldNumber: 10)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1960,6 +2066,12 @@ nonisolated extension Accelgate_V1_DeviceInfo: SwiftProtobuf.Message, SwiftProto
     if lhs.mode != rhs.mode {return false}
     if lhs.abiVersion != rhs.abiVersion {return false}
     if lhs.healthy != rhs.healthy {return false}
+    if lhs.degraded != rhs.degraded {return false}
+    if lhs.statusDetail != rhs.statusDetail {return false}
+    if lhs.isolated != rhs.isolated {return false}
+    if lhs.verifyCompression != rhs.verifyCompression {return false}
+    if lhs.retriedJobs != rhs.retriedJobs {return false}
+    if lhs.faultInjection != rhs.faultInjection {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1967,7 +2079,7 @@ nonisolated extension Accelgate_V1_DeviceInfo: SwiftProtobuf.Message, SwiftProto
 
 nonisolated extension Accelgate_V1_QueueInfo: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".QueueInfo"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{3}sq_entries\0\u{3}cq_entries\0\u{3}data_pool_bytes\0\u{1}weight\0\u{3}in_flight\0\u{1}state\0\u{1}completed\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{3}sq_entries\0\u{3}cq_entries\0\u{3}data_pool_bytes\0\u{1}weight\0\u{3}in_flight\0\u{1}state\0\u{1}completed\0\u{1}recovery\0\u{1}resets\0\u{3}invalid_completions\0\u{1}stalls\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1983,6 +2095,10 @@ nonisolated extension Accelgate_V1_QueueInfo: SwiftProtobuf.Message, SwiftProtob
       case 6: try { try decoder.decodeSingularUInt32Field(value: &self.inFlight) }()
       case 7: try { try decoder.decodeSingularStringField(value: &self.state) }()
       case 8: try { try decoder.decodeSingularUInt64Field(value: &self.completed) }()
+      case 9: try { try decoder.decodeSingularStringField(value: &self.recovery) }()
+      case 10: try { try decoder.decodeSingularUInt64Field(value: &self.resets) }()
+      case 11: try { try decoder.decodeSingularUInt64Field(value: &self.invalidCompletions) }()
+      case 12: try { try decoder.decodeSingularUInt64Field(value: &self.stalls) }()
       default: break
       }
     }
@@ -2013,6 +2129,18 @@ nonisolated extension Accelgate_V1_QueueInfo: SwiftProtobuf.Message, SwiftProtob
     if self.completed != 0 {
       try visitor.visitSingularUInt64Field(value: self.completed, fieldNumber: 8)
     }
+    if !self.recovery.isEmpty {
+      try visitor.visitSingularStringField(value: self.recovery, fieldNumber: 9)
+    }
+    if self.resets != 0 {
+      try visitor.visitSingularUInt64Field(value: self.resets, fieldNumber: 10)
+    }
+    if self.invalidCompletions != 0 {
+      try visitor.visitSingularUInt64Field(value: self.invalidCompletions, fieldNumber: 11)
+    }
+    if self.stalls != 0 {
+      try visitor.visitSingularUInt64Field(value: self.stalls, fieldNumber: 12)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2025,6 +2153,10 @@ nonisolated extension Accelgate_V1_QueueInfo: SwiftProtobuf.Message, SwiftProtob
     if lhs.inFlight != rhs.inFlight {return false}
     if lhs.state != rhs.state {return false}
     if lhs.completed != rhs.completed {return false}
+    if lhs.recovery != rhs.recovery {return false}
+    if lhs.resets != rhs.resets {return false}
+    if lhs.invalidCompletions != rhs.invalidCompletions {return false}
+    if lhs.stalls != rhs.stalls {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
