@@ -43,6 +43,7 @@ interop: build
 	$(PYTHON) -m pytest -q tests/interop
 
 bench: deps-test
+	scripts/install-deps.sh bench
 	$(SWIFT) build -c release --product accelbench
 	$(SWIFT) build -c release --product accelgate
 	scripts/bench.sh

@@ -49,8 +49,10 @@ for sched in fair fifo; do
   .build/release/accelbench isolation-rings --scheduler "$sched" --json "$out/isolation-rings-$sched.json"
 done
 
-# 3. Doorbells at the driver layer (no gRPC): adaptive vs a wake per job.
+# 3. Doorbells at the driver layer (no gRPC): adaptive vs an eventfd per job,
+#    then the syscalls each costs per job, counted by strace -f -c.
 .build/release/accelbench doorbell --seconds "$seconds" --json "$out/doorbell.json"
+python3 scripts/count_syscalls.py .build/release/accelbench "$out/doorbell-syscalls.json" 200000
 
 python3 scripts/render_bench.py "$out" docs/BENCHMARKS.md
 echo "wrote docs/BENCHMARKS.md"

@@ -7,7 +7,10 @@ import Glibc
 import Synchronization
 
 /// Driver-layer ring benchmark: tiny jobs (NOP, or CRC-32C of 64 B) in a batch
-/// loop against the device, adaptive doorbells against a wake per job.
+/// loop against the device, adaptive doorbells against an eventfd per job.
+///
+/// `--jobs N --only MODE --skip-idle` runs a fixed number of jobs in one mode,
+/// for `scripts/bench.sh` to count the process's syscalls with `strace -f -c`.
 struct DoorbellBench: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "doorbell", abstract: "Descriptors/s, latency, syscalls per job and idle CPU at the driver layer.")
@@ -15,6 +18,10 @@ struct DoorbellBench: AsyncParsableCommand {
   @Option(help: "Descriptors kept in flight.") var depth = 64
   @Option(help: "Descriptors per doorbell.") var batch = 16
   @Option var json = ".build-bench/doorbell.json"
+  @Option(help: "Run exactly this many jobs per mode instead of --seconds.") var jobs: Int?
+  @Option(help: "Only this mode: adaptive or eventfd-per-job.") var only: String?
+  @Option(help: "Only this opcode: nop or crc32c-64B.") var opcode: String?
+  @Flag(help: "Skip the idle-CPU second.") var skipIdle = false
 
   struct Row: Codable {
     var mode: String
@@ -29,13 +36,13 @@ struct DoorbellBench: AsyncParsableCommand {
 
   func run() throws {
     var rows: [Row] = []
-    for wakePerJob in [false, true] {
-      for op in ["nop", "crc32c-64B"] {
-        let r = try measure(wakePerJob: wakePerJob, digest: op != "nop")
+    for mode in ["adaptive", "eventfd-per-job"] where only == nil || only == mode {
+      for op in ["nop", "crc32c-64B"] where opcode == nil || opcode == op {
+        let r = try measure(eventfd: mode != "adaptive", digest: op != "nop")
         rows.append(r)
         print(
           String(
-            format: "%-13@ %-11@ %10.0f desc/s  p50 %6.1f us  p99 %7.1f us  wakes/job %.4f  parks/job %.4f  idle CPU %.2f%%",
+            format: "%-16@ %-11@ %10.0f desc/s  p50 %6.1f us  p99 %7.1f us  wakes/job %.4f  parks/job %.4f  idle CPU %.2f%%",
             r.mode, r.opcode, r.descriptorsPerSecond, r.p50Microseconds, r.p99Microseconds, r.wakeSyscallsPerJob,
             r.engineParksPerJob, r.idleCPUPercent))
       }
@@ -43,17 +50,20 @@ struct DoorbellBench: AsyncParsableCommand {
     try write(rows, to: json)
   }
 
-  func measure(wakePerJob: Bool, digest: Bool) throws -> Row {
+  func measure(eventfd: Bool, digest: Bool) throws -> Row {
     let device = try EmulatedDevice(
       configuration: .defaults {
         $0.queueCount = 1
         $0.engineCount = 1
         $0.sqEntries = 256
         $0.dataPoolBytes = 4 << 20
+        $0.eventfdDoorbells = eventfd
       })
     device.start()
     defer { device.stop() }
-    let q = DriverQueue(index: 0, region: try QueueRegion.attach(fd: device.exportQueue(0)), wakePerJob: wakePerJob)
+    let q = DriverQueue(
+      index: 0, region: try QueueRegion.attach(fd: device.exportQueue(0)),
+      perJobDoorbell: eventfd ? device.doorbellEventFD(0) : nil)
     let step = digest ? DeviceStep(.digest, .crc32c) : DeviceStep(.nop, .none)
     let submittedAt = Mutex<[Int: UInt64]>([:])
     let latencies = Mutex<[UInt64]>([])
@@ -79,12 +89,14 @@ struct DoorbellBench: AsyncParsableCommand {
     }
     let parks0 = device.engines[0].parkCount
     let wakes0 = q.statistics.doorbellWakes
-    let end = SharedMemory.nowNanoseconds() + UInt64(seconds * 1e9)
+    let start = SharedMemory.nowNanoseconds()
+    let end = start + UInt64(seconds * 1e9)
+    let limit = jobs ?? .max
     var sent = 0
-    while SharedMemory.nowNanoseconds() < end {
+    while jobs != nil ? sent < limit : SharedMemory.nowNanoseconds() < end {
       // Submit up to `batch` descriptors behind one tail store.
       var chunk: [(lease: Lease, steps: [DeviceStep])] = []
-      while chunk.count < batch, let i = free.popLast() {
+      while chunk.count < batch && sent + chunk.count < limit, let i = free.popLast() {
         submittedAt.withLock { $0[i] = SharedMemory.nowNanoseconds() }
         chunk.append((leases[i]!, [step]))
       }
@@ -100,21 +112,22 @@ struct DoorbellBench: AsyncParsableCommand {
       }
     }
     while done.load(ordering: .relaxed) < sent { q.reap(); SharedMemory.cpuRelax() }
-    let jobs = Double(done.load(ordering: .relaxed))
+    let elapsed = Double(SharedMemory.nowNanoseconds() - start) / 1e9
+    let jobs = Double(max(1, done.load(ordering: .relaxed)))
     let parks = Double(device.engines[0].parkCount - parks0)
     let wakes = Double(q.statistics.doorbellWakes - wakes0)
     // Idle: one second with nothing to do; the engine spins briefly, then parks.
     var before = rusage()
     getrusage(RUSAGE_SELF.rawValue, &before)
-    Thread.sleep(forTimeInterval: 1.0)
+    if !skipIdle { Thread.sleep(forTimeInterval: 1.0) }
     var after = rusage()
     getrusage(RUSAGE_SELF.rawValue, &after)
     func us(_ t: timeval) -> Double { Double(t.tv_sec) * 1e6 + Double(t.tv_usec) }
     let cpu = (us(after.ru_utime) + us(after.ru_stime)) - (us(before.ru_utime) + us(before.ru_stime))
     let lat = latencies.withLock { $0 }.map { Double($0) / 1000 }
     return Row(
-      mode: wakePerJob ? "wake-per-job" : "adaptive", opcode: digest ? "crc32c-64B" : "nop",
-      descriptorsPerSecond: jobs / seconds, p50Microseconds: percentile(lat, 0.5), p99Microseconds: percentile(lat, 0.99),
+      mode: eventfd ? "eventfd-per-job" : "adaptive", opcode: digest ? "crc32c-64B" : "nop",
+      descriptorsPerSecond: jobs / elapsed, p50Microseconds: percentile(lat, 0.5), p99Microseconds: percentile(lat, 0.99),
       wakeSyscallsPerJob: wakes / jobs, engineParksPerJob: parks / jobs, idleCPUPercent: cpu / 1e6 * 100)
   }
 }

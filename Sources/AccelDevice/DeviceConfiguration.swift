@@ -29,6 +29,10 @@ public struct DeviceConfiguration: Sendable, Equatable {
   /// How long an isolation lasts before the device lifts it by itself; nil keeps
   /// it until an operator lifts it.
   public var isolationCooldown: Duration? = .seconds(30)
+  /// Comparison mode for the doorbell benchmark only: each queue gets an eventfd
+  /// that the driver writes for every job, and idle engines wait in poll(2) on
+  /// those instead of parking on the futex doorbells. Embedded device only.
+  public var eventfdDoorbells = false
   /// Faults to inject from the start (tests and drills); `.none` in production.
   public var faults: FaultInjection = .none
 

@@ -1,6 +1,7 @@
 public import AccelABI
 internal import CAccelABI
 internal import Synchronization
+internal import Glibc
 
 /// The device's side of one hardware queue: it consumes the SQ and produces the CQ.
 ///
@@ -30,9 +31,12 @@ public final class DeviceQueue: @unchecked Sendable {
   private let fetchLock = Mutex<UInt32>(0)  // private copy of sq_head
   private let postLock = Mutex<UInt32>(0)  // private copy of cq_tail
   let weight: UInt32
+  /// The comparison-mode eventfd doorbell (see `DeviceConfiguration.eventfdDoorbells`), or -1.
+  let doorbellFD: Int32
 
-  init(region: QueueRegion) {
+  init(region: QueueRegion, doorbellFD: Int32 = -1) {
     self.region = region
+    self.doorbellFD = doorbellFD
     sqTail = SharedWord(region.field(\.sq_tail))
     sqHead = SharedWord(region.field(\.sq_head))
     cqTail = SharedWord(region.field(\.cq_tail))
@@ -50,6 +54,8 @@ public final class DeviceQueue: @unchecked Sendable {
     resetAck = SharedWord(region.field(\.reset_ack))
     weight = max(1, region.header.pointee.weight)
   }
+
+  deinit { if doorbellFD >= 0 { _ = Glibc.close(doorbellFD) } }
 
   public var id: UInt32 { region.queueID }
 

@@ -3,6 +3,7 @@ internal import CAccelABI
 internal import CAccelEngines
 internal import Foundation
 internal import Synchronization
+internal import CAccelSys
 
 /// A software accelerator behind a hardware interface.
 ///
@@ -84,7 +85,7 @@ public final class EmulatedDevice: @unchecked Sendable {
     let queue: DeviceQueue
     do {
       let region = try QueueRegion.create(layout: layout, queueID: id, weight: max(1, weight), name: "accelgate-q\(id)")
-      queue = DeviceQueue(region: region)
+      queue = DeviceQueue(region: region, doorbellFD: configuration.eventfdDoorbells ? accel_eventfd_create() : -1)
     } catch { throw .region(error.description) }
     if isolated.load(ordering: .acquiring) { queue.setIsolated(true) }
     queueSet.withLock { $0.append(queue) }
@@ -231,6 +232,9 @@ public final class EmulatedDevice: @unchecked Sendable {
   /// A new file descriptor for queue `index`'s memfd, for a driver to map.
   public func exportQueue(_ index: Int) -> Int32 { dup(queues[index].region.fd) }
 
+  /// Queue `index`'s eventfd doorbell in the comparison mode (not duplicated; -1 otherwise).
+  public func doorbellEventFD(_ index: Int) -> Int32 { queues[index].doorbellFD }
+
   /// A new file descriptor for the queue with `id`, or nil.
   public func exportQueue(id: UInt32) -> Int32? { queues.first { $0.id == id }.map { dup($0.region.fd) } }
 
@@ -286,6 +290,11 @@ public final class EmulatedDevice: @unchecked Sendable {
         lastWork = now
       } else if now &- lastWork < spinNs {
         SharedMemory.cpuRelax()
+      } else if configuration.eventfdDoorbells {
+        let fds = queues.map(\.doorbellFD).filter { $0 >= 0 }
+        stats.parks.add(1, ordering: .relaxed)
+        _ = accel_eventfd_wait_any(fds, Int32(fds.count), configuration.parkTimeout.nanoseconds)
+        lastWork = SharedMemory.nowNanoseconds()
       } else {
         park(stats, queues: queues, generation: generation)
         lastWork = SharedMemory.nowNanoseconds()

@@ -1,6 +1,7 @@
 package import AccelABI
 internal import CAccelABI
 internal import Synchronization
+internal import CAccelSys
 
 /// Resources one job holds on a queue between reservation and release:
 /// a completion slot, its buffers in the data pool and, for keyed jobs, a key slot.
@@ -120,19 +121,19 @@ package final class DriverQueue: @unchecked Sendable {
   /// Serialises reaping; only the reaper thread takes it, except in tests.
   private let reapLock = Mutex<UInt32>(0)  // private copy of cq_head
   private let counters = Counters()
-  /// Comparison mode for benchmarks only: make the wake syscall for every
-  /// descriptor, whether or not an engine sleeps (what an eventfd-per-job
-  /// doorbell costs), instead of only when `sq_need_wakeup` is set.
-  package let wakePerJob: Bool
+  /// Comparison mode for benchmarks only: an eventfd written for every job,
+  /// whether or not an engine sleeps, instead of the adaptive doorbell that
+  /// wakes only when `sq_need_wakeup` is set. Nil in normal operation.
+  package let perJobDoorbell: Int32?
   /// Set while the queue is out of the driver's service (draining, resetting or dead).
   /// Mirrors `State.service` for the lock-free health check.
   private let outOfService = Atomic<Bool>(false)
   /// Set when the queue can never be used again (its completion ring is corrupt or the device is gone).
   private let faulted = Atomic<Bool>(false)
 
-  package init(index: Int, region: QueueRegion, wakePerJob: Bool = false) {
+  package init(index: Int, region: QueueRegion, perJobDoorbell: Int32? = nil) {
     self.index = index
-    self.wakePerJob = wakePerJob
+    self.perJobDoorbell = perJobDoorbell
     self.region = region
     sqTail = SharedWord(region.field(\.sq_tail))
     sqHead = SharedWord(region.field(\.sq_head))
@@ -318,11 +319,8 @@ package final class DriverQueue: @unchecked Sendable {
     counters.descriptors.add(UInt64(batch.reduce(0) { $0 + $1.steps.count }), ordering: .relaxed)
     counters.batches.add(1, ordering: .relaxed)
     SharedMemory.fence()
-    if wakePerJob {
-      for _ in batch {
-        sqDoorbell.fetchAdd(1)
-        sqDoorbell.wake()
-      }
+    if let fd = perJobDoorbell {
+      for _ in batch { _ = accel_eventfd_ring(fd) }
       counters.wakes.add(UInt64(batch.count), ordering: .relaxed)
       return true
     }

@@ -2,7 +2,9 @@
 #define _GNU_SOURCE
 #include "accel_sys.h"
 
+#include <poll.h>
 #include <signal.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -146,3 +148,25 @@ int accel_signal_pipe_wait(int fd) {
     }
 }
 
+
+int accel_eventfd_create(void) { return eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC); }
+
+int accel_eventfd_ring(int fd) {
+    uint64_t one = 1;
+    return write(fd, &one, sizeof one) == (ssize_t)sizeof one ? 0 : -1;
+}
+
+int accel_eventfd_wait_any(const int *fds, int n, uint64_t timeout_ns) {
+    struct pollfd p[64];
+    if (n <= 0 || n > 64) return -1;
+    for (int i = 0; i < n; i++) { p[i].fd = fds[i]; p[i].events = POLLIN; p[i].revents = 0; }
+    int rc = poll(p, (nfds_t)n, (int)(timeout_ns / 1000000u));
+    if (rc <= 0) return rc;
+    for (int i = 0; i < n; i++) {
+        if (p[i].revents & POLLIN) {
+            uint64_t v;
+            (void)!read(fds[i], &v, sizeof v);
+        }
+    }
+    return rc;
+}

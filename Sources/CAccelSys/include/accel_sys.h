@@ -171,4 +171,14 @@ int accel_signal_pipe_install(const int *sigs, int n);
 /** Blocks until a signal arrives through the pipe; returns its number, or -1. */
 int accel_signal_pipe_wait(int fd);
 
+/* eventfd doorbells, only for the comparison mode of the doorbell benchmark:
+   a syscall to ring for every job, and poll + read to wait. */
+/** A non-blocking eventfd, or -1. */
+int accel_eventfd_create(void);
+/** Adds 1 to the eventfd's counter (one write syscall). */
+int accel_eventfd_ring(int fd);
+/** Waits until one of the eventfds is readable or timeout_ns passes, then
+    drains every readable one. Returns the number that were ready, or -1. */
+int accel_eventfd_wait_any(const int *fds, int n, uint64_t timeout_ns);
+
 #endif /* ACCEL_SYS_H */
