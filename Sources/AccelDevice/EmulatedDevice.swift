@@ -283,8 +283,6 @@ public final class EmulatedDevice: @unchecked Sendable {
         for q in queues { q.heartbeat.fetchAdd(1) }
         lastBeat = now
         maintain(queues, now: now)
-      } else if !didWork {
-        maintain(queues, now: now)
       }
       if didWork {
         lastWork = now

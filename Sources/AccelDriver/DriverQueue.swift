@@ -128,6 +128,10 @@ package final class DriverQueue: @unchecked Sendable {
   /// Set while the queue is out of the driver's service (draining, resetting or dead).
   /// Mirrors `State.service` for the lock-free health check.
   private let outOfService = Atomic<Bool>(false)
+  /// Coarse monotonic time (ns) for in-flight timestamps, advanced by `maintain`:
+  /// a job's start is known to within one maintenance interval, which is plenty
+  /// for a timeout of seconds and keeps a clock read off the per-job path.
+  private let coarseNow = Atomic<UInt64>(0)
   /// Set when the queue can never be used again (its completion ring is corrupt or the device is gone).
   private let faulted = Atomic<Bool>(false)
 
@@ -159,6 +163,7 @@ package final class DriverQueue: @unchecked Sendable {
         freeKeySlots: layout.keySlotCount > 0 ? Array((1...layout.keySlotCount).reversed()) : [],
         tail: startTail))
     reapLock.withLock { $0 = startHead }
+    coarseNow.store(SharedMemory.nowNanoseconds(), ordering: .relaxed)
   }
 
   package var queueID: UInt32 { region.queueID }
@@ -239,7 +244,7 @@ package final class DriverQueue: @unchecked Sendable {
           if let base = b.baseAddress { region.bytes(at: region.layout.keySlot(ks)! + 8).copyMemory(from: base, byteCount: b.count) }
         }
       }
-      s.slots[slot] = .inFlight(generation: gen, lease: lease, handler: handler, since: SharedMemory.nowNanoseconds())
+      s.slots[slot] = .inFlight(generation: gen, lease: lease, handler: handler, since: coarseNow.load(ordering: .relaxed))
       s.leased += 1
       return lease
     }
@@ -277,7 +282,7 @@ package final class DriverQueue: @unchecked Sendable {
   package func rearm(_ lease: Lease, handler: @escaping CompletionHandler) {
     state.withLock { s in
       if case .completed(let gen) = s.slots[lease.slot], UInt64(gen) == lease.cookie >> 32 {
-        s.slots[lease.slot] = .inFlight(generation: gen, lease: lease, handler: handler, since: SharedMemory.nowNanoseconds())
+        s.slots[lease.slot] = .inFlight(generation: gen, lease: lease, handler: handler, since: coarseNow.load(ordering: .relaxed))
       }
     }
   }
@@ -478,6 +483,7 @@ package final class DriverQueue: @unchecked Sendable {
   ///   when the device acknowledges it.
   /// - Returns: completions to deliver, and whether the queue changed state.
   package func maintain(now: UInt64, completionTimeout: UInt64) -> (failed: [(CompletionHandler, Completion)], changed: Bool) {
+    coarseNow.store(now, ordering: .relaxed)
     guard !faulted.load(ordering: .relaxed) else { return ([], false) }
     let flags = stateFlags.loadAcquire()
     var ring = false
