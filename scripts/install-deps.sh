@@ -9,8 +9,10 @@ mode=${1:-test}
 
 # Engines: ISA-L, libdeflate, zlib, zstd, lz4, OpenSSL. Codegen: protoc.
 debs=(libisal-dev libdeflate-dev zlib1g-dev libzstd-dev liblz4-dev libssl-dev protobuf-compiler pkg-config)
+# make test scrapes /metrics with a real Prometheus server and promtool;
 # make bench counts syscalls per job with strace.
-[ "$mode" = "bench" ] && debs+=(strace)
+if [ "$mode" = "test" ] || [ "$mode" = "bench" ]; then debs+=(prometheus); fi
+if [ "$mode" = "bench" ]; then debs+=(strace); fi
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -47,6 +47,7 @@ package final class Dispatcher: Sendable {
   private let detachedReasonBox = Mutex<String?>(nil)
   /// Set while a stand-in device serves (see `failover`).
   private let degradedReason = Mutex<String?>(nil)
+  private let observerBox = Mutex<(@Sendable (JobReport) -> Void)?>(nil)
   /// The driver jobs go to now (replaced when a standalone device comes back).
   package var driver: DeviceDriver { driverRef.withLock { $0 } }
   package let configuration: DispatcherConfiguration
@@ -189,8 +190,23 @@ package final class Dispatcher: Sendable {
   /// Largest input + output a single job can ever have.
   package var maxJobFootprint: UInt64 { driver.queues.map(\.poolCapacity).max() ?? 0 }
 
+  /// Called once for every job that `execute` ends, on the caller's task. Must be quick.
+  package func setObserver(_ observer: @escaping @Sendable (JobReport) -> Void) { observerBox.withLock { $0 = observer } }
+
   /// Runs one job to completion, or fails with a `JobError`.
   package func execute(_ request: JobRequest, id: UInt64? = nil) async throws(JobError) -> JobResult {
+    let observer = observerBox.withLock { $0 }
+    do {
+      let result = try await run(request, id: id)
+      observer?(JobReport(request: request, outcome: "ok", statistics: result.stats))
+      return result
+    } catch {
+      observer?(JobReport(request: request, outcome: error.kind, statistics: nil))
+      throw error
+    }
+  }
+
+  private func run(_ request: JobRequest, id: UInt64?) async throws(JobError) -> JobResult {
     let id = id ?? makeJobID()
     let queue0 = driver.queues[0]
     let footprint =
@@ -625,6 +641,24 @@ package final class Dispatcher: Sendable {
 
   /// Batch sizes seen so far: index = descriptors per doorbell.
   package var batchSizeCounts: [Int] { batchHistogram.withLock { $0 } }
+}
+
+/// How one job ended, for metrics.
+package struct JobReport: Sendable {
+  package var tenant: String
+  /// "compress", "decompress", "encrypt", "decrypt", "digest" (first step) or "nop".
+  package var operation: String
+  /// "ok", or `JobError.kind`.
+  package var outcome: String
+  /// Set for jobs that completed.
+  package var statistics: JobStatistics?
+
+  init(request: JobRequest, outcome: String, statistics: JobStatistics?) {
+    tenant = request.tenant
+    operation = "\(request.opcode)"
+    self.outcome = outcome
+    self.statistics = statistics
+  }
 }
 
 package struct DispatcherSnapshot: Sendable {

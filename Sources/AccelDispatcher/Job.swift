@@ -95,6 +95,22 @@ package enum JobError: Error, Equatable, Sendable {
   case shuttingDown
 }
 
+extension JobError {
+  /// A short, bounded name for metrics labels.
+  package var kind: String {
+    switch self {
+    case .rejected(let reason, _): "rejected_\(reason.rawValue)"
+    case .tooLarge: "too_large"
+    case .payloadOverTenantLimit: "payload_over_limit"
+    case .deadlineExceeded: "deadline_exceeded"
+    case .cancelled: "cancelled"
+    case .device: "job_error"
+    case .unavailable: "unavailable"
+    case .shuttingDown: "shutting_down"
+    }
+  }
+}
+
 package enum RejectionReason: String, Sendable {
   /// The gateway-wide wait queue is full.
   case queueFull = "queue_full"

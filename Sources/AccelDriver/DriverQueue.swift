@@ -63,15 +63,15 @@ package enum QueueService: Sendable, Equatable {
   case inService
   /// Faulted: takes no new jobs; waits for its in-flight jobs to come back.
   case draining(reason: String)
-  /// Asked the device for reset number `request`; waits for the acknowledgement.
-  case awaitingReset(request: UInt32, reason: String)
+  /// Asked the device for reset number `request` at `since` (ns); waits for the acknowledgement.
+  case awaitingReset(request: UInt32, reason: String, since: UInt64)
   /// Beyond recovery (corrupt completion ring, device gone, or a device too old to reset).
   case dead(reason: String)
 
   package var reason: String? {
     switch self {
     case .inService: nil
-    case .draining(let r), .awaitingReset(_, let r), .dead(let r): r
+    case .draining(let r), .awaitingReset(_, let r, _), .dead(let r): r
     }
   }
 }
@@ -132,6 +132,10 @@ package final class DriverQueue: @unchecked Sendable {
   /// a job's start is known to within one maintenance interval, which is plenty
   /// for a timeout of seconds and keeps a clock read off the per-job path.
   private let coarseNow = Atomic<UInt64>(0)
+  /// Set while a reset the driver asked for is overdue (the device has not
+  /// acknowledged it within the completion timeout, e.g. its engine hangs):
+  /// jobs should not wait for this queue.
+  private let resetOverdue = Atomic<Bool>(false)
   /// Set when the queue can never be used again (its completion ring is corrupt or the device is gone).
   private let faulted = Atomic<Bool>(false)
 
@@ -179,7 +183,8 @@ package final class DriverQueue: @unchecked Sendable {
   /// Whether the queue can come back into service by itself (a reset), as
   /// opposed to being dead or on an isolated device.
   package var mayRecover: Bool {
-    !faulted.load(ordering: .relaxed) && stateFlags.loadAcquire() & (ACCEL_QF_STOPPED | ACCEL_QF_ISOLATED) == 0
+    !faulted.load(ordering: .relaxed) && !resetOverdue.load(ordering: .relaxed)
+      && stateFlags.loadAcquire() & (ACCEL_QF_STOPPED | ACCEL_QF_ISOLATED) == 0
   }
 
   /// Where the queue stands in error recovery.
@@ -517,14 +522,20 @@ package final class DriverQueue: @unchecked Sendable {
           break
         }
         let request = resetRequest.fetchAdd(1) &+ 1
-        s.service = .awaitingReset(request: request, reason: reason)
+        s.service = .awaitingReset(request: request, reason: reason, since: now)
         counters.resets.add(1, ordering: .relaxed)
         ring = true
         changed = true
-      case .awaitingReset(let request, _):
+      case .awaitingReset(let request, let reason, let since):
         if resetAck.loadAcquire() == request {
           s.service = .inService
           outOfService.store(false, ordering: .relaxed)
+          resetOverdue.store(false, ordering: .relaxed)
+          changed = true
+        } else if now > since && now - since > completionTimeout && !resetOverdue.load(ordering: .relaxed) {
+          s.service = .awaitingReset(
+            request: request, reason: reason + "; the device has not reset the queue (engine hung?)", since: since)
+          resetOverdue.store(true, ordering: .relaxed)
           changed = true
         }
       case .dead:

@@ -5,6 +5,7 @@ internal import AccelDriver
 internal import AccelScheduler
 internal import GRPCCore
 internal import GRPCNIOTransportHTTP2
+internal import Synchronization
 public import Logging
 
 /// The whole gateway in one process: embedded device, driver, dispatcher and gRPC server.
@@ -18,6 +19,8 @@ public final class AccelGateServer: Sendable {
   let directory: TenantDirectory
   let keyring: KeyringDirectory
   let draining = Draining()
+  let metrics = GatewayMetrics()
+  private let metricsServer = Mutex<MetricsServer?>(nil)
   private let server: GRPCServer<HTTP2ServerTransport.Posix>
   private let logger: Logger
 
@@ -84,6 +87,8 @@ public final class AccelGateServer: Sendable {
       )
     }
     let dispatcher = Dispatcher(driver: driver, configuration: dc, tenants: directory.current.policies, logger: logger)
+    let metrics = self.metrics
+    dispatcher.setObserver { metrics.recordJob($0) }
     dispatcher.start()
     if let startDegraded { dispatcher.failover(to: driver, oldIsGone: false, reason: "start", degraded: startDegraded) }
     external?.watch(dispatcher)
@@ -106,19 +111,42 @@ public final class AccelGateServer: Sendable {
         }
       ),
       services: [service, HealthService(dispatcher: dispatcher, device: self.device, draining: draining)],
-      interceptors: [AuthInterceptor(directory: directory)]
+      interceptors: [AuthInterceptor(directory: directory, metrics: metrics), MetricsInterceptor(metrics: metrics)]
     )
   }
 
   /// Serves until `shutdown()`; then stops the dispatcher, driver and device.
   public func serve() async throws {
+    if let port = configuration.metricsPort {
+      let (dispatcher, device, external, metrics) = (self.dispatcher, self.device, self.external, self.metrics)
+      let server = try await MetricsServer(host: configuration.metricsHost, port: port) {
+        metrics.scrape(dispatcher: dispatcher, device: device, fallback: external?.fallback?.device)
+      }
+      metricsServer.withLock { $0 = server }
+    }
     defer {
       external?.stop()
       dispatcher.shutdown()
       dispatcher.driver.stop()
       device?.stop()
     }
-    try await server.serve()
+    let served: Result<Void, any Error>
+    do {
+      try await server.serve()
+      served = .success(())
+    } catch {
+      served = .failure(error)
+    }
+    if let m = metricsServer.withLock({ $0 }) { await m.close() }
+    try served.get()
+  }
+
+  /// The port `/metrics` is served on, once listening; nil when metrics are off.
+  public var metricsPort: Int? { metricsServer.withLock { $0?.port } }
+
+  /// Renders the metrics as a scrape would (for tests and tools).
+  public func renderMetrics() -> String {
+    String(decoding: metrics.scrape(dispatcher: dispatcher, device: device, fallback: external?.fallback?.device), as: UTF8.self)
   }
 
   /// The bound port, once listening (useful with port 0).

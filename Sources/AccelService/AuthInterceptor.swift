@@ -10,6 +10,7 @@ internal import GRPCCore
 /// value is dropped), so the key never travels further into the server.
 struct AuthInterceptor: ServerInterceptor {
   let directory: TenantDirectory
+  var metrics: GatewayMetrics? = nil
 
   func intercept<Input: Sendable, Output: Sendable>(
     request: StreamingServerRequest<Input>,
@@ -23,6 +24,7 @@ struct AuthInterceptor: ServerInterceptor {
     request.metadata.removeAllValues(forKey: "authorization")
     request.metadata.removeAllValues(forKey: TenantHeader.name)
     guard let tenant = directory.authenticate(authorization: header) else {
+      metrics?.recordUnauthenticated()
       throw RPCError(
         code: .unauthenticated,
         message: header == nil ? "missing 'authorization: Bearer <api-key>' metadata" : "unknown API key")

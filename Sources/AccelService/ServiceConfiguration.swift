@@ -56,6 +56,10 @@ public struct ServiceConfiguration: Sendable {
   /// reset and the job retried once. Must exceed the longest job.
   public var completionTimeout: Duration = .seconds(5)
 
+  /// Where Prometheus scrapes `/metrics` (plain HTTP); nil port turns it off.
+  public var metricsHost: String = "127.0.0.1"
+  public var metricsPort: Int? = 9464
+
   public init() {}
   public static var defaults: Self { Self() }
   public static func defaults(_ configure: (inout Self) -> Void) -> Self {

@@ -67,6 +67,9 @@ struct Serve: AsyncParsableCommand {
   @Option(help: "Milliseconds without a completion before a job is declared lost and its queue reset.")
   var completionTimeoutMs = 5000
   @OptionGroup var faults: FaultOptions
+  @Option(help: "Address for the Prometheus /metrics endpoint.") var metricsHost = ServiceConfiguration.defaults.metricsHost
+  @Option(help: "Port for /metrics (0 picks a free port; -1 turns metrics off).")
+  var metricsPort = ServiceConfiguration.defaults.metricsPort ?? -1
 
   func run() async throws {
     var logger = Logger(label: "accelgate")
@@ -100,6 +103,8 @@ struct Serve: AsyncParsableCommand {
       $0.softwareFallback = softwareFallback
       $0.verifyCompression = verifyCompression
       $0.completionTimeout = .milliseconds(completionTimeoutMs)
+      $0.metricsHost = metricsHost
+      $0.metricsPort = metricsPort >= 0 ? metricsPort : nil
     }
     try faults.apply(to: &config.device)
     let server = try AccelGateServer(configuration: config, logger: logger)
@@ -122,6 +127,7 @@ struct Serve: AsyncParsableCommand {
             "max_request_bytes": "\(maxRequestBytes)", "scheduler": "\(scheduler.rawValue)",
             "tenants": "\(tenants ?? "open default tenant")",
           ])
+        if let m = server.metricsPort { print("accelgate metrics on http://\(metricsHost):\(m)/metrics") }
         // A line scripts can wait for.
         print("accelgate listening on \(host):\(port)")
         fflush(nil)

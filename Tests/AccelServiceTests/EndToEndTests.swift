@@ -11,10 +11,11 @@ import Testing
 @Suite(.timeLimit(.minutes(2))) struct EndToEndTests {
   func withServer(
     _ configure: (inout ServiceConfiguration) -> Void = { _ in },
-    _ body: (Accelgate_V1_Accelerator.Client<HTTP2ClientTransport.Posix>) async throws -> Void
+    _ body: (Accelgate_V1_Accelerator.Client<HTTP2ClientTransport.Posix>, AccelGateServer) async throws -> Void
   ) async throws {
     let config = ServiceConfiguration.defaults {
       $0.port = 0
+      $0.metricsPort = 0
       $0.device.engineCount = 1
       $0.device.dataPoolBytes = 16 << 20
       $0.device.idleSpin = .microseconds(10)
@@ -37,7 +38,7 @@ import Testing
           $0.http2.targetWindowSize = 16 << 20
         })
       ) { client in
-        try await body(Accelgate_V1_Accelerator.Client(wrapping: client))
+        try await body(Accelgate_V1_Accelerator.Client(wrapping: client), server)
       }
       server.shutdown()
       try await group.waitForAll()
@@ -45,7 +46,7 @@ import Testing
   }
 
   @Test func compressThenDecompressRoundTripsEveryFormat() async throws {
-    try await withServer { client in
+    try await withServer { client, _ in
       let text = Data(String(repeating: "the quick brown fox jumps over the lazy dog ", count: 3000).utf8)
       for format in [Accelgate_V1_CompressionFormat.deflate, .zlib, .gzip] {
         for level: Int32 in [0, 1, 6, 9] {
@@ -62,7 +63,7 @@ import Testing
   }
 
   @Test func errorsCarryTheDocumentedStatus() async throws {
-    try await withServer({ $0.maxRequestBytes = 1 << 20 }) { client in
+    try await withServer({ $0.maxRequestBytes = 1 << 20 }) { client, _ in
       await #expect(throws: RPCError.self) { _ = try await client.compress(.with { $0.format = .unspecified }) }
       do {
         _ = try await client.compress(.with { $0.format = .gzip; $0.level = 12 })
@@ -92,13 +93,39 @@ import Testing
   }
 
   @Test func describeDeviceReportsQueuesAndLimits() async throws {
-    try await withServer({ $0.device.queueCount = 3; $0.maxQueuedJobs = 77 }) { client in
+    try await withServer({ $0.device.queueCount = 3; $0.maxQueuedJobs = 77 }) { client, _ in
       let d = try await client.describeDevice(Accelgate_V1_DescribeDeviceRequest())
       #expect(d.queues.count == 3)
       #expect(d.engines.count == 1)
       #expect(d.limits.maxQueuedJobs == 77)
       #expect(d.device.abiVersion == "1.2")
       #expect(d.capabilities.contains { $0.operation == .compress && $0.format == .gzip && $0.maxLevel == 9 })
+    }
+  }
+
+  @Test func metricsCountCallsJobsAndDeviceState() async throws {
+    try await withServer({ $0.device.queueCount = 2 }) { client, server in
+      let text = Data(String(repeating: "metrics ", count: 5000).utf8)
+      for _ in 0..<3 { _ = try await client.compress(.with { $0.format = .gzip; $0.level = 1; $0.data = text }) }
+      await #expect(throws: RPCError.self) { _ = try await client.decompress(.with { $0.format = .gzip; $0.data = Data("x".utf8) }) }
+      let m = server.renderMetrics()
+      #expect(m.contains(#"accelgate_requests_total{method="Compress",code="OK",tenant="default"} 3"#), "\(m)")
+      #expect(m.contains(#"accelgate_requests_total{method="Decompress",code="INVALID_ARGUMENT",tenant="default"} 1"#))
+      #expect(m.contains(#"accelgate_jobs_total{tenant="default",operation="compress",outcome="ok"} 3"#))
+      #expect(m.contains(#"accelgate_jobs_total{tenant="default",operation="decompress",outcome="job_error"} 1"#))
+      #expect(m.contains(#"accelgate_request_duration_seconds_count{method="Compress"} 3"#))
+      #expect(m.contains("# TYPE accelgate_device_seconds_total counter"))
+      #expect(m.contains(#"accelgate_queue_healthy{queue="1"} 1"#))
+      #expect(m.contains("accelgate_device_attached 1"))
+      // Counters that mirror driver state only ever grow between scrapes.
+      let completions = { (s: String) -> Double in
+        s.split(separator: "\n").filter { $0.hasPrefix("accelgate_queue_completions_total{") }
+          .compactMap { Double($0.split(separator: " ").last!) }.reduce(0, +)
+      }
+      #expect(completions(m) == 4)
+      _ = try await client.compress(.with { $0.format = .zlib; $0.data = text })
+      #expect(completions(server.renderMetrics()) == 5)
+      #expect(server.metricsPort != nil)
     }
   }
 }

@@ -36,6 +36,7 @@ import gen_stubs  # noqa: E402
 STARTUP_TIMEOUT_S = 60.0
 SHUTDOWN_TIMEOUT_S = 20.0
 LISTEN_RE = re.compile(rb"accelgate listening on 127\.0\.0\.1:(\d+)")
+METRICS_RE = re.compile(rb"accelgate metrics on http://127\.0\.0\.1:(\d+)/metrics")
 
 # Generous client-side limits: a Compress response can reach the compress bound,
 # which is a little over the 4 MiB request limit.
@@ -88,6 +89,7 @@ class ServerProcess:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)[:80]
         self.log_path = os.path.join(LOG_DIR, f"{_next_index():03d}-{safe}.log")
         self.port = None
+        self.metrics_port = None  # /metrics, on a free port unless the flags choose one
         self.proc = None
         self._log = None
         self._pump = None
@@ -102,7 +104,8 @@ class ServerProcess:
         binary = server_binary()
         if not os.access(binary, os.X_OK):
             pytest.fail(f"server binary {binary!r} is missing or not executable (set ACCELGATE_BIN)", pytrace=False)
-        argv = [binary, "serve", "--host", "127.0.0.1", "--port", "0", *self.flags]
+        metrics = [] if "--metrics-port" in self.flags else ["--metrics-port", "0"]
+        argv = [binary, "serve", "--host", "127.0.0.1", "--port", "0", *metrics, *self.flags]
         self._log = open(self.log_path, "wb", buffering=0)
         self._log.write(("$ " + " ".join(argv) + "\n").encode())
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -112,6 +115,10 @@ class ServerProcess:
         def pump():
             for line in iter(self.proc.stdout.readline, b""):
                 self._log.write(line)
+                if self.metrics_port is None:
+                    m = METRICS_RE.search(line)
+                    if m:
+                        self.metrics_port = int(m.group(1))
                 if self.port is None:
                     m = LISTEN_RE.search(line)
                     if m:

@@ -168,21 +168,24 @@ def test_failing_mode_gives_unavailable_within_seconds(start_server, mode):
 
 
 def test_stall_later_calls_also_fail_within_seconds(start_server):
-    """SERVER BUG (reported, left failing on purpose): with `stall` on a one-engine
-    device, the first call fails with UNAVAILABLE after ~2 s, but every later call
-    waits until its own deadline (DEADLINE_EXCEEDED after 30 s here, or the server's
-    --default-deadline-ms): both queues stay in state "error" with a recovery
-    pending that cannot finish while the engine is stalled, and the dispatcher
-    counts such queues as "may recover", so queued jobs are neither dispatched nor
-    failed. A stalled device must not turn calls into hangs."""
+    """Later calls on a stalled device fail fast too, not at their deadline.
+
+    With `--inject-fault stall` on a one-engine device, the first call fails with
+    UNAVAILABLE after ~2 s (watchdog, retry, watchdog). Both queues then wait for a
+    reset the hung engine cannot perform; once that reset is overdue (one completion
+    timeout) the queues no longer count as recoverable, so later calls fail at once
+    with UNAVAILABLE instead of waiting out their deadlines. (This was a real bug:
+    such calls used to hang until DEADLINE_EXCEEDED.)"""
     srv = start_server(*DEVICE, *FAST_WATCHDOG, "--inject-fault", "stall", label="stall-later")
     stub = srv.new_stub()
     first = compress(stub, timeout=60)
     expect_unavailable(first, "no completion within", what="first call on a stalled device")
-    for i in range(2):
-        o = compress(stub, timeout=30)
-        expect_unavailable(o, what=f"call {i + 2} on a stalled device (first: {first.describe()}); "
-                                   f"device: {describe(stub).queues}")
+    o = compress(stub, timeout=20)
+    r = describe(stub)
+    state = "; ".join(f"queue {q.id} state={q.state} in_flight={q.in_flight} recovery={q.recovery!r}"
+                      for q in r.queues)
+    expect_unavailable(o, what=f"second call on a stalled device; first: {first.describe()}; "
+                               f"healthy={r.device.healthy}; {state}")
     assert_alive(srv, "calls on a stalled device")
 
 
@@ -264,6 +267,22 @@ def test_every_second_job_faulty_is_hidden_by_the_retry(start_server, mode):
     if mode == "lost":
         assert any(q.stalls > 0 for q in r.queues), f"no queue counts a stall: {list(r.queues)}"
     assert_alive(srv, f"{mode},every=2")
+
+
+def test_fault_on_one_queue_is_hidden_by_the_retry_on_the_other(start_server):
+    srv = start_server(*DEVICE, *FAST_WATCHDOG, "--queues", 2, "--inject-fault", "lost,queue=0",
+                       label="lost-queue0")
+    stub = srv.new_stub()
+    for i in range(4):
+        data = text_bytes(4 * KiB, seed=300 + i)
+        o = compress(stub, data=data, timeout=30)
+        assert_round_trip(o, data=data, what=f"call {i + 1} with lost,queue=0")
+        assert o.response.stats.queue_id == 1, f"call {i + 1} answered from queue {o.response.stats.queue_id}"
+    r = describe(stub)
+    by_id = {q.id: q for q in r.queues}
+    assert by_id[0].stalls >= 1 and by_id[1].stalls == 0, list(r.queues)
+    assert r.device.retried_jobs >= 1, r.device
+    assert_alive(srv, "lost,queue=0")
 
 
 # ----------------------------------------------------------------------------------------

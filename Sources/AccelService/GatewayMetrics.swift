@@ -1,0 +1,143 @@
+internal import AccelABI
+internal import CAccelABI
+internal import AccelDevice
+internal import AccelDispatcher
+internal import AccelDriver
+internal import Prometheus
+internal import Synchronization
+
+/// The gateway's Prometheus metrics: what callers asked for and got (recorded
+/// as calls end), and what the device and driver are doing (read from their
+/// counters at scrape time). Names and labels are listed in the README; label
+/// values come from bounded sets (methods, status codes, configured tenants,
+/// queue and engine numbers).
+final class GatewayMetrics: Sendable {
+  let registry = PrometheusCollectorRegistry()
+  private let mirrors = Mutex<[String: Double]>([:])
+
+  static let latencyBuckets: [Duration] = [
+    .microseconds(100), .microseconds(250), .microseconds(500), .milliseconds(1), .milliseconds(2), .milliseconds(5),
+    .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100), .milliseconds(250),
+    .milliseconds(500), .seconds(1), .seconds(2.5), .seconds(5), .seconds(10),
+  ]
+
+  init() {
+    let abi = "\(ACCEL_ABI_VERSION_MAJOR).\(ACCEL_ABI_VERSION_MINOR)"
+    gauge("accelgate_build_info", [("abi", abi)], "Always 1; labels carry the device ABI version the gateway speaks.")
+      .set(to: 1)
+    // Series without labels exist from the start (at 0), so rates and alerts on them work before the first event.
+    recordUnauthenticated(by: 0)
+  }
+
+  // MARK: calls (recorded by MetricsInterceptor and the dispatcher observer)
+
+  func recordCall(method: String, code: String, tenant: String, duration: Duration) {
+    counter("accelgate_requests_total", [("method", method), ("code", code), ("tenant", tenant)], "Finished RPCs by method, gRPC status code and tenant.").increment()
+    durationHistogram("accelgate_request_duration_seconds", [("method", method)], Self.latencyBuckets, "Time from the start of an RPC to its status, by method.").record(duration)
+  }
+
+  func recordUnauthenticated(by n: Int64 = 1) {
+    counter("accelgate_unauthenticated_total", [], "Calls refused for a missing or unknown API key.").increment(by: n)
+  }
+
+  /// One device job ended (from the dispatcher's observer).
+  func recordJob(_ report: JobReport) {
+    let tenant = report.tenant
+    let op = report.operation
+    counter("accelgate_jobs_total", [("tenant", tenant), ("operation", op), ("outcome", report.outcome)], "Device jobs by tenant, operation and outcome (ok, or the error kind).").increment()
+    guard let stats = report.statistics else { return }
+    counter("accelgate_device_seconds_total", [("tenant", tenant)], "Device (engine) time consumed by each tenant's jobs: the quantity the fair scheduler shares.").increment(by: Double(stats.deviceNanoseconds) / 1e9)
+    counter("accelgate_job_bytes_total", [("tenant", tenant), ("direction", "in")], "Job payload bytes into and out of the device, by tenant.").increment(by: Int64(stats.inputBytes))
+    counter("accelgate_job_bytes_total", [("tenant", tenant), ("direction", "out")], "Job payload bytes into and out of the device, by tenant.").increment(by: Int64(stats.outputBytes))
+    durationHistogram("accelgate_queue_wait_seconds", [("tenant", tenant)], Self.latencyBuckets, "Time a job waited in the scheduler before it was put on a device queue, by tenant.").record(.nanoseconds(Int64(min(stats.queueWaitNanoseconds, UInt64(Int64.max)))))
+    valueHistogram("accelgate_batch_size", [], [1, 2, 4, 8, 16, 32, 64], "Descriptors published behind the doorbell that carried each job.").record(Double(stats.batchSize))
+  }
+
+  // MARK: scrape
+
+  /// Refreshes the state-derived series and renders the text exposition format.
+  func scrape(dispatcher: Dispatcher, device: EmulatedDevice?, fallback: EmulatedDevice?) -> [UInt8] {
+    let snapshot = dispatcher.snapshot
+    let queues = dispatcher.driver.queues
+    gauge("accelgate_jobs_queued", [], "Jobs waiting in the scheduler.").set(to: Double(snapshot.queued))
+    gauge("accelgate_device_attached", [], "1 while the gateway has a device (embedded, standalone or fallback).")
+      .set(to: dispatcher.isAttached ? 1 : 0)
+    gauge("accelgate_degraded", [], "1 while the software fallback serves in place of the standalone device.")
+      .set(to: dispatcher.degraded != nil ? 1 : 0)
+    let isolated = (device ?? fallback)?.isIsolated ?? false
+    gauge("accelgate_device_isolated", [], "1 while the (embedded) device is isolated after repeated queue errors.")
+      .set(to: isolated ? 1 : 0)
+    mirror("accelgate_jobs_retried_total", [], "Jobs retried once after a queue error.", Double(snapshot.retried))
+    for q in queues {
+      let l = [("queue", "\(q.queueID)")]
+      let s = q.statistics
+      gauge("accelgate_queue_in_flight", l, "Jobs on each device queue.")
+        .set(to: Double(q.index < snapshot.inFlight.count ? snapshot.inFlight[q.index] : 0))
+      gauge("accelgate_queue_healthy", l, "1 while a device queue takes new jobs.").set(to: q.isHealthy ? 1 : 0)
+      mirror("accelgate_queue_descriptors_total", l, "Jobs submitted to each device queue.", Double(s.submitted))
+      mirror("accelgate_queue_completions_total", l, "Valid completions reaped from each device queue.", Double(s.completed))
+      mirror("accelgate_queue_doorbells_total", l, "Batches published (one tail store each) per queue.", Double(s.batches))
+      mirror(
+        "accelgate_queue_doorbell_wakes_total", l, "Doorbell wake syscalls per queue (only when an engine slept).",
+        Double(s.doorbellWakes))
+      mirror(
+        "accelgate_queue_invalid_completions_total", l, "Completions the driver rejected as malformed or forged.",
+        Double(s.invalidCompletions))
+      mirror(
+        "accelgate_queue_stalls_total", l, "Times jobs on a queue went without a completion past the timeout.",
+        Double(s.stalls))
+      mirror("accelgate_queue_resets_total", l, "Queue resets the driver asked the device for.", Double(s.resets))
+    }
+    if let device = device ?? fallback {
+      for e in device.engines {
+        let l = [("engine", "\(e.id)")]
+        mirror("accelgate_engine_jobs_total", l, "Jobs run by each engine of the embedded device.", Double(e.jobCount))
+        mirror(
+          "accelgate_engine_busy_seconds_total", l, "Time each engine of the embedded device spent on jobs.",
+          Double(e.busyTime) / 1e9)
+      }
+      let errors = device.errorStatistics
+      mirror("accelgate_device_queue_errors_total", [], "Queue errors the embedded device counted.", Double(errors.queueErrors))
+      mirror("accelgate_device_isolations_total", [], "Times the embedded device isolated itself.", Double(errors.isolations))
+    }
+    return registry.emitToBuffer()
+  }
+
+  private static func descriptor(_ name: String, _ help: String) -> MetricNameDescriptor {
+    MetricNameDescriptor(metricName: name, unitName: "", helpText: help)
+  }
+
+  private func gauge(_ name: String, _ labels: [(String, String)], _ help: String) -> Gauge {
+    registry.makeGauge(descriptor: Self.descriptor(name, help), labels: labels)
+  }
+
+  private func counter(_ name: String, _ labels: [(String, String)], _ help: String) -> Counter {
+    registry.makeCounter(descriptor: Self.descriptor(name, help), labels: labels)
+  }
+
+  private func durationHistogram(_ name: String, _ labels: [(String, String)], _ buckets: [Duration], _ help: String)
+    -> DurationHistogram
+  {
+    registry.makeDurationHistogram(descriptor: Self.descriptor(name, help), labels: labels, buckets: buckets)
+  }
+
+  private func valueHistogram(_ name: String, _ labels: [(String, String)], _ buckets: [Double], _ help: String)
+    -> ValueHistogram
+  {
+    registry.makeValueHistogram(descriptor: Self.descriptor(name, help), labels: labels, buckets: buckets)
+  }
+
+  /// A counter that follows a monotonic count kept elsewhere: increments by what
+  /// it grew since the last scrape (a count that went down, because a driver was
+  /// replaced, restarts from its new value).
+  private func mirror(_ name: String, _ labels: [(String, String)], _ help: String, _ value: Double) {
+    let key = name + labels.map { "|\($0.0)=\($0.1)" }.joined()
+    let delta = mirrors.withLock { m -> Double in
+      let last = m[key] ?? 0
+      m[key] = value
+      return value >= last ? value - last : value
+    }
+    let c = counter(name, labels, help)
+    if delta > 0 { c.increment(by: delta) }
+  }
+}
