@@ -201,7 +201,13 @@ package final class Dispatcher: Sendable {
       observer?(JobReport(request: request, outcome: "ok", statistics: result.stats))
       return result
     } catch {
-      observer?(JobReport(request: request, outcome: error.kind, statistics: nil))
+      var report = JobReport(request: request, outcome: error.kind, statistics: nil)
+      switch error {
+      case .rejected(let reason, _): report.rejection = reason.rawValue
+      case .payloadOverTenantLimit: report.rejection = "payload_too_large"
+      default: break
+      }
+      observer?(report)
       throw error
     }
   }
@@ -648,6 +654,10 @@ package struct JobReport: Sendable {
   package var tenant: String
   /// "compress", "decompress", "encrypt", "decrypt", "digest" (first step) or "nop".
   package var operation: String
+  /// The first step's algorithm ("gzip", "aes256GCM", "sha256", …).
+  package var algorithm: String
+  /// The admission reason, when admission refused the job.
+  package var rejection: String?
   /// "ok", or `JobError.kind`.
   package var outcome: String
   /// Set for jobs that completed.
@@ -656,6 +666,7 @@ package struct JobReport: Sendable {
   init(request: JobRequest, outcome: String, statistics: JobStatistics?) {
     tenant = request.tenant
     operation = "\(request.opcode)"
+    algorithm = "\(request.algorithm)"
     self.outcome = outcome
     self.statistics = statistics
   }

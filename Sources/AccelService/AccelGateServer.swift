@@ -110,7 +110,9 @@ public final class AccelGateServer: Sendable {
           $0.http2.maxConcurrentStreams = configuration.maxConcurrentStreams
         }
       ),
-      services: [service, HealthService(dispatcher: dispatcher, device: self.device, draining: draining)],
+      services: [
+        service, HealthService(dispatcher: dispatcher, device: self.device, draining: draining), try ReflectionService(),
+      ],
       interceptors: [AuthInterceptor(directory: directory, metrics: metrics), MetricsInterceptor(metrics: metrics)]
     )
   }

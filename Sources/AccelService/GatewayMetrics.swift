@@ -44,13 +44,39 @@ final class GatewayMetrics: Sendable {
   func recordJob(_ report: JobReport) {
     let tenant = report.tenant
     let op = report.operation
-    counter("accelgate_jobs_total", [("tenant", tenant), ("operation", op), ("outcome", report.outcome)], "Device jobs by tenant, operation and outcome (ok, or the error kind).").increment()
+    counter(
+      "accelgate_jobs_total",
+      [("tenant", tenant), ("operation", op), ("algorithm", report.algorithm), ("outcome", report.outcome)],
+      "Device jobs by tenant, operation, algorithm and outcome (ok, or the error kind)."
+    ).increment()
+    if let reason = report.rejection {
+      counter(
+        "accelgate_rejections_total", [("tenant", tenant), ("reason", reason)],
+        "Jobs refused by admission control, by tenant and reason."
+      ).increment()
+    }
     guard let stats = report.statistics else { return }
-    counter("accelgate_device_seconds_total", [("tenant", tenant)], "Device (engine) time consumed by each tenant's jobs: the quantity the fair scheduler shares.").increment(by: Double(stats.deviceNanoseconds) / 1e9)
-    counter("accelgate_job_bytes_total", [("tenant", tenant), ("direction", "in")], "Job payload bytes into and out of the device, by tenant.").increment(by: Int64(stats.inputBytes))
-    counter("accelgate_job_bytes_total", [("tenant", tenant), ("direction", "out")], "Job payload bytes into and out of the device, by tenant.").increment(by: Int64(stats.outputBytes))
-    durationHistogram("accelgate_queue_wait_seconds", [("tenant", tenant)], Self.latencyBuckets, "Time a job waited in the scheduler before it was put on a device queue, by tenant.").record(.nanoseconds(Int64(min(stats.queueWaitNanoseconds, UInt64(Int64.max)))))
-    valueHistogram("accelgate_batch_size", [], [1, 2, 4, 8, 16, 32, 64], "Descriptors published behind the doorbell that carried each job.").record(Double(stats.batchSize))
+    counter(
+      "accelgate_device_seconds_total", [("tenant", tenant)],
+      "Device (engine) time consumed by each tenant's jobs: the quantity the fair scheduler shares."
+    ).increment(by: Double(stats.deviceNanoseconds) / 1e9)
+    let bytesHelp = "Job payload bytes into and out of the device, by tenant and operation."
+    counter("accelgate_job_bytes_total", [("tenant", tenant), ("operation", op), ("direction", "in")], bytesHelp)
+      .increment(by: Int64(stats.inputBytes))
+    counter("accelgate_job_bytes_total", [("tenant", tenant), ("operation", op), ("direction", "out")], bytesHelp)
+      .increment(by: Int64(stats.outputBytes))
+    durationHistogram(
+      "accelgate_queue_wait_seconds", [("tenant", tenant)], Self.latencyBuckets,
+      "Time a job waited in the scheduler before it was put on a device queue, by tenant."
+    ).record(.nanoseconds(Int64(min(stats.queueWaitNanoseconds, UInt64(Int64.max)))))
+    durationHistogram(
+      "accelgate_job_duration_seconds", [("operation", op)], Self.latencyBuckets,
+      "Time from a job's admission to its completion (queue wait + device), by operation."
+    ).record(.nanoseconds(Int64(min(stats.totalNanoseconds, UInt64(Int64.max)))))
+    valueHistogram(
+      "accelgate_batch_size", [], [1, 2, 4, 8, 16, 32, 64],
+      "Descriptors published behind the doorbell that carried each job."
+    ).record(Double(stats.batchSize))
   }
 
   // MARK: scrape

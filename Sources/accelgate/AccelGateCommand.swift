@@ -68,8 +68,8 @@ struct Serve: AsyncParsableCommand {
   var completionTimeoutMs = 5000
   @OptionGroup var faults: FaultOptions
   @Option(help: "Address for the Prometheus /metrics endpoint.") var metricsHost = ServiceConfiguration.defaults.metricsHost
-  @Option(help: "Port for /metrics (0 picks a free port; -1 turns metrics off).")
-  var metricsPort = ServiceConfiguration.defaults.metricsPort ?? -1
+  @Option(help: "Port for /metrics (0 picks a free port).") var metricsPort = ServiceConfiguration.defaults.metricsPort ?? 9464
+  @Flag(help: "Serve no /metrics endpoint.") var noMetrics = false
 
   func run() async throws {
     var logger = Logger(label: "accelgate")
@@ -104,7 +104,7 @@ struct Serve: AsyncParsableCommand {
       $0.verifyCompression = verifyCompression
       $0.completionTimeout = .milliseconds(completionTimeoutMs)
       $0.metricsHost = metricsHost
-      $0.metricsPort = metricsPort >= 0 ? metricsPort : nil
+      $0.metricsPort = noMetrics ? nil : metricsPort
     }
     try faults.apply(to: &config.device)
     let server = try AccelGateServer(configuration: config, logger: logger)

@@ -111,8 +111,9 @@ import Testing
       let m = server.renderMetrics()
       #expect(m.contains(#"accelgate_requests_total{method="Compress",code="OK",tenant="default"} 3"#), "\(m)")
       #expect(m.contains(#"accelgate_requests_total{method="Decompress",code="INVALID_ARGUMENT",tenant="default"} 1"#))
-      #expect(m.contains(#"accelgate_jobs_total{tenant="default",operation="compress",outcome="ok"} 3"#))
-      #expect(m.contains(#"accelgate_jobs_total{tenant="default",operation="decompress",outcome="job_error"} 1"#))
+      #expect(m.contains(#"accelgate_jobs_total{tenant="default",operation="compress",algorithm="gzip",outcome="ok"} 3"#))
+      #expect(
+        m.contains(#"accelgate_jobs_total{tenant="default",operation="decompress",algorithm="gzip",outcome="job_error"} 1"#))
       #expect(m.contains(#"accelgate_request_duration_seconds_count{method="Compress"} 3"#))
       #expect(m.contains("# TYPE accelgate_device_seconds_total counter"))
       #expect(m.contains(#"accelgate_queue_healthy{queue="1"} 1"#))

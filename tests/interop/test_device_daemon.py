@@ -72,7 +72,7 @@ _failing_runs = [0]
 def run_gateway_expecting_failure(daemon, *flags, timeout_s: float = 60.0):
     """Runs a gateway that must not be able to start; returns (exit status, output).
     Killed (and the test failed) if it is still running after timeout_s."""
-    argv = [server_binary(), "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--device", daemon.address,
+    argv = [server_binary(), "serve", "--host", "127.0.0.1", "--port", "0", "--no-metrics", "--device", daemon.address,
             *[str(f) for f in flags]]
     _failing_runs[0] += 1
     log_path = os.path.join(LOG_DIR, f"{os.path.basename(daemon.log_path)[:-4]}-failing-gateway-{_failing_runs[0]}.log")

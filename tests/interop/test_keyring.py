@@ -510,7 +510,7 @@ def test_keyring_errors_do_not_log_keys_at_startup(tmp_path):
     ring = str(tmp_path / "keyring.yaml")
     secret = _k("aes-256-gcm")
     write_keyring(ring, text=_malformed_keyring_with(secret))
-    p = subprocess.run([server_binary(), "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--keyring", ring],
+    p = subprocess.run([server_binary(), "serve", "--host", "127.0.0.1", "--port", "0", "--no-metrics", "--keyring", ring],
                        stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
     out = p.stdout + p.stderr
     assert p.returncode != 0, f"server started with a malformed keyring:\n{out.decode(errors='replace')[-2000:]}"
