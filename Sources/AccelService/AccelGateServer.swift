@@ -21,12 +21,17 @@ public final class AccelGateServer: Sendable {
   let draining = Draining()
   let metrics = GatewayMetrics()
   private let metricsServer = Mutex<MetricsServer?>(nil)
+  /// Finishes when the drain grace has run out (see `shutdown`).
+  private let graceExpired: AsyncStream<Void>
+  private let graceExpiredContinuation: AsyncStream<Void>.Continuation
+  private let drainStarted = Mutex<ContinuousClock.Instant?>(nil)
   private let server: GRPCServer<HTTP2ServerTransport.Posix>
   private let logger: Logger
 
   public init(configuration: ServiceConfiguration = .defaults, logger: Logger = Logger(label: "accelgate")) throws {
     self.configuration = configuration
     self.logger = logger
+    (graceExpired, graceExpiredContinuation) = AsyncStream<Void>.makeStream()
     guard configuration.maxRequestBytes > 0, configuration.maxDecompressedBytes > 0 else {
       throw ConfigurationError("maxRequestBytes and maxDecompressedBytes must be positive")
     }
@@ -96,9 +101,10 @@ public final class AccelGateServer: Sendable {
     self.directory = directory
     let keyring = try KeyringDirectory(path: configuration.keyringFile)
     self.keyring = keyring
-    let service = AcceleratorService(
+    var service = AcceleratorService(
       dispatcher: dispatcher, configuration: configuration, device: device, keyring: keyring,
       nonceLedger: try NonceLedger(path: configuration.nonceStateFile), audit: try AuditLog(path: configuration.auditLogFile))
+    service.draining = draining
     self.server = GRPCServer(
       transport: .http2NIOPosix(
         address: .ipv4(host: configuration.host, port: configuration.port),
@@ -134,10 +140,27 @@ public final class AccelGateServer: Sendable {
     }
     let served: Result<Void, any Error>
     do {
-      try await server.serve()
+      // The server returns once every call has finished after a graceful
+      // shutdown; if the grace runs out first, cancelling it ends the rest.
+      let (server, expired) = (self.server, graceExpired)
+      try await withThrowingTaskGroup(of: Void.self) { group in
+        group.addTask { try await server.serve() }
+        group.addTask {
+          for await _ in expired { return }
+          try await Task.sleep(for: .seconds(86_400 * 365))  // never expired: wait to be cancelled
+          throw CancellationError()
+        }
+        _ = try await group.next()
+        group.cancelAll()
+      }
+      served = .success(())
+    } catch is CancellationError {
       served = .success(())
     } catch {
       served = .failure(error)
+    }
+    if let started = drainStarted.withLock({ $0 }) {
+      logger.notice("drained", metadata: ["seconds": "\(ContinuousClock.now - started)"])
     }
     if let m = metricsServer.withLock({ $0 }) { await m.close() }
     try served.get()
@@ -171,10 +194,23 @@ public final class AccelGateServer: Sendable {
     }
   }
 
-  /// Turns health NOT_SERVING, stops accepting calls and lets in-flight calls finish.
+  /// Turns health NOT_SERVING, stops accepting calls and lets in-flight calls
+  /// finish, for at most `drainGrace`; then the server stops anyway.
   public func shutdown() {
+    let first = drainStarted.withLock { s -> Bool in
+      guard s == nil else { return false }
+      s = .now
+      return true
+    }
+    guard first else { return }
     draining.begin()
+    logger.notice("draining", metadata: ["grace": "\(configuration.drainGrace)"])
     server.beginGracefulShutdown()
+    let (grace, expired) = (configuration.drainGrace, graceExpiredContinuation)
+    Task.detached {
+      try? await Task.sleep(for: grace)
+      expired.yield()
+    }
   }
 }
 

@@ -14,6 +14,9 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
   let keyring: KeyringDirectory
   let nonceLedger: NonceLedger
   let audit: AuditLog
+  /// Set on SIGTERM: grpc-swift then cancels every RPC so long handlers can wind
+  /// down, but a device job in flight is allowed to finish within the drain grace.
+  var draining: Draining? = nil
 
   static let defaultLevel: Int32 = 6
 
@@ -92,7 +95,10 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
     do {
       return try await withRPCCancellationHandler { () async throws(JobError) -> JobResult in
         try await dispatcher.execute(job, id: id)
-      } onCancelRPC: { [dispatcher] in
+      } onCancelRPC: { [dispatcher, draining] in
+        // Draining: the transport cancels every RPC when it quiesces; the job keeps
+        // running, and the drain grace bounds it (its end cancels the task itself).
+        if draining?.isDraining == true && !deadline.hasPassed { return }
         dispatcher.cancel(id: id, reason: deadline.hasPassed ? .deadlineExceeded : .cancelled)
       }
     } catch {

@@ -40,7 +40,9 @@ struct HealthService: Grpc_Health_V1_Health.SimpleServiceProtocol {
     context: ServerContext
   ) async throws {
     var last: Grpc_Health_V1_HealthCheckResponse.ServingStatus?
-    while !Task.isCancelled && !context.cancellation.isCancelled {
+    while true {
+      // On SIGTERM the transport cancels every RPC; the status is evaluated once
+      // more first, so watchers see NOT_SERVING before their stream ends.
       let now = Self.services.contains(request.service) ? status : .serviceUnknown
       if now != last {
         var r = Grpc_Health_V1_HealthCheckResponse()
@@ -48,7 +50,8 @@ struct HealthService: Grpc_Health_V1_Health.SimpleServiceProtocol {
         try await response.write(r)
         last = now
       }
-      try await Task.sleep(for: Self.watchInterval)
+      if Task.isCancelled || context.cancellation.isCancelled { return }
+      try? await Task.sleep(for: Self.watchInterval)
     }
   }
 }

@@ -56,6 +56,9 @@ public struct ServiceConfiguration: Sendable {
   /// reset and the job retried once. Must exceed the longest job.
   public var completionTimeout: Duration = .seconds(5)
 
+  /// On SIGTERM, how long calls in flight may take to finish before the server
+  /// stops anyway (they then end CANCELLED). The process exits 0 either way.
+  public var drainGrace: Duration = .seconds(30)
   /// Where Prometheus scrapes `/metrics` (plain HTTP); nil port turns it off.
   public var metricsHost: String = "127.0.0.1"
   public var metricsPort: Int? = 9464

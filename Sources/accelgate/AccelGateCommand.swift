@@ -70,6 +70,8 @@ struct Serve: AsyncParsableCommand {
   @Option(help: "Address for the Prometheus /metrics endpoint.") var metricsHost = ServiceConfiguration.defaults.metricsHost
   @Option(help: "Port for /metrics (0 picks a free port).") var metricsPort = ServiceConfiguration.defaults.metricsPort ?? 9464
   @Flag(help: "Serve no /metrics endpoint.") var noMetrics = false
+  @Option(help: "On SIGTERM, milliseconds calls in flight may take to finish before the server stops anyway.")
+  var drainGraceMs = 30_000
 
   func run() async throws {
     var logger = Logger(label: "accelgate")
@@ -105,6 +107,7 @@ struct Serve: AsyncParsableCommand {
       $0.completionTimeout = .milliseconds(completionTimeoutMs)
       $0.metricsHost = metricsHost
       $0.metricsPort = noMetrics ? nil : metricsPort
+      $0.drainGrace = .milliseconds(drainGraceMs)
     }
     try faults.apply(to: &config.device)
     let server = try AccelGateServer(configuration: config, logger: logger)
