@@ -24,12 +24,22 @@ public final class DeviceQueue: @unchecked Sendable {
   let errorCount: SharedWord64
   let resetRequest: SharedWord
   let resetAck: SharedWord
-  /// Jobs of this queue an engine holds right now (taken under the fetch lock).
-  /// A reset waits until it is zero, so no engine writes into buffers the driver reuses.
-  private let held = Atomic<Int>(0)
+  /// Jobs handed out by `fetch` (under the fetch lock) and jobs given back
+  /// (under the post lock: posting a completion, or `finishedWithoutPosting`).
+  /// A reset waits until they are equal, so no engine still writes into buffers
+  /// the driver is about to reuse. Plain counters under locks the job path takes
+  /// anyway, rather than an atomic: no extra read-modify-write per job.
+  private struct FetchState {
+    var head: UInt32 = 0  // private copy of sq_head
+    var fetchedJobs: UInt64 = 0
+  }
+  private struct PostState {
+    var tail: UInt32 = 0  // private copy of cq_tail
+    var finishedJobs: UInt64 = 0
+  }
 
-  private let fetchLock = Mutex<UInt32>(0)  // private copy of sq_head
-  private let postLock = Mutex<UInt32>(0)  // private copy of cq_tail
+  private let fetchLock = Mutex(FetchState())
+  private let postLock = Mutex(PostState())
   let weight: UInt32
   /// The comparison-mode eventfd doorbell (see `DeviceConfiguration.eventfdDoorbells`), or -1.
   let doorbellFD: Int32
@@ -82,10 +92,12 @@ public final class DeviceQueue: @unchecked Sendable {
   /// stopped. A producer index that is impossible marks the queue in error.
   /// A chain cut short (the ring ends, or it is too long) is returned as is;
   /// the engine fails it with BAD_PARAMS. Every job returned must be given
-  /// back with `finished()` once its completion is posted.
+  /// back by `post` or `finishedWithoutPosting`.
   func fetch() -> [accel_sqe]? {
     guard stateFlags.loadAcquire() & ACCEL_QF_STOPPED == 0 else { return nil }
-    return fetchLock.withLock { head -> [accel_sqe]? in
+    return fetchLock.withLock { state -> [accel_sqe]? in
+      var head = state.head
+      defer { state.head = head }
       let tail = sqTail.loadAcquire()
       if tail == head { return nil }
       guard region.sqIndex.isConsistent(head: head, tail: tail) else {
@@ -102,13 +114,13 @@ public final class DeviceQueue: @unchecked Sendable {
         head &+= 1
       }
       sqHead.storeRelease(head)
-      held.add(1, ordering: .relaxed)
+      state.fetchedJobs &+= 1
       return chain
     }
   }
 
-  /// The engine is done with a job `fetch` gave it.
-  func finished() { held.subtract(1, ordering: .releasing) }
+  /// The engine is done with a job `fetch` gave it and posts no completion for it.
+  func finishedWithoutPosting() { postLock.withLock { $0.finishedJobs &+= 1 } }
 
   /// Carries out a reset the driver asked for, if one is pending and no engine
   /// holds a job of this queue: discards unfetched descriptors, clears the error
@@ -118,11 +130,13 @@ public final class DeviceQueue: @unchecked Sendable {
   func serviceReset() -> Bool? {
     let request = resetRequest.loadAcquire()
     guard request != resetAck.loadRelaxed() else { return nil }
-    return fetchLock.withLock { head -> Bool? in
-      guard request != resetAck.loadRelaxed(), held.load(ordering: .acquiring) == 0 else { return nil }
+    return fetchLock.withLock { state -> Bool? in
+      guard request != resetAck.loadRelaxed(), postLock.withLock({ $0.finishedJobs }) == state.fetchedJobs else {
+        return nil
+      }
       let wasInError = stateFlags.loadAcquire() & ACCEL_QF_ERROR != 0
-      head = sqTail.loadAcquire()
-      sqHead.storeRelease(head)
+      state.head = sqTail.loadAcquire()
+      sqHead.storeRelease(state.head)
       stateFlags.fetchAnd(~ACCEL_QF_ERROR)
       errorStatus.storeRelease(0)
       resetAck.storeRelease(request)
@@ -134,7 +148,10 @@ public final class DeviceQueue: @unchecked Sendable {
   /// so the ring is never full in normal operation; if it is, the engine waits
   /// (briefly spinning, then sleeping) until the driver reaps or the device stops.
   func post(_ cqe: accel_cqe, isRunning: () -> Bool) {
-    let posted = postLock.withLock { tail -> Bool in
+    let posted = postLock.withLock { state -> Bool in
+      state.finishedJobs &+= 1
+      var tail = state.tail
+      defer { state.tail = tail }
       var spins = 0
       while region.cqIndex.isFull(head: cqHead.loadAcquire(), tail: tail) {
         guard isRunning() else { return false }

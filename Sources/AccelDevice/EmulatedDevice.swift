@@ -329,7 +329,6 @@ public final class EmulatedDevice: @unchecked Sendable {
   private func process(
     _ chain: [accel_sqe], on q: DeviceQueue, ctx: OpaquePointer, stats: EngineStats, capBytesPerNs: Double?
   ) {
-    defer { q.finished() }
     let start = SharedMemory.nowNanoseconds()
     // A queue in error or isolated drains its ring without running anything.
     let runnable = q.isRunnable
@@ -404,6 +403,7 @@ public final class EmulatedDevice: @unchecked Sendable {
     cqe.engine_ns = elapsed
     switch fault?.mode {
     case .lost?:
+      q.finishedWithoutPosting()
       return
     case .corruptCompletion?:
       cqe.status = 0xBEEF

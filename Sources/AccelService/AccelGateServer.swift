@@ -119,7 +119,7 @@ public final class AccelGateServer: Sendable {
       services: [
         service, HealthService(dispatcher: dispatcher, device: self.device, draining: draining), try ReflectionService(),
       ],
-      interceptors: [AuthInterceptor(directory: directory, metrics: metrics), MetricsInterceptor(metrics: metrics)]
+      interceptors: [AuthInterceptor(directory: directory, metrics: metrics), MetricsInterceptor(metrics: metrics, logger: logger)]
     )
   }
 

@@ -1,10 +1,20 @@
+internal import Foundation
 internal import GRPCCore
+internal import Logging
 
-/// Counts every call's final status and duration (`accelgate_requests_total`,
-/// `accelgate_request_duration_seconds`). It runs after `AuthInterceptor`, so it
-/// sees the authenticated tenant; streaming responses are timed to their end.
+/// Observes every call: counts its final status and duration
+/// (`accelgate_requests_total`, `accelgate_request_duration_seconds`) and writes
+/// one access-log line with a request id (debug for OK, info otherwise). It runs
+/// after `AuthInterceptor`, so it sees the authenticated tenant; streaming
+/// responses are timed to their end.
+///
+/// The request id is the W3C `traceparent` trace id when the caller sends one,
+/// else a valid `x-request-id` from the caller, else a random one. It is returned
+/// in the `x-request-id` response header and is available to handlers as
+/// `RequestID.current`.
 struct MetricsInterceptor: ServerInterceptor {
   let metrics: GatewayMetrics
+  var logger: Logger = Logger(label: "accelgate.calls")
 
   func intercept<Input: Sendable, Output: Sendable>(
     request: StreamingServerRequest<Input>,
@@ -15,19 +25,33 @@ struct MetricsInterceptor: ServerInterceptor {
     let method = context.descriptor.method
     let tenant =
       context.descriptor.service.fullyQualifiedService.hasPrefix("grpc.") ? "" : TenantHeader.tenant(of: request.metadata)
-    let metrics = self.metrics
+    let (metrics, logger) = (self.metrics, self.logger)
+    let id = RequestID.from(request.metadata)
     @Sendable func record(_ code: String) {
-      metrics.recordCall(method: method, code: code, tenant: tenant, duration: ContinuousClock.now - start)
+      let elapsed = ContinuousClock.now - start
+      metrics.recordCall(method: method, code: code, tenant: tenant, duration: elapsed)
+      let ms = Double(elapsed.components.seconds) * 1e3 + Double(elapsed.components.attoseconds) / 1e15
+      logger.log(
+        level: code == "OK" ? .debug : .info, "call",
+        metadata: [
+          "request_id": "\(id)", "method": "\(method)", "tenant": "\(tenant)", "code": "\(code)",
+          "duration_ms": "\(String(format: "%.3f", ms))",
+        ])
     }
     var response: StreamingServerResponse<Output>
     do {
-      response = try await next(request, context)
+      response = try await RequestID.$current.withValue(id) { try await next(request, context) }
     } catch {
       record(Self.code(of: error))
+      if var e = error as? RPCError {
+        e.metadata.addString(id, forKey: "x-request-id")
+        throw e
+      }
       throw error
     }
     switch response.accepted {
     case .success(var contents):
+      contents.metadata.addString(id, forKey: "x-request-id")
       let producer = contents.producer
       contents.producer = { writer in
         do {
@@ -40,8 +64,10 @@ struct MetricsInterceptor: ServerInterceptor {
         }
       }
       response.accepted = .success(contents)
-    case .failure(let error):
+    case .failure(var error):
       record(Self.name(error.code))
+      error.metadata.addString(id, forKey: "x-request-id")
+      response.accepted = .failure(error)
     }
     return response
   }
@@ -60,5 +86,29 @@ struct MetricsInterceptor: ServerInterceptor {
       "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
     ]
     return code.rawValue >= 0 && code.rawValue < names.count ? names[code.rawValue] : "UNKNOWN"
+  }
+}
+
+/// The id of the call being served (see `MetricsInterceptor`).
+enum RequestID {
+  @TaskLocal static var current: String = ""
+
+  /// The trace id of a valid W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`),
+  /// else a caller's `x-request-id` of 1–64 safe characters, else 16 random hex digits.
+  static func from(_ metadata: Metadata) -> String {
+    if let tp = metadata[stringValues: "traceparent"].first(where: { _ in true }) {
+      let parts = tp.split(separator: "-")
+      if parts.count == 4, parts[0].count == 2, parts[1].count == 32, parts[2].count == 16, parts[3].count == 2,
+        parts.allSatisfy({ $0.allSatisfy(\.isHexDigit) }), parts[1] != String(repeating: "0", count: 32), parts[0] != "ff"
+      {
+        return parts[1].lowercased()
+      }
+    }
+    if let given = metadata[stringValues: "x-request-id"].first(where: { _ in true }), (1...64).contains(given.count),
+      given.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.".contains($0)) })
+    {
+      return given
+    }
+    return String((0..<16).map { _ in "0123456789abcdef".randomElement()! })
   }
 }

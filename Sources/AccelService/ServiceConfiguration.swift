@@ -63,12 +63,25 @@ public struct ServiceConfiguration: Sendable {
   public var metricsHost: String = "127.0.0.1"
   public var metricsPort: Int? = 9464
 
+  /// swift-log level name, and the log format: `text` or `json` (one object per line).
+  public var logLevel: String = "info"
+  public var logFormat: String = "text"
+
   public init() {}
   public static var defaults: Self { Self() }
   public static func defaults(_ configure: (inout Self) -> Void) -> Self {
     var c = Self()
     configure(&c)
     return c
+  }
+
+  /// Why settings that are each valid do not fit together, or nil.
+  public var consistencyProblem: String? {
+    if metricsPort != nil && metricsPort == port && port != 0 && metricsHost == host {
+      return "metrics.port and listen.port are both \(port)"
+    }
+    if softwareFallback && deviceAddress == nil { return "device.software_fallback needs device.address (a standalone device)" }
+    return nil
   }
 
   /// Transport limit on one request message. grpc-swift answers a message over

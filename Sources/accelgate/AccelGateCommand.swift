@@ -17,99 +17,103 @@ struct AccelGate: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "accelgate",
     abstract: "Share compression and crypto accelerators between tenants over gRPC.",
-    subcommands: [Serve.self, Device.self, HashKey.self, GenKey.self],
+    subcommands: [Serve.self, Device.self, CheckConfig.self, HashKey.self, GenKey.self],
     defaultSubcommand: Serve.self
   )
 }
 
 struct Serve: AsyncParsableCommand {
-  static let configuration = CommandConfiguration(abstract: "Serve gRPC with the embedded emulated device.")
+  static let configuration = CommandConfiguration(
+    abstract: "Serve gRPC with the embedded emulated device (or a standalone one).",
+    discussion: """
+      Settings come from the defaults, then --config FILE (YAML), then ACCELGATE_* environment \
+      variables (ACCELGATE_LISTEN_PORT for listen.port), then these flags. See docs/CONFIG.md.
+      """)
 
-  @Option(help: "Address to listen on.") var host = ServiceConfiguration.defaults.host
-  @Option(help: "Port to listen on (0 picks a free port).") var port = ServiceConfiguration.defaults.port
-  @Option(help: "Largest request payload, in bytes.") var maxRequestBytes = ServiceConfiguration.defaults.maxRequestBytes
-  @Option(help: "Largest decompressed output, in bytes.")
-  var maxDecompressedBytes = ServiceConfiguration.defaults.maxDecompressedBytes
-  @Option(help: "Jobs allowed to wait for the device.") var maxQueuedJobs = ServiceConfiguration.defaults.maxQueuedJobs
-  @Option(help: "Descriptors in flight per hardware queue.")
-  var inFlightPerQueue = ServiceConfiguration.defaults.inFlightPerQueue
-  @Option(help: "Estimated device time kept in flight per hardware queue, in microseconds (one job always fits).")
-  var inFlightBudgetUs = 2000
-  @Option(help: "Concurrent streams per HTTP/2 connection (advertised to clients).")
-  var maxConcurrentStreams = ServiceConfiguration.defaults.maxConcurrentStreams
-  @Option(help: "Most descriptors per doorbell.") var maxBatch = ServiceConfiguration.defaults.maxBatch
-  @Option(help: "Deadline in milliseconds for calls that set none.") var defaultDeadlineMs = 30_000
-  @Option(help: "Hardware queues on the embedded device.") var queues = DeviceConfiguration.defaults.queueCount
-  @Option(help: "Engine threads on the embedded device.") var engines = DeviceConfiguration.defaults.engineCount
-  @Option(help: "Submission ring entries per queue (power of two).")
-  var sqEntries = Int(DeviceConfiguration.defaults.sqEntries)
-  @Option(help: "Data pool per queue, in MiB.") var poolMib = Int(DeviceConfiguration.defaults.dataPoolBytes >> 20)
-  @Option(help: "Per-engine throughput cap in MB/s (0 = uncapped).") var engineCapMbps: Double = 0
-  @Option(help: "Engine idle spin before parking, in microseconds.") var idleSpinUs = 50
-  @Option(help: "Tenants file (YAML); without it a single open 'default' tenant serves every call.")
-  var tenants: String?
-  @Option(help: "Standalone device to use, e.g. unix:///run/accelgate/dev0.sock (default: embedded device).")
-  var device: String?
-  @Option(help: "Arbitration weight of this gateway's queues on a shared device.") var queueWeight: UInt32 = 1
+  @Option(help: "Main configuration file (YAML or JSON); `accelgate check-config FILE` validates it.")
+  var config: String?
+  @Option(help: "Address to listen on [127.0.0.1].") var host: String?
+  @Option(help: "Port to listen on; 0 picks a free port [50051].") var port: String?
+  @Option(help: "Largest request payload, in bytes [4194304].") var maxRequestBytes: String?
+  @Option(help: "Largest decompressed output, in bytes [4194304].") var maxDecompressedBytes: String?
+  @Option(help: "Jobs allowed to wait for the device [1024].") var maxQueuedJobs: String?
+  @Option(help: "Descriptors in flight per hardware queue [8].") var inFlightPerQueue: String?
+  @Option(help: "Estimated device time kept in flight per hardware queue, in microseconds [2000].")
+  var inFlightBudgetUs: String?
+  @Option(help: "Concurrent streams per HTTP/2 connection [256].") var maxConcurrentStreams: String?
+  @Option(help: "Most descriptors per doorbell [16].") var maxBatch: String?
+  @Option(help: "Deadline in milliseconds for calls that set none [30000].") var defaultDeadlineMs: String?
+  @Option(help: "Hardware queues (also how many to ask a standalone device for) [2].") var queues: String?
+  @Option(help: "Engine threads on the embedded device [2].") var engines: String?
+  @Option(help: "Submission ring entries per queue, a power of two [256].") var sqEntries: String?
+  @Option(help: "Data pool per queue, in MiB [64].") var poolMib: String?
+  @Option(help: "Per-engine throughput cap in MB/s; 0 = uncapped [0].") var engineCapMbps: String?
+  @Option(help: "Engine idle spin before parking, in microseconds [50].") var idleSpinUs: String?
+  @Option(help: "Tenants file (YAML); without it one open 'default' tenant serves every call.") var tenants: String?
+  @Option(help: "Standalone device, e.g. unix:///run/accelgate/dev0.sock [embedded].") var device: String?
+  @Option(help: "Arbitration weight of this gateway's queues on a shared device [1].") var queueWeight: String?
   @Option(help: "Keyring file (YAML) of named, versioned keys per tenant; reloaded on SIGHUP.") var keyring: String?
   @Option(help: "File persisting per-key-version nonce counts (JSON).") var nonceState: String?
   @Option(help: "Audit log of key operations (JSON lines).") var auditLog: String?
-  @Option(help: "Scheduler: fair (weighted fair queuing by device time) or fifo (for comparison).")
-  var scheduler: SchedulerArgument = .fair
-  @Option(help: "Default per-tenant limit on queued jobs.") var tenantMaxQueuedJobs = TenantLimits.defaults.maxQueuedJobs
-  @Option(help: "Default per-tenant limit on queued payload bytes.")
-  var tenantMaxQueuedBytes = TenantLimits.defaults.maxQueuedBytes
-  @Option(help: "Log level (trace, debug, info, notice, warning, error).") var logLevel = "info"
-  @Flag(help: "With --device: serve from an embedded software device while the standalone one is down.")
-  var softwareFallback = false
-  @Flag(help: "Compress-and-verify: the device decompresses each compression result and compares it with the input.")
-  var verifyCompression = false
-  @Option(help: "Milliseconds without a completion before a job is declared lost and its queue reset.")
-  var completionTimeoutMs = 5000
-  @OptionGroup var faults: FaultOptions
-  @Option(help: "Address for the Prometheus /metrics endpoint.") var metricsHost = ServiceConfiguration.defaults.metricsHost
-  @Option(help: "Port for /metrics (0 picks a free port).") var metricsPort = ServiceConfiguration.defaults.metricsPort ?? 9464
+  @Option(help: "Scheduler: fair (weighted fair queuing by device time) or fifo [fair].") var scheduler: String?
+  @Option(help: "Default per-tenant limit on queued jobs [256].") var tenantMaxQueuedJobs: String?
+  @Option(help: "Default per-tenant limit on queued payload bytes [268435456].") var tenantMaxQueuedBytes: String?
+  @Option(help: "Log level: trace, debug, info, notice, warning, error [info].") var logLevel: String?
+  @Option(help: "Log format: text or json (one object per line) [text].") var logFormat: String?
+  @Flag(inversion: .prefixedNo, help: "With --device: serve from an embedded software device while it is down [off].")
+  var softwareFallback: Bool?
+  @Flag(inversion: .prefixedNo, help: "Compress-and-verify on the device [off].") var verifyCompression: Bool?
+  @Option(help: "Milliseconds without a completion before a job is declared lost [5000].") var completionTimeoutMs: String?
+  @Option(help: "Queue errors within the isolation window that isolate the device [16].") var isolationThreshold: String?
+  @Option(help: "Isolation window, in milliseconds [10000].") var isolationWindowMs: String?
+  @Option(help: "Milliseconds an isolation lasts; 0 = until restart [30000].") var isolationCooldownMs: String?
+  @Option(help: "Inject faults (tests, drills): MODE[,every=N][,latency-ms=M][,queue=Q].") var injectFault: String?
+  @Option(help: "Address for the Prometheus /metrics endpoint [127.0.0.1].") var metricsHost: String?
+  @Option(help: "Port for /metrics; 0 picks a free port [9464].") var metricsPort: String?
   @Flag(help: "Serve no /metrics endpoint.") var noMetrics = false
-  @Option(help: "On SIGTERM, milliseconds calls in flight may take to finish before the server stops anyway.")
-  var drainGraceMs = 30_000
+  @Option(help: "On SIGTERM, milliseconds calls in flight get to finish [30000].") var drainGraceMs: String?
+
+  /// Flag values by setting path (see ConfigFile), in the order they apply.
+  var overrides: [(path: String, value: String)] {
+    let all: [(String, String?)] = [
+      ("listen.host", host), ("listen.port", port), ("listen.max_concurrent_streams", maxConcurrentStreams),
+      ("limits.max_request_bytes", maxRequestBytes), ("limits.max_decompressed_bytes", maxDecompressedBytes),
+      ("limits.max_queued_jobs", maxQueuedJobs), ("limits.default_deadline_ms", defaultDeadlineMs),
+      ("limits.drain_grace_ms", drainGraceMs), ("limits.tenant_max_queued_jobs", tenantMaxQueuedJobs),
+      ("limits.tenant_max_queued_bytes", tenantMaxQueuedBytes), ("scheduler.kind", scheduler),
+      ("scheduler.in_flight_per_queue", inFlightPerQueue), ("scheduler.in_flight_budget_us", inFlightBudgetUs),
+      ("scheduler.max_batch", maxBatch), ("device.address", device), ("device.queue_weight", queueWeight),
+      ("device.software_fallback", softwareFallback.map { "\($0)" }),
+      ("device.verify_compression", verifyCompression.map { "\($0)" }),
+      ("device.completion_timeout_ms", completionTimeoutMs), ("device.queues", queues), ("device.engines", engines),
+      ("device.sq_entries", sqEntries), ("device.pool_mib", poolMib), ("device.engine_cap_mbps", engineCapMbps),
+      ("device.idle_spin_us", idleSpinUs), ("device.isolation.threshold", isolationThreshold),
+      ("device.isolation.window_ms", isolationWindowMs), ("device.isolation.cooldown_ms", isolationCooldownMs),
+      ("device.inject_fault", injectFault), ("files.tenants", tenants), ("files.keyring", keyring),
+      ("files.nonce_state", nonceState), ("files.audit_log", auditLog), ("log.level", logLevel),
+      ("log.format", logFormat), ("metrics.host", metricsHost), ("metrics.port", metricsPort),
+      ("metrics.enabled", noMetrics ? "false" : nil),
+    ]
+    return all.compactMap { path, value in value.map { (path, $0) } }
+  }
 
   func run() async throws {
-    var logger = Logger(label: "accelgate")
-    logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
-    var config = ServiceConfiguration.defaults {
-      $0.host = host
-      $0.port = port
-      $0.maxRequestBytes = maxRequestBytes
-      $0.maxDecompressedBytes = maxDecompressedBytes
-      $0.maxQueuedJobs = maxQueuedJobs
-      $0.inFlightPerQueue = inFlightPerQueue
-      $0.inFlightBudget = .microseconds(inFlightBudgetUs)
-      $0.maxBatch = maxBatch
-      $0.maxConcurrentStreams = maxConcurrentStreams
-      $0.defaultDeadline = .milliseconds(defaultDeadlineMs)
-      $0.device.queueCount = queues
-      $0.device.engineCount = engines
-      $0.device.sqEntries = UInt32(sqEntries)
-      $0.device.dataPoolBytes = UInt64(poolMib) << 20
-      $0.device.engineThroughputCapMBps = engineCapMbps > 0 ? engineCapMbps : nil
-      $0.device.idleSpin = .microseconds(idleSpinUs)
-      $0.tenantsFile = tenants
-      $0.deviceAddress = device
-      $0.queueWeight = queueWeight
-      $0.keyringFile = keyring
-      $0.nonceStateFile = nonceState
-      $0.auditLogFile = auditLog
-      $0.scheduler = scheduler.kind
-      $0.defaultTenantLimits.maxQueuedJobs = tenantMaxQueuedJobs
-      $0.defaultTenantLimits.maxQueuedBytes = tenantMaxQueuedBytes
-      $0.softwareFallback = softwareFallback
-      $0.verifyCompression = verifyCompression
-      $0.completionTimeout = .milliseconds(completionTimeoutMs)
-      $0.metricsHost = metricsHost
-      $0.metricsPort = noMetrics ? nil : metricsPort
-      $0.drainGrace = .milliseconds(drainGraceMs)
+    var config = ServiceConfiguration.defaults
+    do throws(ConfigFile.Issues) {
+      if let file = self.config { try ConfigFile.apply(file: file, to: &config) }
+      try ConfigFile.apply(environment: ProcessInfo.processInfo.environment, to: &config)
+      try ConfigFile.apply(overrides: overrides, to: &config)
+    } catch {
+      throw ValidationError("invalid configuration:\n\(error)")
     }
-    try faults.apply(to: &config.device)
+    if let problem = config.consistencyProblem { throw ValidationError("invalid configuration: \(problem)") }
+    let logger = LogSetup.bootstrap(level: config.logLevel, format: config.logFormat)
+    logger.info(
+      "effective configuration",
+      metadata: .init(uniqueKeysWithValues: ConfigFile.render(config).map { ($0.0, Logger.MetadataValue.string($0.1)) }))
+    let (host, queues, engines) = (config.host, config.device.queueCount, config.device.engineCount)
+    let (maxRequestBytes, scheduler, tenants) = (config.maxRequestBytes, config.scheduler, config.tenantsFile)
+    let metricsHost = config.metricsHost
     let server = try AccelGateServer(configuration: config, logger: logger)
     let log = logger
     let signals = SignalHandler(
@@ -238,6 +242,33 @@ final class SignalHandler: Sendable {
 enum SchedulerArgument: String, ExpressibleByArgument, CaseIterable {
   case fair, fifo
   var kind: SchedulerKind { self == .fair ? .fair : .fifo }
+}
+
+/// `accelgate check-config FILE`: validates a main configuration file, reporting
+/// every problem as `FILE:LINE:COLUMN: setting: message`; on success prints the
+/// effective configuration (file over defaults; environment and flags are not applied).
+struct CheckConfig: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "check-config", abstract: "Validate a configuration file; print the effective settings.")
+  @Argument(help: "The YAML or JSON file.") var file: String
+  @Flag(help: "Also apply ACCELGATE_* environment variables.") var environment = false
+
+  func run() throws {
+    var config = ServiceConfiguration.defaults
+    do throws(ConfigFile.Issues) {
+      try ConfigFile.apply(file: file, to: &config)
+      if environment { try ConfigFile.apply(environment: ProcessInfo.processInfo.environment, to: &config) }
+    } catch {
+      FileHandle.standardError.write(Data("\(error)\n".utf8))
+      throw ExitCode(1)
+    }
+    if let problem = config.consistencyProblem {
+      FileHandle.standardError.write(Data("\(file): \(problem)\n".utf8))
+      throw ExitCode(1)
+    }
+    for (path, value) in ConfigFile.render(config) { print("\(path): \(value)") }
+    FileHandle.standardError.write(Data("\(file): ok\n".utf8))
+  }
 }
 
 /// `accelgate hash-key`: prints the SHA-256 to put in a tenants file, reading the key
