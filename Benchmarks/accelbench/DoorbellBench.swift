@@ -65,20 +65,18 @@ struct DoorbellBench: AsyncParsableCommand {
       index: 0, region: try QueueRegion.attach(fd: device.exportQueue(0)),
       perJobDoorbell: eventfd ? device.doorbellEventFD(0) : nil)
     let step = digest ? DeviceStep(.digest, .crc32c) : DeviceStep(.nop, .none)
-    let submittedAt = Mutex<[Int: UInt64]>([:])
-    let latencies = Mutex<[UInt64]>([])
+    // Handlers run on this thread (it reaps the ring itself), so the harness
+    // keeps its bookkeeping in plain preallocated arrays: no locks, no hashing.
+    let book = Bookkeeping(depth: depth)
     let done = Atomic<Int>(0)
     var leases: [Int: Lease] = [:]
     var free = Array(0..<depth)
-    let completedSlots = Mutex<[Int]>([])
     // One lease per in-flight slot, re-armed after each completion: the loop
     // measures the ring and the doorbell, not the buffer allocator.
     var handlers: [CompletionHandler] = []
     for i in 0..<depth {
       let handler: CompletionHandler = { _ in
-        let now = SharedMemory.nowNanoseconds()
-        if let t = submittedAt.withLock({ $0[i] }) { latencies.withLock { $0.append(now - t) } }
-        completedSlots.withLock { $0.append(i) }
+        book.completed(slot: i, at: SharedMemory.nowNanoseconds())
         done.add(1, ordering: .relaxed)
       }
       handlers.append(handler)
@@ -97,7 +95,7 @@ struct DoorbellBench: AsyncParsableCommand {
       // Submit up to `batch` descriptors behind one tail store.
       var chunk: [(lease: Lease, steps: [DeviceStep])] = []
       while chunk.count < batch && sent + chunk.count < limit, let i = free.popLast() {
-        submittedAt.withLock { $0[i] = SharedMemory.nowNanoseconds() }
+        book.submittedAt[i] = SharedMemory.nowNanoseconds()
         chunk.append((leases[i]!, [step]))
       }
       if !chunk.isEmpty {
@@ -106,7 +104,7 @@ struct DoorbellBench: AsyncParsableCommand {
       }
       // Reap on this thread (no reaper: the loop measures the ring itself).
       q.reap()
-      for i in completedSlots.withLock({ s in defer { s.removeAll() }; return s }) {
+      for i in book.takeCompleted() {
         q.rearm(leases[i]!, handler: handlers[i])
         free.append(i)
       }
@@ -124,10 +122,34 @@ struct DoorbellBench: AsyncParsableCommand {
     getrusage(RUSAGE_SELF.rawValue, &after)
     func us(_ t: timeval) -> Double { Double(t.tv_sec) * 1e6 + Double(t.tv_usec) }
     let cpu = (us(after.ru_utime) + us(after.ru_stime)) - (us(before.ru_utime) + us(before.ru_stime))
-    let lat = latencies.withLock { $0 }.map { Double($0) / 1000 }
+    let lat = book.latencies.map { Double($0) / 1000 }
     return Row(
       mode: eventfd ? "eventfd-per-job" : "adaptive", opcode: digest ? "crc32c-64B" : "nop",
       descriptorsPerSecond: jobs / elapsed, p50Microseconds: percentile(lat, 0.5), p99Microseconds: percentile(lat, 0.99),
       wakeSyscallsPerJob: wakes / jobs, engineParksPerJob: parks / jobs, idleCPUPercent: cpu / 1e6 * 100)
+  }
+}
+
+/// The doorbell loop's bookkeeping. Only the benchmark thread touches it (it both
+/// submits and reaps), hence `@unchecked Sendable` without locks.
+final class Bookkeeping: @unchecked Sendable {
+  var submittedAt: [UInt64]
+  var latencies: [UInt64] = []
+  private var done: [Int] = []
+
+  init(depth: Int) {
+    submittedAt = Array(repeating: 0, count: depth)
+    latencies.reserveCapacity(8 << 20)
+    done.reserveCapacity(depth)
+  }
+
+  func completed(slot: Int, at now: UInt64) {
+    latencies.append(now &- submittedAt[slot])
+    done.append(slot)
+  }
+
+  func takeCompleted() -> [Int] {
+    defer { done.removeAll(keepingCapacity: true) }
+    return done
   }
 }

@@ -317,8 +317,9 @@ package final class DriverQueue: @unchecked Sendable {
     state.withLock { s in
       var tail = s.tail
       for job in batch {
-        for sqe in Self.descriptors(job.lease, job.steps) {
-          region.sqe(at: tail).pointee = sqe
+        for i in job.steps.indices {
+          // Written straight into the ring slot: no intermediate array per job.
+          region.sqe(at: tail).pointee = Self.descriptor(job.lease, job.steps, step: i)
           tail &+= 1
         }
       }
@@ -343,32 +344,31 @@ package final class DriverQueue: @unchecked Sendable {
     return false
   }
 
-  /// Descriptors for one job: a single SQE, or a chain src → mid → dst.
-  static func descriptors(_ lease: Lease, _ steps: [DeviceStep]) -> [accel_sqe] {
+  /// Descriptor `step` of one job: a single SQE, or a chain src → mid → dst.
+  static func descriptor(_ lease: Lease, _ steps: [DeviceStep], step i: Int) -> accel_sqe {
     precondition(steps.count == 1 || (steps.count == 2 && lease.midCapacity > 0), "chains are two steps with a mid buffer")
-    return steps.enumerated().map { i, step in
-      var sqe = accel_sqe()
-      sqe.cookie = lease.cookie
-      sqe.opcode = step.opcode.rawValue
-      sqe.algorithm = step.algorithm.rawValue
-      sqe.level = step.level
-      let first = i == 0
-      let last = i == steps.count - 1
-      sqe.src_offset = first ? lease.srcOffset : lease.midOffset
-      sqe.src_length = first ? lease.srcLength : lease.midCapacity
-      sqe.dst_offset = last ? lease.dstOffset : lease.midOffset
-      sqe.dst_capacity = last ? lease.dstCapacity : lease.midCapacity
-      if !last { sqe.flags = UInt8(ACCEL_SQE_F_CHAIN) }
-      if step.verify && step.opcode == .compress { sqe.flags |= UInt8(ACCEL_SQE_F_VERIFY) }
-      if step.isCrypto {
-        sqe.key_slot = lease.keySlot
-        if step.opcode != .digest {
-          sqe.aux_offset = lease.auxOffset
-          sqe.aux_length = lease.auxLength
-        }
+    let step = steps[i]
+    var sqe = accel_sqe()
+    sqe.cookie = lease.cookie
+    sqe.opcode = step.opcode.rawValue
+    sqe.algorithm = step.algorithm.rawValue
+    sqe.level = step.level
+    let first = i == 0
+    let last = i == steps.count - 1
+    sqe.src_offset = first ? lease.srcOffset : lease.midOffset
+    sqe.src_length = first ? lease.srcLength : lease.midCapacity
+    sqe.dst_offset = last ? lease.dstOffset : lease.midOffset
+    sqe.dst_capacity = last ? lease.dstCapacity : lease.midCapacity
+    if !last { sqe.flags = UInt8(ACCEL_SQE_F_CHAIN) }
+    if step.verify && step.opcode == .compress { sqe.flags |= UInt8(ACCEL_SQE_F_VERIFY) }
+    if step.isCrypto {
+      sqe.key_slot = lease.keySlot
+      if step.opcode != .digest {
+        sqe.aux_offset = lease.auxOffset
+        sqe.aux_length = lease.auxLength
       }
-      return sqe
     }
+    return sqe
   }
 
   /// Drains the completion ring, validating each entry and calling its handler.

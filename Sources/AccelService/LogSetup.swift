@@ -1,4 +1,5 @@
 internal import Foundation
+internal import Glibc
 public import Logging
 internal import Synchronization
 
@@ -55,14 +56,14 @@ public struct JSONLinesLogHandler: LogHandler {
   }
 
   static func timestamp() -> String {
-    var t = timespec()
-    clock_gettime(CLOCK_REALTIME, &t)
+    let now = Date().timeIntervalSince1970
+    var secs = time_t(now.rounded(.down))
+    let micros = Int((now - now.rounded(.down)) * 1e6)
     var tmv = tm()
-    var secs = t.tv_sec
     gmtime_r(&secs, &tmv)
     return String(
       format: "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ", tmv.tm_year + 1900, tmv.tm_mon + 1, tmv.tm_mday, tmv.tm_hour,
-      tmv.tm_min, tmv.tm_sec, Int(t.tv_nsec / 1000))
+      tmv.tm_min, tmv.tm_sec, micros)
   }
 
   /// A JSON string literal.
