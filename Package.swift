@@ -34,6 +34,7 @@ let package = Package(
     .package(url: "https://github.com/apple/swift-log.git", exact: "1.16.2"),
     .package(url: "https://github.com/jpsim/Yams.git", exact: "6.2.2"),
     .package(url: "https://github.com/swift-server/swift-prometheus.git", exact: "2.4.1"),
+    .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift.git", exact: "0.2.0"),
     // Already in the graph through the gRPC transport; named here for the /metrics HTTP server.
     .package(url: "https://github.com/apple/swift-nio.git", exact: "2.101.3"),
   ],
@@ -109,6 +110,7 @@ let package = Package(
       name: "accelctl",
       dependencies: [
         "AccelProto",
+        .product(name: "Histogram", package: "hdrhistogram-swift"),
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
         .product(name: "SwiftProtobuf", package: "swift-protobuf"),

@@ -11,7 +11,7 @@ struct AccelCtl: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "accelctl",
     abstract: "Talk to an AccelGate server.",
-    subcommands: [Compress.self, Decompress.self, Describe.self]
+    subcommands: [Compress.self, Decompress.self, Encrypt.self, Decrypt.self, Digest.self, Status.self, Describe.self, Bench.self]
   )
 }
 
@@ -45,10 +45,19 @@ struct ConnectionOptions: ParsableArguments {
     return o
   }
 
-  var metadata: Metadata {
+  var metadata: Metadata { metadata(apiKey: apiKey) }
+
+  func metadata(apiKey: String?) -> Metadata {
     var m = Metadata()
     if let apiKey { m.addString("Bearer \(apiKey)", forKey: "authorization") }
     return m
+  }
+
+  static func make(target: String, timeout: Double) -> ConnectionOptions {
+    var c = ConnectionOptions()
+    c.target = target
+    c.timeout = timeout
+    return c
   }
 }
 
@@ -191,10 +200,10 @@ final class ProgressBar: @unchecked Sendable {
   let enabled: Bool
   let start = Date()
 
-  init(total: Int, label: String) {
+  init(total: Int, label: String, force: Bool = false) {
     self.total = total
     self.label = label
-    self.enabled = isatty(STDERR_FILENO) == 1 && total > 4 << 20
+    self.enabled = isatty(STDERR_FILENO) == 1 && (force || total > 4 << 20)
   }
 
   func update(_ done: Int) {
@@ -204,8 +213,8 @@ final class ProgressBar: @unchecked Sendable {
     let filled = Int(fraction * Double(width))
     let elapsed = max(0.001, Date().timeIntervalSince(start))
     let rate = Double(done) / elapsed / 1e6
-    let bar = String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
-    let line = String(format: "\r%@ [%@] %3.0f%% %.1f MB/s", label, bar, fraction * 100, rate)
+    let bar = String(repeating: "#", count: min(width, filled)) + String(repeating: ".", count: max(0, width - filled))
+    let line = String(format: "\r%@ [%@] %3.0f%% %.1f MB/s", label, bar, min(1, fraction) * 100, rate)
     FileHandle.standardError.write(Data(line.utf8))
   }
 
