@@ -46,6 +46,7 @@ bench: deps-test
 	scripts/install-deps.sh bench
 	$(SWIFT) build -c release --product accelbench
 	$(SWIFT) build -c release --product accelgate
+	$(SWIFT) build -c release --product accelctl
 	scripts/bench.sh
 
 clean:

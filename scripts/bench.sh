@@ -25,6 +25,12 @@ start_server "$out/server-layers.log"
 .build/release/accelbench layers --target "127.0.0.1:$port" --seconds "$seconds" --json "$out/compress.json"
 # 1b. Crypto: AES-256-GCM and SHA-256, raw OpenSSL engine vs the service.
 .build/release/accelbench crypto --target "127.0.0.1:$port" --seconds "$seconds" --json "$out/crypto.json"
+# 1c. A mixed load from the command-line load generator, closed loop, then open loop at a fixed rate.
+mix=compress:3,decompress:1,encrypt:1,decrypt:1,digest:1
+.build/release/accelctl bench -t "127.0.0.1:$port" -c 16 --duration "$seconds" --mix "$mix" --sizes 4K,64K,1M \
+  --json "$out/mix-closed.json" --plot docs/bench-mix-closed.svg
+.build/release/accelctl bench -t "127.0.0.1:$port" -c 16 --duration "$seconds" --mix "$mix" --sizes 4K,64K,1M \
+  --rate 400 --json "$out/mix-open.json" --plot docs/bench-mix-open.svg
 stop_servers
 
 # 2. Tenants: fairness shares and isolation, fair vs fifo, on a device capped

@@ -47,6 +47,23 @@ def crypto_section(results) -> str:
                             "gRPC Encrypt/Digest with 4 concurrent callers; 3 s per row).", results)
 
 
+def mix_section(runs) -> str:
+    out = ["Command: `make bench` → `accelctl bench -c 16 --mix compress:3,decompress:1,encrypt:1,decrypt:1,digest:1 "
+           "--sizes 4K,64K,1M` against one gateway (embedded device, 2 engines), closed loop and then an open loop "
+           "at 400 calls/s (latency measured from each call's scheduled start). Plots: "
+           "[closed](bench-mix-closed.svg), [open](bench-mix-open.svg).", "",
+           "| loop | operation | calls | ops/s | MB/s | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | errors |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for label, run in runs:
+        for r in run["results"]:
+            l = r["latencyMicroseconds"]
+            errs = ", ".join(f"{k} {v}" for k, v in sorted(r["errors"].items())) or "-"
+            out.append(f"| {label} | {r['operation']} | {r['calls']:,} | {r['opsPerSecond']:,.1f} | "
+                       f"{r['megabytesPerSecond']:,.1f} | {l['p50']:,} | {l['p90']:,} | {l['p99']:,} | "
+                       f"{l['p99.9']:,} | {l['max']:,} | {errs} |")
+    return "\n".join(out)
+
+
 def syscalls_section(rows) -> str:
     out = ["", "Syscalls per job, counted by `strace -f -c` over the whole process (driver loop, engine and all): "
            "`scripts/count_syscalls.py` runs 200,000 NOP jobs and subtracts a run with none, so set-up and "
@@ -132,6 +149,9 @@ def main(d: str, doc: str) -> None:
         extra = load(d, "doorbell-syscalls.json")
         text = replace(text, "doorbell-bench",
                        stamp + "\n\n" + doorbell_section(doorbell) + ("\n" + syscalls_section(extra) if extra else ""))
+    mix = [(label, x) for label, x in (("closed", load(d, "mix-closed.json")), ("open 400/s", load(d, "mix-open.json"))) if x]
+    if mix:
+        text = replace(text, "mix-bench", stamp + "\n\n" + mix_section(mix))
     crypto = load(d, "crypto.json")
     if crypto:
         text = replace(text, "crypto-bench", stamp + "\n\n" + crypto_section(crypto))
