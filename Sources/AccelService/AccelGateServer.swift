@@ -108,7 +108,7 @@ public final class AccelGateServer: Sendable {
     self.server = GRPCServer(
       transport: .http2NIOPosix(
         address: .ipv4(host: configuration.host, port: configuration.port),
-        transportSecurity: .plaintext,
+        transportSecurity: Self.transportSecurity(configuration),
         config: .defaults {
           $0.rpc.maxRequestPayloadSize = configuration.transportMaxRequestBytes
           $0.http2.maxFrameSize = configuration.http2MaxFrameSize
@@ -121,6 +121,19 @@ public final class AccelGateServer: Sendable {
       ],
       interceptors: [AuthInterceptor(directory: directory, metrics: metrics), MetricsInterceptor(metrics: metrics, logger: logger)]
     )
+  }
+
+  /// Plaintext, TLS, or mTLS (client certificates required and verified against
+  /// `tlsClientCA`; host names are not checked, as clients have none to check).
+  static func transportSecurity(_ c: ServiceConfiguration) -> HTTP2ServerTransport.Posix.TransportSecurity {
+    guard let chain = c.tlsCertificateChain, let key = c.tlsPrivateKey else { return .plaintext }
+    let certs: [TLSConfig.CertificateSource] = [.file(path: chain, format: .pem)]
+    let privateKey = TLSConfig.PrivateKeySource.file(path: key, format: .pem)
+    guard let ca = c.tlsClientCA else { return .tls(certificateChain: certs, privateKey: privateKey) }
+    return .mTLS(certificateChain: certs, privateKey: privateKey) {
+      $0.trustRoots = .certificates([.file(path: ca, format: .pem)])
+      $0.clientCertificateVerification = .noHostnameVerification
+    }
   }
 
   /// Serves until `shutdown()`; then stops the dispatcher, driver and device.

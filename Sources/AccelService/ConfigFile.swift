@@ -135,6 +135,9 @@ public enum ConfigFile {
     string("files.keyring", "keyring file (YAML, secret)") { c, v in c.keyringFile = v.isEmpty ? nil : v; return nil },
     string("files.nonce_state", "nonce counts (JSON)") { c, v in c.nonceStateFile = v.isEmpty ? nil : v; return nil },
     string("files.audit_log", "audit log (JSON lines)") { c, v in c.auditLogFile = v.isEmpty ? nil : v; return nil },
+    string("tls.certificate", "PEM certificate chain for the gRPC port") { c, v in c.tlsCertificateChain = v.isEmpty ? nil : v; return nil },
+    string("tls.private_key", "PEM private key (a secret file; only its path is here)") { c, v in c.tlsPrivateKey = v.isEmpty ? nil : v; return nil },
+    string("tls.client_ca", "mTLS: PEM CA that client certificates must chain to") { c, v in c.tlsClientCA = v.isEmpty ? nil : v; return nil },
     string("log.level", "trace, debug, info, notice, warning, error", allowed: ["trace", "debug", "info", "notice", "warning", "error", "critical"]) { c, v in
       c.logLevel = v
       return nil
@@ -271,7 +274,9 @@ public enum ConfigFile {
       ("device.isolation.threshold", "\(c.device.isolationThreshold)"), ("device.isolation.window_ms", ms(c.device.isolationWindow)),
       ("device.isolation.cooldown_ms", c.device.isolationCooldown.map(ms) ?? "0"), ("device.inject_fault", c.device.faults.description),
       ("files.tenants", c.tenantsFile ?? "-"), ("files.keyring", c.keyringFile ?? "-"), ("files.nonce_state", c.nonceStateFile ?? "-"),
-      ("files.audit_log", c.auditLogFile ?? "-"), ("log.level", c.logLevel), ("log.format", c.logFormat),
+      ("files.audit_log", c.auditLogFile ?? "-"), ("tls.certificate", c.tlsCertificateChain ?? "-"),
+      ("tls.private_key", c.tlsPrivateKey ?? "-"), ("tls.client_ca", c.tlsClientCA ?? "-"),
+      ("log.level", c.logLevel), ("log.format", c.logFormat),
     ]
   }
 }

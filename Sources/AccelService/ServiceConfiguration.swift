@@ -63,6 +63,12 @@ public struct ServiceConfiguration: Sendable {
   public var metricsHost: String = "127.0.0.1"
   public var metricsPort: Int? = 9464
 
+  /// TLS for the gRPC port: PEM certificate chain and private key (both or neither).
+  public var tlsCertificateChain: String? = nil
+  public var tlsPrivateKey: String? = nil
+  /// mTLS: PEM CA bundle client certificates must chain to; nil accepts clients without certificates.
+  public var tlsClientCA: String? = nil
+
   /// swift-log level name, and the log format: `text` or `json` (one object per line).
   public var logLevel: String = "info"
   public var logFormat: String = "text"
@@ -81,6 +87,8 @@ public struct ServiceConfiguration: Sendable {
       return "metrics.port and listen.port are both \(port)"
     }
     if softwareFallback && deviceAddress == nil { return "device.software_fallback needs device.address (a standalone device)" }
+    if (tlsCertificateChain == nil) != (tlsPrivateKey == nil) { return "tls.certificate and tls.private_key go together" }
+    if tlsClientCA != nil && tlsCertificateChain == nil { return "tls.client_ca (mTLS) needs tls.certificate and tls.private_key" }
     return nil
   }
 

@@ -72,6 +72,9 @@ struct Serve: AsyncParsableCommand {
   @Option(help: "Port for /metrics; 0 picks a free port [9464].") var metricsPort: String?
   @Flag(help: "Serve no /metrics endpoint.") var noMetrics = false
   @Option(help: "On SIGTERM, milliseconds calls in flight get to finish [30000].") var drainGraceMs: String?
+  @Option(help: "TLS for the gRPC port: PEM certificate chain (with --tls-key).") var tlsCert: String?
+  @Option(help: "TLS private key, PEM.") var tlsKey: String?
+  @Option(help: "mTLS: PEM CA bundle that client certificates must chain to.") var tlsClientCa: String?
 
   /// Flag values by setting path (see ConfigFile), in the order they apply.
   var overrides: [(path: String, value: String)] {
@@ -92,7 +95,8 @@ struct Serve: AsyncParsableCommand {
       ("device.inject_fault", injectFault), ("files.tenants", tenants), ("files.keyring", keyring),
       ("files.nonce_state", nonceState), ("files.audit_log", auditLog), ("log.level", logLevel),
       ("log.format", logFormat), ("metrics.host", metricsHost), ("metrics.port", metricsPort),
-      ("metrics.enabled", noMetrics ? "false" : nil),
+      ("metrics.enabled", noMetrics ? "false" : nil), ("tls.certificate", tlsCert), ("tls.private_key", tlsKey),
+      ("tls.client_ca", tlsClientCa),
     ]
     return all.compactMap { path, value in value.map { (path, $0) } }
   }
