@@ -19,6 +19,10 @@ package struct DispatcherConfiguration: Sendable {
   package var inFlightBudget: Duration = .milliseconds(2)
   /// Most descriptors published behind one doorbell.
   package var maxBatch: Int = 16
+  /// Most payload bytes all jobs together may hold in the gateway, waiting or
+  /// on the device (across tenants); beyond it, RESOURCE_EXHAUSTED with a retry
+  /// hint. One job is always admitted when none is held. nil = unbounded.
+  package var maxQueuedBytes: Int? = nil
   /// Deadline for calls that bring none.
   package var defaultDeadline: Duration = .seconds(30)
   /// How often waiting jobs are checked against their deadlines.
@@ -98,6 +102,14 @@ package final class Dispatcher: Sendable {
     var cancelledEarly: [UInt64: JobError] = [:]
     var shuttingDown = false
     var retried: UInt64 = 0
+    /// Payload bytes of every job the gateway holds, waiting or on the device
+    /// (its request stays in memory until it completes; see `maxQueuedBytes`).
+    var heldBytes = 0
+
+    /// Drops a job that has not completed (cancelled, expired, failed while waiting).
+    mutating func forget(_ id: UInt64) {
+      if let p = jobs.removeValue(forKey: id) { heldBytes -= p.request.input.count }
+    }
   }
 
   package init(
@@ -173,8 +185,8 @@ package final class Dispatcher: Sendable {
       for (id, p) in s.jobs where p.lease == nil {
         _ = s.scheduler.remove(id: id)
         if let c = s.jobs[id]?.continuation { out.append(c) }
-        s.jobs[id] = nil
-        s.admission.leave(tenant: p.request.tenant, bytes: p.request.chargedBytes)
+        s.forget(id)
+        Self.leaveLocked(&s, p.request)
       }
       return out
     }
@@ -234,6 +246,9 @@ package final class Dispatcher: Sendable {
           if s.scheduler.count >= configuration.maxQueuedJobs {
             return .rejected(reason: .queueFull, retryAfterMilliseconds: retryHintLocked(s))
           }
+          if let budget = configuration.maxQueuedBytes, s.heldBytes > 0, s.heldBytes + request.input.count > budget {
+            return .rejected(reason: .gatewayMemory, retryAfterMilliseconds: retryHintLocked(s))
+          }
           let cost = s.cost.estimate(jobClass, bytes: request.input.count)
           let backlog = UInt64(s.admission.queuedJobs(request.tenant) + 1) * cost
           let engines = UInt64(max(1, configuration.inFlightPerQueue * s.inFlight.count / 2))
@@ -242,6 +257,7 @@ package final class Dispatcher: Sendable {
           {
             return Self.jobError(refusal, size: request.chargedBytes)
           }
+          s.heldBytes += request.input.count
           let job = QueuedJob(id: id, tenant: request.tenant, cost: cost)
           s.jobs[id] = Pending(
             request: request, job: job, jobClass: jobClass, enqueuedAt: now,
@@ -295,9 +311,14 @@ package final class Dispatcher: Sendable {
     }
   }
 
+  /// A waiting job's bytes leave the tenant's account.
+  private static func leaveLocked(_ s: inout State, _ r: JobRequest) {
+    s.admission.leave(tenant: r.tenant, bytes: r.chargedBytes)
+  }
+
   /// A job left the wait queue: free its admission slot and wake stream readers.
   private func leftQueueLocked(_ s: inout State, _ p: Pending) -> [CheckedContinuation<Void, Never>] {
-    s.admission.leave(tenant: p.request.tenant, bytes: p.request.chargedBytes)
+    Self.leaveLocked(&s, p.request)
     return takeRoomWaitersLocked(&s, tenant: p.request.tenant)
   }
 
@@ -342,7 +363,7 @@ package final class Dispatcher: Sendable {
       }
       if p.lease == nil {
         _ = s.scheduler.remove(id: id)
-        s.jobs[id] = nil
+        s.forget(id)
         woken = leftQueueLocked(&s, p)
         return p.continuation
       }
@@ -392,7 +413,7 @@ package final class Dispatcher: Sendable {
         if p.lease == nil {
           _ = s.scheduler.remove(id: id)
           if let c = p.continuation { out.append(c) }
-          s.jobs[id] = nil
+          s.forget(id)
           woken += leftQueueLocked(&s, p)
         } else if !p.abandoned, let c = p.continuation {
           // On the device past its deadline: answer the caller now; the buffers
@@ -538,6 +559,7 @@ package final class Dispatcher: Sendable {
     let attached = isAttached
     let delivery = state.withLock { s -> (CheckedContinuation<Outcome, Never>, Outcome)? in
       guard var p = s.jobs.removeValue(forKey: id), let lease = p.lease else { return nil }
+      s.heldBytes -= p.request.input.count
       // Counters belong to the current driver; a job of a replaced one no longer counts.
       if lease.queueIndex < current.queues.count && current.queues[lease.queueIndex] === queue {
         s.inFlight[lease.queueIndex] -= 1
@@ -563,6 +585,7 @@ package final class Dispatcher: Sendable {
         s.retried += 1
         s.admission.reenter(tenant: p.request.tenant, bytes: p.request.chargedBytes)
         s.jobs[id] = p
+        s.heldBytes += p.request.input.count
         s.scheduler.enqueue(p.job, now: nanos(clock.now))
         logger.warning(
           "retrying job after a queue error",
@@ -583,8 +606,8 @@ package final class Dispatcher: Sendable {
       for (id, p) in s.jobs where p.lease == nil {
         _ = s.scheduler.remove(id: id)
         if let c = p.continuation { out.append(c) }
-        s.jobs[id] = nil
-        s.admission.leave(tenant: p.request.tenant, bytes: p.request.chargedBytes)
+        s.forget(id)
+        Self.leaveLocked(&s, p.request)
       }
       return out
     }

@@ -120,4 +120,6 @@ package enum RejectionReason: String, Sendable {
   case tenantQueuedBytes = "tenant_queued_bytes"
   /// The tenant is over its byte-rate cap.
   case rateLimited = "rate_limited"
+  /// All waiting jobs together hold the gateway's payload memory budget.
+  case gatewayMemory = "gateway_memory"
 }

@@ -82,6 +82,7 @@ public final class AccelGateServer: Sendable {
     dc.defaultDeadline = configuration.defaultDeadline
     dc.scheduler = configuration.scheduler
     dc.verifyCompression = configuration.verifyCompression
+    dc.maxQueuedBytes = configuration.maxQueuedPayloadBytes
     var tenantLimits = configuration.defaultTenantLimits
     tenantLimits.maxPayloadBytes = min(tenantLimits.maxPayloadBytes, configuration.maxRequestBytes)
     let directory = try TenantDirectory(path: configuration.tenantsFile, defaultLimits: tenantLimits)
@@ -114,6 +115,11 @@ public final class AccelGateServer: Sendable {
           $0.http2.maxFrameSize = configuration.http2MaxFrameSize
           $0.http2.targetWindowSize = configuration.http2TargetWindowSize
           $0.http2.maxConcurrentStreams = configuration.maxConcurrentStreams
+          $0.connection.maxIdleTime = configuration.maxConnectionIdle
+          $0.connection.maxAge = configuration.maxConnectionAge
+          $0.connection.maxGraceTime = configuration.maxConnectionGrace
+          $0.connection.keepalive.time = configuration.keepaliveTime
+          $0.connection.keepalive.timeout = configuration.keepaliveTimeout
         }
       ),
       services: [

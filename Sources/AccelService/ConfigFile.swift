@@ -96,6 +96,22 @@ public enum ConfigFile {
     int("limits.max_queued_jobs", 1...1_000_000, "jobs waiting for the device, all tenants") { $0.maxQueuedJobs = $1 },
     int("limits.default_deadline_ms", 1...86_400_000, "deadline for calls without one") { $0.defaultDeadline = .milliseconds($1) },
     int("limits.drain_grace_ms", 0...3_600_000, "time calls get to finish on SIGTERM") { $0.drainGrace = .milliseconds($1) },
+    int("limits.max_queued_payload_bytes", 0...(1 << 40), "payload bytes all waiting jobs may hold (0 = unbounded)") {
+      $0.maxQueuedPayloadBytes = $1 > 0 ? $1 : nil
+    },
+    int("connection.max_idle_ms", 0...86_400_000, "close idle connections (0 = never)") {
+      $0.maxConnectionIdle = $1 > 0 ? .milliseconds($1) : nil
+    },
+    int("connection.max_age_ms", 0...(86_400_000 * 30), "close older connections gracefully (0 = never)") {
+      $0.maxConnectionAge = $1 > 0 ? .milliseconds($1) : nil
+    },
+    int("connection.max_grace_ms", 0...86_400_000, "calls' time to finish on an aged-out connection (0 = unlimited)") {
+      $0.maxConnectionGrace = $1 > 0 ? .milliseconds($1) : nil
+    },
+    int("connection.keepalive_ms", 1000...(86_400_000 * 30), "ping idle clients this often") { $0.keepaliveTime = .milliseconds($1) },
+    int("connection.keepalive_timeout_ms", 100...3_600_000, "drop a client that does not answer a ping") {
+      $0.keepaliveTimeout = .milliseconds($1)
+    },
     int("limits.tenant_max_queued_jobs", 1...1_000_000, "default per-tenant queued jobs") { $0.defaultTenantLimits.maxQueuedJobs = $1 },
     int("limits.tenant_max_queued_bytes", 1...(1 << 40), "default per-tenant queued bytes") { $0.defaultTenantLimits.maxQueuedBytes = $1 },
     string("scheduler.kind", "fair or fifo", allowed: SchedulerKind.allCases.map(\.rawValue)) { c, v in
@@ -261,7 +277,10 @@ public enum ConfigFile {
       ("listen.host", c.host), ("listen.port", "\(c.port)"), ("listen.max_concurrent_streams", "\(c.maxConcurrentStreams)"),
       ("metrics.enabled", "\(c.metricsPort != nil)"), ("metrics.host", c.metricsHost), ("metrics.port", c.metricsPort.map { "\($0)" } ?? "-"),
       ("limits.max_request_bytes", "\(c.maxRequestBytes)"), ("limits.max_decompressed_bytes", "\(c.maxDecompressedBytes)"),
-      ("limits.max_queued_jobs", "\(c.maxQueuedJobs)"), ("limits.default_deadline_ms", ms(c.defaultDeadline)),
+      ("limits.max_queued_jobs", "\(c.maxQueuedJobs)"), ("limits.max_queued_payload_bytes", "\(c.maxQueuedPayloadBytes ?? 0)"),
+      ("connection.max_idle_ms", c.maxConnectionIdle.map(ms) ?? "0"), ("connection.max_age_ms", c.maxConnectionAge.map(ms) ?? "0"),
+      ("connection.max_grace_ms", c.maxConnectionGrace.map(ms) ?? "0"), ("connection.keepalive_ms", ms(c.keepaliveTime)),
+      ("connection.keepalive_timeout_ms", ms(c.keepaliveTimeout)), ("limits.default_deadline_ms", ms(c.defaultDeadline)),
       ("limits.drain_grace_ms", ms(c.drainGrace)), ("limits.tenant_max_queued_jobs", "\(c.defaultTenantLimits.maxQueuedJobs)"),
       ("limits.tenant_max_queued_bytes", "\(c.defaultTenantLimits.maxQueuedBytes)"), ("scheduler.kind", c.scheduler.rawValue),
       ("scheduler.in_flight_per_queue", "\(c.inFlightPerQueue)"), ("scheduler.in_flight_budget_us", us(c.inFlightBudget)),

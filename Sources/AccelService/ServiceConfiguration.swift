@@ -63,6 +63,19 @@ public struct ServiceConfiguration: Sendable {
   public var metricsHost: String = "127.0.0.1"
   public var metricsPort: Int? = 9464
 
+  /// Payload bytes all waiting jobs together may hold; beyond it new jobs get
+  /// RESOURCE_EXHAUSTED (`gateway_memory`) with a retry hint. nil = unbounded.
+  public var maxQueuedPayloadBytes: Int? = 1 << 30
+  /// Connection hygiene: close connections idle this long (nil = never), close
+  /// connections older than `maxConnectionAge` gracefully (nil = never) and give
+  /// their calls `maxConnectionGrace` to finish; ping idle clients every
+  /// `keepaliveTime` and drop them if no answer comes within `keepaliveTimeout`.
+  public var maxConnectionIdle: Duration? = .seconds(30 * 60)
+  public var maxConnectionAge: Duration? = nil
+  public var maxConnectionGrace: Duration? = nil
+  public var keepaliveTime: Duration = .seconds(2 * 60 * 60)
+  public var keepaliveTimeout: Duration = .seconds(20)
+
   /// TLS for the gRPC port: PEM certificate chain and private key (both or neither).
   public var tlsCertificateChain: String? = nil
   public var tlsPrivateKey: String? = nil

@@ -72,6 +72,11 @@ struct Serve: AsyncParsableCommand {
   @Option(help: "Port for /metrics; 0 picks a free port [9464].") var metricsPort: String?
   @Flag(help: "Serve no /metrics endpoint.") var noMetrics = false
   @Option(help: "On SIGTERM, milliseconds calls in flight get to finish [30000].") var drainGraceMs: String?
+  @Option(help: "Payload bytes all waiting jobs may hold; 0 = unbounded [1073741824].") var maxQueuedPayloadBytes: String?
+  @Option(help: "Close connections idle this many milliseconds; 0 = never [1800000].") var maxConnectionIdleMs: String?
+  @Option(help: "Close connections older than this many milliseconds, gracefully; 0 = never [0].")
+  var maxConnectionAgeMs: String?
+  @Option(help: "Ping idle clients every this many milliseconds [7200000].") var keepaliveMs: String?
   @Option(help: "TLS for the gRPC port: PEM certificate chain (with --tls-key).") var tlsCert: String?
   @Option(help: "TLS private key, PEM.") var tlsKey: String?
   @Option(help: "mTLS: PEM CA bundle that client certificates must chain to.") var tlsClientCa: String?
@@ -96,7 +101,9 @@ struct Serve: AsyncParsableCommand {
       ("files.nonce_state", nonceState), ("files.audit_log", auditLog), ("log.level", logLevel),
       ("log.format", logFormat), ("metrics.host", metricsHost), ("metrics.port", metricsPort),
       ("metrics.enabled", noMetrics ? "false" : nil), ("tls.certificate", tlsCert), ("tls.private_key", tlsKey),
-      ("tls.client_ca", tlsClientCa),
+      ("tls.client_ca", tlsClientCa), ("limits.max_queued_payload_bytes", maxQueuedPayloadBytes),
+      ("connection.max_idle_ms", maxConnectionIdleMs), ("connection.max_age_ms", maxConnectionAgeMs),
+      ("connection.keepalive_ms", keepaliveMs),
     ]
     return all.compactMap { path, value in value.map { (path, $0) } }
   }
