@@ -377,6 +377,13 @@ package final class Dispatcher: Sendable {
     for w in woken { w.resume() }
   }
 
+  /// What one tenant has waiting now, and its limits.
+  package func tenantState(_ tenant: String) -> (queuedJobs: Int, queuedBytes: Int, limits: TenantLimits) {
+    state.withLock { s in
+      (s.admission.queuedJobs(tenant), s.admission.queuedBytes(tenant), s.admission.limits(for: tenant))
+    }
+  }
+
   /// Snapshot for DescribeDevice and metrics.
   package var snapshot: DispatcherSnapshot {
     state.withLock { s in DispatcherSnapshot(queued: s.scheduler.count, inFlight: s.inFlight, retried: s.retried) }

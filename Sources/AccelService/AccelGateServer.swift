@@ -106,6 +106,7 @@ public final class AccelGateServer: Sendable {
       dispatcher: dispatcher, configuration: configuration, device: device, keyring: keyring,
       nonceLedger: try NonceLedger(path: configuration.nonceStateFile), audit: try AuditLog(path: configuration.auditLogFile))
     service.draining = draining
+    service.tenants = directory
     self.server = GRPCServer(
       transport: .http2NIOPosix(
         address: .ipv4(host: configuration.host, port: configuration.port),

@@ -4,6 +4,8 @@ internal import AccelDispatcher
 internal import AccelProto
 internal import FoundationEssentials
 internal import GRPCCore
+internal import AccelScheduler
+internal import SwiftProtobuf
 
 /// The gRPC face of the gateway: validates requests, turns them into jobs,
 /// and maps outcomes to responses and statuses. No device logic lives here.
@@ -17,6 +19,8 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
   /// Set on SIGTERM: grpc-swift then cancels every RPC so long handlers can wind
   /// down, but a device job in flight is allowed to finish within the drain grace.
   var draining: Draining? = nil
+  /// For DescribeDevice's view of the calling tenant.
+  var tenants: TenantDirectory? = nil
 
   static let defaultLevel: Int32 = 6
 
@@ -76,7 +80,20 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
   func describeDevice(request: ServerRequest<Accelgate_V1_DescribeDeviceRequest>, context: ServerContext) async throws
     -> ServerResponse<Accelgate_V1_DescribeDeviceResponse>
   {
-    ServerResponse(message: DeviceDescription.make(dispatcher: dispatcher, device: device, configuration: configuration))
+    var r = DeviceDescription.make(dispatcher: dispatcher, device: device, configuration: configuration)
+    let id = TenantHeader.tenant(of: request.metadata)
+    let (jobs, bytes, limits) = dispatcher.tenantState(id)
+    r.tenant = .with {
+      $0.id = id
+      $0.weight = tenants?.current.policies.first { $0.id == id }?.weight ?? 1
+      $0.queuedJobs = UInt32(clamping: jobs)
+      $0.queuedBytes = UInt64(max(0, bytes))
+      $0.maxQueuedJobs = UInt32(clamping: limits.maxQueuedJobs)
+      $0.maxQueuedBytes = UInt64(max(0, limits.maxQueuedBytes))
+      $0.maxPayloadBytes = UInt64(max(0, limits.maxPayloadBytes))
+      $0.maxBytesPerSecond = UInt64(max(0, limits.maxBytesPerSecond ?? 0))
+    }
+    return ServerResponse(message: r)
   }
 
   // MARK: helpers

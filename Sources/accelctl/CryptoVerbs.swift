@@ -204,5 +204,9 @@ struct Status: AsyncParsableCommand {
       if !q.recovery.isEmpty { print("              \(q.recovery)") }
     }
     for e in d.engines { print("engine    \(e.id): \(e.jobs) jobs, busy \(e.busyNs / 1_000_000) ms") }
+    let t = d.tenant
+    print(
+      "tenant    \(t.id) (you): weight \(t.weight), waiting \(t.queuedJobs)/\(t.maxQueuedJobs) jobs, \(t.queuedBytes)/\(t.maxQueuedBytes) bytes, payload ≤ \(t.maxPayloadBytes) B\(t.maxBytesPerSecond > 0 ? ", rate ≤ \(t.maxBytesPerSecond) B/s" : "")"
+    )
   }
 }

@@ -113,6 +113,7 @@ def test_digest_matches_python(gateway, sample, tmp_path):
 def test_status_and_describe(gateway):
     text = ctl(gateway, "status").stdout.decode()
     assert "healthy" in text and "queue" in text
+    assert "tenant    default (you): weight 1, waiting 0/256 jobs" in text, text
     d = json.loads(ctl(gateway, "status", "--json").stdout)
     assert d["device"]["healthy"] is True and len(d["queues"]) == 2
 

@@ -526,3 +526,18 @@ def test_keys_never_appear_in_the_log(start_server, tmp_path):
     for k in a.keys + b.keys + invalid:
         for piece in (k, k.split("-", 1)[1]):
             assert piece not in log, f"key {k[:8]}... appears in the server log {srv.log_path}"
+
+
+def test_describe_device_shows_the_caller_its_own_tenant_only(start_server, tmp_path):
+    import hashlib
+    from agtest import pb as _pb
+    f = tmp_path / "tenants.yaml"
+    f.write_text("tenants:\n"
+                 "  - { id: alpha, weight: 3, api_key_sha256: [%s], limits: { max_queued_jobs: 7, max_bytes_per_second: 1000000 } }\n"
+                 "  - { id: beta, api_key_sha256: [%s] }\n" % (hashlib.sha256(b"ka").hexdigest(), hashlib.sha256(b"kb").hexdigest()))
+    srv = start_server("--tenants", str(f), "--engines", "1", label="describe-tenant")
+    d = srv.new_stub().DescribeDevice(_pb.DescribeDeviceRequest(), timeout=10, metadata=[("authorization", "Bearer ka")])
+    assert (d.tenant.id, d.tenant.weight, d.tenant.max_queued_jobs, d.tenant.max_bytes_per_second) == ("alpha", 3, 7, 1000000)
+    assert "beta" not in str(d)
+    d = srv.new_stub().DescribeDevice(_pb.DescribeDeviceRequest(), timeout=10, metadata=[("authorization", "Bearer kb")])
+    assert (d.tenant.id, d.tenant.weight) == ("beta", 1)

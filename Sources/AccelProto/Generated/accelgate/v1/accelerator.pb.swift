@@ -806,11 +806,49 @@ public nonisolated struct Accelgate_V1_DescribeDeviceResponse: @unchecked Sendab
   /// Clears the value of `limits`. Subsequent reads from it will return its default value.
   public mutating func clearLimits() {_uniqueStorage()._limits = nil}
 
+  /// The calling tenant only: its weight, limits and what it has waiting now.
+  /// Other tenants are not listed, so a tenant learns nothing about the others.
+  public var tenant: Accelgate_V1_TenantInfo {
+    get {_storage._tenant ?? Accelgate_V1_TenantInfo()}
+    set {_uniqueStorage()._tenant = newValue}
+  }
+  /// Returns true if `tenant` has been explicitly set.
+  public var hasTenant: Bool {_storage._tenant != nil}
+  /// Clears the value of `tenant`. Subsequent reads from it will return its default value.
+  public mutating func clearTenant() {_uniqueStorage()._tenant = nil}
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
   fileprivate var _storage = _StorageClass.defaultInstance
+}
+
+public nonisolated struct Accelgate_V1_TenantInfo: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var id: String = String()
+
+  public var weight: UInt32 = 0
+
+  public var queuedJobs: UInt32 = 0
+
+  public var queuedBytes: UInt64 = 0
+
+  public var maxQueuedJobs: UInt32 = 0
+
+  public var maxQueuedBytes: UInt64 = 0
+
+  public var maxPayloadBytes: UInt64 = 0
+
+  /// 0 = no rate cap.
+  public var maxBytesPerSecond: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
 }
 
 public nonisolated struct Accelgate_V1_DeviceInfo: Sendable {
@@ -1906,7 +1944,7 @@ nonisolated extension Accelgate_V1_DescribeDeviceRequest: SwiftProtobuf.Message,
 
 nonisolated extension Accelgate_V1_DescribeDeviceResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".DescribeDeviceResponse"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}device\0\u{1}queues\0\u{1}engines\0\u{1}capabilities\0\u{1}limits\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}device\0\u{1}queues\0\u{1}engines\0\u{1}capabilities\0\u{1}limits\0\u{1}tenant\0")
 
   fileprivate class _StorageClass {
     var _device: Accelgate_V1_DeviceInfo? = nil
@@ -1914,6 +1952,7 @@ nonisolated extension Accelgate_V1_DescribeDeviceResponse: SwiftProtobuf.Message
     var _engines: [Accelgate_V1_EngineInfo] = []
     var _capabilities: [Accelgate_V1_Capability] = []
     var _limits: Accelgate_V1_Limits? = nil
+    var _tenant: Accelgate_V1_TenantInfo? = nil
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -1929,6 +1968,7 @@ nonisolated extension Accelgate_V1_DescribeDeviceResponse: SwiftProtobuf.Message
       _engines = source._engines
       _capabilities = source._capabilities
       _limits = source._limits
+      _tenant = source._tenant
     }
   }
 
@@ -1952,6 +1992,7 @@ nonisolated extension Accelgate_V1_DescribeDeviceResponse: SwiftProtobuf.Message
         case 3: try { try decoder.decodeRepeatedMessageField(value: &_storage._engines) }()
         case 4: try { try decoder.decodeRepeatedMessageField(value: &_storage._capabilities) }()
         case 5: try { try decoder.decodeSingularMessageField(value: &_storage._limits) }()
+        case 6: try { try decoder.decodeSingularMessageField(value: &_storage._tenant) }()
         default: break
         }
       }
@@ -1979,6 +2020,9 @@ nonisolated extension Accelgate_V1_DescribeDeviceResponse: SwiftProtobuf.Message
       try { if let v = _storage._limits {
         try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
       } }()
+      try { if let v = _storage._tenant {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 6)
+      } }()
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -1993,10 +2037,76 @@ nonisolated extension Accelgate_V1_DescribeDeviceResponse: SwiftProtobuf.Message
         if _storage._engines != rhs_storage._engines {return false}
         if _storage._capabilities != rhs_storage._capabilities {return false}
         if _storage._limits != rhs_storage._limits {return false}
+        if _storage._tenant != rhs_storage._tenant {return false}
         return true
       }
       if !storagesAreEqual {return false}
     }
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Accelgate_V1_TenantInfo: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".TenantInfo"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}weight\0\u{3}queued_jobs\0\u{3}queued_bytes\0\u{3}max_queued_jobs\0\u{3}max_queued_bytes\0\u{3}max_payload_bytes\0\u{3}max_bytes_per_second\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.id) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.weight) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.queuedJobs) }()
+      case 4: try { try decoder.decodeSingularUInt64Field(value: &self.queuedBytes) }()
+      case 5: try { try decoder.decodeSingularUInt32Field(value: &self.maxQueuedJobs) }()
+      case 6: try { try decoder.decodeSingularUInt64Field(value: &self.maxQueuedBytes) }()
+      case 7: try { try decoder.decodeSingularUInt64Field(value: &self.maxPayloadBytes) }()
+      case 8: try { try decoder.decodeSingularUInt64Field(value: &self.maxBytesPerSecond) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.id.isEmpty {
+      try visitor.visitSingularStringField(value: self.id, fieldNumber: 1)
+    }
+    if self.weight != 0 {
+      try visitor.visitSingularUInt32Field(value: self.weight, fieldNumber: 2)
+    }
+    if self.queuedJobs != 0 {
+      try visitor.visitSingularUInt32Field(value: self.queuedJobs, fieldNumber: 3)
+    }
+    if self.queuedBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.queuedBytes, fieldNumber: 4)
+    }
+    if self.maxQueuedJobs != 0 {
+      try visitor.visitSingularUInt32Field(value: self.maxQueuedJobs, fieldNumber: 5)
+    }
+    if self.maxQueuedBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.maxQueuedBytes, fieldNumber: 6)
+    }
+    if self.maxPayloadBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.maxPayloadBytes, fieldNumber: 7)
+    }
+    if self.maxBytesPerSecond != 0 {
+      try visitor.visitSingularUInt64Field(value: self.maxBytesPerSecond, fieldNumber: 8)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Accelgate_V1_TenantInfo, rhs: Accelgate_V1_TenantInfo) -> Bool {
+    if lhs.id != rhs.id {return false}
+    if lhs.weight != rhs.weight {return false}
+    if lhs.queuedJobs != rhs.queuedJobs {return false}
+    if lhs.queuedBytes != rhs.queuedBytes {return false}
+    if lhs.maxQueuedJobs != rhs.maxQueuedJobs {return false}
+    if lhs.maxQueuedBytes != rhs.maxQueuedBytes {return false}
+    if lhs.maxPayloadBytes != rhs.maxPayloadBytes {return false}
+    if lhs.maxBytesPerSecond != rhs.maxBytesPerSecond {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
