@@ -45,12 +45,15 @@ let package = Package(
     .target(name: "CAccelABI"),
     /// Linux shims Swift cannot reach directly: memfd, futex, fences, atomics on shared memory.
     .target(name: "CAccelSys", dependencies: ["CAccelABI"]),
-    /// Software engines over raw pointers: ISA-L igzip, libdeflate, zlib.
+    /// Software engines over raw pointers: ISA-L igzip, libdeflate, zlib, zstd, LZ4, OpenSSL.
     .target(
       name: "CAccelEngines",
       dependencies: ["CAccelABI"],
       cSettings: [.unsafeFlags(["-O2"])],
-      linkerSettings: [.linkedLibrary("isal"), .linkedLibrary("deflate"), .linkedLibrary("z"), .linkedLibrary("crypto")]
+      linkerSettings: [
+        .linkedLibrary("isal"), .linkedLibrary("deflate"), .linkedLibrary("z"), .linkedLibrary("zstd"),
+        .linkedLibrary("lz4"), .linkedLibrary("crypto"),
+      ]
     ),
 
     /// OpenSSL primitives for the gateway: key hashing, randomness, secure zeroing.

@@ -29,7 +29,7 @@ command -v swift >/dev/null || { echo "swift is not on PATH (expected /opt/swift
 
 if [ "$mode" = "test" ] || [ "$mode" = "bench" ]; then
   if ! python3 - <<'PY' 2>/dev/null
-import grpc, grpc_tools, grpc_reflection, pytest, cryptography, cryptography_vectors, google.protobuf  # noqa: F401
+import grpc, grpc_tools, grpc_reflection, pytest, cryptography, cryptography_vectors, google.protobuf, zstandard, lz4.frame  # noqa: F401
 PY
   then
     echo "installing Python test peers"

@@ -3,7 +3,7 @@ public import CAccelABI
 /// The ABI's rules for a submission descriptor, applied by the device to its
 /// private copy of every SQE before any byte of the region is touched.
 public enum DescriptorRules {
-  static let compression: Set<UInt8> = [1, 2, 3]
+  static let compression: Set<UInt8> = [1, 2, 3, 4, 5]
   static let aead: Set<UInt8> = [16, 17, 18]
   static let digests: Set<UInt8> = [32, 33, 34, 35, 36, 37, 38, 39]
   static let keyedDigests: Set<UInt8> = [35, 36]
@@ -24,7 +24,8 @@ public enum DescriptorRules {
       return sqe.key_slot == 0 && sqe.aux_offset == 0 && sqe.aux_length == 0 ? .ok : .invalidDescriptor
     case .compress, .decompress:
       guard compression.contains(sqe.algorithm) else { return .unsupported }
-      if opcode == .compress && sqe.level > 9 { return .unsupported }
+      let maxLevel: UInt8 = sqe.algorithm == 4 ? 19 : sqe.algorithm == 5 ? 12 : 9
+      if opcode == .compress && sqe.level > maxLevel { return .unsupported }
     case .encrypt, .decrypt:
       guard aead.contains(sqe.algorithm) else { return .unsupported }
       needsKey = true

@@ -39,17 +39,13 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
   /// Validates a compress request and turns it into a job (shared by unary and Submit).
   func compressJob(_ request: Accelgate_V1_CompressRequest, tenant: String) throws -> (JobRequest, Int, String) {
     let algorithm = try Self.algorithm(request.format)
-    let level = request.hasLevel ? request.level : -1
-    guard level == -1 || (0...9).contains(level) else {
-      throw StatusMapping.rpcError(.invalidArgument("level \(level) is outside 0...9 (or -1 for the default)"))
-    }
+    let effectiveLevel = try Self.level(request.hasLevel ? request.level : -1, for: algorithm)
     try checkSize(request.data.count)
-    let effectiveLevel = UInt8(level == -1 ? Self.defaultLevel : level)
     let capacity = Int(BufferSizing.compressBound(UInt64(request.data.count)))
     let job = JobRequest(
       opcode: .compress, algorithm: algorithm, level: effectiveLevel, input: request.data, outputCapacity: capacity,
       tenant: tenant)
-    return (job, capacity, Self.engineName(.compress, level: effectiveLevel))
+    return (job, capacity, Self.engineName(.compress, algorithm, level: effectiveLevel))
   }
 
   func decompress(request envelope: ServerRequest<Accelgate_V1_DecompressRequest>, context: ServerContext) async throws
@@ -60,7 +56,7 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
       job, operation: "decompress", outputLimit: limit, deadline: CallDeadline(metadata: envelope.metadata))
     var response = Accelgate_V1_DecompressResponse()
     response.data = result.output
-    response.stats = Self.stats(result.stats, engine: Self.engineName(.decompress, level: 0))
+    response.stats = Self.stats(result.stats, engine: Self.engineName(.decompress, job.algorithm, level: 0))
     return ServerResponse(message: response)
   }
 
@@ -134,14 +130,41 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
     case .deflate: return .deflateRaw
     case .zlib: return .zlib
     case .gzip: return .gzip
-    case .unspecified: throw StatusMapping.rpcError(.invalidArgument("format must be set (DEFLATE, ZLIB or GZIP)"))
+    case .zstd: return .zstd
+    case .lz4: return .lz4
+    case .unspecified:
+      throw StatusMapping.rpcError(.invalidArgument("format must be set (DEFLATE, ZLIB, GZIP, ZSTD or LZ4)"))
     case .UNRECOGNIZED(let v): throw StatusMapping.rpcError(.invalidArgument("unknown compression format \(v)"))
     }
   }
 
-  static func engineName(_ op: DeviceOpcode, level: UInt8) -> String {
-    if op == .decompress { return "isal-inflate" }
-    return level == 0 ? "zlib" : level <= 3 ? "isal-igzip" : "libdeflate"
+  /// Levels each format accepts, and its default (used for -1 or an unset level).
+  static func levels(_ algorithm: DeviceAlgorithm) -> (range: ClosedRange<Int32>, default: Int32) {
+    switch algorithm {
+    case .zstd: (1...19, 3)
+    case .lz4: (0...12, 0)
+    default: (0...9, defaultLevel)
+    }
+  }
+
+  static func level(_ requested: Int32, for algorithm: DeviceAlgorithm) throws -> UInt8 {
+    let (range, fallback) = levels(algorithm)
+    guard requested == -1 || range.contains(requested) else {
+      let name = algorithm == .zstd ? " for zstd" : algorithm == .lz4 ? " for lz4" : ""
+      throw StatusMapping.rpcError(
+        .invalidArgument("level \(requested) is outside \(range.lowerBound)...\(range.upperBound)\(name) (or -1 for the default)"))
+    }
+    return UInt8(requested == -1 ? fallback : requested)
+  }
+
+  static func engineName(_ op: DeviceOpcode, _ algorithm: DeviceAlgorithm, level: UInt8) -> String {
+    switch algorithm {
+    case .zstd: return "zstd"
+    case .lz4: return op == .compress && level >= 3 ? "lz4hc" : "lz4"
+    default:
+      if op == .decompress { return "isal-inflate" }
+      return level == 0 ? "zlib" : level <= 3 ? "isal-igzip" : "libdeflate"
+    }
   }
 
   static func stats(_ s: JobStatistics, engine: String) -> Accelgate_V1_JobStats {

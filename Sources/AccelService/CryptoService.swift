@@ -107,7 +107,7 @@ extension AcceleratorService {
       steps.insert(DeviceStep(.compress, format, level: level), at: 0)
       mid = Int(BufferSizing.compressBound(UInt64(body)))
       body = mid
-      engine = Self.engineName(.compress, level: level) + "+openssl-evp"
+      engine = Self.engineName(.compress, format, level: level) + "+openssl-evp"
     }
     let job = JobRequest(
       steps: steps, input: r.plaintext, outputCapacity: body + CryptoSizing.tagLength, tenant: tenant, aux: aux,
@@ -191,7 +191,7 @@ extension AcceleratorService {
       steps.append(DeviceStep(.decompress, format))
       mid = plainLength
       capacity = limit
-      engine = "openssl-evp+isal-inflate"
+      engine = "openssl-evp+" + Self.engineName(.decompress, format, level: 0)
     } else if plainLength > limit {
       throw StatusMapping.rpcError(.payloadTooLarge(size: plainLength, limit: limit))
     }
@@ -310,11 +310,7 @@ extension AcceleratorService {
 
   func chainedCompression(_ c: Accelgate_V1_ChainedCompression) throws -> (DeviceAlgorithm, UInt8) {
     let format = try Self.algorithm(c.format)
-    let level = c.hasLevel ? c.level : -1
-    guard level == -1 || (0...9).contains(level) else {
-      throw StatusMapping.rpcError(.invalidArgument("level \(level) is outside 0...9 (or -1 for the default)"))
-    }
-    return (format, UInt8(level == -1 ? Self.defaultLevel : level))
+    return (format, try Self.level(c.hasLevel ? c.level : -1, for: format))
   }
 
   static func cipherAlgorithm(_ a: Accelgate_V1_CipherAlgorithm) throws -> DeviceAlgorithm {

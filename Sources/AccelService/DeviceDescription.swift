@@ -53,19 +53,26 @@ enum DeviceDescription {
       ei.throughputCapMbps = device?.configuration.engineThroughputCapMBps ?? 0
       r.engines.append(ei)
     }
-    for format in [Accelgate_V1_CompressionFormat.deflate, .zlib, .gzip] {
+    for format in [Accelgate_V1_CompressionFormat.deflate, .zlib, .gzip, .zstd, .lz4] {
+      let algorithm = (try? AcceleratorService.algorithm(format)) ?? .gzip
+      let (range, fallback) = AcceleratorService.levels(algorithm)
       var c = Accelgate_V1_Capability()
       c.operation = .compress
       c.format = format
-      c.minLevel = 0
-      c.maxLevel = 9
-      c.defaultLevel = AcceleratorService.defaultLevel
-      c.engines = "zlib(0) isal-igzip(1-3) libdeflate(4-9)"
+      c.minLevel = range.lowerBound
+      c.maxLevel = range.upperBound
+      c.defaultLevel = fallback
+      c.engines =
+        switch format {
+        case .zstd: "zstd"
+        case .lz4: "lz4(0-2) lz4hc(3-12)"
+        default: "zlib(0) isal-igzip(1-3) libdeflate(4-9)"
+        }
       r.capabilities.append(c)
       var d = Accelgate_V1_Capability()
       d.operation = .decompress
       d.format = format
-      d.engines = "isal-inflate"
+      d.engines = AcceleratorService.engineName(.decompress, algorithm, level: 0)
       r.capabilities.append(d)
     }
     for cipher in [Accelgate_V1_CipherAlgorithm.aes128Gcm, .aes256Gcm, .chacha20Poly1305] {

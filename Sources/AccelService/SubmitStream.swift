@@ -78,7 +78,7 @@ extension AcceleratorService {
           let result = try await run(job, operation: "decompress", outputLimit: limit, deadline: deadline)
           out.decompress = .with {
             $0.data = result.output
-            $0.stats = Self.stats(result.stats, engine: Self.engineName(.decompress, level: 0))
+            $0.stats = Self.stats(result.stats, engine: Self.engineName(.decompress, job.algorithm, level: 0))
           }
         case .encrypt(let r): out.encrypt = try await encrypt(r, tenant: tenant, deadline: deadline)
         case .decrypt(let r): out.decrypt = try await decrypt(r, tenant: tenant, deadline: deadline)

@@ -2,12 +2,15 @@
  * Software engines for the emulated device. See accel_engines.h.
  */
 #include "accel_engines.h"
+#include "accel_engines_internal.h"
 
 #include <isa-l/igzip_lib.h>
 #include <libdeflate.h>
 #include <stdlib.h>
 #include <string.h>
 #include <zlib.h>
+#include <zstd.h>
+#include <lz4frame.h>
 
 #define ACCEL_LIBDEFLATE_MIN_LEVEL 4
 #define ACCEL_LIBDEFLATE_MAX_LEVEL 9
@@ -23,7 +26,25 @@ struct accel_engine_ctx {
     struct accel_crypto_state *crypto; /* created on first crypto job */
     uint8_t *verify_buf;               /* compress-and-verify scratch, grown on demand */
     uint32_t verify_buf_size;
+    ZSTD_CCtx *zstd_c;                 /* created on first use */
+    ZSTD_DCtx *zstd_d;
+    LZ4F_dctx *lz4_d;
 };
+
+ZSTD_CCtx *accel_engine_zstd_cctx(struct accel_engine_ctx *ctx) {
+    if (!ctx->zstd_c) ctx->zstd_c = ZSTD_createCCtx();
+    return ctx->zstd_c;
+}
+
+ZSTD_DCtx *accel_engine_zstd_dctx(struct accel_engine_ctx *ctx) {
+    if (!ctx->zstd_d) ctx->zstd_d = ZSTD_createDCtx();
+    return ctx->zstd_d;
+}
+
+LZ4F_dctx *accel_engine_lz4_dctx(struct accel_engine_ctx *ctx) {
+    if (!ctx->lz4_d && LZ4F_isError(LZ4F_createDecompressionContext(&ctx->lz4_d, LZ4F_VERSION))) ctx->lz4_d = NULL;
+    return ctx->lz4_d;
+}
 
 struct accel_crypto_state *accel_engine_crypto_state(accel_engine_ctx *ctx) {
     if (!ctx->crypto) ctx->crypto = accel_crypto_state_create();
@@ -47,6 +68,9 @@ void accel_engine_destroy(accel_engine_ctx *ctx) {
         if (ctx->stored_ready[i]) deflateEnd(&ctx->stored[i]);
     accel_crypto_state_destroy(ctx->crypto);
     free(ctx->verify_buf);
+    ZSTD_freeCCtx(ctx->zstd_c);
+    ZSTD_freeDCtx(ctx->zstd_d);
+    if (ctx->lz4_d) LZ4F_freeDecompressionContext(ctx->lz4_d);
     free(ctx->isal_level_buf);
     free(ctx);
 }
@@ -57,6 +81,8 @@ int accel_engine_max_level(uint8_t algorithm) {
     case ACCEL_ALG_DEFLATE_RAW:
     case ACCEL_ALG_ZLIB:
     case ACCEL_ALG_GZIP: return 9;
+    case ACCEL_ALG_ZSTD: return 19;
+    case ACCEL_ALG_LZ4: return 12;
     default: return -1;
     }
 }
@@ -72,6 +98,8 @@ const char *accel_engine_name(uint8_t opcode, uint8_t algorithm, uint8_t level) 
         }
     }
     if (accel_engine_max_level(algorithm) < 0) return "unsupported";
+    if (algorithm == ACCEL_ALG_ZSTD) return "zstd";
+    if (algorithm == ACCEL_ALG_LZ4) return opcode == ACCEL_OP_COMPRESS && level >= 3 ? "lz4hc" : "lz4";
     if (opcode == ACCEL_OP_DECOMPRESS) return "isal-inflate";
     if (level == 0) return "zlib";
     if (level <= 3) return "isal-igzip";
@@ -150,7 +178,11 @@ uint16_t accel_engine_compress(accel_engine_ctx *ctx, uint8_t algorithm, uint8_t
     int max = accel_engine_max_level(algorithm);
     if (max < 0 || level > max) return ACCEL_STATUS_UNSUPPORTED;
     uint16_t st;
-    if (level == 0)
+    if (algorithm == ACCEL_ALG_ZSTD)
+        st = accel_zstd_compress(ctx, level, src, src_len, dst, dst_cap, produced);
+    else if (algorithm == ACCEL_ALG_LZ4)
+        st = accel_lz4_compress(src, src_len, level, dst, dst_cap, produced);
+    else if (level == 0)
         st = compress_zlib_stored(ctx, algorithm, src, src_len, dst, dst_cap, produced);
     else if (level <= ISAL_DEF_MAX_LEVEL)
         st = compress_isal(ctx, algorithm, level, src, src_len, dst, dst_cap, produced);
@@ -188,6 +220,8 @@ uint16_t accel_engine_decompress(accel_engine_ctx *ctx, uint8_t algorithm,
     *produced = 0;
     *consumed = 0;
     if (accel_engine_max_level(algorithm) < 0) return ACCEL_STATUS_UNSUPPORTED;
+    if (algorithm == ACCEL_ALG_ZSTD) return accel_zstd_decompress(ctx, src, src_len, dst, dst_cap, produced, consumed);
+    if (algorithm == ACCEL_ALG_LZ4) return accel_lz4_decompress(ctx, src, src_len, dst, dst_cap, produced, consumed);
     struct inflate_state *st = &ctx->inflate;
     uint32_t in_pos = 0, out_pos = 0;
     for (;;) { /* one iteration per gzip member; one in total for zlib and raw deflate */

@@ -62,9 +62,11 @@ struct ConnectionOptions: ParsableArguments {
 }
 
 enum FormatArgument: String, ExpressibleByArgument, CaseIterable {
-  case deflate, zlib, gzip
+  case deflate, zlib, gzip, zstd, lz4
   var proto: Accelgate_V1_CompressionFormat {
     switch self {
+    case .zstd: .zstd
+    case .lz4: .lz4
     case .deflate: .deflate
     case .zlib: .zlib
     case .gzip: .gzip
@@ -90,21 +92,21 @@ struct Compress: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
     abstract: "Compress a file.",
     discussion: """
-      Input larger than the server's request limit is sent in chunks. For gzip the chunks \
-      become members of one valid gzip file (RFC 1952 allows several); deflate and zlib \
-      need a single job, so their input must fit the limit.
+      Input larger than the server's request limit is sent in chunks. For gzip, zstd and lz4 \
+      the chunks become members (frames) of one valid file, as those formats allow; deflate \
+      and zlib need a single job, so their input must fit the limit.
       """)
   @OptionGroup var connection: ConnectionOptions
   @OptionGroup var io: IOOptions
-  @Option(help: "deflate, zlib or gzip.") var format: FormatArgument = .gzip
+  @Option(help: "deflate, zlib, gzip, zstd or lz4.") var format: FormatArgument = .gzip
   @Option(help: "Level 0-9 (default 6).") var level: Int32?
   @Option(help: "Chunk size for large gzip input, in bytes.") var chunkBytes = 4 << 20
 
   func run() async throws {
     let data = try io.read()
     let chunk = max(1, chunkBytes)
-    guard data.count <= chunk || format == .gzip else {
-      throw ValidationError("\(format.rawValue) input over \(chunk) bytes needs streaming; use --format gzip")
+    guard data.count <= chunk || [.gzip, .zstd, .lz4].contains(format) else {
+      throw ValidationError("\(format.rawValue) input over \(chunk) bytes needs streaming; use --format gzip, zstd or lz4")
     }
     let (format, level, connection, showStats) = (format, level, connection, io.stats)
     let output = try await connection.withClient { client -> Data in
@@ -135,7 +137,7 @@ struct Decompress: AsyncParsableCommand {
   static let configuration = CommandConfiguration(abstract: "Decompress a file.")
   @OptionGroup var connection: ConnectionOptions
   @OptionGroup var io: IOOptions
-  @Option(help: "deflate, zlib or gzip.") var format: FormatArgument = .gzip
+  @Option(help: "deflate, zlib, gzip, zstd or lz4.") var format: FormatArgument = .gzip
   @Option(help: "Cap on the decompressed size in bytes (0 = the server's limit).") var maxOutputBytes: UInt64 = 0
 
   func run() async throws {

@@ -86,7 +86,7 @@ struct Encrypt: AsyncParsableCommand {
   @Option(help: "aes-128-gcm, aes-256-gcm or chacha20-poly1305 (raw keys; named keys know theirs).")
   var algorithm: CipherArgument?
   @Option(help: "Additional authenticated data (a string).") var aad = ""
-  @Option(help: "Compress before encrypting, in the same device job: deflate, zlib or gzip.") var compress: FormatArgument?
+  @Option(help: "Compress before encrypting, in the same device job: deflate, zlib, gzip, zstd or lz4.") var compress: FormatArgument?
 
   func run() async throws {
     let plaintext = try io.read()
@@ -119,7 +119,7 @@ struct Decrypt: AsyncParsableCommand {
   @OptionGroup var key: KeyOptions
   @Option(help: "aes-128-gcm, aes-256-gcm or chacha20-poly1305 (raw keys).") var algorithm: CipherArgument?
   @Option(help: "Additional authenticated data (a string).") var aad = ""
-  @Option(help: "Decompress after decrypting, in the same device job: deflate, zlib or gzip.") var decompress: FormatArgument?
+  @Option(help: "Decompress after decrypting, in the same device job: deflate, zlib, gzip, zstd or lz4.") var decompress: FormatArgument?
 
   func run() async throws {
     var input = try io.read()

@@ -76,8 +76,8 @@ enum accel_algorithm {
     ACCEL_ALG_DEFLATE_RAW       = 1, /* RFC 1951 */
     ACCEL_ALG_ZLIB              = 2, /* RFC 1950 */
     ACCEL_ALG_GZIP              = 3, /* RFC 1952 */
-    ACCEL_ALG_ZSTD              = 4, /* reserved */
-    ACCEL_ALG_LZ4               = 5, /* reserved (LZ4 frame) */
+    ACCEL_ALG_ZSTD              = 4, /* 1.2: zstd frames (RFC 8878), levels 1..19 (0 = 3), content checksum on */
+    ACCEL_ALG_LZ4               = 5, /* 1.2: LZ4 frame format, levels 0..12 (3+ = LZ4HC), content checksum on */
     /* AEAD: 16..31 (1.1) */
     ACCEL_ALG_AES128_GCM        = 16,
     ACCEL_ALG_AES256_GCM        = 17,
@@ -314,7 +314,8 @@ ACCEL_STATIC_ASSERT(sizeof(accel_key_slot) == ACCEL_KEYSLOT_SIZE, "key slot size
 ACCEL_STATIC_ASSERT(sizeof(accel_aead_params) == 32, "AEAD params size");
 
 /** Output capacity that always suffices for compressing n bytes with any
-    deflate-family engine and wrapper. Stored blocks cost 5 bytes per 64 KiB;
+    engine: the deflate family with any wrapper, zstd (whose bound is
+    n + n/256 + 64) and LZ4 frames (n + 4 bytes per 64 KiB block + 27). Stored blocks cost 5 bytes per 64 KiB;
     1/256 plus 1 KiB covers wrappers and block headers with a wide margin.
     A driver that reserves less may see ACCEL_STATUS_OUTPUT_OVERFLOW. */
 static inline uint64_t accel_compress_bound(uint64_t n) { return n + (n >> 8) + 1024; }

@@ -46,6 +46,14 @@ public nonisolated enum Accelgate_V1_CompressionFormat: SwiftProtobuf.Enum, Swif
   /// gzip (RFC 1952): header, CRC-32 and ISIZE trailer. Decompression accepts
   /// concatenated members.
   case gzip // = 3
+
+  /// zstd frames (RFC 8878) with a content checksum; levels 1-19, default 3.
+  /// Decompression accepts concatenated frames.
+  case zstd // = 4
+
+  /// LZ4 frame format with a content checksum; levels 0-12 (3 and up: LZ4HC),
+  /// default 0. Decompression accepts concatenated frames.
+  case lz4 // = 5
   case UNRECOGNIZED(Int)
 
   public init() {
@@ -58,6 +66,8 @@ public nonisolated enum Accelgate_V1_CompressionFormat: SwiftProtobuf.Enum, Swif
     case 1: self = .deflate
     case 2: self = .zlib
     case 3: self = .gzip
+    case 4: self = .zstd
+    case 5: self = .lz4
     default: self = .UNRECOGNIZED(rawValue)
     }
   }
@@ -68,6 +78,8 @@ public nonisolated enum Accelgate_V1_CompressionFormat: SwiftProtobuf.Enum, Swif
     case .deflate: return 1
     case .zlib: return 2
     case .gzip: return 3
+    case .zstd: return 4
+    case .lz4: return 5
     case .UNRECOGNIZED(let i): return i
     }
   }
@@ -78,6 +90,8 @@ public nonisolated enum Accelgate_V1_CompressionFormat: SwiftProtobuf.Enum, Swif
     .deflate,
     .zlib,
     .gzip,
+    .zstd,
+    .lz4,
   ]
 
 }
@@ -1012,7 +1026,7 @@ public nonisolated struct Accelgate_V1_Limits: Sendable {
 fileprivate nonisolated let _protobuf_package = "accelgate.v1"
 
 nonisolated extension Accelgate_V1_CompressionFormat: SwiftProtobuf._ProtoNameProviding {
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0COMPRESSION_FORMAT_UNSPECIFIED\0\u{1}COMPRESSION_FORMAT_DEFLATE\0\u{1}COMPRESSION_FORMAT_ZLIB\0\u{1}COMPRESSION_FORMAT_GZIP\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0COMPRESSION_FORMAT_UNSPECIFIED\0\u{1}COMPRESSION_FORMAT_DEFLATE\0\u{1}COMPRESSION_FORMAT_ZLIB\0\u{1}COMPRESSION_FORMAT_GZIP\0\u{1}COMPRESSION_FORMAT_ZSTD\0\u{1}COMPRESSION_FORMAT_LZ4\0")
 }
 
 nonisolated extension Accelgate_V1_CipherAlgorithm: SwiftProtobuf._ProtoNameProviding {
