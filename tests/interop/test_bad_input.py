@@ -267,8 +267,8 @@ def test_payload_of_exactly_max_request(stub):
 # Format and level
 
 
-@pytest.mark.parametrize("fmt", [pb.COMPRESSION_FORMAT_UNSPECIFIED, 4, 99, 2**31 - 1, -1],
-                         ids=["UNSPECIFIED", "4", "99", "int32-max", "-1"])
+@pytest.mark.parametrize("fmt", [pb.COMPRESSION_FORMAT_UNSPECIFIED, 6, 99, 2**31 - 1, -1],
+                         ids=["UNSPECIFIED", "6", "99", "int32-max", "-1"])
 def test_unknown_format(stub, fmt):
     c = call(stub.Compress, pb.CompressRequest(format=fmt, data=TEXT))
     expect_error(c, INVALID, what=f"Compress with format {fmt}")
