@@ -40,7 +40,7 @@ public final class EmulatedDevice: @unchecked Sendable {
   private let isolation = Mutex(IsolationState())
   private let isolated = Atomic<Bool>(false)
   private let counters = DeviceCounters()
-  private let eventHandler: Mutex<(@Sendable (String) -> Void)?> = Mutex(nil)
+  private let eventHandler: Mutex<CallbackBox<String>?> = Mutex(nil)
   /// Busy engines bump every queue's heartbeat at least this often (ns); parked ones on each wake-up.
   static let heartbeatInterval: UInt64 = 10_000_000
 
@@ -152,9 +152,11 @@ public final class EmulatedDevice: @unchecked Sendable {
   public var faults: FaultInjection { faultPlan.withLock { $0 } }
 
   /// Called with a one-line description of device events (errors, isolation).
-  public func setEventHandler(_ handler: @escaping @Sendable (String) -> Void) { eventHandler.withLock { $0 = handler } }
+  public func setEventHandler(_ handler: @escaping @Sendable (String) -> Void) {
+    eventHandler.withLock { $0 = CallbackBox(handler) }
+  }
 
-  private func emit(_ event: String) { eventHandler.withLock { $0 }?(event) }
+  private func emit(_ event: String) { eventHandler.withLock { $0 }?.call(event) }
 
   /// Whether the device isolated itself after repeated queue errors.
   public var isIsolated: Bool { isolated.load(ordering: .acquiring) }

@@ -51,7 +51,7 @@ package final class Dispatcher: Sendable {
   private let detachedReasonBox = Mutex<String?>(nil)
   /// Set while a stand-in device serves (see `failover`).
   private let degradedReason = Mutex<String?>(nil)
-  private let observerBox = Mutex<(@Sendable (JobReport) -> Void)?>(nil)
+  private let observerBox = Mutex<CallbackBox<JobReport>?>(nil)
   /// The driver jobs go to now (replaced when a standalone device comes back).
   package var driver: DeviceDriver { driverRef.withLock { $0 } }
   package let configuration: DispatcherConfiguration
@@ -155,7 +155,9 @@ package final class Dispatcher: Sendable {
 
   static func jobClass(_ r: JobRequest) -> CostModel.JobClass {
     let band: UInt8 = r.opcode == .compress ? (r.level == 0 ? 0 : r.level <= 3 ? 1 : 2) : 0
-    return CostModel.JobClass(operation: r.opcode.rawValue, algorithm: r.algorithm.rawValue, band: band)
+    return CostModel.JobClass(
+      operation: r.opcode.rawValue, algorithm: r.algorithm.rawValue, band: band,
+      sizeBand: CostModel.JobClass.sizeBand(r.input.count))
   }
 
   /// Starts the reaper hook and the deadline sweeper.
@@ -203,14 +205,16 @@ package final class Dispatcher: Sendable {
   package var maxJobFootprint: UInt64 { driver.queues.map(\.poolCapacity).max() ?? 0 }
 
   /// Called once for every job that `execute` ends, on the caller's task. Must be quick.
-  package func setObserver(_ observer: @escaping @Sendable (JobReport) -> Void) { observerBox.withLock { $0 = observer } }
+  package func setObserver(_ observer: @escaping @Sendable (JobReport) -> Void) {
+    observerBox.withLock { $0 = CallbackBox(observer) }
+  }
 
   /// Runs one job to completion, or fails with a `JobError`.
   package func execute(_ request: JobRequest, id: UInt64? = nil) async throws(JobError) -> JobResult {
     let observer = observerBox.withLock { $0 }
     do {
       let result = try await run(request, id: id)
-      observer?(JobReport(request: request, outcome: "ok", statistics: result.stats))
+      observer?.call(JobReport(request: request, outcome: "ok", statistics: result.stats))
       return result
     } catch {
       var report = JobReport(request: request, outcome: error.kind, statistics: nil)
@@ -219,7 +223,7 @@ package final class Dispatcher: Sendable {
       case .payloadOverTenantLimit: report.rejection = "payload_too_large"
       default: break
       }
-      observer?(report)
+      observer?.call(report)
       throw error
     }
   }

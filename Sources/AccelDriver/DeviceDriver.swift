@@ -28,7 +28,7 @@ package final class DeviceDriver: @unchecked Sendable {
   package let configuration: DriverConfiguration
   private let running = Atomic<Bool>(false)
   private let exited = DispatchSemaphore(value: 0)
-  private let afterReap: Mutex<(@Sendable () -> Void)?> = Mutex(nil)
+  private let afterReap: Mutex<CallbackBox<Void>?> = Mutex(nil)
 
   /// Attaches to queue regions given as memfd descriptors (ownership passes to the driver).
   package init(queueFileDescriptors fds: [Int32], configuration: DriverConfiguration = .defaults) throws(DriverError) {
@@ -48,7 +48,7 @@ package final class DeviceDriver: @unchecked Sendable {
   deinit { stop() }
 
   /// Called on the reaper thread after each round that delivered completions.
-  package func setAfterReap(_ hook: @escaping @Sendable () -> Void) { afterReap.withLock { $0 = hook } }
+  package func setAfterReap(_ hook: @escaping @Sendable () -> Void) { afterReap.withLock { $0 = CallbackBox { _ in hook() } } }
 
   package func start() {
     guard running.compareExchange(expected: false, desired: true, ordering: .sequentiallyConsistent).exchanged else {
@@ -95,7 +95,7 @@ package final class DeviceDriver: @unchecked Sendable {
         }
       }
       if n > 0 {
-        afterReap.withLock { $0 }?()
+        afterReap.withLock { $0 }?.call(())
         lastWork = SharedMemory.nowNanoseconds()
         continue
       }

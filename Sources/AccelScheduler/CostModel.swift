@@ -11,11 +11,20 @@ public struct CostModel: Sendable {
     public var algorithm: UInt8
     /// Compression level band (0, 1-3, 4-9 map to 0, 1, 2); 0 for everything else.
     public var band: UInt8
-    public init(operation: UInt8, algorithm: UInt8, band: UInt8) {
+    /// Input size band (under 16 KiB, under 256 KiB, larger: 0, 1, 2). Per-job
+    /// overheads (cipher setup, table resets) dominate small jobs, so one rate
+    /// learned from small jobs would overestimate large ones severalfold and
+    /// starve the in-flight budget; each size band learns its own rate.
+    public var sizeBand: UInt8
+    public init(operation: UInt8, algorithm: UInt8, band: UInt8, sizeBand: UInt8 = 0) {
       self.operation = operation
       self.algorithm = algorithm
       self.band = band
+      self.sizeBand = sizeBand
     }
+
+    /// The size band for `bytes` of input.
+    public static func sizeBand(_ bytes: Int) -> UInt8 { bytes < 16 << 10 ? 0 : bytes < 256 << 10 ? 1 : 2 }
   }
 
   /// Fixed per-job device cost (descriptor fetch, engine setup), in ns.
