@@ -12,9 +12,19 @@ public enum DescriptorRules {
   /// - Returns: `.ok`, `.invalidDescriptor` for bad offsets, lengths, flags or
   ///   reserved fields, or `.unsupported` for an unknown opcode or algorithm.
   public static func validate(_ sqe: accel_sqe, layout: RegionLayout) -> DeviceStatus {
-    let allowedFlags = UInt8(ACCEL_SQE_F_CHAIN | ACCEL_SQE_F_VERIFY)
-    guard sqe.reserved == 0, sqe.flags & ~allowedFlags == 0, sqe.stream_ctx == 0 else { return .invalidDescriptor }
+    let streamFlags = UInt8(ACCEL_SQE_F_STREAM | ACCEL_SQE_F_STREAM_START | ACCEL_SQE_F_STREAM_FINAL)
+    let allowedFlags = UInt8(ACCEL_SQE_F_CHAIN | ACCEL_SQE_F_VERIFY) | streamFlags
+    guard sqe.reserved == 0, sqe.flags & ~allowedFlags == 0 else { return .invalidDescriptor }
     guard let opcode = DeviceOpcode(rawValue: sqe.opcode) else { return .unsupported }
+    // Streams (1.3): compression only, a context in range, never chained or verified.
+    if sqe.flags & UInt8(ACCEL_SQE_F_STREAM) != 0 {
+      guard opcode == .compress || opcode == .decompress, sqe.stream_ctx >= 1, sqe.stream_ctx <= ACCEL_STREAM_CTX_MAX,
+        sqe.flags & UInt8(ACCEL_SQE_F_CHAIN | ACCEL_SQE_F_VERIFY) == 0
+      else { return .invalidDescriptor }
+      if sqe.algorithm == 5 { return .unsupported }  // LZ4 streams are not offered
+    } else if sqe.stream_ctx != 0 || sqe.flags & streamFlags != 0 {
+      return .invalidDescriptor
+    }
     // Compress-and-verify (1.2) only means something for compression.
     if sqe.flags & UInt8(ACCEL_SQE_F_VERIFY) != 0 && opcode != .compress { return .invalidDescriptor }
     var needsKey = false

@@ -16,6 +16,7 @@ public enum DeviceStatus: UInt16, Sendable, CaseIterable, CustomStringConvertibl
   case badKey = 11
   case badParams = 12
   case verifyFailed = 13
+  case moreOutput = 14
 
   /// Which side is at fault, as the ABI defines it (see `accel_status_error_class`).
   public var errorClass: DeviceErrorClass {
@@ -38,6 +39,7 @@ public enum DeviceStatus: UInt16, Sendable, CaseIterable, CustomStringConvertibl
     case .badKey: "bad key"
     case .badParams: "bad parameters"
     case .verifyFailed: "compress-and-verify mismatch"
+    case .moreOutput: "more output pending"
     }
   }
 }

@@ -2,6 +2,7 @@ public import AccelABI
 internal import CAccelABI
 internal import Synchronization
 internal import Glibc
+internal import CAccelEngines
 
 /// The device's side of one hardware queue: it consumes the SQ and produces the CQ.
 ///
@@ -41,12 +42,16 @@ public final class DeviceQueue: @unchecked Sendable {
   private let fetchLock = Mutex(FetchState())
   private let postLock = Mutex(PostState())
   let weight: UInt32
+  /// Open stream contexts (ABI 1.3), device-private, by 1-based slot.
+  private let streams = Mutex<[UInt32: StreamContext]>([:])
+
   /// The comparison-mode eventfd doorbell (see `DeviceConfiguration.eventfdDoorbells`), or -1.
   let doorbellFD: Int32
 
   init(region: QueueRegion, doorbellFD: Int32 = -1) {
     self.region = region
     self.doorbellFD = doorbellFD
+    region.header.pointee.stream_ctx_count = ACCEL_STREAM_CTX_MAX
     sqTail = SharedWord(region.field(\.sq_tail))
     sqHead = SharedWord(region.field(\.sq_head))
     cqTail = SharedWord(region.field(\.cq_tail))
@@ -119,6 +124,37 @@ public final class DeviceQueue: @unchecked Sendable {
     }
   }
 
+  /// The context for a stream chunk: opened (or reopened) on STREAM_START, else the
+  /// open one. Nil when the slot is not open (never opened, or closed by a reset),
+  /// or when another chunk of the stream is on an engine right now.
+  func streamContext(_ sqe: accel_sqe) -> StreamContext? {
+    let slot = sqe.stream_ctx
+    return streams.withLock { table -> StreamContext? in
+      if sqe.flags & UInt8(ACCEL_SQE_F_STREAM_START) != 0 {
+        guard table[slot]?.busy != true,
+          let raw = accel_stream_create(sqe.algorithm, sqe.opcode == DeviceOpcode.compress.rawValue ? 1 : 0, sqe.level)
+        else { return nil }
+        table[slot] = StreamContext(raw, compress: sqe.opcode == DeviceOpcode.compress.rawValue, algorithm: sqe.algorithm)
+      }
+      guard let ctx = table[slot], !ctx.busy, ctx.algorithm == sqe.algorithm,
+        ctx.compress == (sqe.opcode == DeviceOpcode.compress.rawValue)
+      else { return nil }
+      ctx.busy = true
+      return ctx
+    }
+  }
+
+  /// A chunk finished: closes the context at the stream's end or on an error.
+  func streamChunkDone(_ slot: UInt32, _ ctx: StreamContext, close: Bool) {
+    streams.withLock { table in
+      ctx.busy = false
+      if close, table[slot] === ctx { table[slot] = nil }
+    }
+  }
+
+  /// Open streams (for tests and DescribeDevice).
+  var openStreams: Int { streams.withLock { $0.count } }
+
   /// The engine is done with a job `fetch` gave it and posts no completion for it.
   func finishedWithoutPosting() { postLock.withLock { $0.finishedJobs &+= 1 } }
 
@@ -139,6 +175,7 @@ public final class DeviceQueue: @unchecked Sendable {
       sqHead.storeRelease(state.head)
       stateFlags.fetchAnd(~ACCEL_QF_ERROR)
       errorStatus.storeRelease(0)
+      streams.withLock { $0.removeAll() }  // a reset closes every stream of the queue
       resetAck.storeRelease(request)
       return wasInError
     }
@@ -189,6 +226,21 @@ public final class DeviceQueue: @unchecked Sendable {
   func setIsolated(_ on: Bool) {
     if on { stateFlags.fetchOr(ACCEL_QF_ISOLATED) } else { stateFlags.fetchAnd(~ACCEL_QF_ISOLATED) }
   }
+}
+
+/// One open stream's engine state. Guarded by the queue's stream table lock,
+/// except `raw`, which only the engine holding the context (`busy`) touches.
+final class StreamContext: @unchecked Sendable {
+  let raw: OpaquePointer
+  let compress: Bool
+  let algorithm: UInt8
+  var busy = false
+  init(_ raw: OpaquePointer, compress: Bool, algorithm: UInt8) {
+    self.raw = raw
+    self.compress = compress
+    self.algorithm = algorithm
+  }
+  deinit { accel_stream_destroy(raw) }
 }
 
 /// What the device's queue state flags say.

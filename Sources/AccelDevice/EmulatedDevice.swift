@@ -399,7 +399,7 @@ public final class EmulatedDevice: @unchecked Sendable {
     cqe.cookie = chain.last!.cookie
     cqe.status = status.rawValue
     cqe.error_class = status.errorClass.rawValue
-    cqe.produced = status == .ok ? produced : 0
+    cqe.produced = status == .ok || status == .moreOutput ? produced : 0
     cqe.consumed = consumed
     cqe.engine_id = UInt16(truncatingIfNeeded: stats.id)
     cqe.engine_ns = elapsed
@@ -448,6 +448,16 @@ public final class EmulatedDevice: @unchecked Sendable {
     var produced: UInt32 = 0
     var consumed: UInt32 = 0
     var raw: UInt16
+    if sqe.flags & UInt8(ACCEL_SQE_F_STREAM) != 0 {
+      // A stream chunk (1.3): the context's own engine state, not this engine's.
+      guard let stream = q.streamContext(sqe) else { return (.invalidDescriptor, 0, 0) }
+      let final: Int32 = sqe.flags & UInt8(ACCEL_SQE_F_STREAM_FINAL) != 0 ? 1 : 0
+      raw = accel_stream_process(stream.raw, src, inputLength, final, dst, sqe.dst_capacity, &produced, &consumed)
+      let st = DeviceStatus(rawValue: raw) ?? .engineError
+      q.streamChunkDone(sqe.stream_ctx, stream, close: (st == .ok && final == 1) || (st != .ok && st != .moreOutput))
+      if produced > sqe.dst_capacity { return (.engineError, 0, 0) }
+      return (st, st == .ok || st == .moreOutput ? produced : 0, consumed)
+    }
     switch DeviceOpcode(rawValue: sqe.opcode) {
     case .compress:
       raw = accel_engine_compress(

@@ -287,7 +287,10 @@ package final class Dispatcher: Sendable {
         q.release(lease)
         pump()
       }
-      guard completion.status == .ok else {
+      guard completion.status == .ok || (completion.status == .moreOutput && request.stream != nil) else {
+        if request.stream != nil && completion.status == .invalidDescriptor {
+          throw .unavailable("the stream's context is gone (its device queue was reset); restart the stream")
+        }
         if completion.status.errorClass == .queue {
           throw .unavailable("device: \(completion.detail ?? "\(completion.status) on queue \(q.queueID)")")
         }
@@ -295,7 +298,7 @@ package final class Dispatcher: Sendable {
       }
       let output = Data(q.output(lease, count: Int(completion.produced)))
       let end = clock.now
-      return JobResult(
+      var result = JobResult(
         output: output,
         stats: JobStatistics(
           queueWaitNanoseconds: UInt64((dispatchedAt - enqueuedAt).nanosecondsClamped),
@@ -303,7 +306,36 @@ package final class Dispatcher: Sendable {
           totalNanoseconds: UInt64((end - enqueuedAt).nanosecondsClamped),
           inputBytes: UInt64(request.input.count), outputBytes: UInt64(completion.produced),
           queueID: q.queueID, engineID: UInt32(completion.engineID), batchSize: UInt32(batchSize)))
+      result.moreOutput = completion.status == .moreOutput
+      result.consumed = Int(completion.consumed)
+      return result
     }
+  }
+
+  // MARK: streams
+
+  /// Opens a stream context on the healthy queue with the least device time in
+  /// flight. The stream's chunks all run there (its state lives in that queue).
+  package func openStream() throws(JobError) -> StreamTarget {
+    let driver = self.driver
+    guard isAttached else { throw .unavailable(detachedReason ?? "device unavailable") }
+    let order = state.withLock { s in
+      driver.queues.filter(\.isHealthy).sorted { s.inFlightCost[$0.index] < s.inFlightCost[$1.index] }
+    }
+    for q in order {
+      if let slot = q.openStream() {
+        return StreamTarget(queueIndex: q.index, slot: slot, driverID: ObjectIdentifier(driver))
+      }
+    }
+    throw .rejected(reason: .queueFull, retryAfterMilliseconds: 100)
+  }
+
+  /// Gives a stream's context back (after its last chunk, or when it is abandoned;
+  /// the next STREAM_START on the slot reopens it cleanly).
+  package func closeStream(_ target: StreamTarget) {
+    let driver = self.driver
+    guard ObjectIdentifier(driver) == target.driverID, target.queueIndex < driver.queues.count else { return }
+    driver.queues[target.queueIndex].closeStream(target.slot)
   }
 
   private static func jobError(_ r: AdmissionRefusal, size: Int) -> JobError {
@@ -475,7 +507,11 @@ package final class Dispatcher: Sendable {
   private func takeDispatchable() -> [Work] {
     let now = clock.now
     var woken: [CheckedContinuation<Void, Never>] = []
-    defer { for w in woken { w.resume() } }
+    var failedStreams: [CheckedContinuation<Outcome, Never>] = []
+    defer {
+      for w in woken { w.resume() }
+      for c in failedStreams { c.resume(returning: .failed(.unavailable("the stream's device queue failed; restart the stream"))) }
+    }
     guard detachedReasonBox.withLock({ $0 == nil }) else { return [] }
     let driver = self.driver
     return state.withLock { s -> [Work] in
@@ -487,8 +523,22 @@ package final class Dispatcher: Sendable {
         // A queue of weight w keeps w jobs and w budgets in flight, so a shared
         // device's weighted round-robin always finds w descriptors to take in a row.
         let budget = UInt64(configuration.inFlightBudget.nanosecondsClamped)
+        if let stream = p.request.stream {
+          // A stream chunk runs on its own queue or not at all.
+          guard ObjectIdentifier(driver) == stream.driverID, stream.queueIndex < driver.queues.count,
+            driver.queues[stream.queueIndex].mayRecover
+          else {
+            _ = s.scheduler.pop(now: nanos(now))
+            woken += leftQueueLocked(&s, p)
+            let c = s.jobs[next.id]?.continuation
+            s.forget(next.id)
+            if let c { failedStreams.append(c) }
+            continue
+          }
+        }
         let candidates = driver.queues
           .filter {
+            if let stream = p.request.stream, stream.queueIndex != $0.index { return false }
             let w = Int($0.weight)
             return $0.isHealthy && s.inFlight[$0.index] < max(configuration.inFlightPerQueue, w)
               && (s.inFlight[$0.index] < w || s.inFlightCost[$0.index] + next.cost <= budget * UInt64(w))
@@ -550,7 +600,7 @@ package final class Dispatcher: Sendable {
     guard configuration.verifyCompression else { return request.steps }
     return request.steps.map {
       var step = $0
-      step.verify = step.opcode == .compress
+      step.verify = step.opcode == .compress && step.streamSlot == 0
       return step
     }
   }
@@ -585,6 +635,7 @@ package final class Dispatcher: Sendable {
         return nil
       }
       if completion.status.errorClass == .queue && p.retries == 0 && attached && !s.shuttingDown
+        && p.request.stream == nil
         && current.queues.contains(where: { $0.mayRecover })
       {
         // The device is done with the buffers (or the queue stays out of service

@@ -18,6 +18,9 @@ package struct JobRequest: Sendable {
   /// Payload size counted against the tenant's limits, when it differs from the
   /// input (a ciphertext counts without the tag and envelope it carries).
   package var admissionBytes: Int? = nil
+  /// A chunk of an open stream: it must run on the stream's queue, is never
+  /// retried elsewhere, and may end with `moreOutput`.
+  package var stream: StreamTarget? = nil
 
   /// Bytes admission charges for the job.
   package var chargedBytes: Int { admissionBytes ?? input.count }
@@ -61,6 +64,18 @@ extension JobRequest {
 package struct JobResult: Sendable {
   package var output: Data
   package var stats: JobStatistics
+  /// Stream chunks: the output filled up before the chunk was done; submit the
+  /// input from `consumed` on (possibly none) to get the rest.
+  package var moreOutput = false
+  package var consumed = 0
+}
+
+/// Where a stream lives: its queue (by the driver's index) and context slot.
+package struct StreamTarget: Sendable, Equatable {
+  package var queueIndex: Int
+  package var slot: UInt32
+  /// The driver the stream was opened on (a replaced driver ends the stream).
+  package var driverID: ObjectIdentifier
 }
 
 package struct JobStatistics: Sendable, Equatable {

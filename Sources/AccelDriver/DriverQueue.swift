@@ -33,6 +33,10 @@ package struct DeviceStep: Sendable, Equatable {
   package var level: UInt8
   /// Compress-and-verify (compression steps only).
   package var verify = false
+  /// A chunk of the stream in this 1-based context (ABI 1.3); 0 = not a stream.
+  package var streamSlot: UInt32 = 0
+  package var streamStart = false
+  package var streamFinal = false
   package init(_ opcode: DeviceOpcode, _ algorithm: DeviceAlgorithm, level: UInt8 = 0, verify: Bool = false) {
     self.opcode = opcode
     self.algorithm = algorithm
@@ -115,6 +119,7 @@ package final class DriverQueue: @unchecked Sendable {
     var tail: UInt32 = 0
     var leased = 0
     var service = QueueService.inService
+    var freeStreams: [UInt32] = []
   }
 
   private let state: Mutex<State>
@@ -165,10 +170,22 @@ package final class DriverQueue: @unchecked Sendable {
         slots: Array(repeating: .free, count: slots),
         freeSlots: Array((0..<slots).reversed()),
         freeKeySlots: layout.keySlotCount > 0 ? Array((1...layout.keySlotCount).reversed()) : [],
-        tail: startTail))
+        tail: startTail,
+        freeStreams: Self.streamSlots(region)))
     reapLock.withLock { $0 = startHead }
     coarseNow.store(SharedMemory.nowNanoseconds(), ordering: .relaxed)
   }
+
+  private static func streamSlots(_ region: QueueRegion) -> [UInt32] {
+    let n = min(region.header.pointee.stream_ctx_count, ACCEL_STREAM_CTX_MAX)
+    return n > 0 ? Array((1...n).reversed()) : []
+  }
+
+  /// Takes a stream context (1-based), or nil if all are open.
+  package func openStream() -> UInt32? { state.withLock { $0.freeStreams.popLast() } }
+
+  /// Gives a stream context back.
+  package func closeStream(_ slot: UInt32) { state.withLock { $0.freeStreams.append(slot) } }
 
   package var queueID: UInt32 { region.queueID }
   /// Arbitration weight the device gave this queue.
@@ -361,6 +378,12 @@ package final class DriverQueue: @unchecked Sendable {
     sqe.dst_capacity = last ? lease.dstCapacity : lease.midCapacity
     if !last { sqe.flags = UInt8(ACCEL_SQE_F_CHAIN) }
     if step.verify && step.opcode == .compress { sqe.flags |= UInt8(ACCEL_SQE_F_VERIFY) }
+    if step.streamSlot != 0 {
+      sqe.stream_ctx = step.streamSlot
+      sqe.flags |= UInt8(ACCEL_SQE_F_STREAM)
+      if step.streamStart { sqe.flags |= UInt8(ACCEL_SQE_F_STREAM_START) }
+      if step.streamFinal { sqe.flags |= UInt8(ACCEL_SQE_F_STREAM_FINAL) }
+    }
     if step.isCrypto {
       sqe.key_slot = lease.keySlot
       if step.opcode != .digest {
@@ -439,7 +462,7 @@ package final class DriverQueue: @unchecked Sendable {
       return (
         handler,
         Completion(
-          status: status, produced: status == .ok ? cqe.produced : 0, consumed: cqe.consumed,
+          status: status, produced: status == .ok || status == .moreOutput ? cqe.produced : 0, consumed: cqe.consumed,
           engineID: cqe.engine_id, engineNanoseconds: cqe.engine_ns)
       )
     }

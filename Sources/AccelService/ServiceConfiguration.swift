@@ -63,6 +63,8 @@ public struct ServiceConfiguration: Sendable {
   public var metricsHost: String = "127.0.0.1"
   public var metricsPort: Int? = 9464
 
+  /// Largest total output of one DecompressStream (callers may ask for less).
+  public var maxStreamOutputBytes: Int = 64 << 30
   /// Payload bytes all waiting jobs together may hold; beyond it new jobs get
   /// RESOURCE_EXHAUSTED (`gateway_memory`) with a retry hint. nil = unbounded.
   public var maxQueuedPayloadBytes: Int? = 1 << 30

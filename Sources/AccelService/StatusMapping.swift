@@ -68,7 +68,7 @@ enum StatusMapping {
       case .authFailed: return RPCError(code: .invalidArgument, message: "authentication failed")
       case .badKey: return RPCError(code: .invalidArgument, message: "\(operation): key is not valid for the algorithm")
       case .badParams: return RPCError(code: .invalidArgument, message: "\(operation): invalid parameters")
-      case .invalidDescriptor, .engineError, .queueStopped, .deviceFault, .verifyFailed, .ok:
+      case .invalidDescriptor, .engineError, .queueStopped, .deviceFault, .verifyFailed, .moreOutput, .ok:
         return RPCError(code: .internalError, message: "\(operation): device error (\(status))")
       }
     }

@@ -37,6 +37,14 @@ struct ConnectionOptions: ParsableArguments {
     )
   }
 
+  /// Streams get no overall deadline unless --timeout was given explicitly large enough;
+  /// each chunk is still bounded by the server's default deadline.
+  var streamOptions: CallOptions {
+    var o = callOptions
+    o.timeout = .seconds(max(3600, Int64(timeout)))
+    return o
+  }
+
   var callOptions: CallOptions {
     var o = CallOptions.defaults
     o.timeout = .milliseconds(Int64(timeout * 1000))
@@ -92,68 +100,195 @@ struct Compress: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
     abstract: "Compress a file.",
     discussion: """
-      Input larger than the server's request limit is sent in chunks. For gzip, zstd and lz4 \
-      the chunks become members (frames) of one valid file, as those formats allow; deflate \
-      and zlib need a single job, so their input must fit the limit.
+      Input up to --chunk-bytes goes in one call; larger input (or --stream) goes through \
+      CompressStream, chunk by chunk, with flat memory and one standard stream as output \
+      (deflate, zlib, gzip, zstd; lz4 is one-shot only).
       """)
   @OptionGroup var connection: ConnectionOptions
   @OptionGroup var io: IOOptions
   @Option(help: "deflate, zlib, gzip, zstd or lz4.") var format: FormatArgument = .gzip
-  @Option(help: "Level 0-9 (default 6).") var level: Int32?
-  @Option(help: "Chunk size for large gzip input, in bytes.") var chunkBytes = 4 << 20
+  @Option(help: "Level (default: the format's).") var level: Int32?
+  @Option(help: "Chunk size for streaming, in bytes (at most the server's request limit).") var chunkBytes = 4 << 20
+  @Flag(help: "Stream even when the input fits one call.") var stream = false
 
   func run() async throws {
-    let data = try io.read()
     let chunk = max(1, chunkBytes)
-    guard data.count <= chunk || [.gzip, .zstd, .lz4].contains(format) else {
-      throw ValidationError("\(format.rawValue) input over \(chunk) bytes needs streaming; use --format gzip, zstd or lz4")
-    }
     let (format, level, connection, showStats) = (format, level, connection, io.stats)
-    let output = try await connection.withClient { client -> Data in
-      var out = Data()
-      let progress = ProgressBar(total: data.count, label: "compress")
-      var offset = 0
-      repeat {
-        let end = min(data.count, offset + chunk)
-        let request = Accelgate_V1_CompressRequest.with {
-          $0.format = format.proto
-          if let level { $0.level = level }
-          $0.data = data.subdata(in: offset..<end)
-        }
-        let response = try await client.compress(request, metadata: connection.metadata, options: connection.callOptions)
-        out.append(response.data)
-        if showStats { printStats(response.stats) }
-        offset = end
-        progress.update(offset)
-      } while offset < data.count
-      progress.finish()
-      return out
+    let source = try InputSource(io.input)
+    if !stream && source.size.map({ $0 <= chunk }) == true {
+      let data = try source.readAll()
+      let response = try await connection.withClient { client in
+        try await client.compress(
+          .with {
+            $0.format = format.proto
+            if let level { $0.level = level }
+            $0.data = data
+          }, metadata: connection.metadata, options: connection.callOptions)
+      }
+      if showStats { printStats(response.stats) }
+      try io.write(response.data)
+      return
     }
-    try io.write(output)
+    guard format != .lz4 else { throw ValidationError("lz4 input over \(chunk) bytes: use --format zstd or gzip to stream") }
+    let sink = try OutputSink(io.output)
+    let progress = ProgressBar(total: source.size ?? 0, label: "compress", force: source.size != nil)
+    let totals = try await connection.withClient { client in
+      try await client.compressStream(
+        request: StreamingClientRequest(metadata: connection.metadata) { writer in
+          var first = true
+          var sent = 0
+          while true {
+            let piece = try source.read(chunk)
+            let final = piece.count < chunk && source.atEnd
+            try await writer.write(
+              .with {
+                if first {
+                  $0.format = format.proto
+                  if let level { $0.level = level }
+                }
+                $0.data = piece
+                $0.final = final
+              })
+            first = false
+            sent += piece.count
+            progress.update(sent)
+            if final || piece.isEmpty { break }
+          }
+        }, options: connection.streamOptions
+      ) { response in
+        var last = Accelgate_V1_CompressStreamResponse()
+        for try await r in response.messages {
+          if !r.data.isEmpty { try sink.write(r.data) }
+          last = r
+        }
+        return last
+      }
+    }
+    progress.finish()
+    try sink.close()
+    if showStats {
+      FileHandle.standardError.write(
+        Data("stream: \(totals.totalIn) B -> \(totals.totalOut) B in \(totals.jobs) device jobs, device \(totals.deviceNs / 1000) us\n".utf8))
+    }
   }
 }
 
 struct Decompress: AsyncParsableCommand {
-  static let configuration = CommandConfiguration(abstract: "Decompress a file.")
+  static let configuration = CommandConfiguration(
+    abstract: "Decompress a file.",
+    discussion: """
+      Decompression goes through DecompressStream (the output size is not known up front), \
+      with flat memory; lz4, which is one-shot only, and --one-shot use a single call.
+      """)
   @OptionGroup var connection: ConnectionOptions
   @OptionGroup var io: IOOptions
   @Option(help: "deflate, zlib, gzip, zstd or lz4.") var format: FormatArgument = .gzip
   @Option(help: "Cap on the decompressed size in bytes (0 = the server's limit).") var maxOutputBytes: UInt64 = 0
+  @Option(help: "Chunk size for streaming, in bytes.") var chunkBytes = 4 << 20
+  @Flag(help: "Use one Decompress call (output up to the server's unary limit).") var oneShot = false
 
   func run() async throws {
-    let data = try io.read()
+    let chunk = max(1, chunkBytes)
     let (format, maxOutputBytes, connection, showStats) = (format, maxOutputBytes, connection, io.stats)
-    let response = try await connection.withClient { client in
-      try await client.decompress(
-        .with {
-          $0.format = format.proto
-          $0.data = data
-          $0.maxOutputBytes = maxOutputBytes
-        }, metadata: connection.metadata, options: connection.callOptions)
+    let source = try InputSource(io.input)
+    if oneShot || format == .lz4 {
+      let data = try source.readAll()
+      let response = try await connection.withClient { client in
+        try await client.decompress(
+          .with {
+            $0.format = format.proto
+            $0.data = data
+            $0.maxOutputBytes = maxOutputBytes
+          }, metadata: connection.metadata, options: connection.callOptions)
+      }
+      if showStats { printStats(response.stats) }
+      try io.write(response.data)
+      return
     }
-    if showStats { printStats(response.stats) }
-    try io.write(response.data)
+    let sink = try OutputSink(io.output)
+    let progress = ProgressBar(total: source.size ?? 0, label: "decompress", force: source.size != nil)
+    _ = try await connection.withClient { client in
+      try await client.decompressStream(
+        request: StreamingClientRequest(metadata: connection.metadata) { writer in
+          var first = true
+          var sent = 0
+          while true {
+            let piece = try source.read(chunk)
+            let final = piece.count < chunk && source.atEnd
+            try await writer.write(
+              .with {
+                if first {
+                  $0.format = format.proto
+                  $0.maxOutputBytes = maxOutputBytes
+                }
+                $0.data = piece
+                $0.final = final
+              })
+            first = false
+            sent += piece.count
+            progress.update(sent)
+            if final || piece.isEmpty { break }
+          }
+        }, options: connection.streamOptions
+      ) { response in
+        for try await r in response.messages where !r.data.isEmpty { try sink.write(r.data) }
+        return 0
+      }
+    }
+    progress.finish()
+    try sink.close()
   }
+}
+
+/// A file or stdin, read in pieces.
+final class InputSource: @unchecked Sendable {
+  let handle: FileHandle
+  let size: Int?
+  private(set) var atEnd = false
+
+  init(_ path: String) throws {
+    if path == "-" {
+      handle = FileHandle.standardInput
+      size = nil
+    } else {
+      handle = try FileHandle(forReadingFrom: URL(fileURLWithPath: path))
+      size = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int) ?? nil
+    }
+  }
+
+  func read(_ n: Int) throws -> Data {
+    var out = Data()
+    while out.count < n {
+      guard let piece = try handle.read(upToCount: n - out.count), !piece.isEmpty else {
+        atEnd = true
+        break
+      }
+      out.append(piece)
+    }
+    return out
+  }
+
+  func readAll() throws -> Data { try handle.readToEnd() ?? Data() }
+}
+
+/// A file or stdout, written in pieces.
+final class OutputSink: @unchecked Sendable {
+  let handle: FileHandle
+  let path: String
+
+  init(_ path: String) throws {
+    self.path = path
+    if path == "-" {
+      handle = FileHandle.standardOutput
+    } else {
+      _ = FileManager.default.createFile(atPath: path, contents: nil)
+      handle = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
+      try handle.truncate(atOffset: 0)
+    }
+  }
+
+  func write(_ data: Data) throws { try handle.write(contentsOf: data) }
+  func close() throws { if path != "-" { try handle.close() } }
 }
 
 struct Describe: AsyncParsableCommand {

@@ -28,8 +28,8 @@ import pytest
 from conftest import LOG_DIR, ROOT, server_binary
 
 ABI_MAJOR = 1
-ABI_MINOR = 2
-ABI_VERSION = (ABI_MAJOR << 16) | ABI_MINOR  # 65538
+ABI_MINOR = 3
+ABI_VERSION = (ABI_MAJOR << 16) | ABI_MINOR  # 65539
 REGION_MAGIC = b"ACCL"
 HEADER_SIZE = 4096
 MAX_FRAME = 64 * 1024

@@ -135,3 +135,21 @@ def test_bench_reports_percentiles_and_writes_json_and_a_plot(gateway, tmp_path)
     p = ctl(gateway, "bench", "-c", "4", "--duration", "2", "--rate", "50", "--sizes", "1K", "--json", str(out))
     calls = json.loads(out.read_text())["results"][0]["calls"]
     assert 60 <= calls <= 125, calls  # 100 scheduled; generous bounds for a busy machine
+
+
+@pytest.mark.parametrize("fmt", ["gzip", "zlib", "deflate", "zstd"])
+def test_files_over_the_chunk_size_stream_as_one_standard_stream(gateway, tmp_path, fmt):
+    import zstandard
+    data = b"".join(b"%d a longer log line for streaming %d\n" % (i, i % 97) for i in range(250_000))  # ~9 MB
+    src, packed, back = tmp_path / "in.txt", tmp_path / "c.bin", tmp_path / "back.txt"
+    src.write_bytes(data)
+    ctl(gateway, "compress", "--format", fmt, "--chunk-bytes", str(1 << 20), "-i", str(src), "-o", str(packed))
+    blob = packed.read_bytes()
+    if fmt == "zstd":
+        assert zstandard.ZstdDecompressor().decompressobj().decompress(blob) == data
+        assert zstandard.frame_header_size(blob) and blob.count(b"\x28\xb5\x2f\xfd") == 1  # one frame
+    else:
+        d = zlib.decompressobj({"gzip": 31, "zlib": 15, "deflate": -15}[fmt])
+        assert d.decompress(blob) == data and d.unused_data == b""  # one stream, nothing after it
+    ctl(gateway, "decompress", "--format", fmt, "--chunk-bytes", str(1 << 20), "-i", str(packed), "-o", str(back))
+    assert back.read_bytes() == data

@@ -45,8 +45,8 @@ extern "C" {
 
 #define ACCEL_ABI_MAGIC          0x4C434341u /* "ACCL" in little-endian memory order */
 #define ACCEL_ABI_VERSION_MAJOR  1u
-#define ACCEL_ABI_VERSION_MINOR  2u
-#define ACCEL_ABI_VERSION        0x00010002u /* (MAJOR << 16) | MINOR */
+#define ACCEL_ABI_VERSION_MINOR  3u
+#define ACCEL_ABI_VERSION        0x00010003u /* (MAJOR << 16) | MINOR */
 
 #define ACCEL_CACHELINE          64u
 #define ACCEL_HEADER_SIZE        4096u
@@ -97,12 +97,13 @@ enum accel_algorithm {
  * Descriptor flags (accel_sqe.flags)
  * ------------------------------------------------------------------------- */
 #define ACCEL_SQE_F_CHAIN        (1u << 0) /* 1.1: the next SQE continues this job (see below) */
-#define ACCEL_SQE_F_STREAM       (1u << 1) /* reserved: uses the stream context in stream_ctx */
-#define ACCEL_SQE_F_STREAM_FINAL (1u << 2) /* reserved: last chunk of a stream */
+#define ACCEL_SQE_F_STREAM       (1u << 1) /* 1.3: a chunk of the stream in context stream_ctx (1-based) */
+#define ACCEL_SQE_F_STREAM_FINAL (1u << 2) /* 1.3: the stream's last chunk */
 #define ACCEL_SQE_F_VERIFY       (1u << 3) /* 1.2: compress-and-verify: the device decompresses the
                                               result and compares it with the input before completing;
                                               a mismatch completes with ACCEL_STATUS_VERIFY_FAILED */
-#define ACCEL_SQE_F_KNOWN_MASK   0x0Fu
+#define ACCEL_SQE_F_STREAM_START (1u << 4) /* 1.3: the stream's first chunk: (re)open the context */
+#define ACCEL_SQE_F_KNOWN_MASK   0x1Fu
 
 /* ---------------------------------------------------------------------------
  * Key slots (ABI 1.1). A region may carry keyslot_count slots of
@@ -136,6 +137,19 @@ typedef struct accel_aead_params {
     uint32_t reserved[3];            /* zero */
 } accel_aead_params;
 
+/* Streams (ABI 1.3): a device offers stream_ctx_count contexts per queue
+ * (accel_region_header; 1.3 devices set it, ACCEL_STREAM_CTX_MAX at most). The
+ * context's engine state is device-private (stream_ctx_offset stays 0). A
+ * compress or decompress SQE with ACCEL_SQE_F_STREAM names its context in
+ * stream_ctx; STREAM_START (re)opens it with the SQE's algorithm and level,
+ * STREAM_FINAL marks the last input. A chunk may complete with MORE_OUTPUT: dst
+ * filled before the chunk was done; `consumed` says how much input was taken and
+ * the driver submits the rest (possibly none) with a fresh dst. Only one chunk
+ * of a stream may be on the device at a time. A queue reset closes every
+ * context; the next chunk of such a stream gets INVALID_DESCRIPTOR. Streams
+ * cannot be chained. */
+#define ACCEL_STREAM_CTX_MAX 64u
+
 /* Chains (ABI 1.1): SQEs with ACCEL_SQE_F_CHAIN continue into the next SQE of
  * the same ring; the last one has the flag clear. At most ACCEL_CHAIN_MAX
  * entries. A follower's src_offset must equal its predecessor's dst_offset;
@@ -163,6 +177,7 @@ enum accel_status {
     ACCEL_STATUS_BAD_KEY            = 11, /* 1.1: key slot missing or key length wrong for the algorithm */
     ACCEL_STATUS_BAD_PARAMS         = 12, /* 1.1: AEAD parameter block or chain malformed */
     ACCEL_STATUS_VERIFY_FAILED      = 13, /* 1.2: compress-and-verify found the engine's output wrong */
+    ACCEL_STATUS_MORE_OUTPUT        = 14, /* 1.3: stream chunk not finished: dst filled first (not an error) */
 };
 
 enum accel_error_class {
@@ -323,7 +338,8 @@ static inline uint64_t accel_compress_bound(uint64_t n) { return n + (n >> 8) + 
 /** Error class a status belongs to. Documented in docs/DEVICE_ABI.md. */
 static inline uint8_t accel_status_error_class(uint16_t status) {
     switch (status) {
-    case ACCEL_STATUS_OK: return ACCEL_ERRCLASS_NONE;
+    case ACCEL_STATUS_OK:
+    case ACCEL_STATUS_MORE_OUTPUT: return ACCEL_ERRCLASS_NONE;
     case ACCEL_STATUS_QUEUE_STOPPED:
     case ACCEL_STATUS_DEVICE_FAULT:
     case ACCEL_STATUS_VERIFY_FAILED:

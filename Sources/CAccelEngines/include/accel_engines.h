@@ -45,6 +45,17 @@ uint16_t accel_engine_verify(accel_engine_ctx *ctx, uint8_t algorithm,
                              const uint8_t *compressed, uint32_t compressed_len,
                              const uint8_t *original, uint32_t original_len);
 
+/** A stream context (ABI 1.3): device-private state of one open stream. */
+typedef struct accel_stream accel_stream;
+/** Opens a stream: deflate, zlib, gzip or zstd; compress (1) or decompress (0). NULL if unsupported or out of memory. */
+accel_stream *accel_stream_create(uint8_t algorithm, int compress, uint8_t level);
+void accel_stream_destroy(accel_stream *s);
+/** Feeds one chunk (final = the stream's last). Returns OK when the chunk is done,
+    ACCEL_STATUS_MORE_OUTPUT when dst filled first (call again with the rest of the
+    input and a fresh buffer), or an error status. */
+uint16_t accel_stream_process(accel_stream *s, const uint8_t *src, uint32_t src_len, int final,
+                              uint8_t *dst, uint32_t dst_cap, uint32_t *produced, uint32_t *consumed);
+
 /** AEAD seal (encrypt = 1) or open (encrypt = 0); see accel_aead_params in accel_abi.h.
     On open, a tag mismatch returns ACCEL_STATUS_AUTH_FAILED and zeroes dst. */
 uint16_t accel_engine_aead(accel_engine_ctx *ctx, int encrypt, uint8_t algorithm,

@@ -118,6 +118,32 @@ public enum Accelgate_V1_Accelerator: Sendable {
                 type: .unary
             )
         }
+        /// Namespace for "CompressStream" metadata.
+        public enum CompressStream: Sendable {
+            /// Request type for "CompressStream".
+            public typealias Input = Accelgate_V1_CompressStreamRequest
+            /// Response type for "CompressStream".
+            public typealias Output = Accelgate_V1_CompressStreamResponse
+            /// Descriptor for "CompressStream".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "accelgate.v1.Accelerator"),
+                method: "CompressStream",
+                type: .bidirectionalStreaming
+            )
+        }
+        /// Namespace for "DecompressStream" metadata.
+        public enum DecompressStream: Sendable {
+            /// Request type for "DecompressStream".
+            public typealias Input = Accelgate_V1_DecompressStreamRequest
+            /// Response type for "DecompressStream".
+            public typealias Output = Accelgate_V1_DecompressStreamResponse
+            /// Descriptor for "DecompressStream".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "accelgate.v1.Accelerator"),
+                method: "DecompressStream",
+                type: .bidirectionalStreaming
+            )
+        }
         /// Descriptors for all methods in the "accelgate.v1.Accelerator" service.
         public static let descriptors: [GRPCCore.MethodDescriptor] = [
             Compress.descriptor,
@@ -126,7 +152,9 @@ public enum Accelgate_V1_Accelerator: Sendable {
             Submit.descriptor,
             Encrypt.descriptor,
             Decrypt.descriptor,
-            Digest.descriptor
+            Digest.descriptor,
+            CompressStream.descriptor,
+            DecompressStream.descriptor
         ]
     }
 }
@@ -292,6 +320,43 @@ extension Accelgate_V1_Accelerator {
             request: GRPCCore.StreamingServerRequest<Accelgate_V1_DigestRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Accelgate_V1_DigestResponse>
+
+        /// Handle the "CompressStream" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Stateful streaming of any length with flat memory: deflate, zlib, gzip or
+        /// > zstd. The first message sets the format (and level); every message carries
+        /// > a chunk of at most the request limit; set `final` on the last (ending the
+        /// > request stream also ends the input). The output is one standard stream,
+        /// > sent back in pieces as the device produces it. Each chunk is a job for the
+        /// > fair scheduler, run on the queue that holds the stream's context.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Accelgate_V1_CompressStreamRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Accelgate_V1_CompressStreamResponse` messages.
+        func compressStream(
+            request: GRPCCore.StreamingServerRequest<Accelgate_V1_CompressStreamRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Accelgate_V1_CompressStreamResponse>
+
+        /// Handle the "DecompressStream" method.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Accelgate_V1_DecompressStreamRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Accelgate_V1_DecompressStreamResponse` messages.
+        func decompressStream(
+            request: GRPCCore.StreamingServerRequest<Accelgate_V1_DecompressStreamRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Accelgate_V1_DecompressStreamResponse>
     }
 
     /// Service protocol for the "accelgate.v1.Accelerator" service.
@@ -441,6 +506,43 @@ extension Accelgate_V1_Accelerator {
             request: GRPCCore.ServerRequest<Accelgate_V1_DigestRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.ServerResponse<Accelgate_V1_DigestResponse>
+
+        /// Handle the "CompressStream" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Stateful streaming of any length with flat memory: deflate, zlib, gzip or
+        /// > zstd. The first message sets the format (and level); every message carries
+        /// > a chunk of at most the request limit; set `final` on the last (ending the
+        /// > request stream also ends the input). The output is one standard stream,
+        /// > sent back in pieces as the device produces it. Each chunk is a job for the
+        /// > fair scheduler, run on the queue that holds the stream's context.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Accelgate_V1_CompressStreamRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Accelgate_V1_CompressStreamResponse` messages.
+        func compressStream(
+            request: GRPCCore.StreamingServerRequest<Accelgate_V1_CompressStreamRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Accelgate_V1_CompressStreamResponse>
+
+        /// Handle the "DecompressStream" method.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Accelgate_V1_DecompressStreamRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Accelgate_V1_DecompressStreamResponse` messages.
+        func decompressStream(
+            request: GRPCCore.StreamingServerRequest<Accelgate_V1_DecompressStreamRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Accelgate_V1_DecompressStreamResponse>
     }
 
     /// Simple service protocol for the "accelgate.v1.Accelerator" service.
@@ -589,6 +691,45 @@ extension Accelgate_V1_Accelerator {
             request: Accelgate_V1_DigestRequest,
             context: GRPCCore.ServerContext
         ) async throws -> Accelgate_V1_DigestResponse
+
+        /// Handle the "CompressStream" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Stateful streaming of any length with flat memory: deflate, zlib, gzip or
+        /// > zstd. The first message sets the format (and level); every message carries
+        /// > a chunk of at most the request limit; set `final` on the last (ending the
+        /// > request stream also ends the input). The output is one standard stream,
+        /// > sent back in pieces as the device produces it. Each chunk is a job for the
+        /// > fair scheduler, run on the queue that holds the stream's context.
+        ///
+        /// - Parameters:
+        ///   - request: A stream of `Accelgate_V1_CompressStreamRequest` messages.
+        ///   - response: A response stream of `Accelgate_V1_CompressStreamResponse` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        func compressStream(
+            request: GRPCCore.RPCAsyncSequence<Accelgate_V1_CompressStreamRequest, any Swift.Error>,
+            response: GRPCCore.RPCWriter<Accelgate_V1_CompressStreamResponse>,
+            context: GRPCCore.ServerContext
+        ) async throws
+
+        /// Handle the "DecompressStream" method.
+        ///
+        /// - Parameters:
+        ///   - request: A stream of `Accelgate_V1_DecompressStreamRequest` messages.
+        ///   - response: A response stream of `Accelgate_V1_DecompressStreamResponse` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        func decompressStream(
+            request: GRPCCore.RPCAsyncSequence<Accelgate_V1_DecompressStreamRequest, any Swift.Error>,
+            response: GRPCCore.RPCWriter<Accelgate_V1_DecompressStreamResponse>,
+            context: GRPCCore.ServerContext
+        ) async throws
     }
 }
 
@@ -668,6 +809,28 @@ extension Accelgate_V1_Accelerator.StreamingServiceProtocol {
             serializer: GRPCProtobuf.ProtobufSerializer<Accelgate_V1_DigestResponse>(),
             handler: { request, context in
                 try await self.digest(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Accelgate_V1_Accelerator.Method.CompressStream.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Accelgate_V1_CompressStreamRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Accelgate_V1_CompressStreamResponse>(),
+            handler: { request, context in
+                try await self.compressStream(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Accelgate_V1_Accelerator.Method.DecompressStream.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Accelgate_V1_DecompressStreamRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Accelgate_V1_DecompressStreamResponse>(),
+            handler: { request, context in
+                try await self.decompressStream(
                     request: request,
                     context: context
                 )
@@ -841,6 +1004,40 @@ extension Accelgate_V1_Accelerator.SimpleServiceProtocol {
                 context: context
             ),
             metadata: [:]
+        )
+    }
+
+    public func compressStream(
+        request: GRPCCore.StreamingServerRequest<Accelgate_V1_CompressStreamRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Accelgate_V1_CompressStreamResponse> {
+        return GRPCCore.StreamingServerResponse<Accelgate_V1_CompressStreamResponse>(
+            metadata: [:],
+            producer: { writer in
+                try await self.compressStream(
+                    request: request.messages,
+                    response: writer,
+                    context: context
+                )
+                return [:]
+            }
+        )
+    }
+
+    public func decompressStream(
+        request: GRPCCore.StreamingServerRequest<Accelgate_V1_DecompressStreamRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Accelgate_V1_DecompressStreamResponse> {
+        return GRPCCore.StreamingServerResponse<Accelgate_V1_DecompressStreamResponse>(
+            metadata: [:],
+            producer: { writer in
+                try await self.decompressStream(
+                    request: request.messages,
+                    response: writer,
+                    context: context
+                )
+                return [:]
+            }
         )
     }
 }
@@ -1027,6 +1224,53 @@ extension Accelgate_V1_Accelerator {
             deserializer: some GRPCCore.MessageDeserializer<Accelgate_V1_DigestResponse>,
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Accelgate_V1_DigestResponse>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "CompressStream" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Stateful streaming of any length with flat memory: deflate, zlib, gzip or
+        /// > zstd. The first message sets the format (and level); every message carries
+        /// > a chunk of at most the request limit; set `final` on the last (ending the
+        /// > request stream also ends the input). The output is one standard stream,
+        /// > sent back in pieces as the device produces it. Each chunk is a job for the
+        /// > fair scheduler, run on the queue that holds the stream's context.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request producing `Accelgate_V1_CompressStreamRequest` messages.
+        ///   - serializer: A serializer for `Accelgate_V1_CompressStreamRequest` messages.
+        ///   - deserializer: A deserializer for `Accelgate_V1_CompressStreamResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func compressStream<Result>(
+            request: GRPCCore.StreamingClientRequest<Accelgate_V1_CompressStreamRequest>,
+            serializer: some GRPCCore.MessageSerializer<Accelgate_V1_CompressStreamRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Accelgate_V1_CompressStreamResponse>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Accelgate_V1_CompressStreamResponse>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "DecompressStream" method.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request producing `Accelgate_V1_DecompressStreamRequest` messages.
+        ///   - serializer: A serializer for `Accelgate_V1_DecompressStreamRequest` messages.
+        ///   - deserializer: A deserializer for `Accelgate_V1_DecompressStreamResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func decompressStream<Result>(
+            request: GRPCCore.StreamingClientRequest<Accelgate_V1_DecompressStreamRequest>,
+            serializer: some GRPCCore.MessageSerializer<Accelgate_V1_DecompressStreamRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Accelgate_V1_DecompressStreamResponse>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Accelgate_V1_DecompressStreamResponse>) async throws -> Result
         ) async throws -> Result where Result: Sendable
     }
 
@@ -1295,6 +1539,71 @@ extension Accelgate_V1_Accelerator {
                 onResponse: handleResponse
             )
         }
+
+        /// Call the "CompressStream" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Stateful streaming of any length with flat memory: deflate, zlib, gzip or
+        /// > zstd. The first message sets the format (and level); every message carries
+        /// > a chunk of at most the request limit; set `final` on the last (ending the
+        /// > request stream also ends the input). The output is one standard stream,
+        /// > sent back in pieces as the device produces it. Each chunk is a job for the
+        /// > fair scheduler, run on the queue that holds the stream's context.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request producing `Accelgate_V1_CompressStreamRequest` messages.
+        ///   - serializer: A serializer for `Accelgate_V1_CompressStreamRequest` messages.
+        ///   - deserializer: A deserializer for `Accelgate_V1_CompressStreamResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func compressStream<Result>(
+            request: GRPCCore.StreamingClientRequest<Accelgate_V1_CompressStreamRequest>,
+            serializer: some GRPCCore.MessageSerializer<Accelgate_V1_CompressStreamRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Accelgate_V1_CompressStreamResponse>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Accelgate_V1_CompressStreamResponse>) async throws -> Result
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.bidirectionalStreaming(
+                request: request,
+                descriptor: Accelgate_V1_Accelerator.Method.CompressStream.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "DecompressStream" method.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request producing `Accelgate_V1_DecompressStreamRequest` messages.
+        ///   - serializer: A serializer for `Accelgate_V1_DecompressStreamRequest` messages.
+        ///   - deserializer: A deserializer for `Accelgate_V1_DecompressStreamResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func decompressStream<Result>(
+            request: GRPCCore.StreamingClientRequest<Accelgate_V1_DecompressStreamRequest>,
+            serializer: some GRPCCore.MessageSerializer<Accelgate_V1_DecompressStreamRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Accelgate_V1_DecompressStreamResponse>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Accelgate_V1_DecompressStreamResponse>) async throws -> Result
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.bidirectionalStreaming(
+                request: request,
+                descriptor: Accelgate_V1_Accelerator.Method.DecompressStream.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
     }
 }
 
@@ -1503,6 +1812,61 @@ extension Accelgate_V1_Accelerator.ClientProtocol {
             request: request,
             serializer: GRPCProtobuf.ProtobufSerializer<Accelgate_V1_DigestRequest>(),
             deserializer: GRPCProtobuf.ProtobufDeserializer<Accelgate_V1_DigestResponse>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "CompressStream" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Stateful streaming of any length with flat memory: deflate, zlib, gzip or
+    /// > zstd. The first message sets the format (and level); every message carries
+    /// > a chunk of at most the request limit; set `final` on the last (ending the
+    /// > request stream also ends the input). The output is one standard stream,
+    /// > sent back in pieces as the device produces it. Each chunk is a job for the
+    /// > fair scheduler, run on the queue that holds the stream's context.
+    ///
+    /// - Parameters:
+    ///   - request: A streaming request producing `Accelgate_V1_CompressStreamRequest` messages.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func compressStream<Result>(
+        request: GRPCCore.StreamingClientRequest<Accelgate_V1_CompressStreamRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Accelgate_V1_CompressStreamResponse>) async throws -> Result
+    ) async throws -> Result where Result: Sendable {
+        try await self.compressStream(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Accelgate_V1_CompressStreamRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Accelgate_V1_CompressStreamResponse>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "DecompressStream" method.
+    ///
+    /// - Parameters:
+    ///   - request: A streaming request producing `Accelgate_V1_DecompressStreamRequest` messages.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func decompressStream<Result>(
+        request: GRPCCore.StreamingClientRequest<Accelgate_V1_DecompressStreamRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Accelgate_V1_DecompressStreamResponse>) async throws -> Result
+    ) async throws -> Result where Result: Sendable {
+        try await self.decompressStream(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Accelgate_V1_DecompressStreamRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Accelgate_V1_DecompressStreamResponse>(),
             options: options,
             onResponse: handleResponse
         )
@@ -1742,6 +2106,71 @@ extension Accelgate_V1_Accelerator.ClientProtocol {
             metadata: metadata
         )
         return try await self.digest(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "CompressStream" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Stateful streaming of any length with flat memory: deflate, zlib, gzip or
+    /// > zstd. The first message sets the format (and level); every message carries
+    /// > a chunk of at most the request limit; set `final` on the last (ending the
+    /// > request stream also ends the input). The output is one standard stream,
+    /// > sent back in pieces as the device produces it. Each chunk is a job for the
+    /// > fair scheduler, run on the queue that holds the stream's context.
+    ///
+    /// - Parameters:
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - producer: A closure producing request messages to send to the server. Returning
+    ///       from the closure closes the request stream.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func compressStream<Result>(
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        requestProducer producer: @Sendable @escaping (GRPCCore.RPCWriter<Accelgate_V1_CompressStreamRequest>) async throws -> Void,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Accelgate_V1_CompressStreamResponse>) async throws -> Result
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.StreamingClientRequest<Accelgate_V1_CompressStreamRequest>(
+            metadata: metadata,
+            producer: producer
+        )
+        return try await self.compressStream(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "DecompressStream" method.
+    ///
+    /// - Parameters:
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - producer: A closure producing request messages to send to the server. Returning
+    ///       from the closure closes the request stream.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func decompressStream<Result>(
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        requestProducer producer: @Sendable @escaping (GRPCCore.RPCWriter<Accelgate_V1_DecompressStreamRequest>) async throws -> Void,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Accelgate_V1_DecompressStreamResponse>) async throws -> Result
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.StreamingClientRequest<Accelgate_V1_DecompressStreamRequest>(
+            metadata: metadata,
+            producer: producer
+        )
+        return try await self.decompressStream(
             request: request,
             options: options,
             onResponse: handleResponse

@@ -257,6 +257,99 @@ public nonisolated enum Accelgate_V1_Operation: SwiftProtobuf.Enum, Swift.CaseIt
 
 }
 
+public nonisolated struct Accelgate_V1_CompressStreamRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// First message only (later values are ignored).
+  public var format: Accelgate_V1_CompressionFormat = .unspecified
+
+  public var level: Int32 {
+    get {_level ?? 0}
+    set {_level = newValue}
+  }
+  /// Returns true if `level` has been explicitly set.
+  public var hasLevel: Bool {self._level != nil}
+  /// Clears the value of `level`. Subsequent reads from it will return its default value.
+  public mutating func clearLevel() {self._level = nil}
+
+  public var data: Data = Data()
+
+  public var final: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _level: Int32? = nil
+}
+
+public nonisolated struct Accelgate_V1_CompressStreamResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var data: Data = Data()
+
+  /// Set on the last response, after the stream's trailer.
+  public var final: Bool = false
+
+  public var totalIn: UInt64 = 0
+
+  public var totalOut: UInt64 = 0
+
+  /// Device time and chunk jobs so far (on the last response: the whole stream).
+  public var deviceNs: UInt64 = 0
+
+  public var jobs: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Accelgate_V1_DecompressStreamRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var format: Accelgate_V1_CompressionFormat = .unspecified
+
+  /// Cap on the total output; 0 = the server's stream limit. Over it: RESOURCE_EXHAUSTED.
+  public var maxOutputBytes: UInt64 = 0
+
+  public var data: Data = Data()
+
+  public var final: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Accelgate_V1_DecompressStreamResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var data: Data = Data()
+
+  public var final: Bool = false
+
+  public var totalIn: UInt64 = 0
+
+  public var totalOut: UInt64 = 0
+
+  public var deviceNs: UInt64 = 0
+
+  public var jobs: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 public nonisolated struct Accelgate_V1_CompressRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -1039,6 +1132,210 @@ nonisolated extension Accelgate_V1_DigestAlgorithm: SwiftProtobuf._ProtoNameProv
 
 nonisolated extension Accelgate_V1_Operation: SwiftProtobuf._ProtoNameProviding {
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0OPERATION_UNSPECIFIED\0\u{1}OPERATION_COMPRESS\0\u{1}OPERATION_DECOMPRESS\0\u{1}OPERATION_ENCRYPT\0\u{1}OPERATION_DECRYPT\0\u{1}OPERATION_DIGEST\0")
+}
+
+nonisolated extension Accelgate_V1_CompressStreamRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".CompressStreamRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}format\0\u{1}level\0\u{1}data\0\u{1}final\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularEnumField(value: &self.format) }()
+      case 2: try { try decoder.decodeSingularInt32Field(value: &self._level) }()
+      case 3: try { try decoder.decodeSingularBytesField(value: &self.data) }()
+      case 4: try { try decoder.decodeSingularBoolField(value: &self.final) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if self.format != .unspecified {
+      try visitor.visitSingularEnumField(value: self.format, fieldNumber: 1)
+    }
+    try { if let v = self._level {
+      try visitor.visitSingularInt32Field(value: v, fieldNumber: 2)
+    } }()
+    if !self.data.isEmpty {
+      try visitor.visitSingularBytesField(value: self.data, fieldNumber: 3)
+    }
+    if self.final != false {
+      try visitor.visitSingularBoolField(value: self.final, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Accelgate_V1_CompressStreamRequest, rhs: Accelgate_V1_CompressStreamRequest) -> Bool {
+    if lhs.format != rhs.format {return false}
+    if lhs._level != rhs._level {return false}
+    if lhs.data != rhs.data {return false}
+    if lhs.final != rhs.final {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Accelgate_V1_CompressStreamResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".CompressStreamResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}data\0\u{1}final\0\u{3}total_in\0\u{3}total_out\0\u{3}device_ns\0\u{1}jobs\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularBytesField(value: &self.data) }()
+      case 2: try { try decoder.decodeSingularBoolField(value: &self.final) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.totalIn) }()
+      case 4: try { try decoder.decodeSingularUInt64Field(value: &self.totalOut) }()
+      case 5: try { try decoder.decodeSingularUInt64Field(value: &self.deviceNs) }()
+      case 6: try { try decoder.decodeSingularUInt32Field(value: &self.jobs) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.data.isEmpty {
+      try visitor.visitSingularBytesField(value: self.data, fieldNumber: 1)
+    }
+    if self.final != false {
+      try visitor.visitSingularBoolField(value: self.final, fieldNumber: 2)
+    }
+    if self.totalIn != 0 {
+      try visitor.visitSingularUInt64Field(value: self.totalIn, fieldNumber: 3)
+    }
+    if self.totalOut != 0 {
+      try visitor.visitSingularUInt64Field(value: self.totalOut, fieldNumber: 4)
+    }
+    if self.deviceNs != 0 {
+      try visitor.visitSingularUInt64Field(value: self.deviceNs, fieldNumber: 5)
+    }
+    if self.jobs != 0 {
+      try visitor.visitSingularUInt32Field(value: self.jobs, fieldNumber: 6)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Accelgate_V1_CompressStreamResponse, rhs: Accelgate_V1_CompressStreamResponse) -> Bool {
+    if lhs.data != rhs.data {return false}
+    if lhs.final != rhs.final {return false}
+    if lhs.totalIn != rhs.totalIn {return false}
+    if lhs.totalOut != rhs.totalOut {return false}
+    if lhs.deviceNs != rhs.deviceNs {return false}
+    if lhs.jobs != rhs.jobs {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Accelgate_V1_DecompressStreamRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".DecompressStreamRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}format\0\u{3}max_output_bytes\0\u{1}data\0\u{1}final\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularEnumField(value: &self.format) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.maxOutputBytes) }()
+      case 3: try { try decoder.decodeSingularBytesField(value: &self.data) }()
+      case 4: try { try decoder.decodeSingularBoolField(value: &self.final) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.format != .unspecified {
+      try visitor.visitSingularEnumField(value: self.format, fieldNumber: 1)
+    }
+    if self.maxOutputBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.maxOutputBytes, fieldNumber: 2)
+    }
+    if !self.data.isEmpty {
+      try visitor.visitSingularBytesField(value: self.data, fieldNumber: 3)
+    }
+    if self.final != false {
+      try visitor.visitSingularBoolField(value: self.final, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Accelgate_V1_DecompressStreamRequest, rhs: Accelgate_V1_DecompressStreamRequest) -> Bool {
+    if lhs.format != rhs.format {return false}
+    if lhs.maxOutputBytes != rhs.maxOutputBytes {return false}
+    if lhs.data != rhs.data {return false}
+    if lhs.final != rhs.final {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Accelgate_V1_DecompressStreamResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".DecompressStreamResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}data\0\u{1}final\0\u{3}total_in\0\u{3}total_out\0\u{3}device_ns\0\u{1}jobs\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularBytesField(value: &self.data) }()
+      case 2: try { try decoder.decodeSingularBoolField(value: &self.final) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.totalIn) }()
+      case 4: try { try decoder.decodeSingularUInt64Field(value: &self.totalOut) }()
+      case 5: try { try decoder.decodeSingularUInt64Field(value: &self.deviceNs) }()
+      case 6: try { try decoder.decodeSingularUInt32Field(value: &self.jobs) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.data.isEmpty {
+      try visitor.visitSingularBytesField(value: self.data, fieldNumber: 1)
+    }
+    if self.final != false {
+      try visitor.visitSingularBoolField(value: self.final, fieldNumber: 2)
+    }
+    if self.totalIn != 0 {
+      try visitor.visitSingularUInt64Field(value: self.totalIn, fieldNumber: 3)
+    }
+    if self.totalOut != 0 {
+      try visitor.visitSingularUInt64Field(value: self.totalOut, fieldNumber: 4)
+    }
+    if self.deviceNs != 0 {
+      try visitor.visitSingularUInt64Field(value: self.deviceNs, fieldNumber: 5)
+    }
+    if self.jobs != 0 {
+      try visitor.visitSingularUInt32Field(value: self.jobs, fieldNumber: 6)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Accelgate_V1_DecompressStreamResponse, rhs: Accelgate_V1_DecompressStreamResponse) -> Bool {
+    if lhs.data != rhs.data {return false}
+    if lhs.final != rhs.final {return false}
+    if lhs.totalIn != rhs.totalIn {return false}
+    if lhs.totalOut != rhs.totalOut {return false}
+    if lhs.deviceNs != rhs.deviceNs {return false}
+    if lhs.jobs != rhs.jobs {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
 }
 
 nonisolated extension Accelgate_V1_CompressRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {

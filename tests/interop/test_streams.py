@@ -1,0 +1,137 @@
+"""CompressStream and DecompressStream: streams of any length through device
+stream contexts, read and written by Python's own gzip, zlib and zstandard."""
+import gzip
+import os
+import resource  # noqa: F401
+import zlib
+
+import grpc
+import pytest
+import zstandard
+
+from agtest import pb
+
+MiB = 1 << 20
+FORMATS = {"gzip": pb.COMPRESSION_FORMAT_GZIP, "zlib": pb.COMPRESSION_FORMAT_ZLIB,
+           "deflate": pb.COMPRESSION_FORMAT_DEFLATE, "zstd": pb.COMPRESSION_FORMAT_ZSTD}
+
+
+def mixed(n):
+    """Compressible text with incompressible stretches, n bytes."""
+    out, i = bytearray(), 0
+    rnd = os.urandom(256 * 1024)
+    while len(out) < n:
+        out += b"".join(b"%d GET /objects/%d?part=%d 200\n" % (i + k, (i + k) * 7919 % 100003, k % 17) for k in range(2000))
+        if i % 5 == 0:
+            out += rnd[: (i * 4099) % len(rnd)]
+        i += 1
+    return bytes(out[:n])
+
+
+def py_unpack(name, blob):
+    if name == "gzip":
+        return gzip.decompress(blob)
+    if name == "zlib":
+        return zlib.decompress(blob)
+    if name == "deflate":
+        return zlib.decompress(blob, -15)
+    return zstandard.ZstdDecompressor().decompressobj().decompress(blob)
+
+
+def py_pack(name, data):
+    if name == "gzip":
+        return gzip.compress(data, 6)
+    if name == "zlib":
+        return zlib.compress(data, 6)
+    if name == "deflate":
+        c = zlib.compressobj(6, zlib.DEFLATED, -15)
+        return c.compress(data) + c.flush()
+    return zstandard.ZstdCompressor(level=3, write_checksum=True).compress(data)
+
+
+def chunks(data, size, first):
+    for off in range(0, len(data), size):
+        piece = data[off:off + size]
+        yield dict(first, data=piece, final=off + size >= len(data)) if off == 0 else dict(data=piece, final=off + size >= len(data))
+    if not data:
+        yield dict(first, data=b"", final=True)
+
+
+def compress_stream(stub, name, data, chunk=MiB, level=None):
+    first = {"format": FORMATS[name]}
+    if level is not None:
+        first["level"] = level
+    reqs = (pb.CompressStreamRequest(**m) for m in chunks(data, chunk, first))
+    out, last = bytearray(), None
+    for r in stub.CompressStream(reqs, timeout=300):
+        out += r.data
+        last = r
+    assert last.final and last.total_in == len(data) and last.total_out == len(out)
+    return bytes(out), last
+
+
+def decompress_stream(stub, name, blob, chunk=MiB, cap=0):
+    reqs = (pb.DecompressStreamRequest(**m) for m in chunks(blob, chunk, {"format": FORMATS[name], "max_output_bytes": cap}))
+    out, last = bytearray(), None
+    for r in stub.DecompressStream(reqs, timeout=300):
+        out += r.data
+        last = r
+    assert last.final and last.total_out == len(out)
+    return bytes(out), last
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_a_64_mib_stream_round_trips_through_python(stub, name):
+    data = mixed(64 * MiB)
+    packed, last = compress_stream(stub, name, data)
+    assert last.jobs >= 64  # one job (or more) per chunk: the scheduler sees every chunk
+    assert py_unpack(name, packed) == data  # one standard stream, not members
+    back, _ = decompress_stream(stub, name, py_pack(name, data))
+    assert back == data
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_odd_chunk_sizes_empty_streams_and_levels(stub, name):
+    data = mixed(3 * MiB + 12345)
+    packed, _ = compress_stream(stub, name, data, chunk=333_333, level=1)
+    assert py_unpack(name, packed) == data
+    back, _ = decompress_stream(stub, name, packed, chunk=77_777)
+    assert back == data
+    empty, _ = compress_stream(stub, name, b"")
+    assert py_unpack(name, empty) == b""
+
+
+def _code(fn):
+    try:
+        fn()
+        return grpc.StatusCode.OK
+    except grpc.RpcError as e:
+        return e.code()
+
+
+@pytest.mark.parametrize("name", ["gzip", "zlib", "zstd"])
+def test_bad_streams_get_clear_statuses(stub, name):
+    data = mixed(2 * MiB)
+    blob = py_pack(name, data)
+    # Cut off mid-way: the input ends before the stream does.
+    assert _code(lambda: decompress_stream(stub, name, blob[: len(blob) // 2])) == grpc.StatusCode.INVALID_ARGUMENT
+    # A corrupt chunk in the middle.
+    bad = bytearray(blob)
+    for i in range(len(bad) // 2, len(bad) // 2 + 64):
+        bad[i] ^= 0x55
+    assert _code(lambda: decompress_stream(stub, name, bytes(bad))) in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS)
+    # A damaged trailer checksum.
+    tail = bytearray(blob)
+    tail[-6 if name == "gzip" else -1] ^= 0xFF
+    assert _code(lambda: decompress_stream(stub, name, bytes(tail))) == grpc.StatusCode.DATA_LOSS
+    # An output bomb against the caller's cap.
+    bomb = py_pack(name, bytes(40 * MiB))
+    assert _code(lambda: decompress_stream(stub, name, bomb, cap=8 * MiB)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Still serving.
+    assert decompress_stream(stub, name, blob)[0] == data
+
+
+def test_lz4_is_refused_for_streams(stub):
+    assert _code(lambda: compress_stream(stub, "gzip", b"x") and list(stub.CompressStream(
+        iter([pb.CompressStreamRequest(format=pb.COMPRESSION_FORMAT_LZ4, data=b"x", final=True)]), timeout=10))) \
+        == grpc.StatusCode.INVALID_ARGUMENT
