@@ -55,6 +55,9 @@ for sched in fair fifo; do
   .build/release/accelbench isolation-rings --scheduler "$sched" --json "$out/isolation-rings-$sched.json"
 done
 
+# 2b. Streams: gateway peak RSS by stream length, and interleaving with a stream.
+python3 scripts/bench_streams.py "$out/streams.json"
+
 # 3. Doorbells at the driver layer (no gRPC): adaptive vs an eventfd per job,
 #    then the syscalls each costs per job, counted by strace -f -c.
 .build/release/accelbench doorbell --seconds "$seconds" --json "$out/doorbell.json"

@@ -64,6 +64,28 @@ def mix_section(runs) -> str:
     return "\n".join(out)
 
 
+def streams_section(r) -> str:
+    out = ["Command: `make bench` → `scripts/bench_streams.py`. Peak RSS is the gateway's VmHWM on a fresh gateway "
+           "after one `accelctl compress --stream` and one `accelctl decompress` of a log-like file with random "
+           "stretches (1 MiB device jobs, 4 MiB gRPC chunks).", "",
+           "| stream | format | RSS at start | peak after compress | peak after decompress | compress MB/s | decompress MB/s | round trip |",
+           "|---:|---|---:|---:|---:|---:|---:|---|"]
+    for x in r["rss"]:
+        out.append(f"| {x['streamMiB']} MiB | {x['format']} | {x['startRSSMiB']:.1f} MiB | {x['peakAfterCompressMiB']:.1f} MiB | "
+                   f"{x['peakAfterDecompressMiB']:.1f} MiB | {x['compressMBps']:.1f} | {x['decompressMBps']:.1f} | "
+                   f"{'yes' if x['roundTrip'] else 'NO'} |")
+    i = r["interleave"]
+    out += ["", f"Interleaving on one engine capped at {i['engineCapMBps']} MB/s, three tenants of weight 1: `light` "
+            "(one 4 KiB compress at a time), `streamer` (a 512 MiB gzip-1 stream) and `bulk` (8 callers of 1 MiB "
+            "jobs), over {0} s. Shares are of device time, from the gateway's `accelgate_device_seconds_total`.".format(i["seconds"]), "",
+            "| light alone p50 / p99 | light under load p50 / p99 | streamer share | bulk share | light share |",
+            "|---:|---:|---:|---:|---:|",
+            f"| {i['lightSolo']['p50']/1000:.1f} / {i['lightSolo']['p99']/1000:.1f} ms | "
+            f"{i['lightLoaded']['p50']/1000:.1f} / {i['lightLoaded']['p99']/1000:.1f} ms | "
+            f"{i['deviceShare']['streamer']*100:.1f} % | {i['deviceShare']['bulk']*100:.1f} % | {i['deviceShare']['light']*100:.1f} % |"]
+    return "\n".join(out)
+
+
 def syscalls_section(rows) -> str:
     out = ["", "Syscalls per job, counted by `strace -f -c` over the whole process (driver loop, engine and all): "
            "`scripts/count_syscalls.py` runs 200,000 NOP jobs and subtracts a run with none, so set-up and "
@@ -152,6 +174,9 @@ def main(d: str, doc: str) -> None:
     mix = [(label, x) for label, x in (("closed", load(d, "mix-closed.json")), ("open 400/s", load(d, "mix-open.json"))) if x]
     if mix:
         text = replace(text, "mix-bench", stamp + "\n\n" + mix_section(mix))
+    streams = load(d, "streams.json")
+    if streams:
+        text = replace(text, "streams-bench", stamp + "\n\n" + streams_section(streams))
     crypto = load(d, "crypto.json")
     if crypto:
         text = replace(text, "crypto-bench", stamp + "\n\n" + crypto_section(crypto))

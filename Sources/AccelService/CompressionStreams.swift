@@ -17,6 +17,10 @@ internal import SwiftProtobuf
 extension AcceleratorService {
   /// Largest piece of decompressed output one device job produces.
   static let streamOutputPiece = 1 << 20
+  /// Largest input one stream device job takes: a gRPC chunk of several MiB is
+  /// fed as several jobs, so an engine is held for one slice at a time and other
+  /// tenants' jobs interleave (the fair scheduler's latency bound is one job).
+  static let streamJobInput = 1 << 20
 
   func compressStream(
     request: StreamingServerRequest<Accelgate_V1_CompressStreamRequest>, context: ServerContext
@@ -134,8 +138,19 @@ final class StreamSession: @unchecked Sendable {
     service.dispatcher.closeStream(target)
   }
 
-  /// Runs one chunk through the device, handing each piece of output to `emit`.
+  /// Runs one chunk through the device in slices of at most `streamJobInput`,
+  /// handing each piece of output to `emit`.
   func feed(_ data: Data, final: Bool, emit: (Data) async throws -> Void) async throws {
+    let slice = AcceleratorService.streamJobInput
+    var offset = data.startIndex
+    repeat {
+      let end = min(data.endIndex, offset + slice)
+      try await feedSlice(data.subdata(in: offset..<end), final: final && end == data.endIndex, emit: emit)
+      offset = end
+    } while offset < data.endIndex
+  }
+
+  private func feedSlice(_ data: Data, final: Bool, emit: (Data) async throws -> Void) async throws {
     var input = data
     let operation = compress ? "compress" : "decompress"
     while true {
