@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Streaming benchmarks for make bench (issue 7), all through the real binaries:
 
-1. Gateway peak RSS (VmHWM) for one stream of 16 MiB and of 256 MiB, compress and
-   decompress, gzip and zstd, each on a fresh gateway: memory must stay flat.
+1. Gateway peak RSS (VmHWM) for one stream of 16 MiB, 256 MiB (gzip and zstd) and
+   1 GiB (zstd), compress then decompress, each on a fresh gateway: memory must
+   stay flat.
 2. Interleaving on a device capped at 50 MB/s (one engine): a 4 KiB tenant's
    latency alone and while a streamer and a bulk tenant load the device, and each
    tenant's share of device time (from the gateway's own Prometheus counters).
@@ -61,17 +62,31 @@ def make_file(path, size):
             written += len(piece)
 
 
+RETRIES = []
+
+
 def ctl(*args, key=None):
     extra = ["--api-key", key] if key else []
-    return subprocess.run([CTL, args[0], "-t", f"127.0.0.1:{PORT}", *extra, *args[1:]], capture_output=True, check=True)
+    for attempt in (1, 2):
+        r = subprocess.run([CTL, args[0], "-t", f"127.0.0.1:{PORT}", *extra, *args[1:]], capture_output=True)
+        if r.returncode == 0:
+            return r
+        err = r.stderr.decode(errors="replace")[-800:]
+        # Known issue (issue 7): a large accelctl stream occasionally ends early with a
+        # client-side "Stream unexpectedly closed"; it is retried once and reported.
+        if attempt == 1 and "unexpectedly closed" in err:
+            RETRIES.append(" ".join(args[:3]))
+            print(f"retrying once after: {err.strip()}")
+            continue
+        raise SystemExit(f"accelctl {' '.join(args)} failed: {err}")
 
 
 def rss_rows(work):
     rows = []
-    for mib in (16, 256):
+    for mib in (16, 256, 1024):
         src = os.path.join(work, f"in-{mib}.bin")
         make_file(src, mib << 20)
-        for fmt in ("gzip", "zstd"):
+        for fmt in ("gzip", "zstd") if mib < 1024 else ("zstd",):
             p, _ = start("--engines", "2")
             base = vmhwm_kib(p.pid)
             t0 = time.monotonic()
@@ -151,7 +166,11 @@ def interleave(work, seconds=8):
 
 def main(out):
     work = tempfile.mkdtemp(prefix="agstreams-")
-    report = {"rss": rss_rows(work), "interleave": interleave(work)}
+    try:
+        report = {"rss": rss_rows(work), "interleave": interleave(work)}
+        report["retriedAfterStreamClosed"] = RETRIES
+    finally:
+        subprocess.run(["pkill", "-f", f"accelgate serve --port {PORT}"])
     with open(out, "w") as f:
         json.dump(report, f, indent=2)
 

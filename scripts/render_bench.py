@@ -67,13 +67,17 @@ def mix_section(runs) -> str:
 def streams_section(r) -> str:
     out = ["Command: `make bench` → `scripts/bench_streams.py`. Peak RSS is the gateway's VmHWM on a fresh gateway "
            "after one `accelctl compress --stream` and one `accelctl decompress` of a log-like file with random "
-           "stretches (1 MiB device jobs, 4 MiB gRPC chunks).", "",
+           "stretches (1 MiB device jobs, 4 MiB gRPC chunks). The gateway tunes glibc malloc at start "
+           "(`accel_tune_malloc`: 256 KiB mmap threshold, 2 arenas).", "",
            "| stream | format | RSS at start | peak after compress | peak after decompress | compress MB/s | decompress MB/s | round trip |",
            "|---:|---|---:|---:|---:|---:|---:|---|"]
     for x in r["rss"]:
         out.append(f"| {x['streamMiB']} MiB | {x['format']} | {x['startRSSMiB']:.1f} MiB | {x['peakAfterCompressMiB']:.1f} MiB | "
                    f"{x['peakAfterDecompressMiB']:.1f} MiB | {x['compressMBps']:.1f} | {x['decompressMBps']:.1f} | "
                    f"{'yes' if x['roundTrip'] else 'NO'} |")
+    if r.get("retriedAfterStreamClosed"):
+        out += ["", "Retried once after a client-side \"Stream unexpectedly closed\" (known issue, issue 7): "
+                + ", ".join(f"`{x}`" for x in r["retriedAfterStreamClosed"]) + "."]
     i = r["interleave"]
     out += ["", f"Interleaving on one engine capped at {i['engineCapMBps']} MB/s, three tenants of weight 1: `light` "
             "(one 4 KiB compress at a time), `streamer` (a 512 MiB gzip-1 stream) and `bulk` (8 callers of 1 MiB "

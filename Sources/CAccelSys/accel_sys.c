@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include "accel_sys.h"
 
+#include <malloc.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/eventfd.h>
@@ -169,4 +170,10 @@ int accel_eventfd_wait_any(const int *fds, int n, uint64_t timeout_ns) {
         }
     }
     return rc;
+}
+
+int accel_tune_malloc(void) {
+    int a = mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+    int b = mallopt(M_ARENA_MAX, 2);
+    return a == 1 && b == 1;
 }

@@ -109,6 +109,8 @@ struct Serve: AsyncParsableCommand {
   }
 
   func run() async throws {
+    // Flat memory under long streams (see accel_sys.h); ACCELGATE_DEFAULT_MALLOC=1 opts out.
+    if ProcessInfo.processInfo.environment["ACCELGATE_DEFAULT_MALLOC"] == nil { _ = accel_tune_malloc() }
     var config = ServiceConfiguration.defaults
     do throws(ConfigFile.Issues) {
       if let file = self.config { try ConfigFile.apply(file: file, to: &config) }
@@ -174,6 +176,7 @@ struct Device: ParsableCommand {
   var allowFaultControl = false
 
   func run() throws {
+    if ProcessInfo.processInfo.environment["ACCELGATE_DEFAULT_MALLOC"] == nil { _ = accel_tune_malloc() }
     var deviceConfiguration = DeviceConfiguration.defaults {
         $0.queueCount = 0
         $0.engineCount = engines

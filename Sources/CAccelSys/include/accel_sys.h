@@ -171,6 +171,13 @@ int accel_signal_pipe_install(const int *sigs, int n);
 /** Blocks until a signal arrives through the pipe; returns its number, or -1. */
 int accel_signal_pipe_wait(int fd);
 
+/** Tunes glibc malloc for a server that moves multi-MiB buffers between threads:
+    allocations of 256 KiB and more are always mmapped (and returned to the OS when
+    freed) and at most two arenas are used. Without it, glibc's dynamic mmap
+    threshold keeps freed chunk buffers in per-thread arenas and a long stream's
+    peak RSS grows with its length. Returns 1 if both settings took. */
+int accel_tune_malloc(void);
+
 /* eventfd doorbells, only for the comparison mode of the doorbell benchmark:
    a syscall to ring for every job, and poll + read to wait. */
 /** A non-blocking eventfd, or -1. */
