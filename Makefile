@@ -8,12 +8,12 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 ARGS ?=
 
-.PHONY: run test deps deps-test build build-release check-generated swift-test interop bench generate clean
+.PHONY: run test deps deps-test build build-release check-generated check-deploy c-client swift-test interop bench generate clean
 
 run: deps build-release
 	.build/release/accelgate serve --host $(HOST) --port $(PORT) $(ARGS)
 
-test: deps-test check-generated swift-test interop
+test: deps-test check-generated check-deploy c-client swift-test interop
 
 deps:
 	@scripts/install-deps.sh run
@@ -34,6 +34,14 @@ check-generated:
 # Regenerates protobuf code and the descriptor set after a proto change.
 generate:
 	scripts/generate-proto.sh
+
+# Lints the Dockerfile, validates the Kubernetes manifests and the compose file.
+check-deploy:
+	scripts/check-deploy.sh
+
+# Builds the C client library, its example and its tests (clients/c).
+c-client:
+	$(MAKE) -C clients/c
 
 swift-test:
 	$(SWIFT) build --build-tests

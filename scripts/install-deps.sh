@@ -11,7 +11,10 @@ mode=${1:-test}
 debs=(libisal-dev libdeflate-dev zlib1g-dev libzstd-dev liblz4-dev libssl-dev protobuf-compiler pkg-config)
 # make test scrapes /metrics with a real Prometheus server and promtool;
 # make bench counts syscalls per job with strace.
-if [ "$mode" = "test" ] || [ "$mode" = "bench" ]; then debs+=(prometheus); fi
+# make test also builds the C client (gRPC C core, protobuf-c).
+if [ "$mode" = "test" ] || [ "$mode" = "bench" ]; then
+  debs+=(prometheus libgrpc-dev libprotobuf-c-dev protobuf-c-compiler)
+fi
 if [ "$mode" = "bench" ]; then debs+=(strace); fi
 missing=()
 for p in "${debs[@]}"; do
@@ -28,10 +31,13 @@ fi
 command -v swift >/dev/null || { echo "swift is not on PATH (expected /opt/swift/usr/bin)" >&2; exit 1; }
 
 if [ "$mode" = "test" ] || [ "$mode" = "bench" ]; then
-  if ! python3 - <<'PY' 2>/dev/null
-import grpc, grpc_tools, grpc_reflection, pytest, cryptography, cryptography_vectors, google.protobuf, zstandard, lz4.frame  # noqa: F401
+  have_peers() {
+    python3 - <<'PY' 2>/dev/null || return 1
+import grpc, grpc_tools, grpc_reflection, pytest, cryptography, cryptography_vectors, google.protobuf, zstandard, lz4.frame, jsonschema, kubernetes_validate  # noqa: F401
 PY
-  then
+    command -v hadolint >/dev/null && command -v kubernetes-validate >/dev/null
+  }
+  if ! have_peers; then
     echo "installing Python test peers"
     python3 -m pip install -q --disable-pip-version-check -r tests/interop/requirements.txt
   fi

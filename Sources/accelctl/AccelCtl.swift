@@ -11,7 +11,7 @@ struct AccelCtl: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "accelctl",
     abstract: "Talk to an AccelGate server.",
-    subcommands: [Compress.self, Decompress.self, Encrypt.self, Decrypt.self, Digest.self, Status.self, Describe.self, Bench.self]
+    subcommands: [Compress.self, Decompress.self, Encrypt.self, Decrypt.self, Digest.self, Status.self, Health.self, Describe.self, Bench.self]
   )
 }
 
@@ -23,6 +23,13 @@ struct ConnectionOptions: ParsableArguments {
 
   func withClient<R: Sendable>(
     _ body: @Sendable (Accelgate_V1_Accelerator.Client<HTTP2ClientTransport.Posix>) async throws -> R
+  ) async throws -> R {
+    try await withRawClient { client in try await body(Accelgate_V1_Accelerator.Client(wrapping: client)) }
+  }
+
+  /// The connection as a plain `GRPCClient`, for services other than the accelerator (health).
+  func withRawClient<R: Sendable>(
+    _ body: @Sendable (GRPCClient<HTTP2ClientTransport.Posix>) async throws -> R
   ) async throws -> R {
     let parts = target.split(separator: ":")
     guard parts.count == 2, let port = Int(parts[1]) else { throw ValidationError("target must be host:port") }
@@ -36,7 +43,7 @@ struct ConnectionOptions: ParsableArguments {
           // closed" (2 of 18 runs; 0 of 36 at 8 MiB). See docs/BENCHMARKS.md (streams).
           $0.http2.targetWindowSize = 8 << 20
         }),
-      handleClient: { client in try await body(Accelgate_V1_Accelerator.Client(wrapping: client)) }
+      handleClient: body
     )
   }
 

@@ -176,6 +176,35 @@ struct Digest: AsyncParsableCommand {
   }
 }
 
+/// `grpc.health.v1` Check, for container health checks: exit 0 only when SERVING.
+struct Health: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(
+    abstract: "Check grpc.health.v1: prints the status; exits 0 only when SERVING (for container health checks).")
+  @OptionGroup var connection: ConnectionOptions
+  @Option(help: "Service name to check ('' = the whole server).") var service = ""
+
+  func run() async throws {
+    let (connection, service) = (connection, service)
+    let status: Grpc_Health_V1_HealthCheckResponse.ServingStatus
+    do {
+      status = try await connection.withRawClient { client in
+        try await Grpc_Health_V1_Health.Client(wrapping: client).check(
+          Grpc_Health_V1_HealthCheckRequest.with { $0.service = service }, options: connection.callOptions
+        ).status
+      }
+    } catch let error as RPCError {
+      print("UNREACHABLE: \(error.code): \(error.message)")
+      throw ExitCode(2)
+    }
+    switch status {
+    case .serving: print("SERVING")
+    default:
+      print("\(status)".uppercased())
+      throw ExitCode(1)
+    }
+  }
+}
+
 struct Status: AsyncParsableCommand {
   static let configuration = CommandConfiguration(abstract: "Health, device state, queues and recovery at a glance.")
   @OptionGroup var connection: ConnectionOptions

@@ -153,3 +153,16 @@ def test_files_over_the_chunk_size_stream_as_one_standard_stream(gateway, tmp_pa
         assert d.decompress(blob) == data and d.unused_data == b""  # one stream, nothing after it
     ctl(gateway, "decompress", "--format", fmt, "--chunk-bytes", str(1 << 20), "-i", str(packed), "-o", str(back))
     assert back.read_bytes() == data
+
+
+def test_health_exits_zero_when_serving_and_nonzero_when_unreachable(gateway):
+    p = ctl(gateway, "health", "--timeout", "5")
+    assert p.stdout.decode().strip() == "SERVING"
+    import socket
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    q = subprocess.run([ctl_binary(), "health", "-t", f"127.0.0.1:{dead}", "--timeout", "2"],
+                       capture_output=True, timeout=60)
+    assert q.returncode == 2, q.stdout + q.stderr
+    assert b"UNREACHABLE" in q.stdout
