@@ -102,6 +102,7 @@ package final class Dispatcher: Sendable {
     var cancelledEarly: [UInt64: JobError] = [:]
     var shuttingDown = false
     var retried: UInt64 = 0
+    var nextChain: UInt64 = 1
     /// Payload bytes of every job the gateway holds, waiting or on the device
     /// (its request stays in memory until it completes; see `maxQueuedBytes`).
     var heldBytes = 0
@@ -262,7 +263,8 @@ package final class Dispatcher: Sendable {
             return Self.jobError(refusal, size: request.chargedBytes)
           }
           s.heldBytes += request.input.count
-          let job = QueuedJob(id: id, tenant: request.tenant, cost: cost)
+          let job = QueuedJob(
+            id: id, tenant: request.tenant, cost: cost, chain: request.stream?.chain ?? 0, sequence: request.streamSequence)
           s.jobs[id] = Pending(
             request: request, job: job, jobClass: jobClass, enqueuedAt: now,
             deadline: request.deadline ?? now.advanced(by: configuration.defaultDeadline), continuation: cont)
@@ -324,7 +326,12 @@ package final class Dispatcher: Sendable {
     }
     for q in order {
       if let slot = q.openStream() {
-        return StreamTarget(queueIndex: q.index, slot: slot, driverID: ObjectIdentifier(driver))
+        let chain = state.withLock { s in
+          defer { s.nextChain += 1 }
+          s.scheduler.chains.open(s.nextChain)
+          return s.nextChain
+        }
+        return StreamTarget(queueIndex: q.index, slot: slot, driverID: ObjectIdentifier(driver), chain: chain)
       }
     }
     throw .rejected(reason: .queueFull, retryAfterMilliseconds: 100)
@@ -333,6 +340,21 @@ package final class Dispatcher: Sendable {
   /// Gives a stream's context back (after its last chunk, or when it is abandoned;
   /// the next STREAM_START on the slot reopens it cleanly).
   package func closeStream(_ target: StreamTarget) {
+    // Slices still waiting (read ahead, then the stream failed or was abandoned) end here.
+    var woken: [CheckedContinuation<Void, Never>] = []
+    let orphans = state.withLock { s -> [CheckedContinuation<Outcome, Never>] in
+      s.scheduler.chains.end(target.chain)
+      let ids = s.jobs.filter { $0.value.lease == nil && $0.value.request.stream?.chain == target.chain }.map(\.key)
+      return ids.compactMap { id in
+        guard let p = s.jobs[id] else { return nil }
+        _ = s.scheduler.remove(id: id)
+        s.forget(id)
+        woken += leftQueueLocked(&s, p)
+        return p.continuation
+      }
+    }
+    for c in orphans { c.resume(returning: .failed(.cancelled)) }
+    for w in woken { w.resume() }
     let driver = self.driver
     guard ObjectIdentifier(driver) == target.driverID, target.queueIndex < driver.queues.count else { return }
     driver.queues[target.queueIndex].closeStream(target.slot)
@@ -630,6 +652,15 @@ package final class Dispatcher: Sendable {
         s.cost.observe(p.jobClass, bytes: p.request.input.count, engineNanoseconds: completion.engineNanoseconds)
       }
       s.scheduler.complete(p.job, actualCost: completion.engineNanoseconds, now: nanos(clock.now))
+      if p.job.chain != 0 {
+        // The stream's next slice may go now (or this one's continuation, or, after
+        // a failure, nothing: the stream ends and its waiting slices are dropped).
+        switch completion.status {
+        case .ok: s.scheduler.chains.admit(p.job.chain, sequence: p.job.sequence + 1)
+        case .moreOutput: s.scheduler.chains.admit(p.job.chain, sequence: p.job.sequence)
+        default: s.scheduler.chains.block(p.job.chain)
+        }
+      }
       if p.abandoned || p.continuation == nil {
         queue.release(lease)
         return nil

@@ -21,6 +21,10 @@ package struct JobRequest: Sendable {
   /// A chunk of an open stream: it must run on the stream's queue, is never
   /// retried elsewhere, and may end with `moreOutput`.
   package var stream: StreamTarget? = nil
+  /// The slice's place in its stream. Slices may be queued ahead (read-ahead);
+  /// the dispatcher runs them one at a time in this order (see `JobChains`).
+  /// A slice that ended with `moreOutput` is continued under the same number.
+  package var streamSequence: UInt64 = 0
 
   /// Bytes admission charges for the job.
   package var chargedBytes: Int { admissionBytes ?? input.count }
@@ -76,6 +80,8 @@ package struct StreamTarget: Sendable, Equatable {
   package var slot: UInt32
   /// The driver the stream was opened on (a replaced driver ends the stream).
   package var driverID: ObjectIdentifier
+  /// The scheduler chain that orders the stream's slices.
+  package var chain: UInt64
 }
 
 package struct JobStatistics: Sendable, Equatable {

@@ -47,6 +47,7 @@ public struct FairScheduler: JobScheduler {
   }
 
   public let configuration: Configuration
+  public var chains = JobChains()
   private var tenants: [String: Tenant] = [:]
   private var order: [String] = []
   private var jobTenant: [UInt64: String] = [:]
@@ -83,25 +84,38 @@ public struct FairScheduler: JobScheduler {
     max(t.finish, virtualTime - Double(configuration.idleCredit))
   }
 
-  private func nextTenant() -> String? {
-    var best: (name: String, start: Double, rank: Int)?
-    for name in order {
-      guard let t = tenants[name], t.isBacklogged else { continue }
-      let s = startTag(t)
-      if best == nil || s < best!.start || (s == best!.start && t.rank < best!.rank) { best = (name, s, t.rank) }
+  /// A tenant's oldest job that may run now: its head, unless that is a chained
+  /// job waiting for its turn (then the next one that is not).
+  private func firstEligible(_ t: Tenant) -> Int? {
+    var i = t.head
+    while i < t.jobs.count {
+      if chains.isEligible(t.jobs[i]) { return i }
+      i += 1
     }
-    return best?.name
+    return nil
+  }
+
+  /// The tenant with the smallest start tag among those with an eligible job, and that job's index.
+  private func nextTenant() -> (name: String, index: Int)? {
+    var best: (name: String, start: Double, rank: Int, index: Int)?
+    for name in order {
+      guard let t = tenants[name], t.isBacklogged, let i = firstEligible(t) else { continue }
+      let s = startTag(t)
+      if best == nil || s < best!.start || (s == best!.start && t.rank < best!.rank) { best = (name, s, t.rank, i) }
+    }
+    return best.map { ($0.name, $0.index) }
   }
 
   public func peek() -> QueuedJob? {
-    guard let name = nextTenant(), let t = tenants[name] else { return nil }
-    return t.jobs[t.head]
+    guard let (name, i) = nextTenant(), let t = tenants[name] else { return nil }
+    return t.jobs[i]
   }
 
   public mutating func pop(now: UInt64) -> QueuedJob? {
-    guard let name = nextTenant(), var t = tenants[name] else { return nil }
-    let job = t.jobs[t.head]
-    t.head += 1
+    guard let (name, i) = nextTenant(), var t = tenants[name] else { return nil }
+    let job = t.jobs[i]
+    if i == t.head { t.head += 1 } else { t.jobs.remove(at: i) }
+    chains.dispatched(job)
     let start = startTag(t)
     t.finish = start + Double(job.cost) / t.weight
     virtualTime = max(virtualTime, start)

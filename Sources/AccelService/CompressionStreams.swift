@@ -11,9 +11,10 @@ internal import SwiftProtobuf
 /// The stream's engine state lives in a device stream context (ABI 1.3) on one
 /// queue. Every incoming chunk becomes one device job (or a few, when the output
 /// fills its buffer first and the device answers MORE_OUTPUT), scheduled fairly
-/// like any other job; the handler reads the next chunk only after the last one
-/// is done, so a stream holds at most one chunk in and one piece out, and HTTP/2
-/// flow control slows a client that sends faster than the device works.
+/// like any other job. One slice waits behind the one running (read-ahead), and
+/// the handler reads the next chunk only when fewer than two slices are pending,
+/// so a stream holds at most one gRPC chunk and two slices in, and one piece
+/// out; HTTP/2 flow control slows a client that sends faster than the device works.
 extension AcceleratorService {
   /// Largest piece of decompressed output one device job produces.
   static let streamOutputPiece = 1 << 20
@@ -101,7 +102,22 @@ extension AcceleratorService {
 }
 
 /// One open stream: its device context, its position and its totals.
+///
+/// Slices are read ahead: while one slice runs on the device the next one is
+/// already queued (the dispatcher's chain for the stream keeps them in order and
+/// one at a time), so the stream stays backlogged in the fair scheduler and can
+/// claim its weight's share of device time. At most `readAhead` slices are held.
 final class StreamSession: @unchecked Sendable {
+  /// Slices queued or running at once: one on the device, one waiting behind it.
+  static let readAhead = 2
+
+  private struct Slice {
+    let task: Task<JobResult, any Error>
+    let input: Data
+    let sequence: UInt64
+    let final: Bool
+  }
+
   let service: AcceleratorService
   let target: StreamTarget
   let algorithm: DeviceAlgorithm
@@ -109,13 +125,14 @@ final class StreamSession: @unchecked Sendable {
   let compress: Bool
   let tenant: String
   let deadline: CallDeadline
-  var started = false
   var closed = false
   var totalIn: UInt64 = 0
   var totalOut: UInt64 = 0
   var deviceNanoseconds: UInt64 = 0
   var jobs: UInt32 = 0
   var outputCap: UInt64 = .max
+  private var pipeline: [Slice] = []
+  private var nextSequence: UInt64 = 0
 
   init(
     _ service: AcceleratorService, algorithm: DeviceAlgorithm, level: UInt8, compress: Bool, tenant: String,
@@ -132,52 +149,83 @@ final class StreamSession: @unchecked Sendable {
     }
   }
 
+  /// Ends the stream: slices still running are abandoned, waiting ones dropped,
+  /// and the context goes back to its queue.
   func close() {
     guard !closed else { return }
     closed = true
+    for slice in pipeline { slice.task.cancel() }
+    pipeline.removeAll()
     service.dispatcher.closeStream(target)
   }
 
   /// Runs one chunk through the device in slices of at most `streamJobInput`,
-  /// handing each piece of output to `emit`.
+  /// handing each piece of output to `emit` in order. Returns with up to
+  /// `readAhead - 1` slices still on the device, unless `final`.
   func feed(_ data: Data, final: Bool, emit: (Data) async throws -> Void) async throws {
     let slice = AcceleratorService.streamJobInput
     var offset = data.startIndex
     repeat {
       let end = min(data.endIndex, offset + slice)
-      try await feedSlice(data.subdata(in: offset..<end), final: final && end == data.endIndex, emit: emit)
+      await service.dispatcher.waitForRoom(tenant: tenant)
+      submit(data.subdata(in: offset..<end), final: final && end == data.endIndex)
       offset = end
+      while pipeline.count >= Self.readAhead { try await finishOldest(emit: emit) }
     } while offset < data.endIndex
+    if final { while !pipeline.isEmpty { try await finishOldest(emit: emit) } }
   }
 
-  private func feedSlice(_ data: Data, final: Bool, emit: (Data) async throws -> Void) async throws {
-    var input = data
-    let operation = compress ? "compress" : "decompress"
+  private func submit(_ input: Data, final: Bool) {
+    let sequence = nextSequence
+    nextSequence += 1
+    pipeline.append(Slice(task: start(input, final: final, sequence: sequence, continuing: false), input: input, sequence: sequence, final: final))
+  }
+
+  /// Queues one device job for the stream; the dispatcher runs it when its turn in the chain comes.
+  private func start(_ input: Data, final: Bool, sequence: UInt64, continuing: Bool) -> Task<JobResult, any Error> {
+    var step = DeviceStep(compress ? .compress : .decompress, algorithm, level: level)
+    step.streamSlot = target.slot
+    step.streamStart = sequence == 0 && !continuing
+    step.streamFinal = final
+    let room = outputCap >= totalOut ? outputCap - totalOut : 0
+    let capacity =
+      compress
+      ? Int(BufferSizing.compressBound(UInt64(input.count)))
+      : Int(min(UInt64(AcceleratorService.streamOutputPiece), room + 1))
+    var job = JobRequest(steps: [step], input: input, outputCapacity: max(64, capacity), tenant: tenant)
+    job.stream = target
+    job.streamSequence = sequence
+    let (service, deadline, operation) = (service, deadline, compress ? "compress" : "decompress")
+    let outputLimit = Int(min(outputCap, UInt64(Int.max)))
+    return Task { try await service.run(job, operation: operation, outputLimit: outputLimit, deadline: deadline) }
+  }
+
+  /// Waits for the oldest slice, emits its output, and continues it (same
+  /// sequence, ahead of the slice queued behind it) while the device reports
+  /// that its output buffer filled up first.
+  private func finishOldest(emit: (Data) async throws -> Void) async throws {
+    let slice = pipeline.removeFirst()
+    var input = slice.input
+    var task = slice.task
     while true {
-      var step = DeviceStep(compress ? .compress : .decompress, algorithm, level: level)
-      step.streamSlot = target.slot
-      step.streamStart = !started
-      step.streamFinal = final
-      let room = outputCap >= totalOut ? outputCap - totalOut : 0
-      let capacity =
-        compress
-        ? Int(BufferSizing.compressBound(UInt64(input.count)))
-        : Int(min(UInt64(AcceleratorService.streamOutputPiece), room + 1))
-      var job = JobRequest(steps: [step], input: input, outputCapacity: max(64, capacity), tenant: tenant)
-      job.stream = target
-      await service.dispatcher.waitForRoom(tenant: tenant)
-      let result = try await service.run(job, operation: operation, outputLimit: Int(min(outputCap, UInt64(Int.max))), deadline: deadline)
-      started = true
+      let result: JobResult
+      do { result = try await task.value } catch {
+        close()
+        throw error
+      }
       jobs += 1
       totalIn += UInt64(result.consumed)
       totalOut += UInt64(result.output.count)
       deviceNanoseconds += result.stats.deviceNanoseconds
       if totalOut > outputCap {
-        throw RPCError(code: .resourceExhausted, message: "\(operation): output exceeds the limit of \(outputCap) bytes")
+        close()
+        throw RPCError(
+          code: .resourceExhausted, message: "\(compress ? "compress" : "decompress"): output exceeds the limit of \(outputCap) bytes")
       }
       if !result.output.isEmpty { try await emit(result.output) }
       guard result.moreOutput else { return }
       input = result.consumed >= input.count ? Data() : input.subdata(in: input.startIndex + result.consumed..<input.endIndex)
+      task = start(input, final: slice.final, sequence: slice.sequence, continuing: true)
     }
   }
 }
