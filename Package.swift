@@ -138,7 +138,7 @@ let package = Package(
     .testTarget(name: "AccelABITests", dependencies: ["AccelABI"], swiftSettings: strictSettings),
     .testTarget(
       name: "AccelDeviceTests",
-      dependencies: ["AccelDevice", "AccelDriver", "AccelABI", "CAccelEngines"],
+      dependencies: ["AccelDevice", "AccelDriver", "AccelABI", "CAccelEngines", "CAccelSys"],
       swiftSettings: strictSettings
     ),
     .testTarget(name: "AccelDriverTests", dependencies: ["AccelDriver", "AccelABI"], swiftSettings: strictSettings),

@@ -22,6 +22,11 @@ public struct ControlRequest: Codable, Sendable {
     case inject
     /// Ends a device isolation now; needs fault control enabled.
     case liftIsolation = "lift-isolation"
+    /// ABI 1.4: attaches client memory (the memfd passed with SCM_RIGHTS, `size`
+    /// bytes) to one of the caller's queues as external region `region`.
+    case attachRegion = "attach-region"
+    /// ABI 1.4: detaches external region `region` from queue `queue`.
+    case detachRegion = "detach-region"
   }
   public var op: Op
   /// hello: the driver's ABI version (`major << 16 | minor`).
@@ -32,8 +37,17 @@ public struct ControlRequest: Codable, Sendable {
   public var queue: UInt32?
   /// inject: the fault plan.
   public var fault: String?
-  public init(op: Op, abi: UInt32? = nil, weight: UInt32? = nil, queue: UInt32? = nil, fault: String? = nil) {
+  /// attach-region, detach-region: the external region id (1...4096) on `queue`.
+  public var region: UInt16?
+  /// attach-region: bytes of the memfd to map.
+  public var size: UInt64?
+  public init(
+    op: Op, abi: UInt32? = nil, weight: UInt32? = nil, queue: UInt32? = nil, fault: String? = nil,
+    region: UInt16? = nil, size: UInt64? = nil
+  ) {
     self.op = op
+    self.region = region
+    self.size = size
     self.fault = fault
     self.abi = abi
     self.weight = weight

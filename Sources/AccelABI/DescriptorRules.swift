@@ -11,7 +11,11 @@ public enum DescriptorRules {
   /// Checks a descriptor against the region geometry.
   /// - Returns: `.ok`, `.invalidDescriptor` for bad offsets, lengths, flags or
   ///   reserved fields, or `.unsupported` for an unknown opcode or algorithm.
-  public static func validate(_ sqe: accel_sqe, layout: RegionLayout) -> DeviceStatus {
+  ///   `externalSize` gives the size of the queue's attached external region with
+  ///   an id (ABI 1.4), or nil when no such region is attached.
+  public static func validate(
+    _ sqe: accel_sqe, layout: RegionLayout, externalSize: (UInt16) -> UInt64? = { _ in nil }
+  ) -> DeviceStatus {
     let streamFlags = UInt8(ACCEL_SQE_F_STREAM | ACCEL_SQE_F_STREAM_START | ACCEL_SQE_F_STREAM_FINAL)
     let allowedFlags = UInt8(ACCEL_SQE_F_CHAIN | ACCEL_SQE_F_VERIFY) | streamFlags
     guard sqe.reserved == 0, sqe.flags & ~allowedFlags == 0 else { return .invalidDescriptor }
@@ -22,6 +26,8 @@ public enum DescriptorRules {
         sqe.flags & UInt8(ACCEL_SQE_F_CHAIN | ACCEL_SQE_F_VERIFY) == 0
       else { return .invalidDescriptor }
       if sqe.algorithm == 5 { return .unsupported }  // LZ4 streams are not offered
+      // Stream chunks stay in the data pool (their contexts live in this region).
+      guard sqe.src_region == 0 && sqe.dst_region == 0 else { return .invalidDescriptor }
     } else if sqe.stream_ctx != 0 || sqe.flags & streamFlags != 0 {
       return .invalidDescriptor
     }
@@ -51,15 +57,19 @@ public enum DescriptorRules {
     }
     let src = (offset: sqe.src_offset, length: UInt64(sqe.src_length))
     let dst = (offset: sqe.dst_offset, length: UInt64(sqe.dst_capacity))
-    guard layout.dataPoolContains(offset: src.offset, length: src.length),
-      layout.dataPoolContains(offset: dst.offset, length: dst.length)
-    else { return .invalidDescriptor }
-    // Out-of-place operations: input and output must not overlap.
-    if overlaps(src, dst) { return .invalidDescriptor }
+    /// A buffer lies in the data pool (region 0) or wholly inside an attached external region.
+    func contains(_ region: UInt16, _ b: (offset: UInt64, length: UInt64)) -> Bool {
+      guard region != 0 else { return layout.dataPoolContains(offset: b.offset, length: b.length) }
+      guard let size = externalSize(region) else { return false }
+      return b.offset <= size && b.length <= size - b.offset
+    }
+    guard contains(sqe.src_region, src), contains(sqe.dst_region, dst) else { return .invalidDescriptor }
+    // Out-of-place operations: input and output must not overlap (in the same region).
+    if sqe.src_region == sqe.dst_region && overlaps(src, dst) { return .invalidDescriptor }
     if needsAux {
       let aux = (offset: sqe.aux_offset, length: UInt64(sqe.aux_length))
       guard aux.length >= UInt64(MemoryLayout<accel_aead_params>.size),
-        layout.dataPoolContains(offset: aux.offset, length: aux.length), !overlaps(aux, dst)
+        layout.dataPoolContains(offset: aux.offset, length: aux.length), sqe.dst_region != 0 || !overlaps(aux, dst)
       else { return .badParams }
     } else if sqe.aux_offset != 0 || sqe.aux_length != 0 {
       return .invalidDescriptor

@@ -134,3 +134,65 @@ public enum RegionError: Error, CustomStringConvertible {
     }
   }
 }
+
+/// A client's memory region attached to a device queue (ABI 1.4): a memfd
+/// sealed against shrinking, mapped read-write, so the device reads and writes
+/// the client's pages in place. The seal is what makes this safe: the file can
+/// never become shorter than the mapping, so touching it can never SIGBUS.
+public final class ExternalRegion: @unchecked Sendable {
+  public let fd: Int32
+  public let size: UInt64
+  public let base: UnsafeMutableRawPointer
+
+  /// Why a memfd cannot serve as an external region.
+  public enum Refusal: Error, Equatable, CustomStringConvertible {
+    case notSealed
+    case tooSmall(actual: UInt64, claimed: UInt64)
+    case badSize
+    case system(String, Int32)
+
+    public var description: String {
+      switch self {
+      case .notSealed: "the memfd is not sealed against shrinking (add F_SEAL_SHRINK)"
+      case .tooSmall(let a, let c): "the memfd holds \(a) bytes, fewer than the \(c) claimed"
+      case .badSize: "the claimed size must be between 1 byte and 16 GiB"
+      case .system(let call, let e): "\(call) failed: \(String(cString: strerror(e)))"
+      }
+    }
+  }
+
+  /// Largest region accepted (bounds the address space one client can make the device map).
+  public static let maxSize: UInt64 = 16 << 30
+
+  /// Checks that `fd` is a shrink-sealed file of at least `claimedSize` bytes. Does not take ownership.
+  public static func check(fd: Int32, claimedSize: UInt64) throws(Refusal) {
+    guard claimedSize > 0 && claimedSize <= maxSize else { throw .badSize }
+    guard accel_memfd_is_shrink_sealed(fd) == 1 else { throw .notSealed }
+    var st = stat()
+    guard fstat(fd, &st) == 0 else { throw .system("fstat", accel_errno()) }
+    guard UInt64(st.st_size) >= claimedSize else { throw .tooSmall(actual: UInt64(st.st_size), claimed: claimedSize) }
+  }
+
+  /// Checks and maps `claimedSize` bytes of `fd`. Takes ownership of `fd` (closed on failure too).
+  public static func map(fd: Int32, claimedSize: UInt64) throws(Refusal) -> ExternalRegion {
+    do throws(Refusal) {
+      try check(fd: fd, claimedSize: claimedSize)
+      guard let base = accel_map_shared(fd, claimedSize) else { throw .system("mmap", accel_errno()) }
+      return ExternalRegion(fd: fd, size: claimedSize, base: base)
+    } catch {
+      close(fd)
+      throw error
+    }
+  }
+
+  private init(fd: Int32, size: UInt64, base: UnsafeMutableRawPointer) {
+    self.fd = fd
+    self.size = size
+    self.base = base
+  }
+
+  deinit {
+    _ = accel_unmap(base, size)
+    close(fd)
+  }
+}

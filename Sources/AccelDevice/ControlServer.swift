@@ -100,7 +100,10 @@ public final class ControlServer: @unchecked Sendable {
     var greeted = false
     while running.load(ordering: .relaxed) {
       let request: ControlRequest
-      do { (request, _) = try conn.receive(ControlRequest.self) } catch { return }
+      var passed: [Int32] = []
+      do { (request, passed) = try conn.receive(ControlRequest.self) } catch { return }
+      // Only attach-region carries a descriptor; anything else passed is closed.
+      if request.op != .attachRegion { passed.forEach { _ = close($0) } }
       var fds: [Int32] = []
       var reply: ControlResponse
       switch request.op {
@@ -145,6 +148,29 @@ public final class ControlServer: @unchecked Sendable {
           reply = ControlResponse(ok: true)
         } else {
           reply = .failure("queue \(id) does not belong to this gateway")
+        }
+      case .attachRegion, .detachRegion:
+        let id = request.queue ?? .max
+        let mine = connections.withLock { $0[conn.fd]?.contains(id) == true }
+        guard mine, let region = request.region else {
+          passed.forEach { _ = close($0) }
+          reply = .failure("queue \(id) does not belong to this gateway, or no region id")
+          break
+        }
+        if request.op == .detachRegion {
+          reply = device.detachExternalRegion(queueID: id, id: region) ? ControlResponse(ok: true) : .failure("no region \(region) on queue \(id)")
+          break
+        }
+        guard passed.count == 1, let size = request.size else {
+          passed.forEach { _ = close($0) }
+          reply = .failure("attach-region needs exactly one memfd and a size")
+          break
+        }
+        do {
+          try device.attachExternalRegion(queueID: id, id: region, fd: passed[0], size: size)
+          reply = ControlResponse(ok: true)
+        } catch {
+          reply = .failure(error.description)
         }
       case .heartbeat:
         reply = ControlResponse(ok: true)

@@ -44,6 +44,27 @@ public final class DeviceQueue: @unchecked Sendable {
   let weight: UInt32
   /// Open stream contexts (ABI 1.3), device-private, by 1-based slot.
   private let streams = Mutex<[UInt32: StreamContext]>([:])
+  /// Client memory attached to this queue (ABI 1.4), by id. An engine holds a
+  /// strong reference for the length of a job, so a detach never unmaps pages
+  /// a job is still using.
+  private let externals = Mutex<[UInt16: ExternalRegion]>([:])
+
+  /// Attaches a client region under `id` (1...ACCEL_EXT_REGION_MAX). Replaces nothing: an id in use is refused.
+  func attachExternal(_ region: ExternalRegion, id: UInt16) -> Bool {
+    guard id >= 1, UInt32(id) <= ACCEL_EXT_REGION_MAX else { return false }
+    return externals.withLock { table in
+      guard table[id] == nil else { return false }
+      table[id] = region
+      return true
+    }
+  }
+
+  /// Detaches region `id`; it is unmapped once no job holds it.
+  @discardableResult
+  func detachExternal(_ id: UInt16) -> Bool { externals.withLock { $0.removeValue(forKey: id) != nil } }
+
+  func external(_ id: UInt16) -> ExternalRegion? { externals.withLock { $0[id] } }
+  var externalCount: Int { externals.withLock { $0.count } }
 
   /// The comparison-mode eventfd doorbell (see `DeviceConfiguration.eventfdDoorbells`), or -1.
   let doorbellFD: Int32

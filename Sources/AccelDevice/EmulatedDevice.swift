@@ -234,6 +234,27 @@ public final class EmulatedDevice: @unchecked Sendable {
   /// A new file descriptor for queue `index`'s memfd, for a driver to map.
   public func exportQueue(_ index: Int) -> Int32 { dup(queues[index].region.fd) }
 
+  /// Attaches a client's memory to queue `queueID` under `id` (ABI 1.4): the
+  /// device maps the memfd after checking its shrink seal and size. Takes
+  /// ownership of `fd`.
+  public func attachExternalRegion(queueID: UInt32, id: UInt16, fd: Int32, size: UInt64) throws(DeviceError) {
+    guard let q = queues.first(where: { $0.id == queueID }) else {
+      close(fd)
+      throw .invalidConfiguration("no queue \(queueID)")
+    }
+    let region: ExternalRegion
+    do { region = try ExternalRegion.map(fd: fd, claimedSize: size) } catch {
+      throw .invalidConfiguration("region \(id): \(error)")
+    }
+    guard q.attachExternal(region, id: id) else { throw .invalidConfiguration("region id \(id) is in use or out of range") }
+  }
+
+  /// Detaches a client region from a queue; the pages are unmapped when the last job using them ends.
+  @discardableResult
+  public func detachExternalRegion(queueID: UInt32, id: UInt16) -> Bool {
+    queues.first { $0.id == queueID }?.detachExternal(id) ?? false
+  }
+
   /// Queue `index`'s eventfd doorbell in the comparison mode (not duplicated; -1 otherwise).
   public func doorbellEventFD(_ index: Int) -> Int32 { queues[index].doorbellFD }
 
@@ -356,26 +377,40 @@ public final class EmulatedDevice: @unchecked Sendable {
       status = .badParams  // cut short
     }
     for (i, sqe) in chain.enumerated() where status == .ok {
-      status = DescriptorRules.validate(sqe, layout: q.region.layout)
+      // External regions (1.4) are resolved once per descriptor and held for the job.
+      let srcExt = sqe.src_region == 0 ? nil : q.external(sqe.src_region)
+      let dstExt = sqe.dst_region == 0 ? nil : (sqe.dst_region == sqe.src_region ? srcExt : q.external(sqe.dst_region))
+      status = DescriptorRules.validate(sqe, layout: q.region.layout) { id in
+        id == sqe.src_region ? srcExt?.size : id == sqe.dst_region ? dstExt?.size : nil
+      }
       guard status == .ok else { break }
+      let buffers = Buffers(
+        src: srcExt.map { $0.base + Int(sqe.src_offset) } ?? q.region.bytes(at: sqe.src_offset),
+        dst: dstExt.map { $0.base + Int(sqe.dst_offset) } ?? q.region.bytes(at: sqe.dst_offset))
       var length = sqe.src_length
       if i > 0 {
         // A follower reads what its predecessor wrote.
-        guard sqe.src_offset == chain[i - 1].dst_offset, produced <= sqe.src_length else {
+        guard sqe.src_offset == chain[i - 1].dst_offset, sqe.src_region == chain[i - 1].dst_region,
+          produced <= sqe.src_length
+        else {
           status = .badParams
           break
         }
         length = produced
       }
       inputBytes += UInt64(length)
-      (status, produced, consumed) = run(sqe, inputLength: length, on: q, ctx: ctx)
+      (status, produced, consumed) = withExtendedLifetime((srcExt, dstExt)) {
+        run(sqe, inputLength: length, buffers: buffers, on: q, ctx: ctx)
+      }
       guard status == .ok else { break }
       if fault?.mode == .corruptOutput && i == chain.count - 1 && produced > 0 {
         // Silent corruption of the result, before any verification sees it.
-        q.region.bytes(at: sqe.dst_offset + UInt64(produced / 2)).assumingMemoryBound(to: UInt8.self).pointee ^= 0x5A
+        (buffers.dst + Int(produced / 2)).assumingMemoryBound(to: UInt8.self).pointee ^= 0x5A
       }
       if sqe.flags & UInt8(ACCEL_SQE_F_VERIFY) != 0 {
-        status = verify(sqe, inputLength: length, produced: produced, on: q, ctx: ctx)
+        status = withExtendedLifetime((srcExt, dstExt)) {
+          verify(sqe, inputLength: length, produced: produced, buffers: buffers, ctx: ctx)
+        }
         stats.verified.add(1, ordering: .relaxed)
       }
     }
@@ -429,22 +464,29 @@ public final class EmulatedDevice: @unchecked Sendable {
 
   /// Compress-and-verify: inflates what a compress step wrote and compares it
   /// with the step's input.
-  private func verify(_ sqe: accel_sqe, inputLength: UInt32, produced: UInt32, on q: DeviceQueue, ctx: OpaquePointer)
+  private func verify(_ sqe: accel_sqe, inputLength: UInt32, produced: UInt32, buffers: Buffers, ctx: OpaquePointer)
     -> DeviceStatus
   {
-    let original = UnsafePointer(q.region.bytes(at: sqe.src_offset).assumingMemoryBound(to: UInt8.self))
-    let compressed = UnsafePointer(q.region.bytes(at: sqe.dst_offset).assumingMemoryBound(to: UInt8.self))
+    let original = UnsafePointer(buffers.src.assumingMemoryBound(to: UInt8.self))
+    let compressed = UnsafePointer(buffers.dst.assumingMemoryBound(to: UInt8.self))
     let raw = accel_engine_verify(ctx, sqe.algorithm, compressed, produced, original, inputLength)
     return DeviceStatus(rawValue: raw) ?? .engineError
   }
 
-  /// Runs one validated step in place on the queue's data pool.
-  private func run(_ sqe: accel_sqe, inputLength: UInt32, on q: DeviceQueue, ctx: OpaquePointer)
+  /// A validated step's input and output: in the queue's data pool, or in a
+  /// client's attached region (1.4).
+  struct Buffers {
+    let src: UnsafeMutableRawPointer
+    let dst: UnsafeMutableRawPointer
+  }
+
+  /// Runs one validated step in place, on the data pool or the client's pages.
+  private func run(_ sqe: accel_sqe, inputLength: UInt32, buffers: Buffers, on q: DeviceQueue, ctx: OpaquePointer)
     -> (DeviceStatus, UInt32, UInt32)
   {
     let region = q.region
-    let src = UnsafePointer(region.bytes(at: sqe.src_offset).assumingMemoryBound(to: UInt8.self))
-    let dst = region.bytes(at: sqe.dst_offset).assumingMemoryBound(to: UInt8.self)
+    let src = UnsafePointer(buffers.src.assumingMemoryBound(to: UInt8.self))
+    let dst = buffers.dst.assumingMemoryBound(to: UInt8.self)
     var produced: UInt32 = 0
     var consumed: UInt32 = 0
     var raw: UInt16

@@ -233,7 +233,8 @@ package final class Dispatcher: Sendable {
     let id = id ?? makeJobID()
     let queue0 = driver.queues[0]
     let footprint =
-      queue0.poolFootprint(UInt64(request.input.count)) + queue0.poolFootprint(UInt64(request.outputCapacity))
+      (request.inputSpan == nil ? queue0.poolFootprint(UInt64(request.input.count)) : 0)
+      + (request.outputSpan == nil ? queue0.poolFootprint(UInt64(request.outputCapacity)) : 0)
       + (request.aux.isEmpty ? 0 : queue0.poolFootprint(UInt64(request.aux.count)))
       + (request.midCapacity > 0 ? queue0.poolFootprint(UInt64(request.midCapacity)) : 0)
     guard footprint <= maxJobFootprint, request.input.count <= Int(UInt32.max), request.outputCapacity <= Int(UInt32.max)
@@ -298,7 +299,8 @@ package final class Dispatcher: Sendable {
         }
         throw .device(completion.status)
       }
-      let output = Data(q.output(lease, count: Int(completion.produced)))
+      // Local lane: the device wrote straight into the client's memory.
+      let output = request.outputSpan == nil ? Data(q.output(lease, count: Int(completion.produced))) : Data()
       let end = clock.now
       var result = JobResult(
         output: output,
@@ -572,7 +574,7 @@ package final class Dispatcher: Sendable {
           reserved = queue.reserve(
             srcLength: UInt32(p.request.input.count), dstCapacity: UInt32(p.request.outputCapacity),
             auxLength: UInt32(p.request.aux.count), midCapacity: UInt32(p.request.midCapacity), key: p.request.key,
-            sensitive: p.request.sensitive,
+            sensitive: p.request.sensitive, srcExternal: p.request.inputSpan, dstExternal: p.request.outputSpan,
             handler: { [weak self, queue] c in self?.complete(id: id, completion: c, queue: queue) })
           if reserved != nil { break }
         }

@@ -25,6 +25,14 @@ package struct JobRequest: Sendable {
   /// the dispatcher runs them one at a time in this order (see `JobChains`).
   /// A slice that ended with `moreOutput` is continued under the same number.
   package var streamSequence: UInt64 = 0
+  /// Local lane (ABI 1.4): the input and/or output lie in a client's memory
+  /// attached to every queue; `input` is then empty and the result's `output`
+  /// too (the device wrote `stats.outputBytes` at the span).
+  package var inputSpan: ExternalSpan? = nil
+  package var outputSpan: ExternalSpan? = nil
+  /// Kept alive as long as the job is, including after its caller has gone
+  /// while the device still runs it (the local lane's hold on client memory).
+  package var retain: (any AnyObject & Sendable)? = nil
 
   /// Bytes admission charges for the job.
   package var chargedBytes: Int { admissionBytes ?? input.count }

@@ -97,7 +97,40 @@ package final class DeviceClient: @unchecked Sendable {
     guard reply.ok else { throw .refused(reply.error ?? "release refused") }
   }
 
+  /// Passes a client's memfd to the daemon, which maps it as external region
+  /// `region` of queue `queue` (ABI 1.4). Does not take ownership of `fd`.
+  package func attachRegion(queue: UInt32, region: UInt16, fd: Int32, size: UInt64) throws(ControlError) {
+    let (reply, fds) = try requestLock.withLock { _ throws(ControlError) in
+      try connection.send(ControlRequest(op: .attachRegion, queue: queue, region: region, size: size), passing: [fd])
+      return try connection.receive(ControlResponse.self)
+    }
+    fds.forEach { _ = close($0) }
+    guard reply.ok else { throw .refused(reply.error ?? "attach-region refused") }
+  }
+
+  package func detachRegion(queue: UInt32, region: UInt16) throws(ControlError) {
+    let (reply, _) = try call(ControlRequest(op: .detachRegion, queue: queue, region: region))
+    guard reply.ok else { throw .refused(reply.error ?? "detach-region refused") }
+  }
+
   package func capabilities() throws(ControlError) -> ControlResponse {
     try call(ControlRequest(op: .capabilities)).0
   }
+}
+
+/// Where a driver's queues live, for what only the device can do: map a
+/// client's memory into a queue (ABI 1.4 external regions). The embedded
+/// device maps it in-process; a standalone daemon gets the memfd over its
+/// control socket.
+package protocol ExternalRegionHost: Sendable {
+  /// Attaches `fd` (not consumed) as region `region` of queue `queueID`.
+  func attachRegion(queueID: UInt32, region: UInt16, fd: Int32, size: UInt64) throws(ControlError)
+  func detachRegion(queueID: UInt32, region: UInt16)
+}
+
+extension DeviceClient: ExternalRegionHost {
+  package func attachRegion(queueID: UInt32, region: UInt16, fd: Int32, size: UInt64) throws(ControlError) {
+    try attachRegion(queue: queueID, region: region, fd: fd, size: size)
+  }
+  package func detachRegion(queueID: UInt32, region: UInt16) { try? detachRegion(queue: queueID, region: region) }
 }

@@ -29,6 +29,13 @@ package final class DeviceDriver: @unchecked Sendable {
   private let running = Atomic<Bool>(false)
   private let exited = DispatchSemaphore(value: 0)
   private let afterReap: Mutex<CallbackBox<Void>?> = Mutex(nil)
+  private let regionHostBox = Mutex<(any ExternalRegionHost)?>(nil)
+
+  /// The device behind these queues, for attaching client memory (nil: not supported).
+  package var regionHost: (any ExternalRegionHost)? {
+    get { regionHostBox.withLock { $0 } }
+    set { regionHostBox.withLock { $0 = newValue } }
+  }
 
   /// Attaches to queue regions given as memfd descriptors (ownership passes to the driver).
   package init(queueFileDescriptors fds: [Int32], configuration: DriverConfiguration = .defaults) throws(DriverError) {

@@ -23,6 +23,22 @@ package struct Lease: Sendable {
   package var keySlot: UInt32 = 0
   /// Buffers held secrets or plaintext: zeroed on release.
   package var sensitive = false
+  /// ABI 1.4: the input or output lies in an attached external region (a
+  /// client's memory), not in the pool; 0 = the pool.
+  package var srcRegion: UInt16 = 0
+  package var dstRegion: UInt16 = 0
+}
+
+/// A buffer in a client's memory attached to the queues as external region `region` (ABI 1.4).
+package struct ExternalSpan: Sendable, Equatable {
+  package var region: UInt16
+  package var offset: UInt64
+  package var length: UInt32
+  package init(region: UInt16, offset: UInt64, length: UInt32) {
+    self.region = region
+    self.offset = offset
+    self.length = length
+  }
 }
 
 /// One step of a device job. A job of two steps is submitted as a descriptor
@@ -228,7 +244,8 @@ package final class DriverQueue: @unchecked Sendable {
   /// slot here, and zeroed there on release.
   package func reserve(
     srcLength: UInt32, dstCapacity: UInt32, auxLength: UInt32 = 0, midCapacity: UInt32 = 0,
-    key: SecretBytes? = nil, sensitive: Bool = false, handler: @escaping CompletionHandler
+    key: SecretBytes? = nil, sensitive: Bool = false, srcExternal: ExternalSpan? = nil, dstExternal: ExternalSpan? = nil,
+    handler: @escaping CompletionHandler
   ) -> Lease? {
     precondition((key?.count ?? 0) <= CryptoSizing.maxKeyLength)
     return state.withLock { s -> Lease? in
@@ -239,7 +256,9 @@ package final class DriverQueue: @unchecked Sendable {
         taken.append((o, UInt64(n)))
         return o
       }
-      guard let src = take(srcLength), let dst = take(dstCapacity),
+      // External buffers take nothing from the pool.
+      guard let src = srcExternal.map({ $0.offset }) ?? take(srcLength),
+        let dst = dstExternal.map({ $0.offset }) ?? take(dstCapacity),
         let aux = auxLength > 0 ? take(auxLength) : 0, let mid = midCapacity > 0 ? take(midCapacity) : 0
       else {
         for (o, n) in taken { s.pool.release(offset: o, size: n) }
@@ -250,7 +269,10 @@ package final class DriverQueue: @unchecked Sendable {
       let gen = s.generation
       var lease = Lease(
         queueIndex: index, slot: slot, cookie: UInt64(gen) << 32 | UInt64(slot),
-        srcOffset: src, srcLength: srcLength, dstOffset: dst, dstCapacity: dstCapacity)
+        srcOffset: src, srcLength: srcExternal?.length ?? srcLength, dstOffset: dst,
+        dstCapacity: dstExternal?.length ?? dstCapacity)
+      lease.srcRegion = srcExternal?.region ?? 0
+      lease.dstRegion = dstExternal?.region ?? 0
       lease.auxOffset = auxLength > 0 ? aux : 0
       lease.auxLength = auxLength
       lease.midOffset = midCapacity > 0 ? mid : 0
@@ -277,8 +299,10 @@ package final class DriverQueue: @unchecked Sendable {
   /// Sensitive leases have every buffer and the key slot zeroed first.
   package func release(_ lease: Lease) {
     if lease.sensitive {
+      // Pool buffers only: a client's own memory is the client's to clear.
       for (o, n) in [
-        (lease.srcOffset, lease.srcLength), (lease.dstOffset, lease.dstCapacity), (lease.auxOffset, lease.auxLength),
+        (lease.srcOffset, lease.srcRegion == 0 ? lease.srcLength : 0),
+        (lease.dstOffset, lease.dstRegion == 0 ? lease.dstCapacity : 0), (lease.auxOffset, lease.auxLength),
         (lease.midOffset, lease.midCapacity),
       ] where n > 0 {
         SharedMemory.secureZero(region.bytes(at: o), count: Int(n))
@@ -288,8 +312,8 @@ package final class DriverQueue: @unchecked Sendable {
       }
     }
     state.withLock { s in
-      s.pool.release(offset: lease.srcOffset, size: UInt64(lease.srcLength))
-      s.pool.release(offset: lease.dstOffset, size: UInt64(lease.dstCapacity))
+      if lease.srcRegion == 0 { s.pool.release(offset: lease.srcOffset, size: UInt64(lease.srcLength)) }
+      if lease.dstRegion == 0 { s.pool.release(offset: lease.dstOffset, size: UInt64(lease.dstCapacity)) }
       if lease.auxLength > 0 { s.pool.release(offset: lease.auxOffset, size: UInt64(lease.auxLength)) }
       if lease.midCapacity > 0 { s.pool.release(offset: lease.midOffset, size: UInt64(lease.midCapacity)) }
       if lease.keySlot != 0 { s.freeKeySlots.append(lease.keySlot) }
@@ -376,6 +400,8 @@ package final class DriverQueue: @unchecked Sendable {
     sqe.src_length = first ? lease.srcLength : lease.midCapacity
     sqe.dst_offset = last ? lease.dstOffset : lease.midOffset
     sqe.dst_capacity = last ? lease.dstCapacity : lease.midCapacity
+    sqe.src_region = first ? lease.srcRegion : 0
+    sqe.dst_region = last ? lease.dstRegion : 0
     if !last { sqe.flags = UInt8(ACCEL_SQE_F_CHAIN) }
     if step.verify && step.opcode == .compress { sqe.flags |= UInt8(ACCEL_SQE_F_VERIFY) }
     if step.streamSlot != 0 {

@@ -7,6 +7,7 @@ internal import GRPCCore
 internal import GRPCNIOTransportHTTP2
 internal import Synchronization
 public import Logging
+import Glibc
 
 /// The whole gateway in one process: embedded device, driver, dispatcher and gRPC server.
 public final class AccelGateServer: Sendable {
@@ -26,6 +27,9 @@ public final class AccelGateServer: Sendable {
   private let graceExpiredContinuation: AsyncStream<Void>.Continuation
   private let drainStarted = Mutex<ContinuousClock.Instant?>(nil)
   private let server: GRPCServer<HTTP2ServerTransport.Posix>
+  /// The local lane's gRPC listener on a Unix socket, and its control socket.
+  private let localServer: GRPCServer<HTTP2ServerTransport.Posix>?
+  private let localControl: LocalControlServer?
   private let logger: Logger
 
   public init(configuration: ServiceConfiguration = .defaults, logger: Logger = Logger(label: "accelgate")) throws {
@@ -71,6 +75,7 @@ public final class AccelGateServer: Sendable {
       device.start()
       driver = try DeviceDriver(
         queueFileDescriptors: (0..<device.queues.count).map { device.exportQueue($0) }, configuration: driverConfiguration)
+      driver.regionHost = EmbeddedRegionHost(device: device)
       self.device = device
       self.external = nil
     }
@@ -107,6 +112,30 @@ public final class AccelGateServer: Sendable {
       nonceLedger: try NonceLedger(path: configuration.nonceStateFile), audit: try AuditLog(path: configuration.auditLogFile))
     service.draining = draining
     service.tenants = directory
+    if let path = configuration.localSocket, let control = configuration.effectiveLocalControlSocket {
+      let registry = RegionRegistry(dispatcher: dispatcher, logger: logger)
+      service.regions = registry
+      localControl = try LocalControlServer(path: control, registry: registry, directory: directory, logger: logger)
+      unlink(path)
+      // Same services and interceptors; plaintext, since the socket never leaves the host.
+      localServer = GRPCServer(
+        transport: .http2NIOPosix(
+          address: .unixDomainSocket(path: path), transportSecurity: .plaintext,
+          config: .defaults {
+            $0.rpc.maxRequestPayloadSize = configuration.transportMaxRequestBytes
+            $0.http2.maxFrameSize = configuration.http2MaxFrameSize
+            $0.http2.targetWindowSize = configuration.http2TargetWindowSize
+            $0.http2.maxConcurrentStreams = configuration.maxConcurrentStreams
+          }),
+        services: [
+          service, HealthService(dispatcher: dispatcher, device: self.device, draining: draining), try ReflectionService(),
+        ],
+        interceptors: [AuthInterceptor(directory: directory, metrics: metrics), MetricsInterceptor(metrics: metrics, logger: logger)]
+      )
+    } else {
+      localServer = nil
+      localControl = nil
+    }
     self.server = GRPCServer(
       transport: .http2NIOPosix(
         address: .ipv4(host: configuration.host, port: configuration.port),
@@ -153,6 +182,7 @@ public final class AccelGateServer: Sendable {
       metricsServer.withLock { $0 = server }
     }
     defer {
+      localControl?.stop()
       external?.stop()
       dispatcher.shutdown()
       dispatcher.driver.stop()
@@ -163,8 +193,19 @@ public final class AccelGateServer: Sendable {
       // The server returns once every call has finished after a graceful
       // shutdown; if the grace runs out first, cancelling it ends the rest.
       let (server, expired) = (self.server, graceExpired)
+      let local = localServer
+      localControl?.start()
       try await withThrowingTaskGroup(of: Void.self) { group in
-        group.addTask { try await server.serve() }
+        group.addTask {
+          // Both listeners serve until the TCP one has drained.
+          try await withThrowingTaskGroup(of: Void.self) { both in
+            both.addTask { try await server.serve() }
+            if let local { both.addTask { try await local.serve() } }
+            _ = try await both.next()
+            local?.beginGracefulShutdown()
+            try await both.waitForAll()
+          }
+        }
         group.addTask {
           for await _ in expired { return }
           try await Task.sleep(for: .seconds(86_400 * 365))  // never expired: wait to be cancelled
@@ -226,6 +267,7 @@ public final class AccelGateServer: Sendable {
     draining.begin()
     logger.notice("draining", metadata: ["grace": "\(configuration.drainGrace)"])
     server.beginGracefulShutdown()
+    localServer?.beginGracefulShutdown()
     let (grace, expired) = (configuration.drainGrace, graceExpiredContinuation)
     Task.detached {
       try? await Task.sleep(for: grace)

@@ -1,6 +1,7 @@
 internal import AccelABI
 internal import AccelDevice
 internal import AccelDispatcher
+internal import AccelDriver
 internal import AccelProto
 internal import FoundationEssentials
 internal import GRPCCore
@@ -21,27 +22,40 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
   var draining: Draining? = nil
   /// For DescribeDevice's view of the calling tenant.
   var tenants: TenantDirectory? = nil
+  /// Client memory registered on the local lane (nil when the lane is off).
+  var regions: RegionRegistry? = nil
 
   static let defaultLevel: Int32 = 6
 
   func compress(request envelope: ServerRequest<Accelgate_V1_CompressRequest>, context: ServerContext) async throws
     -> ServerResponse<Accelgate_V1_CompressResponse>
   {
-    let (job, limit, engine) = try compressJob(envelope.message, tenant: TenantHeader.tenant(of: envelope.metadata))
+    let m = envelope.message
+    let tenant = TenantHeader.tenant(of: envelope.metadata)
+    let spans = try localSpans(
+      input: m.hasInputRegion ? m.inputRegion : nil, output: m.hasOutputRegion ? m.outputRegion : nil, inline: m.data.count,
+      tenant: tenant, operation: "compress", outputLimit: Int(UInt32.max))
+    var (job, limit, engine) = try compressJob(m, tenant: tenant, inputLength: spans.inputLength)
+    spans.apply(to: &job)
     let result = try await run(
-      job, operation: "compress", outputLimit: limit, deadline: CallDeadline(metadata: envelope.metadata))
+      job, operation: "compress", outputLimit: spans.output.map { Int($0.length) } ?? limit,
+      deadline: CallDeadline(metadata: envelope.metadata))
     var response = Accelgate_V1_CompressResponse()
     response.data = result.output
+    if spans.output != nil { response.regionOutputLength = result.stats.outputBytes }
     response.stats = Self.stats(result.stats, engine: engine)
     return ServerResponse(message: response)
   }
 
   /// Validates a compress request and turns it into a job (shared by unary and Submit).
-  func compressJob(_ request: Accelgate_V1_CompressRequest, tenant: String) throws -> (JobRequest, Int, String) {
+  func compressJob(_ request: Accelgate_V1_CompressRequest, tenant: String, inputLength: Int? = nil) throws -> (
+    JobRequest, Int, String
+  ) {
     let algorithm = try Self.algorithm(request.format)
     let effectiveLevel = try Self.level(request.hasLevel ? request.level : -1, for: algorithm)
-    try checkSize(request.data.count)
-    let capacity = Int(BufferSizing.compressBound(UInt64(request.data.count)))
+    let length = inputLength ?? request.data.count
+    try checkSize(length)
+    let capacity = Int(BufferSizing.compressBound(UInt64(length)))
     let job = JobRequest(
       opcode: .compress, algorithm: algorithm, level: effectiveLevel, input: request.data, outputCapacity: capacity,
       tenant: tenant)
@@ -51,11 +65,19 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
   func decompress(request envelope: ServerRequest<Accelgate_V1_DecompressRequest>, context: ServerContext) async throws
     -> ServerResponse<Accelgate_V1_DecompressResponse>
   {
-    let (job, limit) = try decompressJob(envelope.message, tenant: TenantHeader.tenant(of: envelope.metadata))
+    let m = envelope.message
+    let tenant = TenantHeader.tenant(of: envelope.metadata)
+    var (job, limit) = try decompressJob(m, tenant: tenant)
+    let spans = try localSpans(
+      input: m.hasInputRegion ? m.inputRegion : nil, output: m.hasOutputRegion ? m.outputRegion : nil, inline: m.data.count,
+      tenant: tenant, operation: "decompress", outputLimit: limit)
+    spans.apply(to: &job)
     let result = try await run(
-      job, operation: "decompress", outputLimit: limit, deadline: CallDeadline(metadata: envelope.metadata))
+      job, operation: "decompress", outputLimit: spans.output.map { Int($0.length) } ?? limit,
+      deadline: CallDeadline(metadata: envelope.metadata))
     var response = Accelgate_V1_DecompressResponse()
     response.data = result.output
+    if spans.output != nil { response.regionOutputLength = result.stats.outputBytes }
     response.stats = Self.stats(result.stats, engine: Self.engineName(.decompress, job.algorithm, level: 0))
     return ServerResponse(message: response)
   }

@@ -88,6 +88,11 @@ public enum ConfigFile {
     string("listen.host", "gRPC listen address") { c, v in c.host = v; return nil },
     int("listen.port", 0...65535, "gRPC port (0 picks one)") { $0.port = $1 },
     int("listen.max_concurrent_streams", 1...65536, "HTTP/2 streams per connection") { $0.maxConcurrentStreams = $1 },
+    string("local.socket", "Unix socket for local-lane gRPC (empty = off)") { c, v in c.localSocket = v.isEmpty ? nil : v; return nil },
+    string("local.control_socket", "local-lane control socket [local.socket + .ctl]") { c, v in
+      c.localControlSocket = v.isEmpty ? nil : v
+      return nil
+    },
     bool("metrics.enabled", "serve /metrics") { c, on in c.metricsPort = on ? (c.metricsPort ?? 9464) : nil },
     string("metrics.host", "metrics listen address") { c, v in c.metricsHost = v; return nil },
     int("metrics.port", 0...65535, "metrics port (0 picks one)") { c, v in if c.metricsPort != nil { c.metricsPort = v } },
@@ -275,6 +280,7 @@ public enum ConfigFile {
     func us(_ d: Duration) -> String { "\(d.components.seconds * 1_000_000 + d.components.attoseconds / 1_000_000_000_000)" }
     return [
       ("listen.host", c.host), ("listen.port", "\(c.port)"), ("listen.max_concurrent_streams", "\(c.maxConcurrentStreams)"),
+      ("local.socket", c.localSocket ?? "-"), ("local.control_socket", c.effectiveLocalControlSocket ?? "-"),
       ("metrics.enabled", "\(c.metricsPort != nil)"), ("metrics.host", c.metricsHost), ("metrics.port", c.metricsPort.map { "\($0)" } ?? "-"),
       ("limits.max_request_bytes", "\(c.maxRequestBytes)"), ("limits.max_decompressed_bytes", "\(c.maxDecompressedBytes)"),
       ("limits.max_queued_jobs", "\(c.maxQueuedJobs)"), ("limits.max_queued_payload_bytes", "\(c.maxQueuedPayloadBytes ?? 0)"),

@@ -75,7 +75,14 @@ extension AcceleratorService {
     -> Accelgate_V1_EncryptResponse
   {
     let key = try resolveKey(r.key, requested: r.algorithm, tenant: tenant, forEncryption: true)
-    try checkSize(r.plaintext.count)
+    if (r.hasInputRegion || r.hasOutputRegion) && key.named != nil {
+      throw StatusMapping.rpcError(
+        .invalidArgument("local-lane regions take raw keys only (a named key's envelope is built by the gateway)"))
+    }
+    let spans = try localSpans(
+      input: r.hasInputRegion ? r.inputRegion : nil, output: r.hasOutputRegion ? r.outputRegion : nil,
+      inline: r.plaintext.count, tenant: tenant, operation: "encrypt", outputLimit: Int(UInt32.max))
+    try checkSize(spans.inputLength)
     guard r.aad.count <= Self.maxAADBytes else {
       throw StatusMapping.rpcError(.payloadTooLarge(size: r.aad.count, limit: Self.maxAADBytes))
     }
@@ -100,7 +107,7 @@ extension AcceleratorService {
     let aux = AEADParameters.encode(nonce: nonce, aad: header + Array(r.aad))
     var steps = [DeviceStep(.encrypt, key.algorithm)]
     var mid = 0
-    var body = r.plaintext.count
+    var body = spans.inputLength
     var engine = "openssl-evp"
     if r.hasCompress {
       let (format, level) = try chainedCompression(r.compress)
@@ -109,9 +116,14 @@ extension AcceleratorService {
       body = mid
       engine = Self.engineName(.compress, format, level: level) + "+openssl-evp"
     }
-    let job = JobRequest(
+    var job = JobRequest(
       steps: steps, input: r.plaintext, outputCapacity: body + CryptoSizing.tagLength, tenant: tenant, aux: aux,
       key: key.material, midCapacity: mid, sensitive: true)
+    if let o = spans.output, !r.hasCompress, Int(o.length) < job.outputCapacity {
+      throw StatusMapping.rpcError(
+        .invalidArgument("output_region holds \(o.length) bytes; the ciphertext and tag need \(job.outputCapacity)"))
+    }
+    spans.apply(to: &job)
     let result: JobResult
     do {
       result = try await run(job, operation: "encrypt", outputLimit: job.outputCapacity, deadline: deadline)
@@ -131,6 +143,7 @@ extension AcceleratorService {
     } else {
       out.ciphertext = result.output
     }
+    if spans.output != nil { out.regionOutputLength = result.stats.outputBytes }
     out.stats = Self.stats(result.stats, engine: engine)
     return out
   }
@@ -139,6 +152,12 @@ extension AcceleratorService {
     -> Accelgate_V1_DecryptResponse
   {
     var key = try resolveKey(r.key, requested: r.algorithm, tenant: tenant, forEncryption: false)
+    if (r.hasInputRegion || r.hasOutputRegion) && key.named != nil {
+      throw StatusMapping.rpcError(.invalidArgument("local-lane regions take raw keys only"))
+    }
+    let spans = try localSpans(
+      input: r.hasInputRegion ? r.inputRegion : nil, output: r.hasOutputRegion ? r.outputRegion : nil,
+      inline: r.ciphertext.count, tenant: tenant, operation: "decrypt", outputLimit: configuration.maxDecompressedBytes)
     // Whatever Encrypt can return must decrypt: allow the tag, the envelope and,
     // for chained jobs, the compress bound on top of the request limit.
     let sealedLimit =
@@ -173,12 +192,12 @@ extension AcceleratorService {
       guard nonce.count == CryptoSizing.nonceLength else {
         throw StatusMapping.rpcError(.invalidArgument("nonce must be 12 bytes, got \(nonce.count)"))
       }
-      guard sealed.count >= CryptoSizing.tagLength else {
+      guard spans.inputLength >= CryptoSizing.tagLength else {
         throw StatusMapping.rpcError(.invalidArgument("ciphertext is shorter than the 16-byte tag"))
       }
     }
     let aux = AEADParameters.encode(nonce: nonce, aad: header + Array(r.aad))
-    let plainLength = sealed.count - CryptoSizing.tagLength
+    let plainLength = (spans.input != nil ? spans.inputLength : sealed.count) - CryptoSizing.tagLength
     let limit =
       r.maxOutputBytes == 0
       ? configuration.maxDecompressedBytes : Int(min(UInt64(configuration.maxDecompressedBytes), r.maxOutputBytes))
@@ -199,6 +218,10 @@ extension AcceleratorService {
       steps: steps, input: sealed, outputCapacity: capacity, tenant: tenant, aux: aux, key: key.material,
       midCapacity: mid, sensitive: true)
     job.admissionBytes = max(0, r.ciphertext.count - (sealedLimit - configuration.maxRequestBytes))
+    if let o = spans.output, !r.hasDecompress, Int(o.length) < plainLength {
+      throw StatusMapping.rpcError(.invalidArgument("output_region holds \(o.length) bytes; the plaintext needs \(plainLength)"))
+    }
+    spans.apply(to: &job)
     let result: JobResult
     do {
       result = try await run(job, operation: "decrypt", outputLimit: capacity, deadline: deadline)
@@ -213,6 +236,7 @@ extension AcceleratorService {
     }
     var out = Accelgate_V1_DecryptResponse()
     out.plaintext = result.output
+    if spans.output != nil { out.regionOutputLength = result.stats.outputBytes }
     out.keyVersion = key.version
     out.stats = Self.stats(result.stats, engine: engine)
     return out
@@ -222,7 +246,10 @@ extension AcceleratorService {
     -> Accelgate_V1_DigestResponse
   {
     let algorithm = try Self.digestAlgorithm(r.algorithm)
-    try checkSize(r.data.count)
+    let spans = try localSpans(
+      input: r.hasInputRegion ? r.inputRegion : nil, output: nil, inline: r.data.count, tenant: tenant,
+      operation: "digest", outputLimit: 0)
+    try checkSize(spans.inputLength)
     var key: ResolvedKey?
     if algorithm.isKeyedDigest {
       guard r.hasKey, r.key.source != nil else {
@@ -243,9 +270,10 @@ extension AcceleratorService {
       throw StatusMapping.rpcError(.invalidArgument("\(algorithm) takes no key"))
     }
     let length = algorithm.digestLength!
-    let job = JobRequest(
+    var job = JobRequest(
       steps: [DeviceStep(.digest, algorithm)], input: r.data, outputCapacity: length, tenant: tenant,
       key: key?.material, sensitive: key != nil)
+    spans.apply(to: &job)
     let result = try await run(job, operation: "digest", outputLimit: length, deadline: deadline)
     if let named = key?.named {
       audit.record(tenant: tenant, key: named.name, version: key!.version, operation: "hmac", outcome: "ok")

@@ -1,8 +1,10 @@
+internal import AccelABI
 internal import AccelDevice
 internal import AccelDispatcher
 internal import AccelDriver
 internal import Logging
 internal import Synchronization
+import Glibc
 
 /// A standalone device daemon as the gateway sees it: attach, watch the
 /// heartbeat, and when the daemon dies fail fast (or fail over to the software
@@ -38,6 +40,7 @@ final class ExternalDevice: Sendable {
     var fds: [Int32] = []
     for _ in 0..<queueCount { fds.append(try c.allocateQueue(weight: weight).fd) }
     let driver = try DeviceDriver(queueFileDescriptors: fds, configuration: driverConfiguration)
+    driver.regionHost = c
     client.withLock { $0 = c }
     return driver
   }
@@ -117,6 +120,7 @@ final class FallbackDevice: Sendable {
       device.start()
       let driver = try DeviceDriver(
         queueFileDescriptors: (0..<device.queues.count).map { device.exportQueue($0) }, configuration: driverConfiguration)
+      driver.regionHost = EmbeddedRegionHost(device: device)
       b = (device, driver)
       return driver
     }
@@ -127,4 +131,20 @@ final class FallbackDevice: Sendable {
     driver.stop()
     device.stop()
   }
+}
+
+/// The embedded device as an `ExternalRegionHost`: it maps client memory in
+/// this process (a dup of the memfd), where its engines run.
+struct EmbeddedRegionHost: ExternalRegionHost {
+  let device: EmulatedDevice
+
+  func attachRegion(queueID: UInt32, region: UInt16, fd: Int32, size: UInt64) throws(ControlError) {
+    let copy = dup(fd)
+    guard copy >= 0 else { throw .io("dup: errno \(errno)") }
+    do { try device.attachExternalRegion(queueID: queueID, id: region, fd: copy, size: size) } catch {
+      throw .refused(error.description)
+    }
+  }
+
+  func detachRegion(queueID: UInt32, region: UInt16) { device.detachExternalRegion(queueID: queueID, id: region) }
 }

@@ -59,6 +59,13 @@ public struct ServiceConfiguration: Sendable {
   /// On SIGTERM, how long calls in flight may take to finish before the server
   /// stops anyway (they then end CANCELLED). The process exits 0 either way.
   public var drainGrace: Duration = .seconds(30)
+  /// Local lane (docs/LOCAL_LANE.md): gRPC over this Unix socket for co-located
+  /// clients; nil = off.
+  public var localSocket: String? = nil
+  /// The local lane's control socket (memory registration); default: `localSocket` + ".ctl".
+  public var localControlSocket: String? = nil
+  var effectiveLocalControlSocket: String? { localControlSocket ?? localSocket.map { $0 + ".ctl" } }
+
   /// Where Prometheus scrapes `/metrics` (plain HTTP); nil port turns it off.
   public var metricsHost: String = "127.0.0.1"
   public var metricsPort: Int? = 9464

@@ -67,6 +67,7 @@ extension AcceleratorService {
       try await retryingAdmission(tenant: tenant, deadline: deadline) {
         switch item.job {
         case .compress(let r):
+          guard !r.hasInputRegion && !r.hasOutputRegion else { throw Self.noRegionsInSubmit }
           let (job, limit, engine) = try compressJob(r, tenant: tenant)
           let result = try await run(job, operation: "compress", outputLimit: limit, deadline: deadline)
           out.compress = .with {
@@ -74,6 +75,7 @@ extension AcceleratorService {
             $0.stats = Self.stats(result.stats, engine: engine)
           }
         case .decompress(let r):
+          guard !r.hasInputRegion && !r.hasOutputRegion else { throw Self.noRegionsInSubmit }
           let (job, limit) = try decompressJob(r, tenant: tenant)
           let result = try await run(job, operation: "decompress", outputLimit: limit, deadline: deadline)
           out.decompress = .with {
@@ -96,6 +98,10 @@ extension AcceleratorService {
       out.message = "internal error"
     }
     return out
+  }
+
+  static var noRegionsInSubmit: RPCError {
+    RPCError(code: .invalidArgument, message: "Submit carries payloads; use the unary calls for local-lane regions")
   }
 
   /// Runs `body` again while admission turns it away with a retry hint.

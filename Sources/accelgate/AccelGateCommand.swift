@@ -68,6 +68,9 @@ struct Serve: AsyncParsableCommand {
   @Option(help: "Isolation window, in milliseconds [10000].") var isolationWindowMs: String?
   @Option(help: "Milliseconds an isolation lasts; 0 = until restart [30000].") var isolationCooldownMs: String?
   @Option(help: "Inject faults (tests, drills): MODE[,every=N][,latency-ms=M][,queue=Q].") var injectFault: String?
+  @Option(help: "Local lane: also serve gRPC on this Unix socket, with memory registration on PATH.ctl [off].")
+  var localSocket: String?
+  @Option(help: "Local lane control socket [--local-socket + .ctl].") var localControlSocket: String?
   @Option(help: "Address for the Prometheus /metrics endpoint [127.0.0.1].") var metricsHost: String?
   @Option(help: "Port for /metrics; 0 picks a free port [9464].") var metricsPort: String?
   @Flag(help: "Serve no /metrics endpoint.") var noMetrics = false
@@ -99,7 +102,8 @@ struct Serve: AsyncParsableCommand {
       ("device.isolation.window_ms", isolationWindowMs), ("device.isolation.cooldown_ms", isolationCooldownMs),
       ("device.inject_fault", injectFault), ("files.tenants", tenants), ("files.keyring", keyring),
       ("files.nonce_state", nonceState), ("files.audit_log", auditLog), ("log.level", logLevel),
-      ("log.format", logFormat), ("metrics.host", metricsHost), ("metrics.port", metricsPort),
+      ("log.format", logFormat), ("local.socket", localSocket), ("local.control_socket", localControlSocket),
+      ("metrics.host", metricsHost), ("metrics.port", metricsPort),
       ("metrics.enabled", noMetrics ? "false" : nil), ("tls.certificate", tlsCert), ("tls.private_key", tlsKey),
       ("tls.client_ca", tlsClientCa), ("limits.max_queued_payload_bytes", maxQueuedPayloadBytes),
       ("connection.max_idle_ms", maxConnectionIdleMs), ("connection.max_age_ms", maxConnectionAgeMs),

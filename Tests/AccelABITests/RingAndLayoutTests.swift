@@ -110,6 +110,40 @@ import Testing
     }
   }
 
+  @Test func externalRegionSpansAreBoundedByTheAttachedRegion() {
+    // Region 3 is attached with 64 KiB; nothing else is.
+    let sizes: (UInt16) -> UInt64? = { $0 == 3 ? 65536 : nil }
+    func check(_ mutate: (inout accel_sqe) -> Void) -> DeviceStatus {
+      var s = good()
+      mutate(&s)
+      return DescriptorRules.validate(s, layout: layout, externalSize: sizes)
+    }
+    #expect(check { $0.src_region = 3; $0.src_offset = 0 } == .ok)
+    #expect(check { $0.src_region = 3; $0.src_offset = 65536 - 4096 } == .ok)
+    #expect(check { $0.dst_region = 3; $0.dst_offset = 0 } == .ok)
+    // Out of bounds, wrapping, unknown or unattached regions.
+    #expect(check { $0.src_region = 3; $0.src_offset = 65536 - 4095 } == .invalidDescriptor)
+    #expect(check { $0.src_region = 3; $0.src_offset = .max - 100 } == .invalidDescriptor)
+    #expect(check { $0.dst_region = 3; $0.dst_offset = 60000; $0.dst_capacity = .max } == .invalidDescriptor)
+    #expect(check { $0.src_region = 4; $0.src_offset = 0 } == .invalidDescriptor)
+    // Same offsets in different address spaces do not overlap; in the same one they do.
+    #expect(check { $0.src_region = 3; $0.src_offset = 0; $0.dst_region = 3; $0.dst_offset = 2048 } == .invalidDescriptor)
+    #expect(check { $0.src_region = 3; $0.src_offset = 0; $0.dst_offset = layout.dataOffset } == .ok)
+    // Stream chunks stay in the pool; the new reserved word must be zero.
+    #expect(
+      check {
+        $0.src_region = 3
+        $0.src_offset = 0
+        $0.flags = UInt8(ACCEL_SQE_F_STREAM | ACCEL_SQE_F_STREAM_START)
+        $0.stream_ctx = 1
+      } == .invalidDescriptor)
+    #expect(check { $0.reserved = 1 } == .invalidDescriptor)
+    // Without a table (the default) any region id is refused.
+    var s = good()
+    s.src_region = 1
+    #expect(DescriptorRules.validate(s, layout: layout) == .invalidDescriptor)
+  }
+
   @Test func unknownOpcodeOrAlgorithmIsUnsupported() {
     var s = good()
     s.opcode = 200

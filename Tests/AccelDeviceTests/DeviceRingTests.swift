@@ -2,6 +2,7 @@ import AccelABI
 import AccelDevice
 import AccelDriver
 import CAccelABI
+import CAccelSys
 import Foundation
 import Synchronization
 import Testing
@@ -98,6 +99,73 @@ import Testing
     q.submit(s)
     let c = try #require(q.next())
     #expect(c.status == 0 && c.produced > 0 && c.engine_ns > 0)
+  }
+
+  /// ABI 1.4: the device works on client memory attached as an external region,
+  /// refuses spans outside it and unsealed files, and keeps the mapping while a
+  /// job runs even if the region is detached.
+  @Test func externalRegionsAreReadAndWrittenInPlace() throws {
+    let dev = try Self.device()
+    defer { dev.stop() }
+    let q = try RawQueue(dev.exportQueue(0))
+    let size: UInt64 = 1 << 20
+    func memfd(sealed: Bool) -> Int32 {
+      let fd = accel_memfd_create("client")
+      _ = ftruncate(fd, off_t(size))
+      if sealed { _ = fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK) }
+      return fd
+    }
+    // An unsealed file is refused (it could shrink under the mapping: SIGBUS).
+    let loose = memfd(sealed: false)
+    #expect(throws: DeviceError.self) { try dev.attachExternalRegion(queueID: q.region.queueID, id: 1, fd: loose, size: size) }
+    let fd = memfd(sealed: true)
+    let mine = try #require(accel_map_shared(fd, size))
+    defer { _ = accel_unmap(mine, size) }
+    try dev.attachExternalRegion(queueID: q.region.queueID, id: 2, fd: dup(fd), size: size)
+    // A region more than the file holds is refused.
+    #expect(throws: DeviceError.self) {
+      try dev.attachExternalRegion(queueID: q.region.queueID, id: 3, fd: dup(fd), size: size * 2)
+    }
+    let text = Array(String(repeating: "client pages, in place. ", count: 400).utf8)
+    mine.copyMemory(from: text, byteCount: text.count)
+    var s = accel_sqe()
+    s.cookie = 1
+    s.opcode = UInt8(ACCEL_OP_COMPRESS.rawValue)
+    s.algorithm = UInt8(ACCEL_ALG_ZLIB.rawValue)
+    s.level = 1
+    s.src_region = 2
+    s.src_offset = 0
+    s.src_length = UInt32(text.count)
+    s.dst_region = 2
+    s.dst_offset = 65536
+    s.dst_capacity = 65536
+    q.submit(s)
+    var c = try #require(q.next())
+    #expect(c.status == 0 && c.produced > 0)
+    // Inflate it back, from the client's memory into the client's memory.
+    s.cookie = 2
+    s.opcode = UInt8(ACCEL_OP_DECOMPRESS.rawValue)
+    s.src_offset = 65536
+    s.src_length = c.produced
+    s.dst_offset = 262_144
+    s.dst_capacity = 65536
+    q.submit(s)
+    c = try #require(q.next())
+    #expect(c.status == 0 && c.produced == UInt32(text.count))
+    #expect(memcmp(mine + 262_144, text, text.count) == 0)
+    // Past the end of the region, or a region that is not attached: refused, nothing written.
+    s.cookie = 3
+    s.dst_offset = size - 100
+    q.submit(s)
+    c = try #require(q.next())
+    #expect(c.status == UInt16(ACCEL_STATUS_INVALID_DESCRIPTOR.rawValue))
+    #expect(dev.detachExternalRegion(queueID: q.region.queueID, id: 2))
+    s.cookie = 4
+    s.dst_offset = 262_144
+    q.submit(s)
+    c = try #require(q.next())
+    #expect(c.status == UInt16(ACCEL_STATUS_INVALID_DESCRIPTOR.rawValue))
+    close(fd)
   }
 
   @Test func driverRoundTripsManyJobsAcrossRingWraparound() async throws {

@@ -98,7 +98,7 @@ import Testing
       #expect(d.queues.count == 3)
       #expect(d.engines.count == 1)
       #expect(d.limits.maxQueuedJobs == 77)
-      #expect(d.device.abiVersion == "1.3")
+      #expect(d.device.abiVersion == "1.4")
       #expect(d.capabilities.contains { $0.operation == .compress && $0.format == .gzip && $0.maxLevel == 9 })
     }
   }

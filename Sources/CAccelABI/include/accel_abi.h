@@ -45,8 +45,8 @@ extern "C" {
 
 #define ACCEL_ABI_MAGIC          0x4C434341u /* "ACCL" in little-endian memory order */
 #define ACCEL_ABI_VERSION_MAJOR  1u
-#define ACCEL_ABI_VERSION_MINOR  3u
-#define ACCEL_ABI_VERSION        0x00010003u /* (MAJOR << 16) | MINOR */
+#define ACCEL_ABI_VERSION_MINOR  4u
+#define ACCEL_ABI_VERSION        0x00010004u /* (MAJOR << 16) | MINOR */
 
 #define ACCEL_CACHELINE          64u
 #define ACCEL_HEADER_SIZE        4096u
@@ -226,8 +226,14 @@ typedef struct accel_sqe {
     uint64_t aux_offset;    /* 40: parameter block (accel_aead_params + AAD), 0 = none (1.1) */
     uint32_t aux_length;    /* 48 */
     uint32_t stream_ctx;    /* 52: reserved: 1-based stream context index, 0 = stateless */
-    uint64_t reserved;      /* 56: must be zero */
+    uint16_t src_region;    /* 56: 1.4: 0 = src_offset is in this region's data pool; n = in
+                             *     the queue's attached external region n (a client's memory) */
+    uint16_t dst_region;    /* 58: 1.4: the same for dst_offset */
+    uint32_t reserved;      /* 60: must be zero */
 } accel_sqe;
+
+/** 1.4: largest external region id a queue accepts (ids are 1..MAX). */
+#define ACCEL_EXT_REGION_MAX 4096u
 
 /* ---------------------------------------------------------------------------
  * Completion queue entry: 32 bytes
@@ -325,6 +331,9 @@ ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_region_header, reset_ack) == 544, "
 ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_region_header, reset_request) == 576, "reset_request offset");
 ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_cqe, engine_ns) == 24, "cqe engine_ns offset");
 ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_sqe, aux_offset) == 40, "sqe aux offset");
+ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_sqe, src_region) == 56, "sqe src_region offset");
+ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_sqe, dst_region) == 58, "sqe dst_region offset");
+ACCEL_STATIC_ASSERT(__builtin_offsetof(accel_sqe, reserved) == 60, "sqe reserved offset");
 ACCEL_STATIC_ASSERT(sizeof(accel_key_slot) == ACCEL_KEYSLOT_SIZE, "key slot size");
 ACCEL_STATIC_ASSERT(sizeof(accel_aead_params) == 32, "AEAD params size");
 

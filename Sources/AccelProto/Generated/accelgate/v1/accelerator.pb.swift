@@ -350,6 +350,27 @@ public nonisolated struct Accelgate_V1_DecompressStreamResponse: Sendable {
   public init() {}
 }
 
+/// A span of memory a tenant registered on the gateway's local control socket
+/// (a sealed memfd; see docs/LOCAL_LANE.md). The device reads or writes it in
+/// place, so no payload bytes cross the gRPC connection.
+public nonisolated struct Accelgate_V1_RegionSpan: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// The token `register` returned.
+  public var region: String = String()
+
+  public var offset: UInt64 = 0
+
+  /// Input: the bytes to read. Output: the most the device may write.
+  public var length: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 public nonisolated struct Accelgate_V1_CompressRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -369,11 +390,34 @@ public nonisolated struct Accelgate_V1_CompressRequest: Sendable {
 
   public var data: Data = Data()
 
+  /// Local lane (docs/LOCAL_LANE.md): read the input from, and write the output
+  /// to, memory this tenant registered on the local control socket, instead of
+  /// carrying bytes in the message. Leave `data` empty when input_region is set.
+  public var inputRegion: Accelgate_V1_RegionSpan {
+    get {_inputRegion ?? Accelgate_V1_RegionSpan()}
+    set {_inputRegion = newValue}
+  }
+  /// Returns true if `inputRegion` has been explicitly set.
+  public var hasInputRegion: Bool {self._inputRegion != nil}
+  /// Clears the value of `inputRegion`. Subsequent reads from it will return its default value.
+  public mutating func clearInputRegion() {self._inputRegion = nil}
+
+  public var outputRegion: Accelgate_V1_RegionSpan {
+    get {_outputRegion ?? Accelgate_V1_RegionSpan()}
+    set {_outputRegion = newValue}
+  }
+  /// Returns true if `outputRegion` has been explicitly set.
+  public var hasOutputRegion: Bool {self._outputRegion != nil}
+  /// Clears the value of `outputRegion`. Subsequent reads from it will return its default value.
+  public mutating func clearOutputRegion() {self._outputRegion = nil}
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
   fileprivate var _level: Int32? = nil
+  fileprivate var _inputRegion: Accelgate_V1_RegionSpan? = nil
+  fileprivate var _outputRegion: Accelgate_V1_RegionSpan? = nil
 }
 
 public nonisolated struct Accelgate_V1_CompressResponse: Sendable {
@@ -391,6 +435,10 @@ public nonisolated struct Accelgate_V1_CompressResponse: Sendable {
   public var hasStats: Bool {self._stats != nil}
   /// Clears the value of `stats`. Subsequent reads from it will return its default value.
   public mutating func clearStats() {self._stats = nil}
+
+  /// Local lane: bytes the device wrote at output_region.offset (the message's
+  /// own payload field stays empty).
+  public var regionOutputLength: UInt64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -412,9 +460,33 @@ public nonisolated struct Accelgate_V1_DecompressRequest: Sendable {
   /// a larger value than the server's limit is clamped to it.
   public var maxOutputBytes: UInt64 = 0
 
+  /// Local lane (docs/LOCAL_LANE.md): read the input from, and write the output
+  /// to, memory this tenant registered on the local control socket, instead of
+  /// carrying bytes in the message. Leave `data` empty when input_region is set.
+  public var inputRegion: Accelgate_V1_RegionSpan {
+    get {_inputRegion ?? Accelgate_V1_RegionSpan()}
+    set {_inputRegion = newValue}
+  }
+  /// Returns true if `inputRegion` has been explicitly set.
+  public var hasInputRegion: Bool {self._inputRegion != nil}
+  /// Clears the value of `inputRegion`. Subsequent reads from it will return its default value.
+  public mutating func clearInputRegion() {self._inputRegion = nil}
+
+  public var outputRegion: Accelgate_V1_RegionSpan {
+    get {_outputRegion ?? Accelgate_V1_RegionSpan()}
+    set {_outputRegion = newValue}
+  }
+  /// Returns true if `outputRegion` has been explicitly set.
+  public var hasOutputRegion: Bool {self._outputRegion != nil}
+  /// Clears the value of `outputRegion`. Subsequent reads from it will return its default value.
+  public mutating func clearOutputRegion() {self._outputRegion = nil}
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
+
+  fileprivate var _inputRegion: Accelgate_V1_RegionSpan? = nil
+  fileprivate var _outputRegion: Accelgate_V1_RegionSpan? = nil
 }
 
 public nonisolated struct Accelgate_V1_DecompressResponse: Sendable {
@@ -432,6 +504,10 @@ public nonisolated struct Accelgate_V1_DecompressResponse: Sendable {
   public var hasStats: Bool {self._stats != nil}
   /// Clears the value of `stats`. Subsequent reads from it will return its default value.
   public mutating func clearStats() {self._stats = nil}
+
+  /// Local lane: bytes the device wrote at output_region.offset (the message's
+  /// own payload field stays empty).
+  public var regionOutputLength: UInt64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -570,12 +646,36 @@ public nonisolated struct Accelgate_V1_EncryptRequest: Sendable {
   /// Clears the value of `compress`. Subsequent reads from it will return its default value.
   public mutating func clearCompress() {self._compress = nil}
 
+  /// Local lane (docs/LOCAL_LANE.md): read the input from, and write the output
+  /// to, memory this tenant registered on the local control socket, instead of
+  /// carrying bytes in the message. Leave `plaintext` empty when input_region is set.
+  public var inputRegion: Accelgate_V1_RegionSpan {
+    get {_inputRegion ?? Accelgate_V1_RegionSpan()}
+    set {_inputRegion = newValue}
+  }
+  /// Returns true if `inputRegion` has been explicitly set.
+  public var hasInputRegion: Bool {self._inputRegion != nil}
+  /// Clears the value of `inputRegion`. Subsequent reads from it will return its default value.
+  public mutating func clearInputRegion() {self._inputRegion = nil}
+
+  /// (Raw keys only: a named key's envelope is built by the gateway.)
+  public var outputRegion: Accelgate_V1_RegionSpan {
+    get {_outputRegion ?? Accelgate_V1_RegionSpan()}
+    set {_outputRegion = newValue}
+  }
+  /// Returns true if `outputRegion` has been explicitly set.
+  public var hasOutputRegion: Bool {self._outputRegion != nil}
+  /// Clears the value of `outputRegion`. Subsequent reads from it will return its default value.
+  public mutating func clearOutputRegion() {self._outputRegion = nil}
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
   fileprivate var _key: Accelgate_V1_KeySpec? = nil
   fileprivate var _compress: Accelgate_V1_ChainedCompression? = nil
+  fileprivate var _inputRegion: Accelgate_V1_RegionSpan? = nil
+  fileprivate var _outputRegion: Accelgate_V1_RegionSpan? = nil
 }
 
 public nonisolated struct Accelgate_V1_EncryptResponse: Sendable {
@@ -600,6 +700,10 @@ public nonisolated struct Accelgate_V1_EncryptResponse: Sendable {
   public var hasStats: Bool {self._stats != nil}
   /// Clears the value of `stats`. Subsequent reads from it will return its default value.
   public mutating func clearStats() {self._stats = nil}
+
+  /// Local lane: bytes the device wrote at output_region.offset (the message's
+  /// own payload field stays empty).
+  public var regionOutputLength: UInt64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -644,12 +748,36 @@ public nonisolated struct Accelgate_V1_DecryptRequest: Sendable {
   /// Cap on the (decompressed) output; 0 = the server's limit.
   public var maxOutputBytes: UInt64 = 0
 
+  /// Local lane (docs/LOCAL_LANE.md): read the input from, and write the output
+  /// to, memory this tenant registered on the local control socket, instead of
+  /// carrying bytes in the message. Leave `ciphertext` empty when input_region is set.
+  public var inputRegion: Accelgate_V1_RegionSpan {
+    get {_inputRegion ?? Accelgate_V1_RegionSpan()}
+    set {_inputRegion = newValue}
+  }
+  /// Returns true if `inputRegion` has been explicitly set.
+  public var hasInputRegion: Bool {self._inputRegion != nil}
+  /// Clears the value of `inputRegion`. Subsequent reads from it will return its default value.
+  public mutating func clearInputRegion() {self._inputRegion = nil}
+
+  /// (Raw keys only.)
+  public var outputRegion: Accelgate_V1_RegionSpan {
+    get {_outputRegion ?? Accelgate_V1_RegionSpan()}
+    set {_outputRegion = newValue}
+  }
+  /// Returns true if `outputRegion` has been explicitly set.
+  public var hasOutputRegion: Bool {self._outputRegion != nil}
+  /// Clears the value of `outputRegion`. Subsequent reads from it will return its default value.
+  public mutating func clearOutputRegion() {self._outputRegion = nil}
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
   fileprivate var _key: Accelgate_V1_KeySpec? = nil
   fileprivate var _decompress: Accelgate_V1_ChainedCompression? = nil
+  fileprivate var _inputRegion: Accelgate_V1_RegionSpan? = nil
+  fileprivate var _outputRegion: Accelgate_V1_RegionSpan? = nil
 }
 
 public nonisolated struct Accelgate_V1_DecryptResponse: Sendable {
@@ -669,6 +797,10 @@ public nonisolated struct Accelgate_V1_DecryptResponse: Sendable {
   public var hasStats: Bool {self._stats != nil}
   /// Clears the value of `stats`. Subsequent reads from it will return its default value.
   public mutating func clearStats() {self._stats = nil}
+
+  /// Local lane: bytes the device wrote at output_region.offset (the message's
+  /// own payload field stays empty).
+  public var regionOutputLength: UInt64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -696,11 +828,22 @@ public nonisolated struct Accelgate_V1_DigestRequest: Sendable {
 
   public var data: Data = Data()
 
+  /// Local lane: read the input from registered memory (leave `data` empty).
+  public var inputRegion: Accelgate_V1_RegionSpan {
+    get {_inputRegion ?? Accelgate_V1_RegionSpan()}
+    set {_inputRegion = newValue}
+  }
+  /// Returns true if `inputRegion` has been explicitly set.
+  public var hasInputRegion: Bool {self._inputRegion != nil}
+  /// Clears the value of `inputRegion`. Subsequent reads from it will return its default value.
+  public mutating func clearInputRegion() {self._inputRegion = nil}
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
   fileprivate var _key: Accelgate_V1_KeySpec? = nil
+  fileprivate var _inputRegion: Accelgate_V1_RegionSpan? = nil
 }
 
 public nonisolated struct Accelgate_V1_DigestResponse: Sendable {
@@ -794,62 +937,77 @@ public nonisolated struct Accelgate_V1_SubmitRequest: Sendable {
   public init() {}
 }
 
-public nonisolated struct Accelgate_V1_SubmitResponse: Sendable {
+public nonisolated struct Accelgate_V1_SubmitResponse: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  public var id: String = String()
+  public var id: String {
+    get {_storage._id}
+    set {_uniqueStorage()._id = newValue}
+  }
 
   /// gRPC status code of this job (0 = OK), as a unary call would have returned it.
-  public var code: Int32 = 0
+  public var code: Int32 {
+    get {_storage._code}
+    set {_uniqueStorage()._code = newValue}
+  }
 
-  public var message: String = String()
+  public var message: String {
+    get {_storage._message}
+    set {_uniqueStorage()._message = newValue}
+  }
 
-  public var result: Accelgate_V1_SubmitResponse.OneOf_Result? = nil
+  public var result: OneOf_Result? {
+    get {return _storage._result}
+    set {_uniqueStorage()._result = newValue}
+  }
 
   public var compress: Accelgate_V1_CompressResponse {
     get {
-      if case .compress(let v)? = result {return v}
+      if case .compress(let v)? = _storage._result {return v}
       return Accelgate_V1_CompressResponse()
     }
-    set {result = .compress(newValue)}
+    set {_uniqueStorage()._result = .compress(newValue)}
   }
 
   public var decompress: Accelgate_V1_DecompressResponse {
     get {
-      if case .decompress(let v)? = result {return v}
+      if case .decompress(let v)? = _storage._result {return v}
       return Accelgate_V1_DecompressResponse()
     }
-    set {result = .decompress(newValue)}
+    set {_uniqueStorage()._result = .decompress(newValue)}
   }
 
   public var encrypt: Accelgate_V1_EncryptResponse {
     get {
-      if case .encrypt(let v)? = result {return v}
+      if case .encrypt(let v)? = _storage._result {return v}
       return Accelgate_V1_EncryptResponse()
     }
-    set {result = .encrypt(newValue)}
+    set {_uniqueStorage()._result = .encrypt(newValue)}
   }
 
   public var decrypt: Accelgate_V1_DecryptResponse {
     get {
-      if case .decrypt(let v)? = result {return v}
+      if case .decrypt(let v)? = _storage._result {return v}
       return Accelgate_V1_DecryptResponse()
     }
-    set {result = .decrypt(newValue)}
+    set {_uniqueStorage()._result = .decrypt(newValue)}
   }
 
   public var digest: Accelgate_V1_DigestResponse {
     get {
-      if case .digest(let v)? = result {return v}
+      if case .digest(let v)? = _storage._result {return v}
       return Accelgate_V1_DigestResponse()
     }
-    set {result = .digest(newValue)}
+    set {_uniqueStorage()._result = .digest(newValue)}
   }
 
   /// Admission hint for a rejected job, in milliseconds; 0 when not applicable.
-  public var retryAfterMs: UInt64 = 0
+  public var retryAfterMs: UInt64 {
+    get {_storage._retryAfterMs}
+    set {_uniqueStorage()._retryAfterMs = newValue}
+  }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -863,6 +1021,8 @@ public nonisolated struct Accelgate_V1_SubmitResponse: Sendable {
   }
 
   public init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 public nonisolated struct Accelgate_V1_DescribeDeviceRequest: Sendable {
@@ -1338,9 +1498,49 @@ nonisolated extension Accelgate_V1_DecompressStreamResponse: SwiftProtobuf.Messa
   }
 }
 
+nonisolated extension Accelgate_V1_RegionSpan: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RegionSpan"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}region\0\u{1}offset\0\u{1}length\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.region) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.offset) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.length) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.region.isEmpty {
+      try visitor.visitSingularStringField(value: self.region, fieldNumber: 1)
+    }
+    if self.offset != 0 {
+      try visitor.visitSingularUInt64Field(value: self.offset, fieldNumber: 2)
+    }
+    if self.length != 0 {
+      try visitor.visitSingularUInt64Field(value: self.length, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Accelgate_V1_RegionSpan, rhs: Accelgate_V1_RegionSpan) -> Bool {
+    if lhs.region != rhs.region {return false}
+    if lhs.offset != rhs.offset {return false}
+    if lhs.length != rhs.length {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
 nonisolated extension Accelgate_V1_CompressRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".CompressRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}format\0\u{1}level\0\u{1}data\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}format\0\u{1}level\0\u{1}data\0\u{4}\u{c}input_region\0\u{3}output_region\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1351,6 +1551,8 @@ nonisolated extension Accelgate_V1_CompressRequest: SwiftProtobuf.Message, Swift
       case 1: try { try decoder.decodeSingularEnumField(value: &self.format) }()
       case 2: try { try decoder.decodeSingularInt32Field(value: &self._level) }()
       case 3: try { try decoder.decodeSingularBytesField(value: &self.data) }()
+      case 15: try { try decoder.decodeSingularMessageField(value: &self._inputRegion) }()
+      case 16: try { try decoder.decodeSingularMessageField(value: &self._outputRegion) }()
       default: break
       }
     }
@@ -1370,6 +1572,12 @@ nonisolated extension Accelgate_V1_CompressRequest: SwiftProtobuf.Message, Swift
     if !self.data.isEmpty {
       try visitor.visitSingularBytesField(value: self.data, fieldNumber: 3)
     }
+    try { if let v = self._inputRegion {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 15)
+    } }()
+    try { if let v = self._outputRegion {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 16)
+    } }()
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1377,6 +1585,8 @@ nonisolated extension Accelgate_V1_CompressRequest: SwiftProtobuf.Message, Swift
     if lhs.format != rhs.format {return false}
     if lhs._level != rhs._level {return false}
     if lhs.data != rhs.data {return false}
+    if lhs._inputRegion != rhs._inputRegion {return false}
+    if lhs._outputRegion != rhs._outputRegion {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1384,7 +1594,7 @@ nonisolated extension Accelgate_V1_CompressRequest: SwiftProtobuf.Message, Swift
 
 nonisolated extension Accelgate_V1_CompressResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".CompressResponse"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}data\0\u{1}stats\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}data\0\u{1}stats\0\u{4}\u{d}region_output_length\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1394,6 +1604,7 @@ nonisolated extension Accelgate_V1_CompressResponse: SwiftProtobuf.Message, Swif
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularBytesField(value: &self.data) }()
       case 2: try { try decoder.decodeSingularMessageField(value: &self._stats) }()
+      case 15: try { try decoder.decodeSingularUInt64Field(value: &self.regionOutputLength) }()
       default: break
       }
     }
@@ -1410,12 +1621,16 @@ nonisolated extension Accelgate_V1_CompressResponse: SwiftProtobuf.Message, Swif
     try { if let v = self._stats {
       try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
     } }()
+    if self.regionOutputLength != 0 {
+      try visitor.visitSingularUInt64Field(value: self.regionOutputLength, fieldNumber: 15)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Accelgate_V1_CompressResponse, rhs: Accelgate_V1_CompressResponse) -> Bool {
     if lhs.data != rhs.data {return false}
     if lhs._stats != rhs._stats {return false}
+    if lhs.regionOutputLength != rhs.regionOutputLength {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1423,7 +1638,7 @@ nonisolated extension Accelgate_V1_CompressResponse: SwiftProtobuf.Message, Swif
 
 nonisolated extension Accelgate_V1_DecompressRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".DecompressRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}format\0\u{1}data\0\u{3}max_output_bytes\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}format\0\u{1}data\0\u{3}max_output_bytes\0\u{4}\u{c}input_region\0\u{3}output_region\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1434,12 +1649,18 @@ nonisolated extension Accelgate_V1_DecompressRequest: SwiftProtobuf.Message, Swi
       case 1: try { try decoder.decodeSingularEnumField(value: &self.format) }()
       case 2: try { try decoder.decodeSingularBytesField(value: &self.data) }()
       case 3: try { try decoder.decodeSingularUInt64Field(value: &self.maxOutputBytes) }()
+      case 15: try { try decoder.decodeSingularMessageField(value: &self._inputRegion) }()
+      case 16: try { try decoder.decodeSingularMessageField(value: &self._outputRegion) }()
       default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
     if self.format != .unspecified {
       try visitor.visitSingularEnumField(value: self.format, fieldNumber: 1)
     }
@@ -1449,6 +1670,12 @@ nonisolated extension Accelgate_V1_DecompressRequest: SwiftProtobuf.Message, Swi
     if self.maxOutputBytes != 0 {
       try visitor.visitSingularUInt64Field(value: self.maxOutputBytes, fieldNumber: 3)
     }
+    try { if let v = self._inputRegion {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 15)
+    } }()
+    try { if let v = self._outputRegion {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 16)
+    } }()
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1456,6 +1683,8 @@ nonisolated extension Accelgate_V1_DecompressRequest: SwiftProtobuf.Message, Swi
     if lhs.format != rhs.format {return false}
     if lhs.data != rhs.data {return false}
     if lhs.maxOutputBytes != rhs.maxOutputBytes {return false}
+    if lhs._inputRegion != rhs._inputRegion {return false}
+    if lhs._outputRegion != rhs._outputRegion {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1463,7 +1692,7 @@ nonisolated extension Accelgate_V1_DecompressRequest: SwiftProtobuf.Message, Swi
 
 nonisolated extension Accelgate_V1_DecompressResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".DecompressResponse"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}data\0\u{1}stats\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}data\0\u{1}stats\0\u{4}\u{d}region_output_length\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1473,6 +1702,7 @@ nonisolated extension Accelgate_V1_DecompressResponse: SwiftProtobuf.Message, Sw
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularBytesField(value: &self.data) }()
       case 2: try { try decoder.decodeSingularMessageField(value: &self._stats) }()
+      case 15: try { try decoder.decodeSingularUInt64Field(value: &self.regionOutputLength) }()
       default: break
       }
     }
@@ -1489,12 +1719,16 @@ nonisolated extension Accelgate_V1_DecompressResponse: SwiftProtobuf.Message, Sw
     try { if let v = self._stats {
       try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
     } }()
+    if self.regionOutputLength != 0 {
+      try visitor.visitSingularUInt64Field(value: self.regionOutputLength, fieldNumber: 15)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Accelgate_V1_DecompressResponse, rhs: Accelgate_V1_DecompressResponse) -> Bool {
     if lhs.data != rhs.data {return false}
     if lhs._stats != rhs._stats {return false}
+    if lhs.regionOutputLength != rhs.regionOutputLength {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1668,7 +1902,7 @@ nonisolated extension Accelgate_V1_ChainedCompression: SwiftProtobuf.Message, Sw
 
 nonisolated extension Accelgate_V1_EncryptRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".EncryptRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}algorithm\0\u{1}key\0\u{1}nonce\0\u{1}aad\0\u{1}plaintext\0\u{1}compress\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}algorithm\0\u{1}key\0\u{1}nonce\0\u{1}aad\0\u{1}plaintext\0\u{1}compress\0\u{4}\u{9}input_region\0\u{3}output_region\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1682,6 +1916,8 @@ nonisolated extension Accelgate_V1_EncryptRequest: SwiftProtobuf.Message, SwiftP
       case 4: try { try decoder.decodeSingularBytesField(value: &self.aad) }()
       case 5: try { try decoder.decodeSingularBytesField(value: &self.plaintext) }()
       case 6: try { try decoder.decodeSingularMessageField(value: &self._compress) }()
+      case 15: try { try decoder.decodeSingularMessageField(value: &self._inputRegion) }()
+      case 16: try { try decoder.decodeSingularMessageField(value: &self._outputRegion) }()
       default: break
       }
     }
@@ -1710,6 +1946,12 @@ nonisolated extension Accelgate_V1_EncryptRequest: SwiftProtobuf.Message, SwiftP
     try { if let v = self._compress {
       try visitor.visitSingularMessageField(value: v, fieldNumber: 6)
     } }()
+    try { if let v = self._inputRegion {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 15)
+    } }()
+    try { if let v = self._outputRegion {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 16)
+    } }()
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1720,6 +1962,8 @@ nonisolated extension Accelgate_V1_EncryptRequest: SwiftProtobuf.Message, SwiftP
     if lhs.aad != rhs.aad {return false}
     if lhs.plaintext != rhs.plaintext {return false}
     if lhs._compress != rhs._compress {return false}
+    if lhs._inputRegion != rhs._inputRegion {return false}
+    if lhs._outputRegion != rhs._outputRegion {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1727,7 +1971,7 @@ nonisolated extension Accelgate_V1_EncryptRequest: SwiftProtobuf.Message, SwiftP
 
 nonisolated extension Accelgate_V1_EncryptResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".EncryptResponse"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}ciphertext\0\u{1}nonce\0\u{3}key_version\0\u{1}stats\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}ciphertext\0\u{1}nonce\0\u{3}key_version\0\u{1}stats\0\u{4}\u{b}region_output_length\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1739,6 +1983,7 @@ nonisolated extension Accelgate_V1_EncryptResponse: SwiftProtobuf.Message, Swift
       case 2: try { try decoder.decodeSingularBytesField(value: &self.nonce) }()
       case 3: try { try decoder.decodeSingularUInt32Field(value: &self.keyVersion) }()
       case 4: try { try decoder.decodeSingularMessageField(value: &self._stats) }()
+      case 15: try { try decoder.decodeSingularUInt64Field(value: &self.regionOutputLength) }()
       default: break
       }
     }
@@ -1761,6 +2006,9 @@ nonisolated extension Accelgate_V1_EncryptResponse: SwiftProtobuf.Message, Swift
     try { if let v = self._stats {
       try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
     } }()
+    if self.regionOutputLength != 0 {
+      try visitor.visitSingularUInt64Field(value: self.regionOutputLength, fieldNumber: 15)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1769,6 +2017,7 @@ nonisolated extension Accelgate_V1_EncryptResponse: SwiftProtobuf.Message, Swift
     if lhs.nonce != rhs.nonce {return false}
     if lhs.keyVersion != rhs.keyVersion {return false}
     if lhs._stats != rhs._stats {return false}
+    if lhs.regionOutputLength != rhs.regionOutputLength {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1776,7 +2025,7 @@ nonisolated extension Accelgate_V1_EncryptResponse: SwiftProtobuf.Message, Swift
 
 nonisolated extension Accelgate_V1_DecryptRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".DecryptRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}algorithm\0\u{1}key\0\u{1}nonce\0\u{1}aad\0\u{1}ciphertext\0\u{1}decompress\0\u{3}max_output_bytes\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}algorithm\0\u{1}key\0\u{1}nonce\0\u{1}aad\0\u{1}ciphertext\0\u{1}decompress\0\u{3}max_output_bytes\0\u{4}\u{8}input_region\0\u{3}output_region\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1791,6 +2040,8 @@ nonisolated extension Accelgate_V1_DecryptRequest: SwiftProtobuf.Message, SwiftP
       case 5: try { try decoder.decodeSingularBytesField(value: &self.ciphertext) }()
       case 6: try { try decoder.decodeSingularMessageField(value: &self._decompress) }()
       case 7: try { try decoder.decodeSingularUInt64Field(value: &self.maxOutputBytes) }()
+      case 15: try { try decoder.decodeSingularMessageField(value: &self._inputRegion) }()
+      case 16: try { try decoder.decodeSingularMessageField(value: &self._outputRegion) }()
       default: break
       }
     }
@@ -1822,6 +2073,12 @@ nonisolated extension Accelgate_V1_DecryptRequest: SwiftProtobuf.Message, SwiftP
     if self.maxOutputBytes != 0 {
       try visitor.visitSingularUInt64Field(value: self.maxOutputBytes, fieldNumber: 7)
     }
+    try { if let v = self._inputRegion {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 15)
+    } }()
+    try { if let v = self._outputRegion {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 16)
+    } }()
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1833,6 +2090,8 @@ nonisolated extension Accelgate_V1_DecryptRequest: SwiftProtobuf.Message, SwiftP
     if lhs.ciphertext != rhs.ciphertext {return false}
     if lhs._decompress != rhs._decompress {return false}
     if lhs.maxOutputBytes != rhs.maxOutputBytes {return false}
+    if lhs._inputRegion != rhs._inputRegion {return false}
+    if lhs._outputRegion != rhs._outputRegion {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1840,7 +2099,7 @@ nonisolated extension Accelgate_V1_DecryptRequest: SwiftProtobuf.Message, SwiftP
 
 nonisolated extension Accelgate_V1_DecryptResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".DecryptResponse"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}plaintext\0\u{3}key_version\0\u{1}stats\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}plaintext\0\u{3}key_version\0\u{1}stats\0\u{4}\u{c}region_output_length\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1851,6 +2110,7 @@ nonisolated extension Accelgate_V1_DecryptResponse: SwiftProtobuf.Message, Swift
       case 1: try { try decoder.decodeSingularBytesField(value: &self.plaintext) }()
       case 2: try { try decoder.decodeSingularUInt32Field(value: &self.keyVersion) }()
       case 3: try { try decoder.decodeSingularMessageField(value: &self._stats) }()
+      case 15: try { try decoder.decodeSingularUInt64Field(value: &self.regionOutputLength) }()
       default: break
       }
     }
@@ -1870,6 +2130,9 @@ nonisolated extension Accelgate_V1_DecryptResponse: SwiftProtobuf.Message, Swift
     try { if let v = self._stats {
       try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
     } }()
+    if self.regionOutputLength != 0 {
+      try visitor.visitSingularUInt64Field(value: self.regionOutputLength, fieldNumber: 15)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1877,6 +2140,7 @@ nonisolated extension Accelgate_V1_DecryptResponse: SwiftProtobuf.Message, Swift
     if lhs.plaintext != rhs.plaintext {return false}
     if lhs.keyVersion != rhs.keyVersion {return false}
     if lhs._stats != rhs._stats {return false}
+    if lhs.regionOutputLength != rhs.regionOutputLength {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1884,7 +2148,7 @@ nonisolated extension Accelgate_V1_DecryptResponse: SwiftProtobuf.Message, Swift
 
 nonisolated extension Accelgate_V1_DigestRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".DigestRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}algorithm\0\u{1}key\0\u{1}data\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}algorithm\0\u{1}key\0\u{1}data\0\u{4}\u{c}input_region\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1895,6 +2159,7 @@ nonisolated extension Accelgate_V1_DigestRequest: SwiftProtobuf.Message, SwiftPr
       case 1: try { try decoder.decodeSingularEnumField(value: &self.algorithm) }()
       case 2: try { try decoder.decodeSingularMessageField(value: &self._key) }()
       case 3: try { try decoder.decodeSingularBytesField(value: &self.data) }()
+      case 15: try { try decoder.decodeSingularMessageField(value: &self._inputRegion) }()
       default: break
       }
     }
@@ -1914,6 +2179,9 @@ nonisolated extension Accelgate_V1_DigestRequest: SwiftProtobuf.Message, SwiftPr
     if !self.data.isEmpty {
       try visitor.visitSingularBytesField(value: self.data, fieldNumber: 3)
     }
+    try { if let v = self._inputRegion {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 15)
+    } }()
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1921,6 +2189,7 @@ nonisolated extension Accelgate_V1_DigestRequest: SwiftProtobuf.Message, SwiftPr
     if lhs.algorithm != rhs.algorithm {return false}
     if lhs._key != rhs._key {return false}
     if lhs.data != rhs.data {return false}
+    if lhs._inputRegion != rhs._inputRegion {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -2097,138 +2366,182 @@ nonisolated extension Accelgate_V1_SubmitResponse: SwiftProtobuf.Message, SwiftP
   public static let protoMessageName: String = _protobuf_package + ".SubmitResponse"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}code\0\u{1}message\0\u{1}compress\0\u{1}decompress\0\u{3}retry_after_ms\0\u{1}encrypt\0\u{1}decrypt\0\u{1}digest\0")
 
+  fileprivate class _StorageClass {
+    var _id: String = String()
+    var _code: Int32 = 0
+    var _message: String = String()
+    var _result: Accelgate_V1_SubmitResponse.OneOf_Result?
+    var _retryAfterMs: UInt64 = 0
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _id = source._id
+      _code = source._code
+      _message = source._message
+      _result = source._result
+      _retryAfterMs = source._retryAfterMs
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    while let fieldNumber = try decoder.nextFieldNumber() {
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every case branch when no optimizations are
-      // enabled. https://github.com/apple/swift-protobuf/issues/1034
-      switch fieldNumber {
-      case 1: try { try decoder.decodeSingularStringField(value: &self.id) }()
-      case 2: try { try decoder.decodeSingularInt32Field(value: &self.code) }()
-      case 3: try { try decoder.decodeSingularStringField(value: &self.message) }()
-      case 4: try {
-        var v: Accelgate_V1_CompressResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .compress(let m) = current {v = m}
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularStringField(value: &_storage._id) }()
+        case 2: try { try decoder.decodeSingularInt32Field(value: &_storage._code) }()
+        case 3: try { try decoder.decodeSingularStringField(value: &_storage._message) }()
+        case 4: try {
+          var v: Accelgate_V1_CompressResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .compress(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .compress(v)
+          }
+        }()
+        case 5: try {
+          var v: Accelgate_V1_DecompressResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .decompress(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .decompress(v)
+          }
+        }()
+        case 6: try { try decoder.decodeSingularUInt64Field(value: &_storage._retryAfterMs) }()
+        case 7: try {
+          var v: Accelgate_V1_EncryptResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .encrypt(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .encrypt(v)
+          }
+        }()
+        case 8: try {
+          var v: Accelgate_V1_DecryptResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .decrypt(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .decrypt(v)
+          }
+        }()
+        case 9: try {
+          var v: Accelgate_V1_DigestResponse?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .digest(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .digest(v)
+          }
+        }()
+        default: break
         }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .compress(v)
-        }
-      }()
-      case 5: try {
-        var v: Accelgate_V1_DecompressResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .decompress(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .decompress(v)
-        }
-      }()
-      case 6: try { try decoder.decodeSingularUInt64Field(value: &self.retryAfterMs) }()
-      case 7: try {
-        var v: Accelgate_V1_EncryptResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .encrypt(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .encrypt(v)
-        }
-      }()
-      case 8: try {
-        var v: Accelgate_V1_DecryptResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .decrypt(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .decrypt(v)
-        }
-      }()
-      case 9: try {
-        var v: Accelgate_V1_DigestResponse?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .digest(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .digest(v)
-        }
-      }()
-      default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    // The use of inline closures is to circumvent an issue where the compiler
-    // allocates stack space for every if/case branch local when no optimizations
-    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-    // https://github.com/apple/swift-protobuf/issues/1182
-    if !self.id.isEmpty {
-      try visitor.visitSingularStringField(value: self.id, fieldNumber: 1)
-    }
-    if self.code != 0 {
-      try visitor.visitSingularInt32Field(value: self.code, fieldNumber: 2)
-    }
-    if !self.message.isEmpty {
-      try visitor.visitSingularStringField(value: self.message, fieldNumber: 3)
-    }
-    switch self.result {
-    case .compress?: try {
-      guard case .compress(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
-    }()
-    case .decompress?: try {
-      guard case .decompress(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
-    }()
-    default: break
-    }
-    if self.retryAfterMs != 0 {
-      try visitor.visitSingularUInt64Field(value: self.retryAfterMs, fieldNumber: 6)
-    }
-    switch self.result {
-    case .encrypt?: try {
-      guard case .encrypt(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 7)
-    }()
-    case .decrypt?: try {
-      guard case .decrypt(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 8)
-    }()
-    case .digest?: try {
-      guard case .digest(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 9)
-    }()
-    default: break
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      if !_storage._id.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._id, fieldNumber: 1)
+      }
+      if _storage._code != 0 {
+        try visitor.visitSingularInt32Field(value: _storage._code, fieldNumber: 2)
+      }
+      if !_storage._message.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._message, fieldNumber: 3)
+      }
+      switch _storage._result {
+      case .compress?: try {
+        guard case .compress(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
+      }()
+      case .decompress?: try {
+        guard case .decompress(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
+      }()
+      default: break
+      }
+      if _storage._retryAfterMs != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._retryAfterMs, fieldNumber: 6)
+      }
+      switch _storage._result {
+      case .encrypt?: try {
+        guard case .encrypt(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 7)
+      }()
+      case .decrypt?: try {
+        guard case .decrypt(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 8)
+      }()
+      case .digest?: try {
+        guard case .digest(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 9)
+      }()
+      default: break
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Accelgate_V1_SubmitResponse, rhs: Accelgate_V1_SubmitResponse) -> Bool {
-    if lhs.id != rhs.id {return false}
-    if lhs.code != rhs.code {return false}
-    if lhs.message != rhs.message {return false}
-    if lhs.result != rhs.result {return false}
-    if lhs.retryAfterMs != rhs.retryAfterMs {return false}
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._id != rhs_storage._id {return false}
+        if _storage._code != rhs_storage._code {return false}
+        if _storage._message != rhs_storage._message {return false}
+        if _storage._result != rhs_storage._result {return false}
+        if _storage._retryAfterMs != rhs_storage._retryAfterMs {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
