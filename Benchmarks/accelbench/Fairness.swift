@@ -114,7 +114,7 @@ func withAcceleratorClient<R: Sendable>(
       target: .ipv4(address: String(parts[0]), port: port), transportSecurity: .plaintext,
       config: .defaults {
         $0.http2.maxFrameSize = 1 << 20
-        $0.http2.targetWindowSize = 16 << 20
+        $0.http2.targetWindowSize = 4 << 20  // see docs/STREAMING.md, "HTTP/2 windows"
       })
   ) { client in try await body(Accelgate_V1_Accelerator.Client(wrapping: client)) }
 }

@@ -88,6 +88,9 @@ public enum ConfigFile {
     string("listen.host", "gRPC listen address") { c, v in c.host = v; return nil },
     int("listen.port", 0...65535, "gRPC port (0 picks one)") { $0.port = $1 },
     int("listen.max_concurrent_streams", 1...65536, "HTTP/2 streams per connection") { $0.maxConcurrentStreams = $1 },
+    int("listen.http2_window_bytes", 65535...(16 << 20), "HTTP/2 flow-control window (keep <= 4 MiB; see docs/STREAMING.md)") {
+      $0.http2TargetWindowSize = $1
+    },
     string("local.socket", "Unix socket for local-lane gRPC (empty = off)") { c, v in c.localSocket = v.isEmpty ? nil : v; return nil },
     string("local.control_socket", "local-lane control socket [local.socket + .ctl]") { c, v in
       c.localControlSocket = v.isEmpty ? nil : v
@@ -280,6 +283,7 @@ public enum ConfigFile {
     func us(_ d: Duration) -> String { "\(d.components.seconds * 1_000_000 + d.components.attoseconds / 1_000_000_000_000)" }
     return [
       ("listen.host", c.host), ("listen.port", "\(c.port)"), ("listen.max_concurrent_streams", "\(c.maxConcurrentStreams)"),
+      ("listen.http2_window_bytes", "\(c.http2TargetWindowSize)"),
       ("local.socket", c.localSocket ?? "-"), ("local.control_socket", c.effectiveLocalControlSocket ?? "-"),
       ("metrics.enabled", "\(c.metricsPort != nil)"), ("metrics.host", c.metricsHost), ("metrics.port", c.metricsPort.map { "\($0)" } ?? "-"),
       ("limits.max_request_bytes", "\(c.maxRequestBytes)"), ("limits.max_decompressed_bytes", "\(c.maxDecompressedBytes)"),

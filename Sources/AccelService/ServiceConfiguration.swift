@@ -23,7 +23,11 @@ public struct ServiceConfiguration: Sendable {
   public var http2MaxFrameSize: Int = 1 << 20
   /// HTTP/2 flow-control window the server aims for, per stream and connection.
   /// The transport's default (64 KiB) caps a MiB-sized call at a few round trips per window.
-  public var http2TargetWindowSize: Int = 16 << 20
+  /// Kept at 4 MiB: swift-nio-http2 1.46 issues window updates from a stale window
+  /// while its control frames wait for a writable socket, and their sum overflows
+  /// 2^31-1 (killing the connection) once the window exceeds about 6.5 MiB with
+  /// 16 KiB frames or 13 MiB with 64 KiB frames (docs/STREAMING.md, "HTTP/2 windows").
+  public var http2TargetWindowSize: Int = 4 << 20
   /// YAML file listing tenants, weights, key hashes and limits; nil runs a single
   /// open `default` tenant. Reloaded on SIGHUP.
   public var tenantsFile: String? = nil
