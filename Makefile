@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 ARGS ?=
 
-.PHONY: run test deps deps-test build build-release check-generated check-deploy c-client swift-test interop bench generate clean
+.PHONY: run test deps deps-test build build-release build-accelctl check-generated check-deploy c-client swift-test interop bench generate clean
 
 run: deps build-release
 	.build/release/accelgate serve --host $(HOST) --port $(PORT) $(ARGS)
@@ -26,6 +26,10 @@ build:
 
 build-release:
 	$(SWIFT) build -c release --product accelgate
+
+# The command-line client, release build (the container image ships it).
+build-accelctl:
+	$(SWIFT) build -c release --product accelctl
 
 # Regenerates protobuf code and fails if it differs from what is committed.
 check-generated:
@@ -54,7 +58,7 @@ bench: deps-test
 	scripts/install-deps.sh bench
 	$(SWIFT) build -c release --product accelbench
 	$(SWIFT) build -c release --product accelgate
-	$(SWIFT) build -c release --product accelctl
+	$(MAKE) build-accelctl
 	scripts/bench.sh
 
 clean:
