@@ -24,6 +24,8 @@ let package = Package(
     .executable(name: "accelgate", targets: ["accelgate"]),
     .executable(name: "accelctl", targets: ["accelctl"]),
     .executable(name: "accelbench", targets: ["accelbench"]),
+    /// Client library for the local lane (shared memory with a co-located gateway).
+    .library(name: "AccelGateLocal", targets: ["AccelGateLocal"]),
   ],
   dependencies: [
     .package(url: "https://github.com/grpc/grpc-swift-2.git", exact: "2.4.3"),
@@ -109,10 +111,16 @@ let package = Package(
       dependencies: ["AccelService", "CAccelSys", .product(name: "ArgumentParser", package: "swift-argument-parser")],
       swiftSettings: strictSettings
     ),
+    .target(
+      name: "AccelGateLocal",
+      dependencies: ["AccelProto", "AccelABI", "CAccelSys", .product(name: "SwiftProtobuf", package: "swift-protobuf")],
+      swiftSettings: strictSettings
+    ),
     .executableTarget(
       name: "accelctl",
       dependencies: [
         "AccelProto",
+        "AccelGateLocal",
         .product(name: "Histogram", package: "hdrhistogram-swift"),
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),

@@ -33,6 +33,9 @@ mix=compress:3,decompress:1,encrypt:1,decrypt:1,digest:1
   --rate 400 --json "$out/mix-open.json" --plot docs/bench-mix-open.svg
 stop_servers
 
+# 1d. Zero-copy lanes: network lane (copies / pooled) vs the local lane (shared memory).
+python3 scripts/bench_lanes.py "$out/lanes.json"
+
 # 2. Tenants: fairness shares and isolation, fair vs fifo, on a device capped
 #    at 50 MB/s per engine so the device, not gRPC, is the bottleneck.
 hash() { printf '%s' "$1" | sha256sum | cut -d' ' -f1; }

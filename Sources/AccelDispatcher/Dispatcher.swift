@@ -308,7 +308,7 @@ package final class Dispatcher: Sendable {
           queueWaitNanoseconds: UInt64((dispatchedAt - enqueuedAt).nanosecondsClamped),
           deviceNanoseconds: completion.engineNanoseconds,
           totalNanoseconds: UInt64((end - enqueuedAt).nanosecondsClamped),
-          inputBytes: UInt64(request.input.count), outputBytes: UInt64(completion.produced),
+          inputBytes: UInt64(request.inputSpan.map { Int($0.length) } ?? request.input.count), outputBytes: UInt64(completion.produced),
           queueID: q.queueID, engineID: UInt32(completion.engineID), batchSize: UInt32(batchSize)))
       result.moreOutput = completion.status == .moreOutput
       result.consumed = Int(completion.consumed)

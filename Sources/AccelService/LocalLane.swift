@@ -121,8 +121,10 @@ final class RegionRegistry: @unchecked Sendable {
 
   /// Resolves a span of a job: the caller's own region, in bounds, registered.
   /// Holds the region until `unbind`.
-  func bind(_ span: Accelgate_V1_RegionSpan, tenant: String, what: String, maxLength: Int) throws(LocalLaneError)
-    -> (ExternalSpan, Binding)
+  /// An input longer than `maxLength` is refused; an output span is only used
+  /// up to `maxLength` (`clamp`), since it is room, not data.
+  func bind(_ span: Accelgate_V1_RegionSpan, tenant: String, what: String, maxLength: Int, clamp: Bool = false)
+    throws(LocalLaneError) -> (ExternalSpan, Binding)
   {
     let driver = dispatcher.driver
     let region = try state.withLock { s throws(LocalLaneError) -> Region in
@@ -133,7 +135,7 @@ final class RegionRegistry: @unchecked Sendable {
         throw .invalidArgument(
           "\(what): offset \(span.offset) + length \(span.length) is outside the region's \(r.size) bytes")
       }
-      guard span.length <= UInt64(maxLength) else {
+      guard clamp || span.length <= UInt64(maxLength) else {
         throw .outOfRange("\(what): length \(span.length) is over the limit of \(maxLength) bytes")
       }
       s.inFlight[r.id, default: 0] += 1
@@ -143,7 +145,8 @@ final class RegionRegistry: @unchecked Sendable {
       unbind(Binding(regionID: region.id))
       throw error
     }
-    return (ExternalSpan(region: region.id, offset: span.offset, length: UInt32(span.length)), Binding(regionID: region.id))
+    let usable = min(span.length, UInt64(maxLength), UInt64(UInt32.max))
+    return (ExternalSpan(region: region.id, offset: span.offset, length: UInt32(usable)), Binding(regionID: region.id))
   }
 
   func unbind(_ b: Binding) {
@@ -410,7 +413,7 @@ extension AcceleratorService {
         spans.inputLength = Int(span.length)
       }
       if let output {
-        let (span, b) = try regions.bind(output, tenant: tenant, what: "output_region", maxLength: outputLimit)
+        let (span, b) = try regions.bind(output, tenant: tenant, what: "output_region", maxLength: outputLimit, clamp: true)
         bindings.append(b)
         spans.output = span
       }

@@ -1,3 +1,4 @@
+import AccelGateLocal
 import AccelProto
 import ArgumentParser
 import Foundation
@@ -17,9 +18,12 @@ struct AccelCtl: AsyncParsableCommand {
 
 /// Connection options shared by every verb.
 struct ConnectionOptions: ParsableArguments {
-  @Option(name: .shortAndLong, help: "Server address host:port.") var target = "127.0.0.1:50051"
+  @Option(name: .shortAndLong, help: "Server address host:port, or unix:PATH for a co-located gateway's local socket.")
+  var target = "127.0.0.1:50051"
   @Option(help: "API key, sent as 'authorization: Bearer <key>'.") var apiKey: String?
   @Option(help: "Call deadline in seconds.") var timeout: Double = 30
+  @Option(help: "Local lane control socket [the unix: target's path + .ctl].") var localControl: String?
+  @Flag(help: "With a unix: target, carry payloads in messages instead of shared memory.") var noSharedMemory = false
 
   func withClient<R: Sendable>(
     _ body: @Sendable (Accelgate_V1_Accelerator.Client<HTTP2ClientTransport.Posix>) async throws -> R
@@ -31,11 +35,17 @@ struct ConnectionOptions: ParsableArguments {
   func withRawClient<R: Sendable>(
     _ body: @Sendable (GRPCClient<HTTP2ClientTransport.Posix>) async throws -> R
   ) async throws -> R {
-    let parts = target.split(separator: ":")
-    guard parts.count == 2, let port = Int(parts[1]) else { throw ValidationError("target must be host:port") }
+    let resolved: any ResolvableTarget
+    if let path = localSocketPath {
+      resolved = .unixDomainSocket(path: path)
+    } else {
+      let parts = target.split(separator: ":")
+      guard parts.count == 2, let port = Int(parts[1]) else { throw ValidationError("target must be host:port or unix:PATH") }
+      resolved = .dns(host: String(parts[0]), port: port)
+    }
     return try await withGRPCClient(
       transport: .http2NIOPosix(
-        target: .dns(host: String(parts[0]), port: port), transportSecurity: .plaintext,
+        target: resolved, transportSecurity: .plaintext,
         config: .defaults {
           $0.http2.maxFrameSize = 1 << 20
           // 4 MiB: larger windows let swift-nio-http2 1.46 overflow its own stream
@@ -65,16 +75,32 @@ struct ConnectionOptions: ParsableArguments {
 
   var metadata: Metadata { metadata(apiKey: apiKey) }
 
+  /// The local socket path of a `unix:PATH` (or `unix://PATH`) target.
+  var localSocketPath: String? {
+    guard target.hasPrefix("unix:") else { return nil }
+    let rest = target.dropFirst("unix:".count)
+    return String(rest.hasPrefix("//") ? rest.dropFirst(2) : rest)
+  }
+
+  /// The local lane (shared memory) for a `unix:` target, unless --no-shared-memory.
+  func localLane() throws -> LocalLane? {
+    guard let path = localSocketPath, !noSharedMemory else { return nil }
+    return try LocalLane(controlSocket: localControl ?? LocalLane.controlSocket(forGRPCSocket: path), apiKey: apiKey)
+  }
+
   func metadata(apiKey: String?) -> Metadata {
     var m = Metadata()
     if let apiKey { m.addString("Bearer \(apiKey)", forKey: "authorization") }
     return m
   }
 
-  static func make(target: String, timeout: Double) -> ConnectionOptions {
+  static func make(target: String, timeout: Double, sharedMemory: Bool = true) -> ConnectionOptions {
     var c = ConnectionOptions()
     c.target = target
     c.timeout = timeout
+    c.apiKey = nil
+    c.localControl = nil
+    c.noSharedMemory = !sharedMemory
     return c
   }
 }
@@ -127,6 +153,24 @@ struct Compress: AsyncParsableCommand {
     let source = try InputSource(io.input)
     if !stream && source.size.map({ $0 <= chunk }) == true {
       let data = try source.readAll()
+      if let lane = try connection.localLane() {
+        // Local lane: input and output in shared memory; no payload on the socket.
+        let room = data.count + data.count / 4 + 65536
+        let region = try lane.register(size: data.count + room)
+        region.write(data, at: 0)
+        let response = try await connection.withClient { client in
+          try await client.compress(
+            .with {
+              $0.format = format.proto
+              if let level { $0.level = level }
+              $0.inputRegion = region.span(0, data.count)
+              $0.outputRegion = region.span(data.count, room)
+            }, metadata: connection.metadata, options: connection.callOptions)
+        }
+        if showStats { printStats(response.stats) }
+        try io.write(region.read(data.count, Int(response.regionOutputLength)))
+        return
+      }
       let response = try await connection.withClient { client in
         try await client.compress(
           .with {
@@ -203,6 +247,23 @@ struct Decompress: AsyncParsableCommand {
     let source = try InputSource(io.input)
     if oneShot || format == .lz4 {
       let data = try source.readAll()
+      if let lane = try connection.localLane() {
+        let room = Int(maxOutputBytes > 0 ? maxOutputBytes : 64 << 20)  // a sparse memfd: untouched pages cost nothing
+        let region = try lane.register(size: data.count + room)
+        region.write(data, at: 0)
+        let response = try await connection.withClient { client in
+          try await client.decompress(
+            .with {
+              $0.format = format.proto
+              $0.maxOutputBytes = maxOutputBytes
+              $0.inputRegion = region.span(0, data.count)
+              $0.outputRegion = region.span(data.count, room)
+            }, metadata: connection.metadata, options: connection.callOptions)
+        }
+        if showStats { printStats(response.stats) }
+        try io.write(region.read(data.count, Int(response.regionOutputLength)))
+        return
+      }
       let response = try await connection.withClient { client in
         try await client.decompress(
           .with {

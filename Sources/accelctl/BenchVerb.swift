@@ -1,7 +1,9 @@
+import AccelGateLocal
 import AccelProto
 import ArgumentParser
 import Foundation
 import GRPCCore
+import GRPCNIOTransportHTTP2
 import Histogram
 import SwiftProtobuf
 
@@ -17,7 +19,9 @@ struct Bench: AsyncParsableCommand {
       as JSON (--json) and as an SVG latency-by-percentile plot (--plot).
       Example: accelctl bench -c 16 --duration 10 --mix compress:3,decompress:1,encrypt:1,digest:1 --sizes 4K,64K,1M
       """)
-  @Option(name: .shortAndLong, help: "Server address host:port.") var target = "127.0.0.1:50051"
+  @Option(name: .shortAndLong, help: "Server address host:port, or unix:PATH (then the local lane: shared memory).")
+  var target = "127.0.0.1:50051"
+  @Flag(help: "With a unix: target, carry payloads in messages instead of shared memory.") var noSharedMemory = false
   @Option(name: .shortAndLong, help: "Concurrent callers.") var concurrency = 8
   @Option(help: "Seconds to run.") var duration: Double = 10
   @Option(help: "Target calls per second over all callers (0 = closed loop, as fast as answers come).")
@@ -93,7 +97,7 @@ struct Bench: AsyncParsableCommand {
       weighted += Array(repeating: op, count: w)
     }
     guard !weighted.isEmpty, !sizeList.isEmpty, concurrency >= 1, duration > 0 else { throw ValidationError("nothing to run") }
-    let connection = ConnectionOptions.make(target: target, timeout: timeout)
+    let connection = ConnectionOptions.make(target: target, timeout: timeout, sharedMemory: !noSharedMemory)
     let keys = apiKey.isEmpty ? [nil] : apiKey.map { Optional($0) }
     let (concurrency, duration, rate, format, level) = (concurrency, duration, rate, format, level)
     let ops = weighted
@@ -129,10 +133,29 @@ struct Bench: AsyncParsableCommand {
       let deadline = ContinuousClock.now + .milliseconds(Int64(duration * 1000))
       let progress = ProgressBar(total: Int(duration * 1000), label: "bench", force: true)
       let start = ContinuousClock.now
+      // Local lane: each worker gets its own shared memory per size, holding the
+      // inputs once; calls then carry spans, not payloads.
+      var lanes: [LocalLane] = []
+      var regions: [[Int: LocalSpans]] = []
+      if connection.localSocketPath != nil && !connection.noSharedMemory {
+        for worker in 0..<concurrency {
+          let lane = try LocalLane(
+            controlSocket: connection.localControl ?? LocalLane.controlSocket(forGRPCSocket: connection.localSocketPath!),
+            apiKey: keys[worker % keys.count])
+          lanes.append(lane)
+          var bySize: [Int: LocalSpans] = [:]
+          for size in Set(sizeList) {
+            bySize[size] = try LocalSpans(
+              lane: lane, plain: plain[size]!, compressed: compressed[size], sealed: sealed[size]?.1)
+          }
+          regions.append(bySize)
+        }
+      }
       return try await withThrowingTaskGroup(of: Tally.self) { group in
         for worker in 0..<concurrency {
           let md = connection.metadata(apiKey: keys[worker % keys.count])
           let (plain, compressed, sealed) = (plain, compressed, sealed)
+          let local = regions.isEmpty ? nil : regions[worker]
           group.addTask {
             var t = Tally()
             var rng = SystemRandomNumberGenerator()
@@ -150,6 +173,10 @@ struct Bench: AsyncParsableCommand {
               let size = sizeList.randomElement(using: &rng)!
               var code = "OK"
               do {
+                if let l = local?[size] {
+                  try await l.run(op, client: client, format: format.proto, level: level, key: aead,
+                    nonce: sealed[size]?.0, metadata: md, options: connection.callOptions)
+                } else {
                 switch op {
                 case .compress:
                   _ = try await client.compress(
@@ -172,6 +199,7 @@ struct Bench: AsyncParsableCommand {
                   _ = try await client.digest(.with { $0.algorithm = .sha256; $0.data = plain[size]! }, metadata: md,
                     options: connection.callOptions)
                 }
+                }
               } catch let e as RPCError {
                 code = "\(e.code)"
               }
@@ -192,6 +220,7 @@ struct Bench: AsyncParsableCommand {
         var all = Tally()
         for try await t in group { all.merge(t) }
         progress.finish()
+        withExtendedLifetime(lanes) {}
         return all
       }
     }
@@ -276,4 +305,75 @@ struct Bench: AsyncParsableCommand {
 
 extension Duration {
   var microseconds: Int64 { components.seconds * 1_000_000 + components.attoseconds / 1_000_000_000_000 }
+}
+
+/// One bench worker's shared memory for one payload size (local lane): the
+/// plaintext, its compressed and sealed forms, and room for any output.
+struct LocalSpans: @unchecked Sendable {
+  let region: SharedRegion
+  let size: Int
+  let compressedAt: Int, compressedCount: Int
+  let sealedAt: Int, sealedCount: Int
+  let outputAt: Int, room: Int
+
+  init(lane: LocalLane, plain: Data, compressed: Data?, sealed: Data?) throws {
+    size = plain.count
+    compressedAt = size
+    compressedCount = compressed?.count ?? 0
+    sealedAt = compressedAt + compressedCount
+    sealedCount = sealed?.count ?? 0
+    outputAt = sealedAt + sealedCount
+    room = size + size / 4 + 65536
+    region = try lane.register(size: outputAt + room)
+    region.write(plain, at: 0)
+    if let compressed { region.write(compressed, at: compressedAt) }
+    if let sealed { region.write(sealed, at: sealedAt) }
+  }
+
+  func run(
+    _ op: Bench.Op, client: Accelgate_V1_Accelerator.Client<HTTP2ClientTransport.Posix>,
+    format: Accelgate_V1_CompressionFormat, level: Int32, key: Data, nonce: Data?, metadata: Metadata, options: CallOptions
+  ) async throws {
+    let out = region.span(outputAt, room)
+    switch op {
+    case .compress:
+      _ = try await client.compress(
+        .with {
+          $0.format = format
+          $0.level = level
+          $0.inputRegion = region.span(0, size)
+          $0.outputRegion = out
+        }, metadata: metadata, options: options)
+    case .decompress:
+      _ = try await client.decompress(
+        .with {
+          $0.format = format
+          $0.inputRegion = region.span(compressedAt, compressedCount)
+          $0.outputRegion = out
+        }, metadata: metadata, options: options)
+    case .encrypt:
+      _ = try await client.encrypt(
+        .with {
+          $0.algorithm = .aes256Gcm
+          $0.key = .with { $0.raw = key }
+          $0.inputRegion = region.span(0, size)
+          $0.outputRegion = out
+        }, metadata: metadata, options: options)
+    case .decrypt:
+      _ = try await client.decrypt(
+        .with {
+          $0.algorithm = .aes256Gcm
+          $0.key = .with { $0.raw = key }
+          $0.nonce = nonce ?? Data()
+          $0.inputRegion = region.span(sealedAt, sealedCount)
+          $0.outputRegion = out
+        }, metadata: metadata, options: options)
+    case .digest:
+      _ = try await client.digest(
+        .with {
+          $0.algorithm = .sha256
+          $0.inputRegion = region.span(0, size)
+        }, metadata: metadata, options: options)
+    }
+  }
 }
