@@ -62,4 +62,4 @@ bench: deps-test
 	scripts/bench.sh
 
 clean:
-	rm -rf .build .build-interop
+	rm -rf .build .build-interop clients/c/build

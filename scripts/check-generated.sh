@@ -11,3 +11,13 @@ fi
 untracked=$(git ls-files --others --exclude-standard -- Sources/AccelProto/Generated proto/descriptors)
 if [ -n "$untracked" ]; then echo "uncommitted generated files: $untracked" >&2; exit 1; fi
 echo "generated code is up to date"
+
+# The C client's protobuf-c code (clients/c/gen), from the same proto/.
+clients/c/generate.sh
+if ! git diff --exit-code --stat -- clients/c/gen; then
+  echo "generated C code is stale: run clients/c/generate.sh and commit the result" >&2
+  exit 1
+fi
+untracked=$(git ls-files --others --exclude-standard -- clients/c/gen)
+if [ -n "$untracked" ]; then echo "uncommitted generated files: $untracked" >&2; exit 1; fi
+echo "generated C code is up to date"

@@ -265,11 +265,14 @@ public final class AccelGateServer: Sendable {
     }
     guard first else { return }
     draining.begin()
-    logger.notice("draining", metadata: ["grace": "\(configuration.drainGrace)"])
-    server.beginGracefulShutdown()
-    localServer?.beginGracefulShutdown()
-    let (grace, expired) = (configuration.drainGrace, graceExpiredContinuation)
+    logger.notice("draining", metadata: ["grace": "\(configuration.drainGrace)", "delay": "\(configuration.drainDelay)"])
+    let (grace, delay, expired) = (configuration.drainGrace, configuration.drainDelay, graceExpiredContinuation)
+    let (server, localServer) = (self.server, self.localServer)
     Task.detached {
+      // Health is NOT_SERVING from here on; new calls are still served for `delay`.
+      if delay > .zero { try? await Task.sleep(for: delay) }
+      server.beginGracefulShutdown()
+      localServer?.beginGracefulShutdown()
       try? await Task.sleep(for: grace)
       expired.yield()
     }

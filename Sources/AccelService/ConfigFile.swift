@@ -104,6 +104,9 @@ public enum ConfigFile {
     int("limits.max_queued_jobs", 1...1_000_000, "jobs waiting for the device, all tenants") { $0.maxQueuedJobs = $1 },
     int("limits.default_deadline_ms", 1...86_400_000, "deadline for calls without one") { $0.defaultDeadline = .milliseconds($1) },
     int("limits.drain_grace_ms", 0...3_600_000, "time calls get to finish on SIGTERM") { $0.drainGrace = .milliseconds($1) },
+    int("limits.drain_delay_ms", 0...600_000, "NOT_SERVING before refusing new calls on SIGTERM") {
+      $0.drainDelay = .milliseconds($1)
+    },
     int("limits.max_queued_payload_bytes", 0...(1 << 40), "payload bytes all waiting jobs may hold (0 = unbounded)") {
       $0.maxQueuedPayloadBytes = $1 > 0 ? $1 : nil
     },
@@ -291,7 +294,7 @@ public enum ConfigFile {
       ("connection.max_idle_ms", c.maxConnectionIdle.map(ms) ?? "0"), ("connection.max_age_ms", c.maxConnectionAge.map(ms) ?? "0"),
       ("connection.max_grace_ms", c.maxConnectionGrace.map(ms) ?? "0"), ("connection.keepalive_ms", ms(c.keepaliveTime)),
       ("connection.keepalive_timeout_ms", ms(c.keepaliveTimeout)), ("limits.default_deadline_ms", ms(c.defaultDeadline)),
-      ("limits.drain_grace_ms", ms(c.drainGrace)), ("limits.tenant_max_queued_jobs", "\(c.defaultTenantLimits.maxQueuedJobs)"),
+      ("limits.drain_grace_ms", ms(c.drainGrace)), ("limits.drain_delay_ms", ms(c.drainDelay)), ("limits.tenant_max_queued_jobs", "\(c.defaultTenantLimits.maxQueuedJobs)"),
       ("limits.tenant_max_queued_bytes", "\(c.defaultTenantLimits.maxQueuedBytes)"), ("scheduler.kind", c.scheduler.rawValue),
       ("scheduler.in_flight_per_queue", "\(c.inFlightPerQueue)"), ("scheduler.in_flight_budget_us", us(c.inFlightBudget)),
       ("scheduler.max_batch", "\(c.maxBatch)"), ("device.address", c.deviceAddress ?? "embedded"),

@@ -63,6 +63,10 @@ public struct ServiceConfiguration: Sendable {
   /// On SIGTERM, how long calls in flight may take to finish before the server
   /// stops anyway (they then end CANCELLED). The process exits 0 either way.
   public var drainGrace: Duration = .seconds(30)
+  /// On SIGTERM, how long health reports NOT_SERVING while new calls are still
+  /// served, before the server stops accepting them: load balancers and
+  /// readiness probes see the drain before any call is refused.
+  public var drainDelay: Duration = .zero
   /// Local lane (docs/LOCAL_LANE.md): gRPC over this Unix socket for co-located
   /// clients; nil = off.
   public var localSocket: String? = nil
