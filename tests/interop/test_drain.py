@@ -96,3 +96,21 @@ def test_a_grace_that_runs_out_ends_the_remaining_calls_and_still_exits_0(start_
     assert "OK" in codes, codes  # what fit in the grace finished
     assert set(codes) - {"OK"}, f"every call finished inside a 0.5 s grace? {codes}"
     assert set(codes) <= {"OK", "CANCELLED", "UNAVAILABLE"}, codes
+
+
+def test_a_drain_delay_reports_not_serving_while_still_serving_then_refuses(start_server):
+    """--drain-delay-ms: readiness probes and balancers see NOT_SERVING first; calls
+    are refused only after the delay (the Kubernetes manifests use 5 s)."""
+    srv = start_server("--drain-delay-ms", "2000", "--drain-grace-ms", "5000", label="drain-delay")
+    health = health_pb2_grpc.HealthStub(srv.channel())
+    stub = srv.new_stub()
+    srv.proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    time.sleep(0.2)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    served = _compress(stub, timeout=10)
+    assert served[0] == "OK" and time.monotonic() - t0 < 1.8, served[:2]
+    assert gzip.decompress(served[1]) == PAYLOAD
+    rc = srv.proc.wait(30)
+    srv.stopped = True
+    assert rc == 0 and time.monotonic() - t0 >= 1.5
