@@ -50,6 +50,13 @@ import Testing
     }
 
     var submitted: UInt64 { driver.queues[0].statistics.submitted }
+
+    /// Waits (up to 10 s, for busy machines) until `condition` holds.
+    func wait(until condition: () -> Bool) async throws {
+      let end = ContinuousClock.now + .seconds(10)
+      while !condition() && ContinuousClock.now < end { try await Task.sleep(for: .milliseconds(2)) }
+      #expect(condition(), "timed out waiting")
+    }
   }
 
   @Test func fullQueueRejectsWithARetryHint() async throws {
@@ -76,10 +83,10 @@ import Testing
   }
 
   @Test func deadlinePassingInTheQueueNeverReachesTheDevice() async throws {
-    let rig = try Rig(capMBps: 0.5)
+    let rig = try Rig(capMBps: 0.25)
     defer { rig.stop() }
-    async let blocker = rig.dispatcher.execute(rig.job(250_000))  // ~0.5 s on the engine
-    try await Task.sleep(for: .milliseconds(50))
+    async let blocker = rig.dispatcher.execute(rig.job(250_000))  // ~1 s on the engine
+    try await rig.wait { rig.submitted == 1 }
     let before = rig.submitted
     do throws(JobError) {
       _ = try await rig.dispatcher.execute(rig.job(1000, deadline: .now + .milliseconds(100)))
@@ -92,17 +99,16 @@ import Testing
   }
 
   @Test func cancellingAWaitingCallLeavesTheQueueAtOnce() async throws {
-    let rig = try Rig(capMBps: 0.5)
+    let rig = try Rig(capMBps: 0.1)
     defer { rig.stop() }
-    async let blocker = rig.dispatcher.execute(rig.job(250_000))
-    try await Task.sleep(for: .milliseconds(50))
+    async let blocker = rig.dispatcher.execute(rig.job(250_000))  // ~2.5 s on the engine
+    try await rig.wait { rig.submitted == 1 }
     let waiting = Task { () async throws(JobError) -> JobResult in try await rig.dispatcher.execute(rig.job(1000)) }
-    try await Task.sleep(for: .milliseconds(20))
-    #expect(rig.dispatcher.snapshot.queued == 1)
+    try await rig.wait { rig.dispatcher.snapshot.queued == 1 }
     let t0 = ContinuousClock.now
     waiting.cancel()
     let result = await waiting.result
-    #expect(ContinuousClock.now - t0 < .milliseconds(400), "returned before the blocker finished")
+    #expect(ContinuousClock.now - t0 < .milliseconds(1500), "returned before the blocker finished")
     #expect(throws: JobError.cancelled) { try result.get() }
     #expect(rig.dispatcher.snapshot.queued == 0)
     _ = try await blocker
