@@ -32,6 +32,8 @@ let package = Package(
     .package(url: "https://github.com/grpc/grpc-swift-nio-transport.git", exact: "2.9.2"),
     .package(url: "https://github.com/grpc/grpc-swift-protobuf.git", exact: "2.4.1"),
     .package(url: "https://github.com/apple/swift-protobuf.git", exact: "1.39.0"),
+    // Already in the graph through grpc-swift-nio-transport; named for AccelHTTP2's workaround.
+    .package(url: "https://github.com/apple/swift-nio-http2.git", exact: "1.46.0"),
     .package(url: "https://github.com/apple/swift-argument-parser.git", exact: "1.8.2"),
     .package(url: "https://github.com/apple/swift-log.git", exact: "1.16.2"),
     .package(url: "https://github.com/jpsim/Yams.git", exact: "6.2.2"),
@@ -93,6 +95,7 @@ let package = Package(
       name: "AccelService",
       dependencies: [
         "AccelProto", "AccelDispatcher", "AccelDevice", "AccelDriver", "AccelABI", "AccelScheduler", "CAccelCrypto",
+        "AccelHTTP2",
         .product(name: "Yams", package: "Yams"),
         .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         .product(name: "GRPCCore", package: "grpc-swift-2"),
@@ -112,6 +115,13 @@ let package = Package(
       swiftSettings: strictSettings
     ),
     .target(
+      name: "AccelHTTP2",
+      dependencies: [
+        .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+      ],
+      swiftSettings: strictSettings
+    ),
+    .target(
       name: "AccelGateLocal",
       dependencies: ["AccelProto", "AccelABI", "CAccelSys", .product(name: "SwiftProtobuf", package: "swift-protobuf")],
       swiftSettings: strictSettings
@@ -121,6 +131,7 @@ let package = Package(
       dependencies: [
         "AccelProto",
         "AccelGateLocal",
+        "AccelHTTP2",
         .product(name: "Histogram", package: "hdrhistogram-swift"),
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),

@@ -2,6 +2,7 @@ internal import AccelABI
 internal import AccelDevice
 internal import AccelDispatcher
 internal import AccelDriver
+internal import AccelHTTP2
 internal import AccelScheduler
 internal import GRPCCore
 internal import GRPCNIOTransportHTTP2
@@ -126,6 +127,7 @@ public final class AccelGateServer: Sendable {
             $0.http2.maxFrameSize = configuration.http2MaxFrameSize
             $0.http2.targetWindowSize = configuration.http2TargetWindowSize
             $0.http2.maxConcurrentStreams = configuration.maxConcurrentStreams
+            $0.channelDebuggingCallbacks.onAcceptHTTP2Stream = FlushDataFramesHandler.install
           }),
         services: [
           service, HealthService(dispatcher: dispatcher, device: self.device, draining: draining), try ReflectionService(),
@@ -150,6 +152,8 @@ public final class AccelGateServer: Sendable {
           $0.connection.maxGraceTime = configuration.maxConnectionGrace
           $0.connection.keepalive.time = configuration.keepaliveTime
           $0.connection.keepalive.timeout = configuration.keepaliveTimeout
+          // Not for debugging: the only hook for the flush-deadlock workaround (AccelHTTP2).
+          $0.channelDebuggingCallbacks.onAcceptHTTP2Stream = FlushDataFramesHandler.install
         }
       ),
       services: [

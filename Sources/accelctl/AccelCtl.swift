@@ -1,4 +1,5 @@
 import AccelGateLocal
+import AccelHTTP2
 import AccelProto
 import ArgumentParser
 import Foundation
@@ -52,6 +53,8 @@ struct ConnectionOptions: ParsableArguments {
           // window (stale window updates summed while the socket is unwritable), which
           // ended about one large DecompressStream in five at 16 MiB. docs/STREAMING.md.
           $0.http2.targetWindowSize = 4 << 20
+          // The client side of the unary flush deadlock (AccelHTTP2).
+          $0.channelDebuggingCallbacks.onCreateHTTP2Stream = FlushDataFramesHandler.install
         }),
       handleClient: body
     )

@@ -27,9 +27,16 @@ import pytest
 
 from conftest import LOG_DIR, ROOT, server_binary
 
-ABI_MAJOR = 1
-ABI_MINOR = 3
-ABI_VERSION = (ABI_MAJOR << 16) | ABI_MINOR  # 65539
+def _abi_header_number(name):
+    """A version number as the ABI's C header (the source of truth) defines it."""
+    import re as _re
+    text = open(os.path.join(ROOT, "Sources", "CAccelABI", "include", "accel_abi.h")).read()
+    return int(_re.search(rf"#define {name}\s+(\d+)u", text).group(1))
+
+
+ABI_MAJOR = _abi_header_number("ACCEL_ABI_VERSION_MAJOR")
+ABI_MINOR = _abi_header_number("ACCEL_ABI_VERSION_MINOR")
+ABI_VERSION = (ABI_MAJOR << 16) | ABI_MINOR
 REGION_MAGIC = b"ACCL"
 HEADER_SIZE = 4096
 MAX_FRAME = 64 * 1024
