@@ -41,6 +41,9 @@ package struct DispatcherConfiguration: Sendable {
   /// the rest of its pool still holds it: dispatch never waits on staged
   /// payloads (docs/NETWORK_LANE.md, "Pool protection").
   package var largestJobBytes: UInt64 = 0
+  /// How long a tenant that asked to stage counts as competing for the zones
+  /// (and so shrinks the others' shares) while it holds nothing.
+  package var stagingContenderWindow: Duration = .seconds(1)
 
   /// The staging zone of a pool of `capacity` bytes.
   package func stagingZone(poolCapacity capacity: UInt64) -> UInt64 {

@@ -16,9 +16,25 @@ package enum StagingRefusal: String, Error, Sendable, CaseIterable {
   case unavailable
 }
 
-/// Staged bytes per tenant (rounded to the pool's allocation unit).
+/// Staged bytes per tenant (rounded to the pool's allocation unit), and when
+/// each tenant last asked to stage.
 struct StagingLedger {
   var byTenant: [String: UInt64] = [:]
+  var lastAsked: [String: ContinuousClock.Instant] = [:]
+
+  /// Tenants competing for the zones now: those holding staged bytes, and
+  /// those that asked within `window` (a tenant refused for lack of space
+  /// holds nothing, yet must shrink the others' shares so space comes back to it).
+  func contenders(now: ContinuousClock.Instant, window: Duration, including tenant: String) -> Int {
+    var n = byTenant.count
+    for (t, at) in lastAsked where byTenant[t] == nil && t != tenant && now - at < window { n += 1 }
+    return n + (byTenant[tenant] == nil ? 1 : 0)
+  }
+
+  mutating func asked(_ tenant: String, at now: ContinuousClock.Instant, window: Duration) {
+    lastAsked[tenant] = now
+    if lastAsked.count > 1024 { lastAsked = lastAsked.filter { now - $0.value < window } }
+  }
 }
 
 extension Dispatcher {
@@ -33,13 +49,16 @@ extension Dispatcher {
   ///   `stagingZoneBytes`), so the rest of the pool always holds the largest
   ///   job and dispatch never waits on payloads that are themselves waiting;
   /// - a tenant may hold at most the zones' total divided by the number of
-  ///   tenants holding staged bytes (itself included), so a flooding tenant
-  ///   cannot pin the zones: past its share its payloads are refused here and
-  ///   take the ordinary copy path, and every newcomer finds a share.
+  ///   tenants competing for them (holding staged bytes, or having asked within
+  ///   `stagingContenderWindow`; itself included), so a flooding tenant cannot
+  ///   pin the zones: past its share its payloads are refused here and take the
+  ///   ordinary copy path, and space it frees goes to the others.
   ///
-  /// The buffer counts against the tenant until a lease takes it (the job is
-  /// dispatched) or it is released (the call ended without a job: refused,
-  /// cancelled, expired, failed).
+  /// The buffer counts against the tenant until it goes back to the pool: with
+  /// its job's lease (after the job, or after the caller wrote a pooled result
+  /// out), or released unused (the call ended without a job: refused,
+  /// cancelled, expired, failed). Counting the whole time the bytes lie in a
+  /// zone, not just while they wait, is what leaves room for other tenants.
   package func stageInput(length: Int, tenant: String, sensitive: Bool) -> Result<StagedInput, StagingRefusal> {
     guard configuration.stagingZoneBytes > 0 else { return .failure(.off) }
     guard isAttached else { return .failure(.unavailable) }
@@ -48,19 +67,25 @@ extension Dispatcher {
     let queues = zoned.filter { $0.0.isHealthy }
     guard let first = queues.first?.0 else { return .failure(.unavailable) }
     let need = first.poolFootprint(UInt64(length))
+    let fitting = queues.filter { $0.1 >= need }
+    guard !fitting.isEmpty else { return .failure(.poolFull) }
     // Shares are of every zone, healthy or not, so they do not shrink while a queue resets.
     let total = zoned.reduce(0) { $0 + $1.1 }
+    let now = ContinuousClock.now
+    let window = configuration.stagingContenderWindow
     // Claim the tenant's bytes first (never holding this lock while taking a queue's).
-    let claimed = stagingLedger.withLock { l -> Bool in
+    let refusal = stagingLedger.withLock { l -> StagingRefusal? in
       let mine = l.byTenant[tenant] ?? 0
-      let active = UInt64(l.byTenant.count + (mine == 0 ? 1 : 0))
-      guard mine + need <= total / max(1, active) else { return false }
+      let contenders = UInt64(l.contenders(now: now, window: window, including: tenant))
+      l.asked(tenant, at: now, window: window)
+      // Alone, the share is every zone: a refusal then means no room.
+      guard mine + need <= total / max(1, contenders) else { return contenders > 1 ? .tenantShare : .poolFull }
       l.byTenant[tenant] = mine + need
-      return true
+      return nil
     }
-    guard claimed else { return .failure(.tenantShare) }
+    if let refusal { return .failure(refusal) }
     // The queue with the fewest staged bytes first: staged jobs are pinned to their queue.
-    let order = queues.filter { $0.1 >= need }.map { ($0.0, $0.0.stagedBytes) }.sorted { $0.1 < $1.1 }.map(\.0)
+    let order = fitting.map { ($0.0, $0.0.stagedBytes) }.sorted { $0.1 < $1.1 }.map(\.0)
     for q in order {
       if let staged = q.stageInput(
         length: length, sensitive: sensitive,
@@ -80,7 +105,7 @@ extension Dispatcher {
     }
   }
 
-  /// Bytes a tenant holds in staged payloads not yet taken by a job's lease.
+  /// Zone bytes a tenant holds in staged payloads (waiting or on the device).
   package func stagedBytes(tenant: String) -> UInt64 { stagingLedger.withLock { $0.byTenant[tenant] ?? 0 } }
 
   /// Staged bytes by tenant, for metrics.

@@ -145,6 +145,8 @@ package final class DriverQueue: @unchecked Sendable {
     var stagingFloor: UInt64
     /// Pool bytes held by staged payloads not yet taken by a lease.
     var stagedBytes: UInt64 = 0
+    /// Staged payloads taken by a lease, by completion slot: settled when the lease is released.
+    var stagedLeases: [Int: StagedInput] = [:]
   }
 
   private let state: Mutex<State>
@@ -281,7 +283,10 @@ package final class DriverQueue: @unchecked Sendable {
         for (o, n) in taken { s.pool.release(offset: o, size: n) }
         return nil
       }
-      if let stagedInput { s.stagedBytes -= s.pool.rounded(UInt64(stagedInput.length)) }
+      if let stagedInput {
+        s.stagedBytes -= s.pool.rounded(UInt64(stagedInput.length))
+        s.stagedLeases[slot] = stagedInput
+      }
       s.freeSlots.removeLast()
       s.generation &+= 1
       let gen = s.generation
@@ -312,7 +317,6 @@ package final class DriverQueue: @unchecked Sendable {
       s.leased += 1
       return lease
     }
-    if lease != nil { stagedInput?.settle() }
     return lease
   }
 
@@ -341,8 +345,9 @@ package final class DriverQueue: @unchecked Sendable {
   /// the zone has no room, staging is off, or the queue is out of service.
   ///
   /// The buffer is freed by `StagedInput.release` (or when the object goes), or
-  /// taken over by the lease of a `reserve(stagedInput:)`. `onSettle` runs once,
-  /// on whichever comes first (outside this queue's lock).
+  /// taken over by the lease of a `reserve(stagedInput:)` and freed with it.
+  /// `onSettle` runs once, when the buffer is freed either way (outside this
+  /// queue's lock).
   package func stageInput(length: Int, sensitive: Bool, onSettle: @escaping @Sendable (Int) -> Void = { _ in })
     -> StagedInput?
   {
@@ -383,7 +388,7 @@ package final class DriverQueue: @unchecked Sendable {
         SharedMemory.secureZero(region.bytes(at: ks), count: Int(ACCEL_KEYSLOT_SIZE))
       }
     }
-    state.withLock { s in
+    let staged = state.withLock { s in
       if lease.srcRegion == 0 { s.pool.release(offset: lease.srcOffset, size: UInt64(lease.srcLength)) }
       if lease.dstRegion == 0 { s.pool.release(offset: lease.dstOffset, size: UInt64(lease.dstCapacity)) }
       if lease.auxLength > 0 { s.pool.release(offset: lease.auxOffset, size: UInt64(lease.auxLength)) }
@@ -392,7 +397,9 @@ package final class DriverQueue: @unchecked Sendable {
       s.slots[lease.slot] = .free
       s.freeSlots.append(lease.slot)
       s.leased -= 1
+      return s.stagedLeases.removeValue(forKey: lease.slot)
     }
+    staged?.settle()
   }
 
   /// Makes a completed lease submittable again with the same buffers and cookie
@@ -714,7 +721,8 @@ private final class Counters: Sendable {
 ///
 /// Exactly one of two things ends the staged state, once: a lease adopts the
 /// buffer (`DriverQueue.reserve(stagedInput:)`; the lease frees it), or the
-/// buffer is freed here (`release`, or when the last reference goes). The object
+/// buffer is freed here (`release`, or when the last reference goes). Either
+/// way `onSettle` runs once, when the buffer goes back to the pool. The object
 /// keeps its queue, and so the queue's mapping, alive.
 package final class StagedInput: Sendable {
   package let queue: DriverQueue
@@ -767,6 +775,13 @@ package final class StagedInput: Sendable {
     }
   }
 
-  /// After a successful adoption, outside the queue's lock.
-  fileprivate func settle() { onSettle(length) }
+  /// When the lease that adopted the buffer is released, outside the queue's lock.
+  fileprivate func settle() {
+    let adopted = phase.withLock { p -> Bool in
+      guard p == .adopted else { return false }
+      p = .released
+      return true
+    }
+    if adopted { onSettle(length) }
+  }
 }

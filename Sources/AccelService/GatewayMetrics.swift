@@ -122,6 +122,10 @@ final class GatewayMetrics: Sendable {
     gauge("accelgate_device_isolated", [], "1 while the (embedded) device is isolated after repeated queue errors.")
       .set(to: isolated ? 1 : 0)
     mirror("accelgate_jobs_retried_total", [], "Jobs retried once after a queue error.", Double(snapshot.retried))
+    gauge(
+      "accelgate_staging_held_bytes", [],
+      "Network lane: pool bytes all tenants hold in staging zones (payloads waiting or on the device; what tenant shares limit)."
+    ).set(to: Double(dispatcher.stagedBytesByTenant.values.reduce(0, +)))
     for q in queues {
       let l = [("queue", "\(q.queueID)")]
       let s = q.statistics
