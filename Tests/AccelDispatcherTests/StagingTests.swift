@@ -10,7 +10,7 @@ import Testing
 /// Network lane at the dispatcher: payloads staged in a queue's pool before
 /// their job exists, pooled results handed to the caller, and the pool's
 /// accounting on every path (docs/NETWORK_LANE.md).
-@Suite(.timeLimit(.minutes(2))) struct StagingTests {
+@Suite(.serialized, .timeLimit(.minutes(2))) struct StagingTests {
   /// Two queues with 4 MiB pools, one engine (optionally slow); staging zones of
   /// at most 2 MiB that leave 1 MiB for the largest job.
   final class Rig: @unchecked Sendable {

@@ -107,7 +107,7 @@ import Testing
 }
 
 /// The network lane's deserializer and serializer against a real dispatcher and device.
-@Suite(.timeLimit(.minutes(2))) struct NetworkLaneCodecTests {
+@Suite(.serialized, .timeLimit(.minutes(2))) struct NetworkLaneCodecTests {
   final class Rig: @unchecked Sendable {
     let device: EmulatedDevice
     let driver: DeviceDriver
@@ -328,7 +328,7 @@ import Testing
 }
 
 /// The network lane through a whole gateway: copies per job with the lane off and on.
-@Suite(.timeLimit(.minutes(3))) struct NetworkLaneEndToEndTests {
+@Suite(.serialized, .timeLimit(.minutes(3))) struct NetworkLaneEndToEndTests {
   func withServer(
     _ configure: (inout ServiceConfiguration) -> Void,
     _ body: (Accelgate_V1_Accelerator.Client<HTTP2ClientTransport.Posix>, AccelGateServer) async throws -> Void
