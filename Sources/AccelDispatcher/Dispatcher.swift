@@ -561,7 +561,9 @@ package final class Dispatcher: Sendable {
     }
   }
 
-  private typealias Work = (id: UInt64, lease: Lease, request: JobRequest, queue: DriverQueue)
+  /// A job to publish. `relocate`: its staged payload lies in another queue's
+  /// pool, to be copied into this lease's input (then freed).
+  private typealias Work = (id: UInt64, lease: Lease, request: JobRequest, queue: DriverQueue, relocate: StagedInput?)
 
   /// Under the lock: pops jobs the device has room for and reserves their resources.
   private func takeDispatchable() -> [Work] {
@@ -577,7 +579,7 @@ package final class Dispatcher: Sendable {
     return state.withLock { s -> [Work] in
       var work: [Work] = []
       let limit = configuration.maxBatch * driver.queues.count
-      while work.count < limit, let next = s.scheduler.peek(), var p = s.jobs[next.id] {
+      while work.count < limit, let next = s.scheduler.peek(), let p = s.jobs[next.id] {
         // Healthy queues with a free in-flight slot, least loaded first; the first
         // whose pool has room takes the job.
         // A queue of weight w keeps w jobs and w budgets in flight, so a shared
@@ -596,65 +598,53 @@ package final class Dispatcher: Sendable {
             continue
           }
         }
-        if let staged = p.request.stagedInput {
-          // Network lane: the payload already lies in one queue's pool, so the job
-          // runs there, unless that queue cannot take jobs now (out of service, or
-          // a replaced driver's). Then the job becomes an ordinary one with a copy
-          // of the payload (rare; the staged object keeps the old mapping alive).
-          let q = staged.queue
-          let usable = q.index < driver.queues.count && driver.queues[q.index] === q && q.isHealthy
-          if !usable || !staged.isStaged {
-            guard staged.isStaged else {
-              // Unreachable: only the job's end or this unstaging frees a waiting job's buffer.
-              _ = s.scheduler.pop(now: nanos(now))
-              woken += leftQueueLocked(&s, p)
-              s.forget(next.id)
-              if let c = p.continuation { failed.append((c, .unavailable("the job's staged payload is gone"))) }
-              continue
-            }
-            let bytes = UnsafeRawBufferPointer(staged.buffer)
-            p.request.input = Data(UnsafeRawBufferPointer(rebasing: bytes[p.request.stagedSkip...]))
-            p.request.stagedInput = nil
-            p.request.stagedSkip = 0
-            p.inputCopies += 1
-            s.jobs[next.id] = p
-            staged.release()
+        let staged = p.request.stagedInput
+        if let staged, !staged.isStaged {
+          // Unreachable: a waiting job's staged buffer is freed only when the job ends.
+          _ = s.scheduler.pop(now: nanos(now))
+          woken += leftQueueLocked(&s, p)
+          s.forget(next.id)
+          if let c = p.continuation { failed.append((c, .unavailable("the job's staged payload is gone"))) }
+          continue
+        }
+        var candidates = driver.queues
+          .filter {
+            if let stream = p.request.stream, stream.queueIndex != $0.index { return false }
+            let w = Int($0.weight)
+            return $0.isHealthy && s.inFlight[$0.index] < max(configuration.inFlightPerQueue, w)
+              && (s.inFlight[$0.index] < w || s.inFlightCost[$0.index] + next.cost <= budget * UInt64(w))
           }
-        }
-        func fits(_ q: DriverQueue) -> Bool {
-          let w = Int(q.weight)
-          return q.isHealthy && s.inFlight[q.index] < max(configuration.inFlightPerQueue, w)
-            && (s.inFlight[q.index] < w || s.inFlightCost[q.index] + next.cost <= budget * UInt64(w))
-        }
-        let candidates: [DriverQueue]
-        if let pinned = p.request.stagedInput?.queue {
-          // Engines serve every queue, so a staged job may borrow any queue's
-          // device-time budget; it needs only a free slot on its own queue.
-          let w = Int(pinned.weight)
-          candidates =
-            s.inFlight[pinned.index] < max(configuration.inFlightPerQueue, w) && driver.queues.contains(where: fits)
-            ? [pinned] : []
-        } else {
-          candidates = driver.queues
-            .filter {
-              if let stream = p.request.stream, stream.queueIndex != $0.index { return false }
-              return fits($0)
-            }
-            .sorted { s.inFlightCost[$0.index] < s.inFlightCost[$1.index] }
+          .sorted { s.inFlightCost[$0.index] < s.inFlightCost[$1.index] }
+        if let staged, let i = candidates.firstIndex(where: { $0 === staged.queue }) {
+          // Network lane: the payload already lies in this queue's pool; if the
+          // queue has room the job runs there and nothing is copied. Otherwise it
+          // goes where an ordinary job would, and the payload is copied over
+          // (pool to pool: as many copies as without the lane, and the same
+          // scheduling). A replaced driver's queue is never a candidate.
+          candidates.insert(candidates.remove(at: i), at: 0)
         }
         let id = next.id
         var reserved: Lease?
         for queue in candidates {
+          let adopt = staged?.queue === queue
           reserved = queue.reserve(
-            srcLength: UInt32(p.request.input.count), dstCapacity: UInt32(p.request.outputCapacity),
+            srcLength: UInt32(p.request.payloadCount), dstCapacity: UInt32(p.request.outputCapacity),
             auxLength: UInt32(p.request.aux.count), midCapacity: UInt32(p.request.midCapacity), key: p.request.key,
             sensitive: p.request.sensitive, srcExternal: p.request.inputSpan, dstExternal: p.request.outputSpan,
-            stagedInput: p.request.stagedInput, srcSkip: UInt32(p.request.stagedSkip),
+            stagedInput: adopt ? staged : nil, srcSkip: adopt ? UInt32(p.request.stagedSkip) : 0,
             handler: { [weak self, queue] c in self?.complete(id: id, completion: c, queue: queue) })
           if reserved != nil { break }
         }
         // No room anywhere: the job keeps its place until slots or buffers free up.
         guard let lease = reserved else { break }
+        var relocate: StagedInput?
+        if let staged, staged.queue !== driver.queues[lease.queueIndex] {
+          guard staged.beginRelocation() else {
+            driver.queues[lease.queueIndex].release(lease)
+            break  // unreachable (checked above, under this lock)
+          }
+          relocate = staged
+        }
         let qi = lease.queueIndex
         _ = s.scheduler.pop(now: nanos(now))
         woken += leftQueueLocked(&s, p)
@@ -662,7 +652,7 @@ package final class Dispatcher: Sendable {
         s.inFlightCost[qi] += next.cost
         s.jobs[id]?.lease = lease
         s.jobs[id]?.dispatchedAt = now
-        work.append((id, lease, p.request, driver.queues[qi]))
+        work.append((id, lease, p.request, driver.queues[qi], relocate))
       }
       return work
     }
@@ -673,8 +663,13 @@ package final class Dispatcher: Sendable {
     var byQueue: [ObjectIdentifier: [Work]] = [:]
     for w in work {
       let queue = w.queue
-      if w.request.stagedInput == nil {  // a staged payload is in place already
-        let dst = queue.input(w.lease)
+      let dst = queue.input(w.lease)
+      if let from = w.relocate {
+        // A staged payload from another queue's pool.
+        let src = UnsafeRawBufferPointer(from.buffer)[w.request.stagedSkip...]
+        if let d = dst.baseAddress, !src.isEmpty { d.copyMemory(from: UnsafeRawBufferPointer(rebasing: src).baseAddress!, byteCount: src.count) }
+        from.endRelocation()
+      } else if w.request.stagedInput == nil {  // an adopted staged payload is in place already
         w.request.input.withUnsafeBytes { src in
           if let s = src.baseAddress, let d = dst.baseAddress, src.count > 0 { d.copyMemory(from: s, byteCount: src.count) }
         }
@@ -692,7 +687,9 @@ package final class Dispatcher: Sendable {
         state.withLock { s in
           for w in chunk {
             s.jobs[w.id]?.batchSize = chunk.count
-            if w.request.stagedInput == nil && w.request.inputSpan == nil { s.jobs[w.id]?.inputCopies += 1 }
+            if (w.request.stagedInput == nil && w.request.inputSpan == nil) || w.relocate != nil {
+              s.jobs[w.id]?.inputCopies += 1
+            }
           }
         }
         batchHistogram.withLock { $0[min(64, chunk.count)] += 1 }

@@ -719,11 +719,12 @@ private final class Counters: Sendable {
 /// docs/NETWORK_LANE.md), and the job's lease later takes the buffer over as its
 /// input, so the dispatcher does not copy the payload again.
 ///
-/// Exactly one of two things ends the staged state, once: a lease adopts the
-/// buffer (`DriverQueue.reserve(stagedInput:)`; the lease frees it), or the
-/// buffer is freed here (`release`, or when the last reference goes). Either
-/// way `onSettle` runs once, when the buffer goes back to the pool. The object
-/// keeps its queue, and so the queue's mapping, alive.
+/// Exactly one of three things ends the staged state, once: a lease adopts the
+/// buffer (`DriverQueue.reserve(stagedInput:)`; the lease frees it), the job
+/// runs elsewhere and the payload is copied out first (`beginRelocation`,
+/// `endRelocation`), or the buffer is freed here (`release`, or when the last
+/// reference goes). Each way `onSettle` runs once, when the buffer goes back to
+/// the pool. The object keeps its queue, and so the queue's mapping, alive.
 package final class StagedInput: Sendable {
   package let queue: DriverQueue
   /// Region offset of the buffer in the queue's pool.
@@ -731,7 +732,7 @@ package final class StagedInput: Sendable {
   package let length: Int
   /// Zeroed before it is freed (plaintext); a lease that adopts it is made sensitive by its job.
   package let sensitive: Bool
-  private enum Phase { case staged, adopted, released }
+  private enum Phase { case staged, adopted, relocating, released }
   private let phase = Mutex(Phase.staged)
   private let onSettle: @Sendable (Int) -> Void
 
@@ -758,6 +759,29 @@ package final class StagedInput: Sendable {
   package func release() {
     let free = phase.withLock { p -> Bool in
       guard p == .staged else { return false }
+      p = .released
+      return true
+    }
+    guard free else { return }
+    queue.releaseStaged(offset: offset, length: length, sensitive: sensitive)
+    onSettle(length)
+  }
+
+  /// The job runs on another queue: its payload is about to be copied out of
+  /// this buffer. From now on only `endRelocation` frees it (`release` does
+  /// nothing), so the copy never reads a freed buffer. False if not staged.
+  package func beginRelocation() -> Bool {
+    phase.withLock { p in
+      guard p == .staged else { return false }
+      p = .relocating
+      return true
+    }
+  }
+
+  /// The payload was copied out: frees the buffer.
+  package func endRelocation() {
+    let free = phase.withLock { p -> Bool in
+      guard p == .relocating else { return false }
       p = .released
       return true
     }
