@@ -55,9 +55,19 @@ import Testing
       device.stop()
     }
 
+    /// Compressible bytes, built by whole chunks (cheap even in a debug build, so
+    /// the tests leave the cooperative pool to the timing-sensitive suites).
     static func text(_ n: Int, seed: UInt8 = 1) -> Data {
       let words = Array("accelerator queue engine descriptor doorbell completion pool tenant ".utf8)
-      return Data((0..<n).map { words[($0 &* 7 &+ Int(seed)) % words.count] &+ UInt8($0 / 4096 % 3) })
+      let chunk = Data((0..<4096).map { words[($0 &* 7 &+ Int(seed)) % words.count] })
+      var out = Data(capacity: n)
+      var i = 0
+      while out.count < n {
+        out.append(chunk.prefix(n - out.count))
+        out.append(UInt8(truncatingIfNeeded: i))  // no two chunks alike
+        i += 1
+      }
+      return out.prefix(n)
     }
 
     /// Stages `data` for `tenant` and fills the buffer (what the deserializer does).
