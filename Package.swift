@@ -170,7 +170,7 @@ let package = Package(
     .testTarget(
       name: "AccelServiceTests",
       dependencies: [
-        "AccelService", "AccelProto", "AccelDevice", "AccelScheduler",
+        "AccelService", "AccelProto", "AccelDevice", "AccelScheduler", "AccelDispatcher", "AccelDriver", "AccelABI",
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),

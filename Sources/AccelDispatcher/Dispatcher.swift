@@ -34,6 +34,21 @@ package struct DispatcherConfiguration: Sendable {
   package var verifyCompression = false
   /// Virtual-time credit a returning tenant may claim (fair scheduler), in ns of device time.
   package var idleCredit: UInt64 = 0
+  /// Network lane: bytes at the top of each queue's pool where payloads may be
+  /// staged before their job is scheduled (`stageInput`); 0 = no staging.
+  package var stagingZoneBytes: UInt64 = 0
+  /// The largest job's pool footprint. A queue's staging zone is shrunk so that
+  /// the rest of its pool still holds it: dispatch never waits on staged
+  /// payloads (docs/NETWORK_LANE.md, "Pool protection").
+  package var largestJobBytes: UInt64 = 0
+  /// How long a tenant that asked to stage counts as competing for the zones
+  /// (and so shrinks the others' shares) while it holds nothing.
+  package var stagingContenderWindow: Duration = .seconds(1)
+
+  /// The staging zone of a pool of `capacity` bytes.
+  package func stagingZone(poolCapacity capacity: UInt64) -> UInt64 {
+    min(stagingZoneBytes, capacity - min(capacity, largestJobBytes))
+  }
   package init() {}
   package static var defaults: Self { Self() }
 }
@@ -61,11 +76,14 @@ package final class Dispatcher: Sendable {
   private let epoch: ContinuousClock.Instant
   private let sweeper: Mutex<Task<Void, Never>?> = Mutex(nil)
   private let batchHistogram = Mutex<[Int]>(Array(repeating: 0, count: 65))
+  /// Network lane: staged bytes by tenant (see `stageInput`). Never held while
+  /// taking another lock.
+  let stagingLedger = Mutex(StagingLedger())
 
   private enum Outcome: Sendable {
     case completed(
       Completion, Lease, DriverQueue, enqueuedAt: ContinuousClock.Instant, dispatchedAt: ContinuousClock.Instant,
-      batchSize: Int)
+      batchSize: Int, inputCopies: UInt32)
     case failed(JobError)
   }
 
@@ -84,6 +102,8 @@ package final class Dispatcher: Sendable {
     var abandoned = false
     /// Times the job was put back after a queue error (at most once).
     var retries = 0
+    /// Copies of the payload made into a pool (see `JobStatistics.inputCopies`).
+    var inputCopies: UInt32 = 0
   }
 
   private struct State {
@@ -109,7 +129,7 @@ package final class Dispatcher: Sendable {
 
     /// Drops a job that has not completed (cancelled, expired, failed while waiting).
     mutating func forget(_ id: UInt64) {
-      if let p = jobs.removeValue(forKey: id) { heldBytes -= p.request.input.count }
+      if let p = jobs.removeValue(forKey: id) { heldBytes -= p.request.payloadCount }
     }
   }
 
@@ -130,6 +150,7 @@ package final class Dispatcher: Sendable {
       State(
         scheduler: scheduler, inFlight: Array(repeating: 0, count: driver.queues.count),
         inFlightCost: Array(repeating: 0, count: driver.queues.count)))
+    for q in driver.queues { q.setStagingZone(bytes: configuration.stagingZone(poolCapacity: q.poolCapacity)) }
     updateTenants(tenants)
   }
 
@@ -158,7 +179,7 @@ package final class Dispatcher: Sendable {
     let band: UInt8 = r.opcode == .compress ? (r.level == 0 ? 0 : r.level <= 3 ? 1 : 2) : 0
     return CostModel.JobClass(
       operation: r.opcode.rawValue, algorithm: r.algorithm.rawValue, band: band,
-      sizeBand: CostModel.JobClass.sizeBand(r.input.count))
+      sizeBand: CostModel.JobClass.sizeBand(r.payloadCount))
   }
 
   /// Starts the reaper hook and the deadline sweeper.
@@ -231,13 +252,17 @@ package final class Dispatcher: Sendable {
 
   private func run(_ request: JobRequest, id: UInt64?) async throws(JobError) -> JobResult {
     let id = id ?? makeJobID()
+    // A staged payload that never becomes a job's input goes back to the pool
+    // as soon as the job ends (adopted by a lease, it is freed with the lease).
+    defer { request.stagedInput?.release() }
     let queue0 = driver.queues[0]
+    let payloadCount = request.payloadCount
     let footprint =
-      (request.inputSpan == nil ? queue0.poolFootprint(UInt64(request.input.count)) : 0)
+      (request.inputSpan == nil ? queue0.poolFootprint(UInt64(request.stagedInput?.length ?? payloadCount)) : 0)
       + (request.outputSpan == nil ? queue0.poolFootprint(UInt64(request.outputCapacity)) : 0)
       + (request.aux.isEmpty ? 0 : queue0.poolFootprint(UInt64(request.aux.count)))
       + (request.midCapacity > 0 ? queue0.poolFootprint(UInt64(request.midCapacity)) : 0)
-    guard footprint <= maxJobFootprint, request.input.count <= Int(UInt32.max), request.outputCapacity <= Int(UInt32.max)
+    guard footprint <= maxJobFootprint, payloadCount <= Int(UInt32.max), request.outputCapacity <= Int(UInt32.max)
     else { throw .tooLarge(needed: footprint, limit: maxJobFootprint) }
 
     let outcome = await withTaskCancellationHandler {
@@ -252,10 +277,10 @@ package final class Dispatcher: Sendable {
           if s.scheduler.count >= configuration.maxQueuedJobs {
             return .rejected(reason: .queueFull, retryAfterMilliseconds: retryHintLocked(s))
           }
-          if let budget = configuration.maxQueuedBytes, s.heldBytes > 0, s.heldBytes + request.input.count > budget {
+          if let budget = configuration.maxQueuedBytes, s.heldBytes > 0, s.heldBytes + payloadCount > budget {
             return .rejected(reason: .gatewayMemory, retryAfterMilliseconds: retryHintLocked(s))
           }
-          let cost = s.cost.estimate(jobClass, bytes: request.input.count)
+          let cost = s.cost.estimate(jobClass, bytes: payloadCount)
           let backlog = UInt64(s.admission.queuedJobs(request.tenant) + 1) * cost
           let engines = UInt64(max(1, configuration.inFlightPerQueue * s.inFlight.count / 2))
           if let refusal = s.admission.admit(
@@ -263,7 +288,7 @@ package final class Dispatcher: Sendable {
           {
             return Self.jobError(refusal, size: request.chargedBytes)
           }
-          s.heldBytes += request.input.count
+          s.heldBytes += payloadCount
           let job = QueuedJob(
             id: id, tenant: request.tenant, cost: cost, chain: request.stream?.chain ?? 0, sequence: request.streamSequence)
           s.jobs[id] = Pending(
@@ -285,10 +310,13 @@ package final class Dispatcher: Sendable {
     switch outcome {
     case .failed(let e):
       throw e
-    case .completed(let completion, let lease, let q, let enqueuedAt, let dispatchedAt, let batchSize):
+    case .completed(let completion, let lease, let q, let enqueuedAt, let dispatchedAt, let batchSize, let inputCopies):
+      var handedOver = false
       defer {
-        q.release(lease)
-        pump()
+        if !handedOver {
+          q.release(lease)
+          pump()
+        }
       }
       guard completion.status == .ok || (completion.status == .moreOutput && request.stream != nil) else {
         if request.stream != nil && completion.status == .invalidDescriptor {
@@ -300,7 +328,13 @@ package final class Dispatcher: Sendable {
         throw .device(completion.status)
       }
       // Local lane: the device wrote straight into the client's memory.
-      let output = request.outputSpan == nil ? Data(q.output(lease, count: Int(completion.produced))) : Data()
+      // Network lane: the caller writes the output out of the pool itself.
+      let pooled =
+        request.poolOutput && request.outputSpan == nil && request.stream == nil && completion.status == .ok
+        ? PooledOutput(queue: q, lease: lease, count: Int(completion.produced)) { [weak self] in self?.pump() } : nil
+      handedOver = pooled != nil
+      let copiesOut = request.outputSpan == nil && pooled == nil
+      let output = copiesOut ? Data(q.output(lease, count: Int(completion.produced))) : Data()
       let end = clock.now
       var result = JobResult(
         output: output,
@@ -308,8 +342,10 @@ package final class Dispatcher: Sendable {
           queueWaitNanoseconds: UInt64((dispatchedAt - enqueuedAt).nanosecondsClamped),
           deviceNanoseconds: completion.engineNanoseconds,
           totalNanoseconds: UInt64((end - enqueuedAt).nanosecondsClamped),
-          inputBytes: UInt64(request.inputSpan.map { Int($0.length) } ?? request.input.count), outputBytes: UInt64(completion.produced),
-          queueID: q.queueID, engineID: UInt32(completion.engineID), batchSize: UInt32(batchSize)))
+          inputBytes: UInt64(request.inputSpan.map { Int($0.length) } ?? payloadCount), outputBytes: UInt64(completion.produced),
+          queueID: q.queueID, engineID: UInt32(completion.engineID), batchSize: UInt32(batchSize),
+          inputCopies: inputCopies, outputCopies: copiesOut ? 1 : 0))
+      result.pooledOutput = pooled
       result.moreOutput = completion.status == .moreOutput
       result.consumed = Int(completion.consumed)
       return result
@@ -525,16 +561,18 @@ package final class Dispatcher: Sendable {
     }
   }
 
-  private typealias Work = (id: UInt64, lease: Lease, request: JobRequest, queue: DriverQueue)
+  /// A job to publish. `relocate`: its staged payload lies in another queue's
+  /// pool, to be copied into this lease's input (then freed).
+  private typealias Work = (id: UInt64, lease: Lease, request: JobRequest, queue: DriverQueue, relocate: StagedInput?)
 
   /// Under the lock: pops jobs the device has room for and reserves their resources.
   private func takeDispatchable() -> [Work] {
     let now = clock.now
     var woken: [CheckedContinuation<Void, Never>] = []
-    var failedStreams: [CheckedContinuation<Outcome, Never>] = []
+    var failed: [(CheckedContinuation<Outcome, Never>, JobError)] = []
     defer {
       for w in woken { w.resume() }
-      for c in failedStreams { c.resume(returning: .failed(.unavailable("the stream's device queue failed; restart the stream"))) }
+      for (c, e) in failed { c.resume(returning: .failed(e)) }
     }
     guard detachedReasonBox.withLock({ $0 == nil }) else { return [] }
     let driver = self.driver
@@ -556,11 +594,20 @@ package final class Dispatcher: Sendable {
             woken += leftQueueLocked(&s, p)
             let c = s.jobs[next.id]?.continuation
             s.forget(next.id)
-            if let c { failedStreams.append(c) }
+            if let c { failed.append((c, .unavailable("the stream's device queue failed; restart the stream"))) }
             continue
           }
         }
-        let candidates = driver.queues
+        let staged = p.request.stagedInput
+        if let staged, !staged.isStaged {
+          // Unreachable: a waiting job's staged buffer is freed only when the job ends.
+          _ = s.scheduler.pop(now: nanos(now))
+          woken += leftQueueLocked(&s, p)
+          s.forget(next.id)
+          if let c = p.continuation { failed.append((c, .unavailable("the job's staged payload is gone"))) }
+          continue
+        }
+        var candidates = driver.queues
           .filter {
             if let stream = p.request.stream, stream.queueIndex != $0.index { return false }
             let w = Int($0.weight)
@@ -568,18 +615,36 @@ package final class Dispatcher: Sendable {
               && (s.inFlight[$0.index] < w || s.inFlightCost[$0.index] + next.cost <= budget * UInt64(w))
           }
           .sorted { s.inFlightCost[$0.index] < s.inFlightCost[$1.index] }
+        if let staged, let i = candidates.firstIndex(where: { $0 === staged.queue }) {
+          // Network lane: the payload already lies in this queue's pool; if the
+          // queue has room the job runs there and nothing is copied. Otherwise it
+          // goes where an ordinary job would, and the payload is copied over
+          // (pool to pool: as many copies as without the lane, and the same
+          // scheduling). A replaced driver's queue is never a candidate.
+          candidates.insert(candidates.remove(at: i), at: 0)
+        }
         let id = next.id
         var reserved: Lease?
         for queue in candidates {
+          let adopt = staged?.queue === queue
           reserved = queue.reserve(
-            srcLength: UInt32(p.request.input.count), dstCapacity: UInt32(p.request.outputCapacity),
+            srcLength: UInt32(p.request.payloadCount), dstCapacity: UInt32(p.request.outputCapacity),
             auxLength: UInt32(p.request.aux.count), midCapacity: UInt32(p.request.midCapacity), key: p.request.key,
             sensitive: p.request.sensitive, srcExternal: p.request.inputSpan, dstExternal: p.request.outputSpan,
+            stagedInput: adopt ? staged : nil, srcSkip: adopt ? UInt32(p.request.stagedSkip) : 0,
             handler: { [weak self, queue] c in self?.complete(id: id, completion: c, queue: queue) })
           if reserved != nil { break }
         }
         // No room anywhere: the job keeps its place until slots or buffers free up.
         guard let lease = reserved else { break }
+        var relocate: StagedInput?
+        if let staged, staged.queue !== driver.queues[lease.queueIndex] {
+          guard staged.beginRelocation() else {
+            driver.queues[lease.queueIndex].release(lease)
+            break  // unreachable (checked above, under this lock)
+          }
+          relocate = staged
+        }
         let qi = lease.queueIndex
         _ = s.scheduler.pop(now: nanos(now))
         woken += leftQueueLocked(&s, p)
@@ -587,7 +652,7 @@ package final class Dispatcher: Sendable {
         s.inFlightCost[qi] += next.cost
         s.jobs[id]?.lease = lease
         s.jobs[id]?.dispatchedAt = now
-        work.append((id, lease, p.request, driver.queues[qi]))
+        work.append((id, lease, p.request, driver.queues[qi], relocate))
       }
       return work
     }
@@ -599,8 +664,15 @@ package final class Dispatcher: Sendable {
     for w in work {
       let queue = w.queue
       let dst = queue.input(w.lease)
-      w.request.input.withUnsafeBytes { src in
-        if let s = src.baseAddress, let d = dst.baseAddress, src.count > 0 { d.copyMemory(from: s, byteCount: src.count) }
+      if let from = w.relocate {
+        // A staged payload from another queue's pool.
+        let src = UnsafeRawBufferPointer(from.buffer)[w.request.stagedSkip...]
+        if let d = dst.baseAddress, !src.isEmpty { d.copyMemory(from: UnsafeRawBufferPointer(rebasing: src).baseAddress!, byteCount: src.count) }
+        from.endRelocation()
+      } else if w.request.stagedInput == nil {  // an adopted staged payload is in place already
+        w.request.input.withUnsafeBytes { src in
+          if let s = src.baseAddress, let d = dst.baseAddress, src.count > 0 { d.copyMemory(from: s, byteCount: src.count) }
+        }
       }
       if !w.request.aux.isEmpty {
         let aux = queue.aux(w.lease)
@@ -612,7 +684,14 @@ package final class Dispatcher: Sendable {
       var start = 0
       while start < jobs.count {
         let chunk = jobs[start..<min(jobs.count, start + configuration.maxBatch)]
-        state.withLock { s in for w in chunk { s.jobs[w.id]?.batchSize = chunk.count } }
+        state.withLock { s in
+          for w in chunk {
+            s.jobs[w.id]?.batchSize = chunk.count
+            if (w.request.stagedInput == nil && w.request.inputSpan == nil) || w.relocate != nil {
+              s.jobs[w.id]?.inputCopies += 1
+            }
+          }
+        }
         batchHistogram.withLock { $0[min(64, chunk.count)] += 1 }
         jobs[0].queue.submit(chunk.map { (lease: $0.lease, steps: steps(of: $0.request)) })
         start += chunk.count
@@ -644,14 +723,14 @@ package final class Dispatcher: Sendable {
     let attached = isAttached
     let delivery = state.withLock { s -> (CheckedContinuation<Outcome, Never>, Outcome)? in
       guard var p = s.jobs.removeValue(forKey: id), let lease = p.lease else { return nil }
-      s.heldBytes -= p.request.input.count
+      s.heldBytes -= p.request.payloadCount
       // Counters belong to the current driver; a job of a replaced one no longer counts.
       if lease.queueIndex < current.queues.count && current.queues[lease.queueIndex] === queue {
         s.inFlight[lease.queueIndex] -= 1
         s.inFlightCost[lease.queueIndex] -= min(s.inFlightCost[lease.queueIndex], p.job.cost)
       }
       if completion.status == .ok {
-        s.cost.observe(p.jobClass, bytes: p.request.input.count, engineNanoseconds: completion.engineNanoseconds)
+        s.cost.observe(p.jobClass, bytes: p.request.payloadCount, engineNanoseconds: completion.engineNanoseconds)
       }
       s.scheduler.complete(p.job, actualCost: completion.engineNanoseconds, now: nanos(clock.now))
       if p.job.chain != 0 {
@@ -672,7 +751,15 @@ package final class Dispatcher: Sendable {
         && current.queues.contains(where: { $0.mayRecover })
       {
         // The device is done with the buffers (or the queue stays out of service
-        // until a reset proves it is), so they can go back to the pool now.
+        // until a reset proves it is), so they can go back to the pool now. A
+        // staged payload goes with them: the retry takes a copy of it.
+        if p.request.stagedInput != nil {
+          let src = UnsafeRawBufferPointer(queue.input(lease))
+          p.request.input = Data(UnsafeRawBufferPointer(rebasing: src[Int(lease.srcSkip)...]))
+          p.request.stagedInput = nil
+          p.request.stagedSkip = 0
+          p.inputCopies += 1
+        }
         queue.release(lease)
         p.lease = nil
         p.dispatchedAt = nil
@@ -680,7 +767,7 @@ package final class Dispatcher: Sendable {
         s.retried += 1
         s.admission.reenter(tenant: p.request.tenant, bytes: p.request.chargedBytes)
         s.jobs[id] = p
-        s.heldBytes += p.request.input.count
+        s.heldBytes += p.request.payloadCount
         s.scheduler.enqueue(p.job, now: nanos(clock.now))
         logger.warning(
           "retrying job after a queue error",
@@ -689,7 +776,7 @@ package final class Dispatcher: Sendable {
       }
       return (p.continuation!, .completed(
           completion, lease, queue, enqueuedAt: p.enqueuedAt, dispatchedAt: p.dispatchedAt ?? p.enqueuedAt,
-          batchSize: p.batchSize))
+          batchSize: p.batchSize, inputCopies: p.inputCopies))
     }
     if let (c, o) = delivery { c.resume(returning: o) }
   }
@@ -750,6 +837,7 @@ package final class Dispatcher: Sendable {
       s.inFlight = Array(repeating: 0, count: newDriver.queues.count)
       s.inFlightCost = Array(repeating: 0, count: newDriver.queues.count)
     }
+    for q in newDriver.queues { q.setStagingZone(bytes: configuration.stagingZone(poolCapacity: q.poolCapacity)) }
     driverRef.withLock { $0 = newDriver }
     newDriver.setAfterReap { [weak self] in self?.pump() }
     newDriver.start()

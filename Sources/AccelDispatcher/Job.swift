@@ -1,6 +1,7 @@
 package import AccelABI
 package import AccelDriver
 package import FoundationEssentials
+internal import Synchronization
 
 /// One job as the service hands it to the dispatcher.
 package struct JobRequest: Sendable {
@@ -33,9 +34,22 @@ package struct JobRequest: Sendable {
   /// Kept alive as long as the job is, including after its caller has gone
   /// while the device still runs it (the local lane's hold on client memory).
   package var retain: (any AnyObject & Sendable)? = nil
+  /// Network lane: the payload already lies in a queue's pool, where the gRPC
+  /// layer decoded it (`Dispatcher.stageInput`); `input` is then empty and the
+  /// job runs on that queue (it is copied out only if that queue cannot take it).
+  package var stagedInput: StagedInput? = nil
+  /// Leading bytes of `stagedInput` that are not the job's input (a named key's
+  /// envelope header and nonce in front of the ciphertext).
+  package var stagedSkip: Int = 0
+  /// Network lane: on success, hand the completed lease to the caller as
+  /// `JobResult.pooledOutput` (the output stays in the pool until the caller
+  /// has written it out) instead of copying it into `JobResult.output`.
+  package var poolOutput = false
 
+  /// Payload bytes of the job's input when it is inline or staged (0 for a local-lane span).
+  package var payloadCount: Int { stagedInput.map { $0.length - stagedSkip } ?? input.count }
   /// Bytes admission charges for the job.
-  package var chargedBytes: Int { admissionBytes ?? input.count }
+  package var chargedBytes: Int { admissionBytes ?? payloadCount }
   /// Bytes reserved in the pool for the result; the device never writes more.
   package var outputCapacity: Int
   package var tenant: String
@@ -74,8 +88,11 @@ extension JobRequest {
 
 /// A finished job: its output and what it cost.
 package struct JobResult: Sendable {
+  /// The output, copied out of the pool; empty when `pooledOutput` holds it.
   package var output: Data
   package var stats: JobStatistics
+  /// Set instead of `output` for jobs that asked for `poolOutput`.
+  package var pooledOutput: PooledOutput? = nil
   /// Stream chunks: the output filled up before the chunk was done; submit the
   /// input from `consumed` on (possibly none) to get the rest.
   package var moreOutput = false
@@ -101,6 +118,50 @@ package struct JobStatistics: Sendable, Equatable {
   package var queueID: UInt32 = 0
   package var engineID: UInt32 = 0
   package var batchSize: UInt32 = 0
+  /// Copies of the payload the dispatcher made into the pool (0 for a staged
+  /// or local-lane input; 1 normally; more after a retry or an unstaging).
+  package var inputCopies: UInt32 = 0
+  /// Copies of the result the dispatcher made out of the pool (0 when it was
+  /// handed over as `pooledOutput` or written to a local-lane span).
+  package var outputCopies: UInt32 = 0
+}
+
+/// A completed job's output, still in its queue's pool: the caller writes it
+/// out from there (network lane) and the lease (slot and every buffer) is
+/// released afterwards, exactly once: by `release()`, or when the last
+/// reference goes. Thread-safe.
+package final class PooledOutput: Sendable {
+  private let queue: DriverQueue
+  private let lease: Lease
+  /// Bytes of output.
+  package let count: Int
+  private let released = Atomic<Bool>(false)
+  private let afterRelease: @Sendable () -> Void
+
+  package init(queue: DriverQueue, lease: Lease, count: Int, afterRelease: @escaping @Sendable () -> Void) {
+    self.queue = queue
+    self.lease = lease
+    self.count = count
+    self.afterRelease = afterRelease
+  }
+
+  deinit { release() }
+
+  /// Whether the output is still readable.
+  package var isReleased: Bool { released.load(ordering: .acquiring) }
+
+  /// Reads the output in place. Must not be called after `release()`.
+  package func withBytes<R, E: Error>(_ body: (UnsafeRawBufferPointer) throws(E) -> R) throws(E) -> R {
+    precondition(!isReleased, "pooled output read after release")
+    return try body(queue.output(lease, count: count))
+  }
+
+  /// Frees the lease (slot and buffers; zeroed first for sensitive jobs). Idempotent.
+  package func release() {
+    guard !released.exchange(true, ordering: .acquiringAndReleasing) else { return }
+    queue.release(lease)
+    afterRelease()
+  }
 }
 
 /// Why a job did not produce a result. The service maps each case to one gRPC status

@@ -11,6 +11,10 @@ package struct Lease: Sendable {
   package let cookie: UInt64
   package let srcOffset: UInt64
   package let srcLength: UInt32
+  /// Leading bytes of the input buffer the device skips (a staged payload
+  /// whose first bytes are not the job's input, e.g. a key envelope's header).
+  /// The buffer is still allocated and freed whole (`srcOffset`, `srcLength`).
+  package var srcSkip: UInt32 = 0
   package let dstOffset: UInt64
   package let dstCapacity: UInt32
   /// Parameter block (AEAD nonce and AAD); length 0 when none.
@@ -136,6 +140,13 @@ package final class DriverQueue: @unchecked Sendable {
     var leased = 0
     var service = QueueService.inService
     var freeStreams: [UInt32] = []
+    /// Staged payloads (network lane) may only lie at or above this offset:
+    /// the top of the pool is the staging zone; the end of the pool = no zone.
+    var stagingFloor: UInt64
+    /// Pool bytes held by staged payloads not yet taken by a lease.
+    var stagedBytes: UInt64 = 0
+    /// Staged payloads taken by a lease, by completion slot: settled when the lease is released.
+    var stagedLeases: [Int: StagedInput] = [:]
   }
 
   private let state: Mutex<State>
@@ -187,7 +198,7 @@ package final class DriverQueue: @unchecked Sendable {
         freeSlots: Array((0..<slots).reversed()),
         freeKeySlots: layout.keySlotCount > 0 ? Array((1...layout.keySlotCount).reversed()) : [],
         tail: startTail,
-        freeStreams: Self.streamSlots(region)))
+        freeStreams: Self.streamSlots(region), stagingFloor: layout.dataOffset + layout.dataSize))
     reapLock.withLock { $0 = startHead }
     coarseNow.store(SharedMemory.nowNanoseconds(), ordering: .relaxed)
   }
@@ -242,13 +253,20 @@ package final class DriverQueue: @unchecked Sendable {
   /// Reserves a completion slot, buffers and (when `key` is given) a key slot for
   /// one job, or nil if the queue has no room. The key is copied into the key
   /// slot here, and zeroed there on release.
+  ///
+  /// With `stagedInput` (network lane) the job's input is that staged payload,
+  /// already in this queue's pool: the lease takes the buffer over (it is freed
+  /// with the lease) and `srcLength` is ignored; `srcSkip` leading bytes of it
+  /// are not given to the device.
   package func reserve(
     srcLength: UInt32, dstCapacity: UInt32, auxLength: UInt32 = 0, midCapacity: UInt32 = 0,
     key: SecretBytes? = nil, sensitive: Bool = false, srcExternal: ExternalSpan? = nil, dstExternal: ExternalSpan? = nil,
+    stagedInput: StagedInput? = nil, srcSkip: UInt32 = 0,
     handler: @escaping CompletionHandler
   ) -> Lease? {
     precondition((key?.count ?? 0) <= CryptoSizing.maxKeyLength)
-    return state.withLock { s -> Lease? in
+    if let stagedInput { precondition(stagedInput.queue === self && srcSkip <= stagedInput.length, "staged elsewhere") }
+    let lease = state.withLock { s -> Lease? in
       guard let slot = s.freeSlots.last, key == nil || !s.freeKeySlots.isEmpty else { return nil }
       var taken: [(UInt64, UInt64)] = []
       func take(_ n: UInt32) -> UInt64? {
@@ -256,20 +274,26 @@ package final class DriverQueue: @unchecked Sendable {
         taken.append((o, UInt64(n)))
         return o
       }
-      // External buffers take nothing from the pool.
-      guard let src = srcExternal.map({ $0.offset }) ?? take(srcLength),
+      // External buffers take nothing from the pool; a staged input is already in it.
+      guard let src = stagedInput.map({ $0.offset }) ?? srcExternal.map({ $0.offset }) ?? take(srcLength),
         let dst = dstExternal.map({ $0.offset }) ?? take(dstCapacity),
-        let aux = auxLength > 0 ? take(auxLength) : 0, let mid = midCapacity > 0 ? take(midCapacity) : 0
+        let aux = auxLength > 0 ? take(auxLength) : 0, let mid = midCapacity > 0 ? take(midCapacity) : 0,
+        stagedInput?.adopt() ?? true
       else {
         for (o, n) in taken { s.pool.release(offset: o, size: n) }
         return nil
       }
+      if let stagedInput {
+        s.stagedBytes -= s.pool.rounded(UInt64(stagedInput.length))
+        s.stagedLeases[slot] = stagedInput
+      }
       s.freeSlots.removeLast()
       s.generation &+= 1
       let gen = s.generation
+      let srcLength = stagedInput.map { UInt32($0.length) } ?? srcExternal?.length ?? srcLength
       var lease = Lease(
         queueIndex: index, slot: slot, cookie: UInt64(gen) << 32 | UInt64(slot),
-        srcOffset: src, srcLength: srcExternal?.length ?? srcLength, dstOffset: dst,
+        srcOffset: src, srcLength: srcLength, dstOffset: dst,
         dstCapacity: dstExternal?.length ?? dstCapacity)
       lease.srcRegion = srcExternal?.region ?? 0
       lease.dstRegion = dstExternal?.region ?? 0
@@ -288,9 +312,62 @@ package final class DriverQueue: @unchecked Sendable {
           if let base = b.baseAddress { region.bytes(at: region.layout.keySlot(ks)! + 8).copyMemory(from: base, byteCount: b.count) }
         }
       }
+      lease.srcSkip = stagedInput != nil ? srcSkip : 0
       s.slots[slot] = .inFlight(generation: gen, lease: lease, handler: handler, since: coarseNow.load(ordering: .relaxed))
       s.leased += 1
       return lease
+    }
+    return lease
+  }
+
+  // MARK: network-lane staging
+
+  /// Sets the staging zone: the top `bytes` of the pool (rounded down to the
+  /// allocation unit), the only place `stageInput` may put payloads. 0 turns
+  /// staging off. Payloads already staged stay where they are.
+  package func setStagingZone(bytes: UInt64) {
+    state.withLock { s in
+      let end = s.pool.base + s.pool.capacity
+      let zone = min(bytes, s.pool.capacity) & ~(s.pool.alignment - 1)
+      s.stagingFloor = end - zone
+    }
+  }
+
+  /// Size of the staging zone in bytes (0: staging off).
+  package var stagingZoneBytes: UInt64 { state.withLock { $0.pool.base + $0.pool.capacity - $0.stagingFloor } }
+
+  /// Pool bytes held by staged payloads that no lease has taken yet.
+  package var stagedBytes: UInt64 { state.withLock { $0.stagedBytes } }
+
+  /// Takes a buffer of `length` bytes in the staging zone for a payload that
+  /// will be this queue's job input (network lane: the gRPC layer decodes the
+  /// payload straight into it, before the scheduler has seen the job). Nil when
+  /// the zone has no room, staging is off, or the queue is out of service.
+  ///
+  /// The buffer is freed by `StagedInput.release` (or when the object goes), or
+  /// taken over by the lease of a `reserve(stagedInput:)` and freed with it.
+  /// `onSettle` runs once, when the buffer is freed either way (outside this
+  /// queue's lock).
+  package func stageInput(length: Int, sensitive: Bool, onSettle: @escaping @Sendable (Int) -> Void = { _ in })
+    -> StagedInput?
+  {
+    guard length > 0, length <= Int(UInt32.max), isHealthy else { return nil }
+    let offset = state.withLock { s -> UInt64? in
+      guard case .inService = s.service, let o = s.pool.allocateHigh(UInt64(length), floor: s.stagingFloor) else {
+        return nil
+      }
+      s.stagedBytes += s.pool.rounded(UInt64(length))
+      return o
+    }
+    return offset.map { StagedInput(queue: self, offset: $0, length: length, sensitive: sensitive, onSettle: onSettle) }
+  }
+
+  /// Frees a staged buffer no lease took (zeroed first if it held secrets).
+  fileprivate func releaseStaged(offset: UInt64, length: Int, sensitive: Bool) {
+    if sensitive { SharedMemory.secureZero(region.bytes(at: offset), count: length) }
+    state.withLock { s in
+      s.pool.release(offset: offset, size: UInt64(length))
+      s.stagedBytes -= s.pool.rounded(UInt64(length))
     }
   }
 
@@ -311,7 +388,7 @@ package final class DriverQueue: @unchecked Sendable {
         SharedMemory.secureZero(region.bytes(at: ks), count: Int(ACCEL_KEYSLOT_SIZE))
       }
     }
-    state.withLock { s in
+    let staged = state.withLock { s in
       if lease.srcRegion == 0 { s.pool.release(offset: lease.srcOffset, size: UInt64(lease.srcLength)) }
       if lease.dstRegion == 0 { s.pool.release(offset: lease.dstOffset, size: UInt64(lease.dstCapacity)) }
       if lease.auxLength > 0 { s.pool.release(offset: lease.auxOffset, size: UInt64(lease.auxLength)) }
@@ -320,7 +397,9 @@ package final class DriverQueue: @unchecked Sendable {
       s.slots[lease.slot] = .free
       s.freeSlots.append(lease.slot)
       s.leased -= 1
+      return s.stagedLeases.removeValue(forKey: lease.slot)
     }
+    staged?.settle()
   }
 
   /// Makes a completed lease submittable again with the same buffers and cookie
@@ -396,8 +475,8 @@ package final class DriverQueue: @unchecked Sendable {
     sqe.level = step.level
     let first = i == 0
     let last = i == steps.count - 1
-    sqe.src_offset = first ? lease.srcOffset : lease.midOffset
-    sqe.src_length = first ? lease.srcLength : lease.midCapacity
+    sqe.src_offset = first ? lease.srcOffset + UInt64(lease.srcSkip) : lease.midOffset
+    sqe.src_length = first ? lease.srcLength - lease.srcSkip : lease.midCapacity
     sqe.dst_offset = last ? lease.dstOffset : lease.midOffset
     sqe.dst_capacity = last ? lease.dstCapacity : lease.midCapacity
     sqe.src_region = first ? lease.srcRegion : 0
@@ -633,4 +712,100 @@ private final class Counters: Sendable {
   let invalidCompletions = Atomic<UInt64>(0)
   let stalls = Atomic<UInt64>(0)
   let resets = Atomic<UInt64>(0)
+}
+
+/// A payload written into a queue's data pool before its job exists: the
+/// network lane decodes a request's `bytes` field straight into it (see
+/// docs/NETWORK_LANE.md), and the job's lease later takes the buffer over as its
+/// input, so the dispatcher does not copy the payload again.
+///
+/// Exactly one of three things ends the staged state, once: a lease adopts the
+/// buffer (`DriverQueue.reserve(stagedInput:)`; the lease frees it), the job
+/// runs elsewhere and the payload is copied out first (`beginRelocation`,
+/// `endRelocation`), or the buffer is freed here (`release`, or when the last
+/// reference goes). Each way `onSettle` runs once, when the buffer goes back to
+/// the pool. The object keeps its queue, and so the queue's mapping, alive.
+package final class StagedInput: Sendable {
+  package let queue: DriverQueue
+  /// Region offset of the buffer in the queue's pool.
+  package let offset: UInt64
+  package let length: Int
+  /// Zeroed before it is freed (plaintext); a lease that adopts it is made sensitive by its job.
+  package let sensitive: Bool
+  private enum Phase { case staged, adopted, relocating, released }
+  private let phase = Mutex(Phase.staged)
+  private let onSettle: @Sendable (Int) -> Void
+
+  fileprivate init(queue: DriverQueue, offset: UInt64, length: Int, sensitive: Bool, onSettle: @escaping @Sendable (Int) -> Void) {
+    self.queue = queue
+    self.offset = offset
+    self.length = length
+    self.sensitive = sensitive
+    self.onSettle = onSettle
+  }
+
+  deinit { release() }
+
+  /// The staged bytes, to be filled by the gRPC layer. Valid while staged, and
+  /// after adoption until the lease is released.
+  package var buffer: UnsafeMutableRawBufferPointer {
+    UnsafeMutableRawBufferPointer(start: queue.region.bytes(at: offset), count: length)
+  }
+
+  /// True until a lease adopts the buffer or it is released.
+  package var isStaged: Bool { phase.withLock { $0 == .staged } }
+
+  /// Frees the buffer unless a lease has taken it. Idempotent.
+  package func release() {
+    let free = phase.withLock { p -> Bool in
+      guard p == .staged else { return false }
+      p = .released
+      return true
+    }
+    guard free else { return }
+    queue.releaseStaged(offset: offset, length: length, sensitive: sensitive)
+    onSettle(length)
+  }
+
+  /// The job runs on another queue: its payload is about to be copied out of
+  /// this buffer. From now on only `endRelocation` frees it (`release` does
+  /// nothing), so the copy never reads a freed buffer. False if not staged.
+  package func beginRelocation() -> Bool {
+    phase.withLock { p in
+      guard p == .staged else { return false }
+      p = .relocating
+      return true
+    }
+  }
+
+  /// The payload was copied out: frees the buffer.
+  package func endRelocation() {
+    let free = phase.withLock { p -> Bool in
+      guard p == .relocating else { return false }
+      p = .released
+      return true
+    }
+    guard free else { return }
+    queue.releaseStaged(offset: offset, length: length, sensitive: sensitive)
+    onSettle(length)
+  }
+
+  /// Under the queue's lock (from `reserve`): hands the buffer to a lease.
+  fileprivate func adopt() -> Bool {
+    phase.withLock { p in
+      guard p == .staged else { return false }
+      p = .adopted
+      return true
+    }
+  }
+
+  /// When the lease that adopted the buffer is released, outside the queue's lock.
+  fileprivate func settle() {
+    let adopted = phase.withLock { p -> Bool in
+      guard p == .adopted else { return false }
+      p = .released
+      return true
+    }
+    if adopted { onSettle(length) }
+  }
 }

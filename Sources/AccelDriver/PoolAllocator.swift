@@ -50,6 +50,30 @@ package struct PoolAllocator: Sendable {
     return offset
   }
 
+  /// Allocates `size` bytes as high in the pool as possible, entirely at or
+  /// above `floor`; nil when no free extent there is large enough.
+  ///
+  /// Network-lane staging uses it (see `DriverQueue.stageInput`): staged
+  /// payloads stay in the top of the pool while dispatch-time buffers fill it
+  /// first-fit from the bottom, so staged buffers never fragment the part of
+  /// the pool below `floor`.
+  package mutating func allocateHigh(_ size: UInt64, floor: UInt64) -> UInt64? {
+    let need = rounded(size)
+    guard need <= capacity else { return nil }
+    for i in free.indices.reversed() {
+      let end = free[i].offset + free[i].size
+      guard end >= need, end - need >= max(free[i].offset, floor) else {
+        if end <= floor { return nil }  // every extent below is lower still
+        continue
+      }
+      let offset = end - need
+      if free[i].size == need { free.remove(at: i) } else { free[i].size -= need }
+      freeBytes -= need
+      return offset
+    }
+    return nil
+  }
+
   /// Returns an allocation. `size` must be what was passed to `allocate`.
   package mutating func release(offset: UInt64, size: UInt64) {
     let len = rounded(size)

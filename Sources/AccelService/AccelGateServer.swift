@@ -98,6 +98,12 @@ public final class AccelGateServer: Sendable {
         "the device's queue pools hold \(smallest) bytes but the largest job needs \(worstJob); lower --max-request-bytes or give the device a larger pool"
       )
     }
+    if configuration.pooledPayloads {
+      // Network lane: payloads wait staged in the top of each pool; the rest
+      // always holds the largest job (docs/NETWORK_LANE.md, "Pool protection").
+      dc.stagingZoneBytes = UInt64(Double(smallest) * min(1, max(0, configuration.stagingPoolFraction)))
+      dc.largestJobBytes = worstJob
+    }
     let dispatcher = Dispatcher(driver: driver, configuration: dc, tenants: directory.current.policies, logger: logger)
     let metrics = self.metrics
     dispatcher.setObserver { metrics.recordJob($0) }
@@ -113,6 +119,12 @@ public final class AccelGateServer: Sendable {
       nonceLedger: try NonceLedger(path: configuration.nonceStateFile), audit: try AuditLog(path: configuration.auditLogFile))
     service.draining = draining
     service.tenants = directory
+    service.metrics = metrics
+    // The network lane re-registers four methods after the generated service (the router keeps the last).
+    func lane(_ service: AcceleratorService) -> [any RegistrableRPCService] {
+      guard configuration.pooledPayloads else { return [] }
+      return [NetworkLaneService(service: service, lane: NetworkLane(dispatcher: dispatcher, metrics: metrics))]
+    }
     if let path = configuration.localSocket, let control = configuration.effectiveLocalControlSocket {
       let registry = RegionRegistry(dispatcher: dispatcher, logger: logger)
       service.regions = registry
@@ -129,8 +141,8 @@ public final class AccelGateServer: Sendable {
             $0.http2.maxConcurrentStreams = configuration.maxConcurrentStreams
             $0.channelDebuggingCallbacks.onAcceptHTTP2Stream = FlushDataFramesHandler.install
           }),
-        services: [
-          service, HealthService(dispatcher: dispatcher, device: self.device, draining: draining), try ReflectionService(),
+        services: [service as any RegistrableRPCService] + lane(service) + [
+          HealthService(dispatcher: dispatcher, device: self.device, draining: draining), try ReflectionService(),
         ],
         interceptors: [AuthInterceptor(directory: directory, metrics: metrics), MetricsInterceptor(metrics: metrics, logger: logger)]
       )
@@ -156,8 +168,8 @@ public final class AccelGateServer: Sendable {
           $0.channelDebuggingCallbacks.onAcceptHTTP2Stream = FlushDataFramesHandler.install
         }
       ),
-      services: [
-        service, HealthService(dispatcher: dispatcher, device: self.device, draining: draining), try ReflectionService(),
+      services: [service as any RegistrableRPCService] + lane(service) + [
+        HealthService(dispatcher: dispatcher, device: self.device, draining: draining), try ReflectionService(),
       ],
       interceptors: [AuthInterceptor(directory: directory, metrics: metrics), MetricsInterceptor(metrics: metrics, logger: logger)]
     )

@@ -24,27 +24,37 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
   var tenants: TenantDirectory? = nil
   /// Client memory registered on the local lane (nil when the lane is off).
   var regions: RegionRegistry? = nil
+  /// Where payload copies are counted (nil: not counted).
+  var metrics: GatewayMetrics? = nil
 
   static let defaultLevel: Int32 = 6
 
   func compress(request envelope: ServerRequest<Accelgate_V1_CompressRequest>, context: ServerContext) async throws
     -> ServerResponse<Accelgate_V1_CompressResponse>
   {
-    let m = envelope.message
-    let tenant = TenantHeader.tenant(of: envelope.metadata)
+    ServerResponse(message: try await compress(envelope.message, metadata: envelope.metadata, lane: .copied).message)
+  }
+
+  /// One Compress call, whichever way its payload travels (`PayloadLane`).
+  func compress(_ m: Accelgate_V1_CompressRequest, metadata: Metadata, lane: PayloadLane) async throws
+    -> LaneResponse<Accelgate_V1_CompressResponse>
+  {
+    let tenant = TenantHeader.tenant(of: metadata)
     let spans = try localSpans(
-      input: m.hasInputRegion ? m.inputRegion : nil, output: m.hasOutputRegion ? m.outputRegion : nil, inline: m.data.count,
-      tenant: tenant, operation: "compress", outputLimit: Int(UInt32.max))
+      input: m.hasInputRegion ? m.inputRegion : nil, output: m.hasOutputRegion ? m.outputRegion : nil,
+      inline: lane.payloadCount(inline: m.data), tenant: tenant, operation: "compress", outputLimit: Int(UInt32.max))
     var (job, limit, engine) = try compressJob(m, tenant: tenant, inputLength: spans.inputLength)
+    lane.apply(to: &job)
     spans.apply(to: &job)
     let result = try await run(
       job, operation: "compress", outputLimit: spans.output.map { Int($0.length) } ?? limit,
-      deadline: CallDeadline(metadata: envelope.metadata))
+      deadline: CallDeadline(metadata: metadata))
+    recordCopies(tenant: tenant, operation: "compress", lane: lane, spans: spans, result: result)
     var response = Accelgate_V1_CompressResponse()
     response.data = result.output
     if spans.output != nil { response.regionOutputLength = result.stats.outputBytes }
     response.stats = Self.stats(result.stats, engine: engine)
-    return ServerResponse(message: response)
+    return LaneResponse(message: response, pooled: result.pooledOutput)
   }
 
   /// Validates a compress request and turns it into a job (shared by unary and Submit).
@@ -65,27 +75,38 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
   func decompress(request envelope: ServerRequest<Accelgate_V1_DecompressRequest>, context: ServerContext) async throws
     -> ServerResponse<Accelgate_V1_DecompressResponse>
   {
-    let m = envelope.message
-    let tenant = TenantHeader.tenant(of: envelope.metadata)
-    var (job, limit) = try decompressJob(m, tenant: tenant)
+    ServerResponse(message: try await decompress(envelope.message, metadata: envelope.metadata, lane: .copied).message)
+  }
+
+  /// One Decompress call, whichever way its payload travels (`PayloadLane`).
+  func decompress(_ m: Accelgate_V1_DecompressRequest, metadata: Metadata, lane: PayloadLane) async throws
+    -> LaneResponse<Accelgate_V1_DecompressResponse>
+  {
+    let tenant = TenantHeader.tenant(of: metadata)
+    let inline = lane.payloadCount(inline: m.data)
+    var (job, limit) = try decompressJob(m, tenant: tenant, inputLength: inline)
     let spans = try localSpans(
-      input: m.hasInputRegion ? m.inputRegion : nil, output: m.hasOutputRegion ? m.outputRegion : nil, inline: m.data.count,
+      input: m.hasInputRegion ? m.inputRegion : nil, output: m.hasOutputRegion ? m.outputRegion : nil, inline: inline,
       tenant: tenant, operation: "decompress", outputLimit: limit)
+    lane.apply(to: &job)
     spans.apply(to: &job)
     let result = try await run(
       job, operation: "decompress", outputLimit: spans.output.map { Int($0.length) } ?? limit,
-      deadline: CallDeadline(metadata: envelope.metadata))
+      deadline: CallDeadline(metadata: metadata))
+    recordCopies(tenant: tenant, operation: "decompress", lane: lane, spans: spans, result: result)
     var response = Accelgate_V1_DecompressResponse()
     response.data = result.output
     if spans.output != nil { response.regionOutputLength = result.stats.outputBytes }
     response.stats = Self.stats(result.stats, engine: Self.engineName(.decompress, job.algorithm, level: 0))
-    return ServerResponse(message: response)
+    return LaneResponse(message: response, pooled: result.pooledOutput)
   }
 
   /// Validates a decompress request and turns it into a job (shared by unary and Submit).
-  func decompressJob(_ request: Accelgate_V1_DecompressRequest, tenant: String) throws -> (JobRequest, Int) {
+  func decompressJob(_ request: Accelgate_V1_DecompressRequest, tenant: String, inputLength: Int? = nil) throws -> (
+    JobRequest, Int
+  ) {
     let algorithm = try Self.algorithm(request.format)
-    try checkSize(request.data.count)
+    try checkSize(inputLength ?? request.data.count)
     let limit =
       request.maxOutputBytes == 0
       ? configuration.maxDecompressedBytes : Int(min(UInt64(configuration.maxDecompressedBytes), request.maxOutputBytes))

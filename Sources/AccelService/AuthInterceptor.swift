@@ -30,7 +30,10 @@ struct AuthInterceptor: ServerInterceptor {
         message: header == nil ? "missing 'authorization: Bearer <api-key>' metadata" : "unknown API key")
     }
     request.metadata.addString(tenant.id, forKey: TenantHeader.name)
-    return try await next(request, context)
+    // The handler, and so the message deserializer it drives, runs inside
+    // `next` on this task: the network lane's deserializer reads the tenant
+    // from this task-local to charge a staged payload to it.
+    return try await CallTenant.$current.withValue(tenant.id) { try await next(request, context) }
   }
 }
 

@@ -91,6 +91,12 @@ public enum ConfigFile {
     int("listen.http2_window_bytes", 65535...(16 << 20), "HTTP/2 flow-control window (keep <= 4 MiB; see docs/STREAMING.md)") {
       $0.http2TargetWindowSize = $1
     },
+    bool("listen.pooled_payloads", "network lane: payloads decoded into / written from the device pool (docs/NETWORK_LANE.md)") {
+      $0.pooledPayloads = $1
+    },
+    double("listen.staging_pool_fraction", 0...1, "network lane: share of each queue pool for staged payloads") {
+      $0.stagingPoolFraction = $1
+    },
     string("local.socket", "Unix socket for local-lane gRPC (empty = off)") { c, v in c.localSocket = v.isEmpty ? nil : v; return nil },
     string("local.control_socket", "local-lane control socket [local.socket + .ctl]") { c, v in
       c.localControlSocket = v.isEmpty ? nil : v
@@ -286,7 +292,8 @@ public enum ConfigFile {
     func us(_ d: Duration) -> String { "\(d.components.seconds * 1_000_000 + d.components.attoseconds / 1_000_000_000_000)" }
     return [
       ("listen.host", c.host), ("listen.port", "\(c.port)"), ("listen.max_concurrent_streams", "\(c.maxConcurrentStreams)"),
-      ("listen.http2_window_bytes", "\(c.http2TargetWindowSize)"),
+      ("listen.http2_window_bytes", "\(c.http2TargetWindowSize)"), ("listen.pooled_payloads", "\(c.pooledPayloads)"),
+      ("listen.staging_pool_fraction", "\(c.stagingPoolFraction)"),
       ("local.socket", c.localSocket ?? "-"), ("local.control_socket", c.effectiveLocalControlSocket ?? "-"),
       ("metrics.enabled", "\(c.metricsPort != nil)"), ("metrics.host", c.metricsHost), ("metrics.port", c.metricsPort.map { "\($0)" } ?? "-"),
       ("limits.max_request_bytes", "\(c.maxRequestBytes)"), ("limits.max_decompressed_bytes", "\(c.maxDecompressedBytes)"),

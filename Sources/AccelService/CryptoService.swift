@@ -53,6 +53,12 @@ extension AcceleratorService {
       message: try await encrypt(envelope.message, tenant: tenant, deadline: CallDeadline(metadata: envelope.metadata)))
   }
 
+  /// The largest ciphertext Decrypt takes: whatever Encrypt can return (the
+  /// tag, the envelope and, for chained jobs, the compress bound on top of the request limit).
+  var sealedLimit: Int {
+    Int(BufferSizing.compressBound(UInt64(configuration.maxRequestBytes))) + CryptoSizing.tagLength + Envelope.overhead
+  }
+
   func decrypt(request envelope: ServerRequest<Accelgate_V1_DecryptRequest>, context: ServerContext) async throws
     -> ServerResponse<Accelgate_V1_DecryptResponse>
   {
@@ -74,6 +80,13 @@ extension AcceleratorService {
   func encrypt(_ r: Accelgate_V1_EncryptRequest, tenant: String, deadline: CallDeadline) async throws
     -> Accelgate_V1_EncryptResponse
   {
+    try await encrypt(r, tenant: tenant, deadline: deadline, lane: .copied).message
+  }
+
+  /// One Encrypt, whichever way its payload travels (`PayloadLane`).
+  func encrypt(_ r: Accelgate_V1_EncryptRequest, tenant: String, deadline: CallDeadline, lane: PayloadLane) async throws
+    -> LaneResponse<Accelgate_V1_EncryptResponse>
+  {
     let key = try resolveKey(r.key, requested: r.algorithm, tenant: tenant, forEncryption: true)
     if (r.hasInputRegion || r.hasOutputRegion) && key.named != nil {
       throw StatusMapping.rpcError(
@@ -81,7 +94,7 @@ extension AcceleratorService {
     }
     let spans = try localSpans(
       input: r.hasInputRegion ? r.inputRegion : nil, output: r.hasOutputRegion ? r.outputRegion : nil,
-      inline: r.plaintext.count, tenant: tenant, operation: "encrypt", outputLimit: Int(UInt32.max))
+      inline: lane.payloadCount(inline: r.plaintext), tenant: tenant, operation: "encrypt", outputLimit: Int(UInt32.max))
     try checkSize(spans.inputLength)
     guard r.aad.count <= Self.maxAADBytes else {
       throw StatusMapping.rpcError(.payloadTooLarge(size: r.aad.count, limit: Self.maxAADBytes))
@@ -119,6 +132,7 @@ extension AcceleratorService {
     var job = JobRequest(
       steps: steps, input: r.plaintext, outputCapacity: body + CryptoSizing.tagLength, tenant: tenant, aux: aux,
       key: key.material, midCapacity: mid, sensitive: true)
+    lane.apply(to: &job)
     if let o = spans.output, !r.hasCompress, Int(o.length) < job.outputCapacity {
       throw StatusMapping.rpcError(
         .invalidArgument("output_region holds \(o.length) bytes; the ciphertext and tag need \(job.outputCapacity)"))
@@ -134,45 +148,66 @@ extension AcceleratorService {
     var out = Accelgate_V1_EncryptResponse()
     out.nonce = nonce
     out.keyVersion = key.version
+    var prefix = Data()
     if key.named != nil {
       var sealed = Data(header)
       sealed.append(nonce)
-      sealed.append(result.output)
-      out.ciphertext = sealed
+      if result.pooledOutput != nil {
+        prefix = sealed  // the serializer writes the result from the pool after it
+      } else {
+        sealed.append(result.output)
+        out.ciphertext = sealed
+      }
       audit.record(tenant: tenant, key: key.named!.name, version: key.version, operation: "encrypt", outcome: "ok")
     } else {
       out.ciphertext = result.output
     }
+    recordCopies(
+      tenant: tenant, operation: "encrypt", lane: lane, spans: spans, result: result,
+      extraOut: key.named != nil && result.pooledOutput == nil ? 1 : 0)
     if spans.output != nil { out.regionOutputLength = result.stats.outputBytes }
     out.stats = Self.stats(result.stats, engine: engine)
-    return out
+    return LaneResponse(message: out, pooled: result.pooledOutput, prefix: prefix)
   }
 
   func decrypt(_ r: Accelgate_V1_DecryptRequest, tenant: String, deadline: CallDeadline) async throws
     -> Accelgate_V1_DecryptResponse
   {
+    try await decrypt(r, tenant: tenant, deadline: deadline, lane: .copied).message
+  }
+
+  /// One Decrypt, whichever way its payload travels (`PayloadLane`).
+  func decrypt(_ r: Accelgate_V1_DecryptRequest, tenant: String, deadline: CallDeadline, lane: PayloadLane) async throws
+    -> LaneResponse<Accelgate_V1_DecryptResponse>
+  {
     var key = try resolveKey(r.key, requested: r.algorithm, tenant: tenant, forEncryption: false)
     if (r.hasInputRegion || r.hasOutputRegion) && key.named != nil {
       throw StatusMapping.rpcError(.invalidArgument("local-lane regions take raw keys only"))
     }
+    let cipherCount = lane.payloadCount(inline: r.ciphertext)
     let spans = try localSpans(
       input: r.hasInputRegion ? r.inputRegion : nil, output: r.hasOutputRegion ? r.outputRegion : nil,
-      inline: r.ciphertext.count, tenant: tenant, operation: "decrypt", outputLimit: configuration.maxDecompressedBytes)
+      inline: cipherCount, tenant: tenant, operation: "decrypt", outputLimit: configuration.maxDecompressedBytes)
     // Whatever Encrypt can return must decrypt: allow the tag, the envelope and,
     // for chained jobs, the compress bound on top of the request limit.
-    let sealedLimit =
-      Int(BufferSizing.compressBound(UInt64(configuration.maxRequestBytes))) + CryptoSizing.tagLength + Envelope.overhead
-    guard r.ciphertext.count <= sealedLimit else {
-      throw StatusMapping.rpcError(.payloadTooLarge(size: r.ciphertext.count, limit: sealedLimit))
+    let sealedLimit = self.sealedLimit
+    guard cipherCount <= sealedLimit else {
+      throw StatusMapping.rpcError(.payloadTooLarge(size: cipherCount, limit: sealedLimit))
     }
     guard r.aad.count <= Self.maxAADBytes else {
       throw StatusMapping.rpcError(.payloadTooLarge(size: r.aad.count, limit: Self.maxAADBytes))
     }
     var nonce = r.nonce
     var sealed = r.ciphertext
+    var sealedCount = cipherCount
+    var skip = 0
     var header: [UInt8] = []
     if let named = key.named {
-      guard let (version, n, body) = Envelope.parse(r.ciphertext) else {
+      // A staged ciphertext's envelope is read in the pool; the job skips it there.
+      let head =
+        lane.staged.map { Data(UnsafeRawBufferPointer($0.buffer).prefix(Envelope.overhead + CryptoSizing.tagLength)) }
+        ?? r.ciphertext
+      guard cipherCount >= Envelope.overhead + CryptoSizing.tagLength, let (version, n, body) = Envelope.parse(head) else {
         throw StatusMapping.rpcError(.invalidArgument("ciphertext is not an AccelGate key envelope or is truncated"))
       }
       guard let kv = named.version(version) else {
@@ -186,7 +221,9 @@ extension AcceleratorService {
       key.material = kv.material
       key.version = version
       nonce = n
-      sealed = body
+      sealed = lane.staged == nil ? body : Data()
+      sealedCount = cipherCount - Envelope.overhead
+      skip = Envelope.overhead
       header = Envelope.header(keyVersion: version)
     } else {
       guard nonce.count == CryptoSizing.nonceLength else {
@@ -197,7 +234,7 @@ extension AcceleratorService {
       }
     }
     let aux = AEADParameters.encode(nonce: nonce, aad: header + Array(r.aad))
-    let plainLength = (spans.input != nil ? spans.inputLength : sealed.count) - CryptoSizing.tagLength
+    let plainLength = (spans.input != nil ? spans.inputLength : sealedCount) - CryptoSizing.tagLength
     let limit =
       r.maxOutputBytes == 0
       ? configuration.maxDecompressedBytes : Int(min(UInt64(configuration.maxDecompressedBytes), r.maxOutputBytes))
@@ -217,7 +254,8 @@ extension AcceleratorService {
     var job = JobRequest(
       steps: steps, input: sealed, outputCapacity: capacity, tenant: tenant, aux: aux, key: key.material,
       midCapacity: mid, sensitive: true)
-    job.admissionBytes = max(0, r.ciphertext.count - (sealedLimit - configuration.maxRequestBytes))
+    lane.apply(to: &job, skip: skip)
+    job.admissionBytes = max(0, cipherCount - (sealedLimit - configuration.maxRequestBytes))
     if let o = spans.output, !r.hasDecompress, Int(o.length) < plainLength {
       throw StatusMapping.rpcError(.invalidArgument("output_region holds \(o.length) bytes; the plaintext needs \(plainLength)"))
     }
@@ -234,12 +272,13 @@ extension AcceleratorService {
     if let named = key.named {
       audit.record(tenant: tenant, key: named.name, version: key.version, operation: "decrypt", outcome: "ok")
     }
+    recordCopies(tenant: tenant, operation: "decrypt", lane: lane, spans: spans, result: result)
     var out = Accelgate_V1_DecryptResponse()
     out.plaintext = result.output
     if spans.output != nil { out.regionOutputLength = result.stats.outputBytes }
     out.keyVersion = key.version
     out.stats = Self.stats(result.stats, engine: engine)
-    return out
+    return LaneResponse(message: out, pooled: result.pooledOutput)
   }
 
   func digest(_ r: Accelgate_V1_DigestRequest, tenant: String, deadline: CallDeadline) async throws

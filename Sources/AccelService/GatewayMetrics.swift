@@ -79,6 +79,34 @@ final class GatewayMetrics: Sendable {
     ).record(Double(stats.batchSize))
   }
 
+  // MARK: network lane (docs/NETWORK_LANE.md)
+
+  /// The payload copies one unary job call made at one gateway boundary:
+  /// `direction` "in" (request payload → device pool) or "out" (pool → response
+  /// bytes); `path` "pooled" (the network lane's single copy) or "copied".
+  /// Copies per job = `accelgate_payload_copies_total` / `accelgate_payload_jobs_total`.
+  func recordPayloadCopies(tenant: String, operation: String, direction: String, path: String, copies: UInt32, bytes: Int) {
+    let l = [("tenant", tenant), ("operation", operation), ("direction", direction), ("path", path)]
+    counter(
+      "accelgate_payload_jobs_total", l,
+      "Unary job calls by how their payload crossed a gateway boundary (direction in/out, path pooled/copied)."
+    ).increment()
+    counter(
+      "accelgate_payload_copies_total", l,
+      "Payload copies made by the gateway between the transport's message bytes and the device pool (HTTP/2 framing not counted)."
+    ).increment(by: Int64(copies))
+    counter("accelgate_payload_copied_bytes_total", l, "Payload bytes copied (copies times payload size).")
+      .increment(by: Int64(copies) * Int64(bytes))
+  }
+
+  /// The network lane's deserializer could not stage a payload in a pool and decoded it the ordinary way.
+  func recordStagingRefusal(tenant: String, reason: String) {
+    counter(
+      "accelgate_staging_refusals_total", [("tenant", tenant), ("reason", reason)],
+      "Request payloads the network lane could not stage in a device pool (tenant share, pool full, too large…), by tenant and reason."
+    ).increment()
+  }
+
   // MARK: scrape
 
   /// Refreshes the state-derived series and renders the text exposition format.
@@ -94,6 +122,10 @@ final class GatewayMetrics: Sendable {
     gauge("accelgate_device_isolated", [], "1 while the (embedded) device is isolated after repeated queue errors.")
       .set(to: isolated ? 1 : 0)
     mirror("accelgate_jobs_retried_total", [], "Jobs retried once after a queue error.", Double(snapshot.retried))
+    gauge(
+      "accelgate_staging_held_bytes", [],
+      "Network lane: pool bytes all tenants hold in staging zones (payloads waiting or on the device; what tenant shares limit)."
+    ).set(to: Double(dispatcher.stagedBytesByTenant.values.reduce(0, +)))
     for q in queues {
       let l = [("queue", "\(q.queueID)")]
       let s = q.statistics
@@ -113,6 +145,10 @@ final class GatewayMetrics: Sendable {
         "accelgate_queue_stalls_total", l, "Times jobs on a queue went without a completion past the timeout.",
         Double(s.stalls))
       mirror("accelgate_queue_resets_total", l, "Queue resets the driver asked the device for.", Double(s.resets))
+      gauge("accelgate_queue_staging_zone_bytes", l, "Network lane: the top of each queue's pool where request payloads may be staged (0: off).")
+        .set(to: Double(q.stagingZoneBytes))
+      gauge("accelgate_queue_staged_bytes", l, "Network lane: pool bytes held by staged payloads whose job is not yet on the device.")
+        .set(to: Double(q.stagedBytes))
     }
     if let device = device ?? fallback {
       for e in device.engines {

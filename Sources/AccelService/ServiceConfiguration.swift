@@ -28,6 +28,14 @@ public struct ServiceConfiguration: Sendable {
   /// 2^31-1 (killing the connection) once the window exceeds about 6.5 MiB with
   /// 16 KiB frames or 13 MiB with 64 KiB frames (docs/STREAMING.md, "HTTP/2 windows").
   public var http2TargetWindowSize: Int = 4 << 20
+  /// Network lane (docs/NETWORK_LANE.md): Compress, Decompress, Encrypt and
+  /// Decrypt decode their payload straight into a device queue's pool and write
+  /// the result straight from the pool into the response (one copy each way
+  /// instead of two). Off: the generated protobuf coding, as before.
+  public var pooledPayloads: Bool = true
+  /// Fraction of each queue's pool where payloads may wait staged (the network
+  /// lane's staging zone); always shrunk so the rest still holds the largest job.
+  public var stagingPoolFraction: Double = 0.5
   /// YAML file listing tenants, weights, key hashes and limits; nil runs a single
   /// open `default` tenant. Reloaded on SIGHUP.
   public var tenantsFile: String? = nil

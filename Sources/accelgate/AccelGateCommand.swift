@@ -63,6 +63,12 @@ struct Serve: AsyncParsableCommand {
   @Flag(inversion: .prefixedNo, help: "With --device: serve from an embedded software device while it is down [off].")
   var softwareFallback: Bool?
   @Flag(inversion: .prefixedNo, help: "Compress-and-verify on the device [off].") var verifyCompression: Bool?
+  @Flag(
+    inversion: .prefixedNo,
+    help: "Network lane: decode payloads straight into the device pool and write results straight from it [on].")
+  var pooledPayloads: Bool?
+  @Option(help: "Network lane: fraction of each queue pool where payloads may wait staged [0.5].")
+  var stagingPoolFraction: String?
   @Option(help: "Milliseconds without a completion before a job is declared lost [5000].") var completionTimeoutMs: String?
   @Option(help: "Queue errors within the isolation window that isolate the device [16].") var isolationThreshold: String?
   @Option(help: "Isolation window, in milliseconds [10000].") var isolationWindowMs: String?
@@ -97,6 +103,8 @@ struct Serve: AsyncParsableCommand {
       ("scheduler.max_batch", maxBatch), ("device.address", device), ("device.queue_weight", queueWeight),
       ("device.software_fallback", softwareFallback.map { "\($0)" }),
       ("device.verify_compression", verifyCompression.map { "\($0)" }),
+      ("listen.pooled_payloads", pooledPayloads.map { "\($0)" }),
+      ("listen.staging_pool_fraction", stagingPoolFraction),
       ("device.completion_timeout_ms", completionTimeoutMs), ("device.queues", queues), ("device.engines", engines),
       ("device.sq_entries", sqEntries), ("device.pool_mib", poolMib), ("device.engine_cap_mbps", engineCapMbps),
       ("device.idle_spin_us", idleSpinUs), ("device.isolation.threshold", isolationThreshold),

@@ -66,3 +66,66 @@ struct SplitMix: RandomNumberGenerator {
     return z ^ (z >> 31)
   }
 }
+
+@Suite struct PoolAllocatorHighTests {
+  @Test func highAllocationsFillFromTheTopAndStayAboveTheFloor() {
+    var pool = PoolAllocator(base: 4096, capacity: 64 * 100)
+    let end: UInt64 = 4096 + 6400
+    let floor = end - 64 * 10
+    #expect(pool.allocateHigh(64, floor: floor) == end - 64)
+    #expect(pool.allocateHigh(100, floor: floor) == end - 64 - 128)
+    // A low allocation comes from the bottom, untouched by the high ones.
+    #expect(pool.allocate(64) == 4096)
+    // 7 units left above the floor: 8 do not fit, 7 do.
+    #expect(pool.allocateHigh(64 * 8, floor: floor) == nil)
+    #expect(pool.allocateHigh(64 * 7, floor: floor) == floor)
+    #expect(pool.allocateHigh(1, floor: floor) == nil, "the zone is full; space below the floor is not used")
+    #expect(pool.freeBytes == 6400 - 64 * 11)
+  }
+
+  @Test func highAllocationsUseHolesInTheZoneAndMergeOnRelease() {
+    var pool = PoolAllocator(base: 0, capacity: 64 * 16)
+    let floor: UInt64 = 64 * 8
+    let a = pool.allocateHigh(64, floor: floor)!
+    let b = pool.allocateHigh(64, floor: floor)!
+    let c = pool.allocateHigh(64, floor: floor)!
+    let expected: [UInt64] = [64 * 15, 64 * 14, 64 * 13]
+    #expect([a, b, c] == expected)
+    pool.release(offset: b, size: 64)
+    #expect(pool.allocateHigh(64, floor: floor) == b, "the highest hole first")
+    #expect(pool.allocateHigh(128, floor: floor) == 64 * 11)
+    // A low allocation may use the zone's free space when the bottom is taken.
+    #expect(pool.allocate(64 * 8) == 0)
+    #expect(pool.allocate(64 * 3) == 64 * 8)
+    #expect(pool.allocateHigh(64, floor: floor) == nil)
+    let taken: [(UInt64, UInt64)] = [(a, 64), (b, 64), (c, 64), (64 * 11, 128), (0, 64 * 8), (64 * 8, 64 * 3)]
+    for (o, n) in taken {
+      pool.release(offset: o, size: n)
+    }
+    #expect(pool.free == [.init(offset: 0, size: 64 * 16)])
+  }
+
+  @Test func randomMixesNeverOverlapOrCrossTheFloor() {
+    var pool = PoolAllocator(base: 8192, capacity: 1 << 20)
+    let floor = pool.base + (1 << 19)
+    var rng = SplitMix(seed: 7)
+    var live: [(UInt64, UInt64, Bool)] = []
+    for _ in 0..<4000 {
+      if !live.isEmpty && rng.next() % 3 == 0 {
+        let i = Int(rng.next() % UInt64(live.count))
+        let (o, n, _) = live.remove(at: i)
+        pool.release(offset: o, size: n)
+        continue
+      }
+      let size = rng.next() % 40_000 + 1
+      let high = rng.next() % 2 == 0
+      guard let o = high ? pool.allocateHigh(size, floor: floor) : pool.allocate(size) else { continue }
+      if high { #expect(o >= floor) }
+      let len = pool.rounded(size)
+      for (lo, n, _) in live { #expect(o + len <= lo || lo + pool.rounded(n) <= o) }
+      live.append((o, size, high))
+    }
+    for (o, n, _) in live { pool.release(offset: o, size: n) }
+    #expect(pool.freeBytes == pool.capacity)
+  }
+}
