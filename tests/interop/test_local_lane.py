@@ -365,3 +365,66 @@ def test_mib_messages_over_the_unix_socket_never_stall(lane):
         t.join(60)
     assert not failures, failures
     assert calls[0] >= 8
+
+
+def test_local_and_network_tenants_share_the_device_by_weight(start_server, tmp_path):
+    """Local-lane jobs go through the same fair scheduler as network jobs: a weight-1
+    tenant on the local lane and a weight-3 tenant on TCP, both saturating one engine
+    capped at 40 MB/s, get 1/4 and 3/4 of the device time."""
+    import re
+    import threading
+    import urllib.request
+    tenants = {"alpha": Tenant("alpha", [new_key("alpha")], weight=1), "beta": Tenant("beta", [new_key("beta")], weight=3)}
+    path = write_tenants(str(tmp_path / "tenants.yaml"), list(tenants.values()))
+    sock = os.path.join(short_tmpdir("agl-"), "ag.sock")
+    srv = start_server("--tenants", path, "--local-socket", sock, "--engines", 1, "--engine-cap-mbps", 40, label="fair-lanes")
+    lane = Lane(srv, sock, tenants)
+    data = sample(MiB)
+    stop = threading.Event()
+    errors = []
+
+    def local_worker():
+        ctl = lane.control("alpha")
+        region = ctl.register(4 * MiB)
+        region.write(0, data)
+        while not stop.is_set():
+            try:
+                lane.stub.Compress(pb.CompressRequest(format=pb.COMPRESSION_FORMAT_GZIP, level=1,
+                                                      input_region=region.span(0, MiB),
+                                                      output_region=region.span(2 * MiB, 2 * MiB)),
+                                   metadata=lane.md("alpha"), timeout=60)
+            except grpc.RpcError as e:
+                errors.append(f"local: {e.code()} {e.details()}")
+
+    def network_worker():
+        stub = srv.new_stub()
+        while not stop.is_set():
+            try:
+                stub.Compress(pb.CompressRequest(format=pb.COMPRESSION_FORMAT_GZIP, level=1, data=data),
+                              metadata=lane.md("beta"), timeout=60)
+            except grpc.RpcError as e:
+                errors.append(f"network: {e.code()} {e.details()}")
+
+    def device_seconds():
+        text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
+        return {m.group(1): float(m.group(2))
+                for m in re.finditer(r'accelgate_device_seconds_total\{tenant="([^"]+)"\} ([0-9.e+-]+)', text)}
+
+    threads = [threading.Thread(target=local_worker) for _ in range(4)] + [threading.Thread(target=network_worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.5)
+        before = device_seconds()
+        time.sleep(5)
+        after = device_seconds()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert not errors, errors[:5]
+    used = {t: after.get(t, 0) - before.get(t, 0) for t in ("alpha", "beta")}
+    share = used["alpha"] / sum(used.values())
+    # 1/4 within ±25 % of itself; FIFO would give the local lane about half (same number of callers).
+    assert 0.1875 <= share <= 0.3125, f"local-lane tenant share {share:.3f} (device seconds {used})"
+    lane.channel.close()
