@@ -200,6 +200,9 @@ def test_malformed_messages_get_the_same_status_with_and_without_the_lane(lanes)
 # Pool protection
 
 
+LIGHT_CALLS = 12
+
+
 def test_a_flooding_tenant_falls_back_to_copies_without_starving_others(start_server, tmp_path):
     flood, light = Tenant("flood", [new_key("flood")]), Tenant("light", [new_key("light")])
     path = write_tenants(str(tmp_path / "tenants.yaml"), [flood, light])
@@ -221,7 +224,7 @@ def test_a_flooding_tenant_falls_back_to_copies_without_starving_others(start_se
         futures = [ex.submit(flooder) for _ in range(16)]
         time.sleep(1.0)  # the flood holds the zones
         light_results, light_latency = [], []
-        for i in range(8):
+        for i in range(LIGHT_CALLS):
             t0 = time.monotonic()
             light_results.append(call(stub.Compress, pb.CompressRequest(format=GZIP, level=1, data=data), timeout=60,
                                       metadata=light.md))
@@ -239,10 +242,16 @@ def test_a_flooding_tenant_falls_back_to_copies_without_starving_others(start_se
     refused = total(m, "accelgate_staging_refusals_total", tenant="flood")
     flood_copied = total(m, "accelgate_payload_jobs_total", tenant="flood", direction="in", path="copied")
     flood_pooled = total(m, "accelgate_payload_jobs_total", tenant="flood", direction="in", path="pooled")
-    light_pooled = total(m, "accelgate_payload_jobs_total", tenant="light", direction="in", path="pooled")
+    light_refused = total(m, "accelgate_staging_refusals_total", tenant="light")
     assert refused > 0 and flood_copied > 0, f"the flooder never fell back: refused {refused}, copied {flood_copied}"
     assert flood_pooled > 0, "the flooder still gets pooled payloads within its share"
-    assert light_pooled >= 1, "the light tenant never got its share of the staging zones"
+    # The light tenant's share of the zones: most of its payloads are staged (the first may find the
+    # zones full, since the flood held them alone until then; measured: 0-1 refusals of 8 on 2 busy
+    # cores). Without per-tenant shares the flood keeps the zones full: 2-7 of 8 were refused. A
+    # staged payload may still be copied once, pool to pool, when its queue is busy and another is
+    # free (path "copied" then), so this counts stagings, not pooled jobs.
+    assert light_refused <= LIGHT_CALLS // 3, (f"the light tenant was refused {light_refused} of {LIGHT_CALLS} stagings",
+                                [(n, sorted(l), v) for (n, l), v in m.items() if "staging_refusals" in n])
     # Fair scheduling by device time: the light tenant waits behind at most a few flood jobs, not all of them.
     assert max(light_latency) < 10, light_latency
     wait_pools_whole(srv)
