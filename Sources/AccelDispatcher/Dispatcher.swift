@@ -126,6 +126,23 @@ package final class Dispatcher: Sendable {
     /// Payload bytes of every job the gateway holds, waiting or on the device
     /// (its request stays in memory until it completes; see `maxQueuedBytes`).
     var heldBytes = 0
+    /// Streams closed while a slice was still on the device, by chain, with the
+    /// number of their slices there: the context slot goes back to its queue
+    /// when the last one completes, never before (a new stream on the slot
+    /// would otherwise share the context with a slice still running).
+    var closingStreams: [UInt64: (target: StreamTarget, running: Int)] = [:]
+
+    /// A dispatched job has left the device: the stream slot to give back now,
+    /// if the job was the last one on the device of a closed stream.
+    mutating func leftDevice(_ p: Pending) -> StreamTarget? {
+      guard let chain = p.request.stream?.chain, let closing = closingStreams[chain] else { return nil }
+      guard closing.running <= 1 else {
+        closingStreams[chain]?.running -= 1
+        return nil
+      }
+      closingStreams[chain] = nil
+      return closing.target
+    }
 
     /// Drops a job that has not completed (cancelled, expired, failed while waiting).
     mutating func forget(_ id: UInt64) {
@@ -380,8 +397,15 @@ package final class Dispatcher: Sendable {
   package func closeStream(_ target: StreamTarget) {
     // Slices still waiting (read ahead, then the stream failed or was abandoned) end here.
     var woken: [CheckedContinuation<Void, Never>] = []
+    var slotFree = true
     let orphans = state.withLock { s -> [CheckedContinuation<Outcome, Never>] in
       s.scheduler.chains.end(target.chain)
+      // A slice still on the device (abandoned by a caller that gave up) keeps the slot until it completes.
+      let running = s.jobs.values.count { $0.lease != nil && $0.request.stream?.chain == target.chain }
+      if running > 0 {
+        s.closingStreams[target.chain] = (target, running)
+        slotFree = false
+      }
       let ids = s.jobs.filter { $0.value.lease == nil && $0.value.request.stream?.chain == target.chain }.map(\.key)
       return ids.compactMap { id in
         guard let p = s.jobs[id] else { return nil }
@@ -393,10 +417,17 @@ package final class Dispatcher: Sendable {
     }
     for c in orphans { c.resume(returning: .failed(.cancelled)) }
     for w in woken { w.resume() }
+    if slotFree { freeStreamSlot(target) }
+  }
+
+  private func freeStreamSlot(_ target: StreamTarget) {
     let driver = self.driver
     guard ObjectIdentifier(driver) == target.driverID, target.queueIndex < driver.queues.count else { return }
     driver.queues[target.queueIndex].closeStream(target.slot)
   }
+
+  /// Stream context slots held back until their last slice completes (for tests and metrics).
+  package var streamSlotsClosing: Int { state.withLock { $0.closingStreams.count } }
 
   private static func jobError(_ r: AdmissionRefusal, size: Int) -> JobError {
     switch r {
@@ -721,9 +752,12 @@ package final class Dispatcher: Sendable {
   private func complete(id: UInt64, completion: Completion, queue: DriverQueue) {
     let current = driver
     let attached = isAttached
+    var freedSlot: StreamTarget?
+    defer { if let freedSlot { freeStreamSlot(freedSlot) } }
     let delivery = state.withLock { s -> (CheckedContinuation<Outcome, Never>, Outcome)? in
       guard var p = s.jobs.removeValue(forKey: id), let lease = p.lease else { return nil }
       s.heldBytes -= p.request.payloadCount
+      freedSlot = s.leftDevice(p)
       // Counters belong to the current driver; a job of a replaced one no longer counts.
       if lease.queueIndex < current.queues.count && current.queues[lease.queueIndex] === queue {
         s.inFlight[lease.queueIndex] -= 1

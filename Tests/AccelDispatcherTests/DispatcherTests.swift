@@ -59,6 +59,39 @@ import Testing
     }
   }
 
+  /// Every stream context slot the queue hands out now (given back before returning).
+  func freeStreamSlots(_ dispatcher: Dispatcher) -> Set<UInt32> {
+    var opened: [StreamTarget] = []
+    while let t = try? dispatcher.openStream() { opened.append(t) }
+    for t in opened { dispatcher.closeStream(t) }
+    return Set(opened.map(\.slot))
+  }
+
+  @Test func aClosedStreamKeepsItsContextUntilItsLastSliceLeavesTheDevice() async throws {
+    let rig = try Rig(capMBps: 2)
+    defer { rig.stop() }
+    let target = try rig.dispatcher.openStream()
+    var step = DeviceStep(.compress, .gzip, level: 1)
+    step.streamSlot = target.slot
+    step.streamStart = true
+    let bytes = 1 << 20  // ~0.5 s on the device at 2 MB/s
+    var job = JobRequest(
+      steps: [step], input: Data(count: bytes), outputCapacity: Int(BufferSizing.compressBound(UInt64(bytes))),
+      tenant: "default")
+    job.stream = target
+    job.streamSequence = 0
+    let slice = Task { () throws(JobError) -> JobResult in try await rig.dispatcher.execute(job) }
+    try await rig.wait { rig.submitted >= 1 }
+    // The caller gives up while the slice is on the device, and the stream closes.
+    slice.cancel()
+    _ = await slice.result
+    rig.dispatcher.closeStream(target)
+    #expect(rig.dispatcher.streamSlotsClosing == 1)
+    #expect(!freeStreamSlots(rig.dispatcher).contains(target.slot), "the context is still in use by the device")
+    try await rig.wait { rig.dispatcher.streamSlotsClosing == 0 }
+    #expect(freeStreamSlots(rig.dispatcher).contains(target.slot), "the context came back after the slice")
+  }
+
   @Test func fullQueueRejectsWithARetryHint() async throws {
     let rig = try Rig(capMBps: 0.5, maxQueued: 2)
     defer { rig.stop() }
