@@ -214,6 +214,12 @@ package final class DriverQueue: @unchecked Sendable {
   /// Gives a stream context back.
   package func closeStream(_ slot: UInt32) { state.withLock { $0.freeStreams.append(slot) } }
 
+  /// Stream contexts the device offers on this queue, and how many are open now.
+  package var streamContexts: (total: Int, open: Int) {
+    let total = Int(min(region.header.pointee.stream_ctx_count, ACCEL_STREAM_CTX_MAX))
+    return (total, total - state.withLock { $0.freeStreams.count })
+  }
+
   package var queueID: UInt32 { region.queueID }
   /// Arbitration weight the device gave this queue.
   package var weight: UInt32 { max(1, region.header.pointee.weight) }

@@ -5,6 +5,7 @@ internal import AccelProto
 internal import FoundationEssentials
 internal import GRPCCore
 internal import SwiftProtobuf
+internal import Synchronization
 
 /// `CompressStream` and `DecompressStream`: stateful streams of any length.
 ///
@@ -28,7 +29,9 @@ extension AcceleratorService {
   ) async throws -> StreamingServerResponse<Accelgate_V1_CompressStreamResponse> {
     let tenant = TenantHeader.tenant(of: request.metadata)
     let deadline = CallDeadline(metadata: request.metadata)
-    return StreamingServerResponse { writer in
+    let stall = configuration.streamWriteTimeout
+    return StreamingServerResponse { rawWriter in
+      let writer = StallBoundedWriter(rawWriter, timeout: stall)
       var session: StreamSession?
       defer { session?.close() }
       var ended = false
@@ -63,7 +66,9 @@ extension AcceleratorService {
     let tenant = TenantHeader.tenant(of: request.metadata)
     let deadline = CallDeadline(metadata: request.metadata)
     let serverCap = UInt64(configuration.maxStreamOutputBytes)
-    return StreamingServerResponse { writer in
+    let stall = configuration.streamWriteTimeout
+    return StreamingServerResponse { rawWriter in
+      let writer = StallBoundedWriter(rawWriter, timeout: stall)
       var session: StreamSession?
       defer { session?.close() }
       var ended = false
@@ -227,5 +232,67 @@ final class StreamSession: @unchecked Sendable {
       input = result.consumed >= input.count ? Data() : input.subdata(in: input.startIndex + result.consumed..<input.endIndex)
       task = start(input, final: slice.final, sequence: slice.sequence, continuing: true)
     }
+  }
+}
+
+/// A stream's response writer that gives up on a client that stops reading.
+///
+/// HTTP/2 flow control suspends a write while the client's window is shut, so
+/// a client that stops reading would otherwise hold its stream (a device
+/// context, two slices and a piece of output) until the call's deadline, or
+/// for ever without one. A write that the client has not accepted within
+/// `timeout` ends the call with RESOURCE_EXHAUSTED; the stuck write itself is
+/// cancelled and not waited for (the transport fails it when the call ends).
+struct StallBoundedWriter<Message: Sendable>: Sendable {
+  let writer: RPCWriter<Message>
+  let timeout: Duration
+
+  init(_ writer: RPCWriter<Message>, timeout: Duration) {
+    self.writer = writer
+    self.timeout = timeout
+  }
+
+  func write(_ message: Message) async throws {
+    let (writer, timeout) = (writer, timeout)
+    try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+      let race = WriteRace(continuation)
+      let write = Task {
+        let outcome: Result<Void, any Error>
+        do { outcome = .success(try await writer.write(message)) } catch { outcome = .failure(error) }
+        race.finish(outcome)
+      }
+      race.arm(
+        Task {
+          guard (try? await Task.sleep(for: timeout)) != nil else { return }
+          if race.finish(.failure(RPCError(
+            code: .resourceExhausted,
+            message: "the client accepted no stream output for \(timeout) (stream write timeout); the stream was ended")))
+          {
+            write.cancel()
+          }
+        })
+    }
+  }
+}
+
+/// Whichever finishes first, a write or its timer, resumes the handler; the other is then moot.
+private final class WriteRace: Sendable {
+  private let pending: Mutex<CheckedContinuation<Void, any Error>?>
+  private let timer = Mutex<Task<Void, Never>?>(nil)
+
+  init(_ continuation: CheckedContinuation<Void, any Error>) { pending = Mutex(continuation) }
+
+  func arm(_ task: Task<Void, Never>) {
+    timer.withLock { $0 = task }
+    // Finished meanwhile (`finish` may have looked for the timer before it was set): stop it here.
+    if pending.withLock({ $0 == nil }) { timer.withLock { $0.take() }?.cancel() }
+  }
+
+  /// Resumes the handler with `outcome` unless the other side already did; true when this call did.
+  @discardableResult func finish(_ outcome: Result<Void, any Error>) -> Bool {
+    guard let c = pending.withLock({ $0.take() }) else { return false }
+    timer.withLock { $0.take() }?.cancel()
+    c.resume(with: outcome)
+    return true
   }
 }

@@ -113,6 +113,9 @@ public enum ConfigFile {
     int("limits.drain_delay_ms", 0...600_000, "NOT_SERVING before refusing new calls on SIGTERM") {
       $0.drainDelay = .milliseconds($1)
     },
+    int("limits.stream_write_timeout_ms", 100...3_600_000, "end a stream whose client accepts no output this long") {
+      $0.streamWriteTimeout = .milliseconds($1)
+    },
     int("limits.max_queued_payload_bytes", 0...(1 << 40), "payload bytes all waiting jobs may hold (0 = unbounded)") {
       $0.maxQueuedPayloadBytes = $1 > 0 ? $1 : nil
     },
@@ -301,7 +304,7 @@ public enum ConfigFile {
       ("connection.max_idle_ms", c.maxConnectionIdle.map(ms) ?? "0"), ("connection.max_age_ms", c.maxConnectionAge.map(ms) ?? "0"),
       ("connection.max_grace_ms", c.maxConnectionGrace.map(ms) ?? "0"), ("connection.keepalive_ms", ms(c.keepaliveTime)),
       ("connection.keepalive_timeout_ms", ms(c.keepaliveTimeout)), ("limits.default_deadline_ms", ms(c.defaultDeadline)),
-      ("limits.drain_grace_ms", ms(c.drainGrace)), ("limits.drain_delay_ms", ms(c.drainDelay)), ("limits.tenant_max_queued_jobs", "\(c.defaultTenantLimits.maxQueuedJobs)"),
+      ("limits.drain_grace_ms", ms(c.drainGrace)), ("limits.stream_write_timeout_ms", ms(c.streamWriteTimeout)), ("limits.drain_delay_ms", ms(c.drainDelay)), ("limits.tenant_max_queued_jobs", "\(c.defaultTenantLimits.maxQueuedJobs)"),
       ("limits.tenant_max_queued_bytes", "\(c.defaultTenantLimits.maxQueuedBytes)"), ("scheduler.kind", c.scheduler.rawValue),
       ("scheduler.in_flight_per_queue", "\(c.inFlightPerQueue)"), ("scheduler.in_flight_budget_us", us(c.inFlightBudget)),
       ("scheduler.max_batch", "\(c.maxBatch)"), ("device.address", c.deviceAddress ?? "embedded"),

@@ -145,6 +145,13 @@ final class GatewayMetrics: Sendable {
         "accelgate_queue_stalls_total", l, "Times jobs on a queue went without a completion past the timeout.",
         Double(s.stalls))
       mirror("accelgate_queue_resets_total", l, "Queue resets the driver asked the device for.", Double(s.resets))
+      let contexts = q.streamContexts
+      gauge("accelgate_queue_stream_contexts", l, "Stream contexts each device queue offers (CompressStream/DecompressStream).")
+        .set(to: Double(contexts.total))
+      gauge(
+        "accelgate_queue_stream_contexts_open", l,
+        "Stream contexts in use on each queue (open streams, and closed ones whose last slice is still on the device)."
+      ).set(to: Double(contexts.open))
       gauge("accelgate_queue_staging_zone_bytes", l, "Network lane: the top of each queue's pool where request payloads may be staged (0: off).")
         .set(to: Double(q.stagingZoneBytes))
       gauge("accelgate_queue_staged_bytes", l, "Network lane: pool bytes held by staged payloads whose job is not yet on the device.")

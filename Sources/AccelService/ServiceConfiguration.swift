@@ -88,6 +88,10 @@ public struct ServiceConfiguration: Sendable {
 
   /// Largest total output of one DecompressStream (callers may ask for less).
   public var maxStreamOutputBytes: Int = 64 << 30
+  /// A CompressStream/DecompressStream whose client accepts no output for this
+  /// long (it stopped reading: HTTP/2 flow control holds the write) ends with
+  /// RESOURCE_EXHAUSTED and gives its device context back.
+  public var streamWriteTimeout: Duration = .seconds(30)
   /// Payload bytes all waiting jobs together may hold; beyond it new jobs get
   /// RESOURCE_EXHAUSTED (`gateway_memory`) with a retry hint. nil = unbounded.
   public var maxQueuedPayloadBytes: Int? = 1 << 30

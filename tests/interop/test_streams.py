@@ -124,6 +124,11 @@ def test_bad_streams_get_clear_statuses(stub, name):
     tail = bytearray(blob)
     tail[-6 if name == "gzip" else -1] ^= 0xFF
     assert _code(lambda: decompress_stream(stub, name, bytes(tail))) == grpc.StatusCode.DATA_LOSS
+    if name == "gzip":
+        # A wrong ISIZE (the length modulo 2^32, after the CRC), the CRC intact.
+        size = bytearray(blob)
+        size[-2] ^= 0x01
+        assert _code(lambda: decompress_stream(stub, name, bytes(size))) == grpc.StatusCode.DATA_LOSS
     # An output bomb against the caller's cap.
     bomb = py_pack(name, bytes(40 * MiB))
     assert _code(lambda: decompress_stream(stub, name, bomb, cap=8 * MiB)) == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -215,3 +220,40 @@ def test_a_stream_gets_its_weighted_share_and_a_4k_tenant_stays_responsive(start
     p99 = latencies[int(len(latencies) * 0.99) - 1] if len(latencies) >= 100 else latencies[-1]
     # Generous: an engine is held for one 1 MiB slice (about 20 ms at 50 MB/s).
     assert len(latencies) >= 10 and p99 < 2.0, f"{len(latencies)} light calls, p99 {p99:.3f} s"
+
+
+def _stream_contexts_open(port):
+    import re
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return sum(float(v) for v in re.findall(r'accelgate_queue_stream_contexts_open\{[^}]*\} ([0-9.e+-]+)', text))
+
+
+def test_a_client_that_stops_reading_gets_resource_exhausted_and_its_context_back(start_server):
+    """A DecompressStream whose output (512 MiB of zeros from a 0.5 MiB input) the client
+    never reads: HTTP/2 flow control holds the server's writes, and after the stream
+    write timeout (1 s here) the call ends with RESOURCE_EXHAUSTED and the device
+    context goes back. Without the timeout the stream holds its context until the
+    call's deadline (60 s here) and the wait below fails."""
+    import time
+    srv = start_server("--stream-write-timeout-ms", 1000, label="stream-stall")
+    stub = srv.stub()
+    bomb = gzip.compress(bytes(512 * MiB), 1)
+    reqs = iter([pb.DecompressStreamRequest(format=pb.COMPRESSION_FORMAT_GZIP, data=bomb, final=True)])
+    call = stub.DecompressStream(reqs, timeout=60)
+    first = next(call)  # the stream is open and producing; now stop reading
+    assert first.data
+    t0 = time.monotonic()
+    while _stream_contexts_open(srv.metrics_port) > 0 and time.monotonic() - t0 < 30:
+        time.sleep(0.2)
+    assert _stream_contexts_open(srv.metrics_port) == 0, "the stalled stream still holds its device context"
+    assert time.monotonic() - t0 < 30
+    # The client reads again: the buffered output, then the status.
+    with pytest.raises(grpc.RpcError) as e:
+        for _ in call:
+            pass
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value
+    assert "stream write timeout" in e.value.details()
+    # Still serving streams.
+    data = mixed(3 * MiB)
+    assert gzip.decompress(compress_stream(stub, "gzip", data)[0]) == data
