@@ -32,29 +32,22 @@ extension AcceleratorService {
     let stall = configuration.streamWriteTimeout
     return StreamingServerResponse { rawWriter in
       let writer = StallBoundedWriter(rawWriter, timeout: stall)
-      var session: StreamSession?
-      defer { session?.close() }
-      var ended = false
-      for try await m in request.messages {
-        guard !ended else { throw RPCError(code: .invalidArgument, message: "data after the final chunk") }
-        if session == nil {
+      let s = try await runStream(
+        request.messages,
+        open: { m in
           let algorithm = try Self.streamAlgorithm(m.format)
           let level = try Self.level(m.hasLevel ? m.level : -1, for: algorithm)
-          session = try StreamSession(self, algorithm: algorithm, level: level, compress: true, tenant: tenant, deadline: deadline)
-        }
-        try checkSize(m.data.count)
-        try await session!.feed(m.data, final: m.final) { piece in try await writer.write(.with { $0.data = piece }) }
-        ended = m.final
-      }
-      guard let s = session else { throw RPCError(code: .invalidArgument, message: "the stream carried no messages") }
-      if !ended { try await s.feed(Data(), final: true) { piece in try await writer.write(.with { $0.data = piece }) } }
+          return try StreamSession(self, algorithm: algorithm, level: level, compress: true, tenant: tenant, deadline: deadline)
+        },
+        chunk: { ($0.data, $0.final) },
+        emit: { piece in try await writer.write(.with { $0.data = piece }) })
       try await writer.write(
         .with {
           $0.final = true
-          $0.totalIn = s.totalIn
-          $0.totalOut = s.totalOut
-          $0.deviceNs = s.deviceNanoseconds
-          $0.jobs = s.jobs
+          $0.totalIn = s.totals.totalIn
+          $0.totalOut = s.totals.totalOut
+          $0.deviceNs = s.totals.deviceNanoseconds
+          $0.jobs = s.totals.jobs
         })
       return [:]
     }
@@ -69,32 +62,72 @@ extension AcceleratorService {
     let stall = configuration.streamWriteTimeout
     return StreamingServerResponse { rawWriter in
       let writer = StallBoundedWriter(rawWriter, timeout: stall)
-      var session: StreamSession?
-      defer { session?.close() }
-      var ended = false
-      for try await m in request.messages {
-        guard !ended else { throw RPCError(code: .invalidArgument, message: "data after the final chunk") }
-        if session == nil {
+      let s = try await runStream(
+        request.messages,
+        open: { m in
           let algorithm = try Self.streamAlgorithm(m.format)
-          session = try StreamSession(self, algorithm: algorithm, level: 0, compress: false, tenant: tenant, deadline: deadline)
-          session!.outputCap = m.maxOutputBytes == 0 ? serverCap : min(serverCap, m.maxOutputBytes)
-        }
-        try checkSize(m.data.count)
-        try await session!.feed(m.data, final: m.final) { piece in try await writer.write(.with { $0.data = piece }) }
-        ended = m.final
-      }
-      guard let s = session else { throw RPCError(code: .invalidArgument, message: "the stream carried no messages") }
-      if !ended { try await s.feed(Data(), final: true) { piece in try await writer.write(.with { $0.data = piece }) } }
+          let cap = m.maxOutputBytes == 0 ? serverCap : min(serverCap, m.maxOutputBytes)
+          return try StreamSession(
+            self, algorithm: algorithm, level: 0, compress: false, tenant: tenant, deadline: deadline, outputCap: cap)
+        },
+        chunk: { ($0.data, $0.final) },
+        emit: { piece in try await writer.write(.with { $0.data = piece }) })
       try await writer.write(
         .with {
           $0.final = true
-          $0.totalIn = s.totalIn
-          $0.totalOut = s.totalOut
-          $0.deviceNs = s.deviceNanoseconds
-          $0.jobs = s.jobs
+          $0.totalIn = s.totals.totalIn
+          $0.totalOut = s.totals.totalOut
+          $0.deviceNs = s.totals.deviceNanoseconds
+          $0.jobs = s.totals.jobs
         })
       return [:]
     }
+  }
+
+  /// Runs one stream to its end and returns its session (for the totals).
+  ///
+  /// The first message opens the session. Then two sides run at once: one
+  /// reads chunks and queues their slices (at most `StreamSession.readAhead`
+  /// unfinished), the other waits for the slices in order and writes their
+  /// output. So a chunk's output goes out as soon as the device has it, without
+  /// waiting for the next chunk (a client may send a chunk and wait for its
+  /// output), and a client that stops reading stops the reader too, once the
+  /// read-ahead is full. The first error on either side ends the call.
+  func runStream<Message: Sendable>(
+    _ messages: RPCAsyncSequence<Message, any Error>,
+    open: (Message) throws -> StreamSession,
+    chunk: @escaping @Sendable (Message) -> (data: Data, final: Bool),
+    emit: @escaping @Sendable (Data) async throws -> Void
+  ) async throws -> StreamSession {
+    var iterator = messages.makeAsyncIterator()
+    guard let first = try await iterator.next() else {
+      throw RPCError(code: .invalidArgument, message: "the stream carried no messages")
+    }
+    let session = try open(first)
+    defer { session.close() }
+    // Handed to the reading side, the only one that uses it from here on.
+    let rest = HandedOver(iterator)
+    let (service, firstChunk) = (self, chunk(first))
+    try await withThrowingTaskGroup(of: Void.self) { group in
+      group.addTask {
+        var messages = rest.value
+        var reader = session.makeReader()
+        var ended = false
+        var next: (data: Data, final: Bool)? = firstChunk
+        while let (data, final) = next {
+          guard !ended else { throw RPCError(code: .invalidArgument, message: "data after the final chunk") }
+          try service.checkSize(data.count)
+          try await session.queue(data, final: final, reader: &reader)
+          ended = final
+          next = try await messages.next().map(chunk)
+        }
+        if !ended { try await session.queue(Data(), final: true, reader: &reader) }
+        session.endOfInput()
+      }
+      group.addTask { try await session.writeOutput(emit: emit) }
+      for try await _ in group {}
+    }
+    return session
   }
 
   static func streamAlgorithm(_ format: Accelgate_V1_CompressionFormat) throws -> DeviceAlgorithm {
@@ -111,16 +144,25 @@ extension AcceleratorService {
 /// Slices are read ahead: while one slice runs on the device the next one is
 /// already queued (the dispatcher's chain for the stream keeps them in order and
 /// one at a time), so the stream stays backlogged in the fair scheduler and can
-/// claim its weight's share of device time. At most `readAhead` slices are held.
-final class StreamSession: @unchecked Sendable {
+/// claim its weight's share of device time. At most `readAhead` slices are
+/// unfinished at once. `queue` runs on the reading side, `writeOutput` on the
+/// writing side, concurrently.
+final class StreamSession: Sendable {
   /// Slices queued or running at once: one on the device, one waiting behind it.
   static let readAhead = 2
 
-  private struct Slice {
+  struct Slice: Sendable {
     let task: Task<JobResult, any Error>
     let input: Data
     let sequence: UInt64
     let final: Bool
+  }
+
+  struct Totals: Sendable {
+    var totalIn: UInt64 = 0
+    var totalOut: UInt64 = 0
+    var deviceNanoseconds: UInt64 = 0
+    var jobs: UInt32 = 0
   }
 
   let service: AcceleratorService
@@ -130,18 +172,31 @@ final class StreamSession: @unchecked Sendable {
   let compress: Bool
   let tenant: String
   let deadline: CallDeadline
-  var closed = false
-  var totalIn: UInt64 = 0
-  var totalOut: UInt64 = 0
-  var deviceNanoseconds: UInt64 = 0
-  var jobs: UInt32 = 0
-  var outputCap: UInt64 = .max
-  private var pipeline: [Slice] = []
-  private var nextSequence: UInt64 = 0
+  let outputCap: UInt64
+  private let totalsBox = Mutex(Totals())
+  /// Slices not yet finished, oldest first (for `close`).
+  private let running = Mutex<[Task<JobResult, any Error>]>([])
+  private let closed = Atomic(false)
+  /// Reading side to writing side: queued slices, in order.
+  private let slices: AsyncStream<Slice>
+  private let slicesIn: AsyncStream<Slice>.Continuation
+  /// Writing side to reading side: one token per finished slice.
+  private let finished: AsyncStream<Void>
+  private let finishedIn: AsyncStream<Void>.Continuation
+  /// The reading side's own state.
+  struct Reader {
+    fileprivate var nextSequence: UInt64 = 0
+    fileprivate var unfinished = 0
+    fileprivate var tokens: AsyncStream<Void>.Iterator
+  }
+
+  func makeReader() -> Reader { Reader(tokens: finished.makeAsyncIterator()) }
+
+  var totals: Totals { totalsBox.withLock { $0 } }
 
   init(
     _ service: AcceleratorService, algorithm: DeviceAlgorithm, level: UInt8, compress: Bool, tenant: String,
-    deadline: CallDeadline
+    deadline: CallDeadline, outputCap: UInt64 = .max
   ) throws {
     self.service = service
     self.algorithm = algorithm
@@ -149,42 +204,49 @@ final class StreamSession: @unchecked Sendable {
     self.compress = compress
     self.tenant = tenant
     self.deadline = deadline
+    self.outputCap = outputCap
+    (slices, slicesIn) = AsyncStream.makeStream(of: Slice.self)
+    (finished, finishedIn) = AsyncStream.makeStream(of: Void.self)
     do { target = try service.dispatcher.openStream() } catch {
       throw StatusMapping.rpcError(error, operation: compress ? "compress" : "decompress", outputLimit: 0)
     }
   }
 
   /// Ends the stream: slices still running are abandoned, waiting ones dropped,
-  /// and the context goes back to its queue.
+  /// and the context goes back to its queue (once the device is done with it).
   func close() {
-    guard !closed else { return }
-    closed = true
-    for slice in pipeline { slice.task.cancel() }
-    pipeline.removeAll()
+    guard !closed.exchange(true, ordering: .relaxed) else { return }
+    slicesIn.finish()
+    finishedIn.finish()
+    for task in running.withLock({ $0 }) { task.cancel() }
     service.dispatcher.closeStream(target)
   }
 
-  /// Runs one chunk through the device in slices of at most `streamJobInput`,
-  /// handing each piece of output to `emit` in order. Returns with up to
-  /// `readAhead - 1` slices still on the device, unless `final`.
-  func feed(_ data: Data, final: Bool, emit: (Data) async throws -> Void) async throws {
-    let slice = AcceleratorService.streamJobInput
+  /// Reading side: queues one chunk as slices of at most `streamJobInput`,
+  /// waiting while `readAhead` slices are unfinished or the tenant has no room.
+  func queue(_ data: Data, final: Bool, reader: inout Reader) async throws {
+    let size = AcceleratorService.streamJobInput
     var offset = data.startIndex
     repeat {
-      let end = min(data.endIndex, offset + slice)
+      let end = min(data.endIndex, offset + size)
+      while reader.unfinished >= Self.readAhead {
+        guard await reader.tokens.next() != nil else { throw CancellationError() }
+        reader.unfinished -= 1
+      }
       await service.dispatcher.waitForRoom(tenant: tenant)
-      submit(data.subdata(in: offset..<end), final: final && end == data.endIndex)
+      try Task.checkCancellation()
+      let input = data.subdata(in: offset..<end)
+      let last = final && end == data.endIndex
+      let sequence = reader.nextSequence
+      reader.nextSequence += 1
+      reader.unfinished += 1
+      slicesIn.yield(Slice(task: start(input, final: last, sequence: sequence, continuing: false), input: input, sequence: sequence, final: last))
       offset = end
-      while pipeline.count >= Self.readAhead { try await finishOldest(emit: emit) }
     } while offset < data.endIndex
-    if final { while !pipeline.isEmpty { try await finishOldest(emit: emit) } }
   }
 
-  private func submit(_ input: Data, final: Bool) {
-    let sequence = nextSequence
-    nextSequence += 1
-    pipeline.append(Slice(task: start(input, final: final, sequence: sequence, continuing: false), input: input, sequence: sequence, final: final))
-  }
+  /// Reading side: no more chunks; the writing side ends after the last slice.
+  func endOfInput() { slicesIn.finish() }
 
   /// Queues one device job for the stream; the dispatcher runs it when its turn in the chain comes.
   private func start(_ input: Data, final: Bool, sequence: UInt64, continuing: Bool) -> Task<JobResult, any Error> {
@@ -192,6 +254,7 @@ final class StreamSession: @unchecked Sendable {
     step.streamSlot = target.slot
     step.streamStart = sequence == 0 && !continuing
     step.streamFinal = final
+    let totalOut = totalsBox.withLock { $0.totalOut }
     let room = outputCap >= totalOut ? outputCap - totalOut : 0
     let capacity =
       compress
@@ -202,37 +265,49 @@ final class StreamSession: @unchecked Sendable {
     job.streamSequence = sequence
     let (service, deadline, operation) = (service, deadline, compress ? "compress" : "decompress")
     let outputLimit = Int(min(outputCap, UInt64(Int.max)))
-    return Task { try await service.run(job, operation: operation, outputLimit: outputLimit, deadline: deadline) }
+    let task = Task { try await service.run(job, operation: operation, outputLimit: outputLimit, deadline: deadline) }
+    running.withLock { $0.append(task) }
+    return task
   }
 
-  /// Waits for the oldest slice, emits its output, and continues it (same
-  /// sequence, ahead of the slice queued behind it) while the device reports
-  /// that its output buffer filled up first.
-  private func finishOldest(emit: (Data) async throws -> Void) async throws {
-    let slice = pipeline.removeFirst()
-    var input = slice.input
-    var task = slice.task
-    while true {
-      let result: JobResult
-      do { result = try await task.value } catch {
-        close()
-        throw error
+  /// Writing side: waits for each slice in order, emits its output, and
+  /// continues it (same sequence, ahead of the slice queued behind it) while
+  /// the device reports that its output buffer filled up first.
+  func writeOutput(emit: (Data) async throws -> Void) async throws {
+    for await slice in slices {
+      var input = slice.input
+      var task = slice.task
+      while true {
+        // Cancelled (the other side failed): the slice is abandoned rather than waited for.
+        let result = try await withTaskCancellationHandler { try await task.value } onCancel: { [task] in task.cancel() }
+        running.withLock { r in r.removeAll { $0 == task } }
+        let total = totalsBox.withLock { t -> UInt64 in
+          t.jobs += 1
+          t.totalIn += UInt64(result.consumed)
+          t.totalOut += UInt64(result.output.count)
+          t.deviceNanoseconds += result.stats.deviceNanoseconds
+          return t.totalOut
+        }
+        if total > outputCap {
+          throw RPCError(
+            code: .resourceExhausted,
+            message: "\(compress ? "compress" : "decompress"): output exceeds the limit of \(outputCap) bytes")
+        }
+        if !result.output.isEmpty { try await emit(result.output) }
+        guard result.moreOutput else { break }
+        input = result.consumed >= input.count ? Data() : input.subdata(in: input.startIndex + result.consumed..<input.endIndex)
+        task = start(input, final: slice.final, sequence: slice.sequence, continuing: true)
       }
-      jobs += 1
-      totalIn += UInt64(result.consumed)
-      totalOut += UInt64(result.output.count)
-      deviceNanoseconds += result.stats.deviceNanoseconds
-      if totalOut > outputCap {
-        close()
-        throw RPCError(
-          code: .resourceExhausted, message: "\(compress ? "compress" : "decompress"): output exceeds the limit of \(outputCap) bytes")
-      }
-      if !result.output.isEmpty { try await emit(result.output) }
-      guard result.moreOutput else { return }
-      input = result.consumed >= input.count ? Data() : input.subdata(in: input.startIndex + result.consumed..<input.endIndex)
-      task = start(input, final: slice.final, sequence: slice.sequence, continuing: true)
+      finishedIn.yield()
     }
+    try Task.checkCancellation()
   }
+}
+
+/// A value handed from one task to another that alone uses it from then on.
+struct HandedOver<Value>: @unchecked Sendable {
+  var value: Value
+  init(_ value: Value) { self.value = value }
 }
 
 /// A stream's response writer that gives up on a client that stops reading.

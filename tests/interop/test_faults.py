@@ -415,3 +415,44 @@ def test_software_fallback_starts_without_a_daemon(start_server):
     for fmt in (GZIP, ZLIB, DEFLATE):
         assert_round_trip(compress(stub, fmt=fmt, timeout=10), fmt=fmt, what="with no daemon")
     assert health_status(gw) == SERVING
+
+
+def test_a_stream_whose_queue_fails_ends_unavailable_and_a_new_stream_works(daemons, start_server):
+    """A DecompressStream is pinned to the queue holding its context and is never
+    retried elsewhere: when that queue starts failing mid-stream the call ends with
+    UNAVAILABLE (not a hang, not wrong bytes), and once the fault clears a new stream
+    goes through."""
+    import threading
+    dev = daemons("--allow-fault-control", *DEVICE, label="stream-fault")
+    gw = start_server("--device", dev.address, *FAST_WATCHDOG, label="stream-fault-gateway")
+    stub = gw.new_stub()
+    data = text_bytes(4 << 20, seed=72)
+    blob = gzip.compress(data, 6)
+    piece = 64 * KiB
+    first_output = threading.Event()
+
+    def requests():
+        yield pb.DecompressStreamRequest(format=GZIP, data=blob[:piece])
+        assert first_output.wait(30), "no output for the first chunk"
+        inject(dev, "error")
+        for off in range(piece, len(blob), piece):
+            yield pb.DecompressStreamRequest(data=blob[off:off + piece], final=off + piece >= len(blob))
+
+    out = bytearray()
+    with pytest.raises(grpc.RpcError) as e:
+        for r in stub.DecompressStream(requests(), timeout=60):
+            out += r.data
+            first_output.set()
+    assert e.value.code() == UNAVAILABLE, f"{e.value.code()}: {e.value.details()}"
+    assert data.startswith(bytes(out)), "the output before the failure is a prefix of the right bytes"
+    assert inject(dev, "none").get("fault") == "none"
+    wait_serving_call(stub, 20, "after the stream's queue failed")
+    # A new stream goes through.
+    out = bytearray()
+    reqs = [pb.DecompressStreamRequest(format=GZIP, data=blob[:piece])] + [
+        pb.DecompressStreamRequest(data=blob[off:off + piece], final=off + piece >= len(blob))
+        for off in range(piece, len(blob), piece)]
+    for r in stub.DecompressStream(iter(reqs), timeout=60):
+        out += r.data
+    assert bytes(out) == data
+    assert dev.alive() and gw.alive()

@@ -12,6 +12,7 @@ import zstandard
 from agtest import pb
 
 MiB = 1 << 20
+KiB = 1 << 10
 FORMATS = {"gzip": pb.COMPRESSION_FORMAT_GZIP, "zlib": pb.COMPRESSION_FORMAT_ZLIB,
            "deflate": pb.COMPRESSION_FORMAT_DEFLATE, "zstd": pb.COMPRESSION_FORMAT_ZSTD}
 
@@ -255,5 +256,65 @@ def test_a_client_that_stops_reading_gets_resource_exhausted_and_its_context_bac
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value
     assert "stream write timeout" in e.value.details()
     # Still serving streams.
+    data = mixed(3 * MiB)
+    assert gzip.decompress(compress_stream(stub, "gzip", data)[0]) == data
+
+
+def test_each_chunks_output_comes_back_before_the_next_chunk_is_sent(stub):
+    """A client may send a chunk and wait for its output (ping-pong): the server
+    writes a slice's output as soon as the device has it, not when the next chunk
+    arrives."""
+    import queue
+    import threading
+    data = mixed(4 * MiB)
+    blob = gzip.compress(data, 6)
+    piece = 64 * KiB
+    got = queue.Queue()
+    waited = []
+
+    def requests():
+        yield pb.DecompressStreamRequest(format=pb.COMPRESSION_FORMAT_GZIP, data=blob[:piece])
+        for off in range(piece, len(blob), piece):
+            if len(waited) < 8:
+                waited.append(got.get(timeout=20))  # the previous chunk's output, before sending more
+            yield pb.DecompressStreamRequest(data=blob[off:off + piece], final=off + piece >= len(blob))
+
+    out = bytearray()
+    for r in stub.DecompressStream(requests(), timeout=60):
+        out += r.data
+        if r.data:
+            got.put(len(r.data))
+    assert bytes(out) == data
+    assert len(waited) == 8
+
+
+def test_many_cancelled_streams_give_every_context_back(start_server):
+    """Streams cancelled by their clients mid-way (slices still on the device) give
+    their contexts back once the device is done, and new streams still open."""
+    import threading
+    import time
+    srv = start_server("--engines", 1, "--engine-cap-mbps", 100, label="stream-cancel")
+    stub = srv.stub()
+    block = mixed(MiB)
+
+    def one(i):
+        def reqs():
+            yield pb.CompressStreamRequest(format=pb.COMPRESSION_FORMAT_GZIP, level=1, data=block)
+            while True:
+                yield pb.CompressStreamRequest(data=block)
+        call = stub.CompressStream(reqs(), timeout=60)
+        next(call)
+        time.sleep(0.05 * (i % 4))
+        call.cancel()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    t0 = time.monotonic()
+    while _stream_contexts_open(srv.metrics_port) > 0 and time.monotonic() - t0 < 20:
+        time.sleep(0.2)
+    assert _stream_contexts_open(srv.metrics_port) == 0
     data = mixed(3 * MiB)
     assert gzip.decompress(compress_stream(stub, "gzip", data)[0]) == data
