@@ -880,6 +880,243 @@ static int drive(accelgate_client *c, double limit_s) {
     return (int)accelgate_client_pending(c);
 }
 
+/* async decrypt: accelgate_submit_decrypt gives the plaintext back byte for byte, and a
+   flipped tag byte completes through the callback with the authentication failure
+   (ACCELGATE_E_RPC, INVALID_ARGUMENT "authentication failed", nothing written to dst),
+   after which the same client still decrypts. Called from test_async. */
+
+typedef struct {
+    void *dst; /* the dst submitted, to compare with result->dst */
+    int done;  /* times the callback ran */
+    accelgate_op op;
+    int rc, code, grpc_code;
+    char message[ACCELGATE_MESSAGE_MAX];
+    void *got_dst;
+    size_t dst_len;
+    uint8_t nonce[ACCELGATE_NONCE_LEN];
+    size_t nonce_len;
+    uint32_t key_version;
+} aead_job;
+
+static void on_aead_done(const accelgate_result *r, void *user) {
+    aead_job *j = user;
+    j->done++;
+    j->op = r->op;
+    j->rc = r->rc;
+    j->code = r->error.code;
+    j->grpc_code = r->error.grpc_code;
+    snprintf(j->message, sizeof j->message, "%s", r->error.message);
+    j->got_dst = r->dst;
+    j->dst_len = r->dst_len;
+    memcpy(j->nonce, r->nonce, sizeof j->nonce);
+    j->nonce_len = r->nonce_len;
+    j->key_version = r->key_version;
+}
+
+static int all_bytes(const uint8_t *p, size_t n, uint8_t v) {
+    for (size_t i = 0; i < n; i++)
+        if (p[i] != v) return 0;
+    return 1;
+}
+
+/* A decrypt job that must have succeeded with want (n bytes) in dst; dst has one spare byte, preset to 0x77. */
+static void check_decrypted(const aead_job *j, const uint8_t *dst, const uint8_t *want, size_t n, const char *what) {
+    CHECK(j->done == 1, "%s: callback ran %d times", what, j->done);
+    CHECK(j->op == ACCELGATE_OP_DECRYPT && j->got_dst == j->dst, "%s: op %d, dst %s", what, j->op,
+          j->got_dst == j->dst ? "as submitted" : "not the one submitted");
+    CHECK(j->rc == ACCELGATE_OK && j->code == ACCELGATE_OK && j->grpc_code == ACCELGATE_GRPC_OK &&
+              j->message[0] == '\0',
+          "%s: rc %d grpc %s '%s'", what, j->rc, accelgate_grpc_code_name(j->grpc_code), j->message);
+    CHECK(j->dst_len == n && (n == 0 || memcmp(dst, want, n) == 0), "%s: %zu B back, not the %zu B plaintext", what,
+          j->dst_len, n);
+    CHECK(dst[n] == 0x77, "%s: wrote past the plaintext", what);
+}
+
+/* A decrypt job that must have failed authentication, leaving dst (cap bytes, preset to 0x77) untouched. */
+static void check_auth_failed(const aead_job *j, const uint8_t *dst, size_t cap, const char *what) {
+    CHECK(j->done == 1, "%s: callback ran %d times", what, j->done);
+    CHECK(j->op == ACCELGATE_OP_DECRYPT && j->got_dst == j->dst, "%s: op %d", what, j->op);
+    CHECK(j->rc == ACCELGATE_E_RPC && j->code == ACCELGATE_E_RPC && j->grpc_code == ACCELGATE_GRPC_INVALID_ARGUMENT &&
+              strstr(j->message, "authentication failed") != NULL,
+          "%s: expected rc %d INVALID_ARGUMENT 'authentication failed', got rc %d grpc %s '%s'", what,
+          ACCELGATE_E_RPC, j->rc, accelgate_grpc_code_name(j->grpc_code), j->message);
+    CHECK(j->dst_len == 0 && all_bytes(dst, cap, 0x77), "%s: plaintext released after a failed tag check (%zu B)",
+          what, j->dst_len);
+}
+
+static void test_async_decrypt(accelgate_client *c) {
+    enum { S = 3 };
+    static const size_t sizes[S] = {0, 1, 64 * KiB + 5};
+    const size_t max_n = 64 * KiB + 5;
+    uint8_t key[32], aad[24];
+    fill_random(key, sizeof key);
+    fill_random(aad, sizeof aad);
+    uint8_t *pt = xmalloc(max_n), *ct[S], *good[S], *bad[S];
+    fill_text(pt, max_n);
+    aead_job enc[S], dec[S], tam[S];
+    memset(enc, 0, sizeof enc);
+    memset(dec, 0, sizeof dec);
+    memset(tam, 0, sizeof tam);
+    accelgate_error err;
+    int rc, left;
+    char what[96];
+
+    /* Encrypt asynchronously (AES-256-GCM, AAD, nonce drawn by the server); OpenSSL checks the ciphertext. */
+    accelgate_aead a = ACCELGATE_AEAD_INIT;
+    a.algorithm = ACCELGATE_CIPHER_AES_256_GCM;
+    a.key.raw = key;
+    a.key.raw_len = sizeof key;
+    a.aad = aad;
+    a.aad_len = sizeof aad;
+    for (int s = 0; s < S; s++) {
+        ct[s] = xmalloc(sizes[s] + ACCELGATE_TAG_LEN);
+        good[s] = xmalloc(sizes[s] + 1);
+        bad[s] = xmalloc(sizes[s] + 1);
+        enc[s].dst = ct[s];
+        rc = accelgate_submit_encrypt(c, &a, pt, sizes[s], ct[s], sizes[s] + ACCELGATE_TAG_LEN, TIMEOUT_MS,
+                                      on_aead_done, &enc[s], &err);
+        CHECK_OK(rc, err, "submit_encrypt (for the async decrypt)");
+    }
+    left = drive(c, 30);
+    CHECK(left == 0, "%d encrypt jobs still pending after 30 s", left);
+    int encrypted = 1;
+    for (int s = 0; s < S; s++) {
+        aead_job *e = &enc[s];
+        int ok = e->done == 1 && e->rc == ACCELGATE_OK && e->dst_len == sizes[s] + ACCELGATE_TAG_LEN &&
+                 e->nonce_len == ACCELGATE_NONCE_LEN;
+        CHECK(ok, "async encrypt of %zu B: done %d rc %d grpc %s '%s', %zu B, nonce %zu B", sizes[s], e->done, e->rc,
+              accelgate_grpc_code_name(e->grpc_code), e->message, e->dst_len, e->nonce_len);
+        if (ok) {
+            long r = ref_aead_open(a.algorithm, key, e->nonce, aad, sizeof aad, ct[s], e->dst_len, good[s]);
+            CHECK(r == (long)sizes[s] && (sizes[s] == 0 || memcmp(good[s], pt, sizes[s]) == 0),
+                  "OpenSSL cannot open the async ciphertext of %zu B", sizes[s]);
+        }
+        encrypted &= ok;
+    }
+    if (!encrypted) goto out;
+
+    /* A good and a tampered decrypt of each ciphertext, all in flight together. Key, nonce,
+       AAD and ciphertext are copies wiped and freed as soon as submit returns (it copies them). */
+    for (int s = 0; s < S; s++) {
+        size_t clen = enc[s].dst_len;
+        uint8_t key_copy[32], nonce_copy[ACCELGATE_NONCE_LEN], aad_copy[sizeof aad];
+        uint8_t *ct_copy = xmalloc(clen);
+        memcpy(key_copy, key, sizeof key);
+        memcpy(nonce_copy, enc[s].nonce, sizeof nonce_copy);
+        memcpy(aad_copy, aad, sizeof aad);
+        memcpy(ct_copy, ct[s], clen);
+        accelgate_aead d = ACCELGATE_AEAD_INIT;
+        d.algorithm = ACCELGATE_CIPHER_AES_256_GCM;
+        d.key.raw = key_copy;
+        d.key.raw_len = sizeof key_copy;
+        d.nonce = nonce_copy;
+        d.nonce_len = sizeof nonce_copy;
+        d.aad = aad_copy;
+        d.aad_len = sizeof aad_copy;
+        memset(good[s], 0x77, sizes[s] + 1);
+        memset(bad[s], 0x77, sizes[s] + 1);
+        dec[s].dst = good[s];
+        tam[s].dst = bad[s];
+        rc = accelgate_submit_decrypt(c, &d, ct_copy, clen, good[s], sizes[s] + 1, TIMEOUT_MS, on_aead_done, &dec[s],
+                                      &err);
+        CHECK_OK(rc, err, "submit_decrypt");
+        ct_copy[clen - 1] ^= 0x01; /* the last byte of the tag */
+        rc = accelgate_submit_decrypt(c, &d, ct_copy, clen, bad[s], sizes[s] + 1, TIMEOUT_MS, on_aead_done, &tam[s],
+                                      &err);
+        CHECK_OK(rc, err, "submit_decrypt with a flipped tag byte"); /* the failure comes through the callback */
+        memset(key_copy, 0, sizeof key_copy);
+        memset(nonce_copy, 0, sizeof nonce_copy);
+        memset(aad_copy, 0, sizeof aad_copy);
+        memset(ct_copy, 0, clen);
+        free(ct_copy);
+    }
+    left = drive(c, 30);
+    CHECK(left == 0, "%d decrypt jobs still pending after 30 s", left);
+    for (int s = 0; s < S; s++) {
+        snprintf(what, sizeof what, "async decrypt of %zu B", sizes[s]);
+        check_decrypted(&dec[s], good[s], pt, sizes[s], what);
+        snprintf(what, sizeof what, "async decrypt of %zu B with a flipped tag byte", sizes[s]);
+        check_auth_failed(&tam[s], bad[s], sizes[s] + 1, what);
+    }
+
+    /* After the failures the client still works: an async and a sync decrypt. */
+    {
+        int s = S - 1;
+        aead_job again;
+        memset(&again, 0, sizeof again);
+        again.dst = good[s];
+        memset(good[s], 0x77, sizes[s] + 1);
+        a.nonce = enc[s].nonce;
+        a.nonce_len = ACCELGATE_NONCE_LEN;
+        rc = accelgate_submit_decrypt(c, &a, ct[s], enc[s].dst_len, good[s], sizes[s] + 1, TIMEOUT_MS, on_aead_done,
+                                      &again, &err);
+        CHECK_OK(rc, err, "submit_decrypt after the failed ones");
+        left = drive(c, 30);
+        CHECK(left == 0, "the decrypt after the failed ones is still pending after 30 s");
+        check_decrypted(&again, good[s], pt, sizes[s], "async decrypt after the failed ones");
+        size_t plen = 0;
+        memset(good[s], 0x77, sizes[s] + 1);
+        rc = accelgate_decrypt(c, &a, ct[s], enc[s].dst_len, good[s], sizes[s] + 1, &plen, TIMEOUT_MS, &err);
+        CHECK_OK(rc, err, "sync decrypt after the failed ones");
+        CHECK(plen == sizes[s] && memcmp(good[s], pt, sizes[s]) == 0, "sync decrypt after the failed ones differs");
+    }
+
+    /* A named key: the envelope decrypts asynchronously with the key's version in the result,
+       and a flipped tag byte fails the same way. */
+    {
+        size_t n = 10 * KiB, cap = n + ACCELGATE_ENVELOPE_OVERHEAD, elen = 0;
+        uint8_t *envl = xmalloc(cap), *back = xmalloc(n + 1), *back_bad = xmalloc(n + 1), *back_hdr = xmalloc(n + 1);
+        accelgate_aead nk = ACCELGATE_AEAD_INIT;
+        nk.key.name = env("AG_KEY_NAME");
+        nk.aad = aad;
+        nk.aad_len = sizeof aad;
+        rc = accelgate_encrypt(c, &nk, pt, n, envl, cap, &elen, NULL, TIMEOUT_MS, &err);
+        CHECK_OK(rc, err, "encrypt with a named key (for the async decrypt)");
+        if (rc == ACCELGATE_OK) {
+            aead_job nd, nt, nh;
+            memset(&nd, 0, sizeof nd);
+            memset(&nt, 0, sizeof nt);
+            memset(&nh, 0, sizeof nh);
+            nd.dst = back;
+            nt.dst = back_bad;
+            nh.dst = back_hdr;
+            memset(back, 0x77, n + 1);
+            memset(back_bad, 0x77, n + 1);
+            memset(back_hdr, 0x77, n + 1);
+            rc = accelgate_submit_decrypt(c, &nk, envl, elen, back, n + 1, TIMEOUT_MS, on_aead_done, &nd, &err);
+            CHECK_OK(rc, err, "submit_decrypt with a named key");
+            envl[elen - 1] ^= 0x80;
+            rc = accelgate_submit_decrypt(c, &nk, envl, elen, back_bad, n + 1, TIMEOUT_MS, on_aead_done, &nt, &err);
+            CHECK_OK(rc, err, "submit_decrypt of an envelope with a flipped tag byte");
+            envl[elen - 1] ^= 0x80;
+            envl[5] ^= 0x02; /* the header's key version: 1 -> 3, which the keyring does not have */
+            rc = accelgate_submit_decrypt(c, &nk, envl, elen, back_hdr, n + 1, TIMEOUT_MS, on_aead_done, &nh, &err);
+            CHECK_OK(rc, err, "submit_decrypt of an envelope with a damaged header");
+            left = drive(c, 30);
+            CHECK(left == 0, "%d named-key decrypt jobs still pending after 30 s", left);
+            check_decrypted(&nd, back, pt, n, "async named-key decrypt");
+            CHECK(nd.key_version == 1, "async named-key decrypt: key_version %u, expected 1", nd.key_version);
+            check_auth_failed(&nt, back_bad, n + 1, "async named-key decrypt with a flipped tag byte");
+            CHECK(nh.done == 1 && nh.rc == ACCELGATE_E_RPC && nh.grpc_code == ACCELGATE_GRPC_FAILED_PRECONDITION &&
+                      nh.dst_len == 0 && all_bytes(back_hdr, n + 1, 0x77),
+                  "async named-key decrypt, unknown key version in the header: done %d rc %d grpc %s '%s', %zu B",
+                  nh.done, nh.rc, accelgate_grpc_code_name(nh.grpc_code), nh.message, nh.dst_len);
+        }
+        free(envl);
+        free(back);
+        free(back_bad);
+        free(back_hdr);
+    }
+
+out:
+    for (int s = 0; s < S; s++) {
+        free(ct[s]);
+        free(good[s]);
+        free(bad[s]);
+    }
+    free(pt);
+}
+
 static void test_async(void) {
     accelgate_client *c = main_client();
     accelgate_error err;
@@ -1020,6 +1257,8 @@ static void test_async(void) {
               "unreachable job %d: done %d rc %d grpc %s", i, jobs[i].done, jobs[i].rc,
               accelgate_grpc_code_name(jobs[i].grpc_code));
     accelgate_client_close(dead);
+
+    test_async_decrypt(c);
 
     /* Closing with jobs in flight runs every callback once (CANCELLED unless already done) and leaks nothing. */
     size_t big_n = 256 * KiB;
