@@ -302,8 +302,11 @@ ACCELGATE_API int accelgate_encrypt(accelgate_client *client, const accelgate_ae
                       size_t *dst_len, uint8_t nonce_out[ACCELGATE_NONCE_LEN],
                       int64_t timeout_ms, accelgate_error *err);
 
-/** A wrong key, nonce, AAD or tampered ciphertext gives ACCELGATE_E_RPC with
-    INVALID_ARGUMENT "authentication failed"; no plaintext is written. */
+/** A wrong key, nonce or AAD, or a tampered ciphertext or tag, gives
+    ACCELGATE_E_RPC with INVALID_ARGUMENT "authentication failed"; no plaintext
+    is written (*dst_len is 0). With a named key a damaged envelope header fails
+    before the tag check: INVALID_ARGUMENT (not an envelope) or
+    FAILED_PRECONDITION (unknown or retired key version, docs/KEYS.md). */
 ACCELGATE_API int accelgate_decrypt(accelgate_client *client, const accelgate_aead *aead,
                       const void *src, size_t src_len, void *dst, size_t dst_cap,
                       size_t *dst_len, int64_t timeout_ms, accelgate_error *err);
@@ -335,7 +338,11 @@ ACCELGATE_API size_t accelgate_compress_bound(size_t src_len);
 /* ------------------------------------------------------------------------ */
 /* Asynchronous calls. A submit starts the call and returns at once; the job's
  * callback runs later from accelgate_client_poll. If a submit fails it returns
- * the error and the callback never runs. */
+ * the error and the callback never runs. Errors from the server arrive in the
+ * callback's result instead (result->rc, result->error), as the synchronous
+ * call would return them: e.g. accelgate_submit_decrypt of a tampered
+ * ciphertext returns ACCELGATE_OK, then its callback gets ACCELGATE_E_RPC,
+ * INVALID_ARGUMENT "authentication failed", dst_len 0 and dst untouched. */
 
 typedef enum accelgate_op {
     ACCELGATE_OP_COMPRESS = 1,
