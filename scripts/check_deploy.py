@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -49,6 +50,23 @@ COMPOSE_WHEEL = "docker-compose==1.29.2"
 COMPOSE_WHEEL_SHA256 = "8d5589373b35c8d3b1c8c1182c6e4a4ff14bffa3dd0b605fcd08f73c94cef809"
 COMPOSE_SPEC_MEMBER = "compose/config/compose_spec.json"
 COMPOSE_SPEC_SHA256 = "0dc04bd346dcfee1b1419628fff79937bbf076925f298f272a2b490e2b112bac"
+
+# `accelgate device --socket` when the flag is not given (Sources/accelgate).
+DEFAULT_DEVICE_SOCKET = "/run/accelgate/dev0.sock"
+
+# The kinds deploy/k8s must hold (docs/DEPLOY.md, "Kubernetes"), and what each is for.
+K8S_REQUIRED_KINDS = {
+    "Namespace": "the accelgate namespace",
+    "DaemonSet": "the device daemon on each accelerator node",
+    "Deployment": "the gateways",
+    "Service": "the headless Service clients balance over",
+    "ConfigMap": "the gateways' configuration and tenants",
+    "Secret": "the tenants' API key hashes",
+    "PodDisruptionBudget": "one gateway down at a time in drains and upgrades",
+    "NetworkPolicy": "who may reach the gateways and the daemon",
+    "ServiceMonitor": "Prometheus scraping the gateways",
+    "HorizontalPodAutoscaler": "scaling the gateways on queue wait",
+}
 
 # Files in deploy/k8s that are not Kubernetes manifests.
 K8S_NOT_MANIFESTS = {"kustomization.yaml", "prometheus-adapter/values.yaml"}
@@ -84,6 +102,87 @@ def load_yaml_docs(path):
 # dockerfile
 
 
+def dockerfile_instructions(text):
+    """[(line number, INSTRUCTION, arguments)] with continuation lines joined and the
+    comment lines inside a continued instruction dropped, as Docker reads them."""
+    out, cur, start = [], None, 0
+    for n, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if cur is None:
+            if not stripped or stripped.startswith("#"):
+                continue
+            cur, start = "", n
+        elif stripped.startswith("#"):
+            continue
+        if line.rstrip().endswith("\\"):
+            cur += line.rstrip()[:-1] + " "
+            continue
+        cur += line
+        word, _, rest = cur.strip().partition(" ")
+        out.append((start, word.upper(), rest.strip()))
+        cur = None
+    if cur:
+        word, _, rest = cur.strip().partition(" ")
+        out.append((start, word.upper(), rest.strip()))
+    return out
+
+
+# Debian packages that bring make (build-essential depends on it).
+MAKE_PACKAGES = {"make", "build-essential"}
+
+
+def _shell_commands(run_args):
+    """The simple commands of a RUN instruction, in order, each as a list of words."""
+    args = run_args
+    while args.startswith("--"):  # RUN --mount=... --network=...
+        args = args.split(None, 1)[1] if " " in args else ""
+    if args.startswith("["):
+        try:
+            return [[str(w) for w in json.loads(args)]]
+        except ValueError:
+            pass
+    cmds = []
+    for part in re.split(r"&&|\|\||;|\||\n", args):
+        words = part.replace("(", " ").replace(")", " ").split()
+        while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):  # VAR=value cmd
+            words.pop(0)
+        while words and words[0] in ("then", "do", "else", "sudo", "exec", "env", "!", "{"):
+            words.pop(0)
+        if words:
+            cmds.append(words)
+    return cmds
+
+
+def check_dockerfile_make(rep, dockerfile, text):
+    """A RUN that invokes make in a stage where no earlier command installed it: the
+    swift:*-bookworm images have no make. A stage built FROM an earlier stage inherits
+    what that stage installed."""
+    stages = {}          # stage name -> make installed by its end
+    name, has_make = None, False
+    for line, instr, args in dockerfile_instructions(text):
+        if instr == "FROM":
+            if name is not None:
+                stages[name] = has_make
+            words = args.split()
+            words = [w for w in words if not w.startswith("--")]
+            base = words[0] if words else ""
+            name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else f"#{len(stages)}"
+            has_make = stages.get(base, False)
+            continue
+        if instr != "RUN" or name is None:
+            continue
+        for words in _shell_commands(args):
+            prog = os.path.basename(words[0])
+            if prog in ("apt-get", "apt") and "install" in words:
+                pkgs = {w.split("=")[0] for w in words[words.index("install") + 1:] if not w.startswith("-")}
+                if pkgs & MAKE_PACKAGES:
+                    has_make = True
+            elif prog in ("make", "gmake") and not has_make:
+                rep.error(dockerfile, f"line {line}: RUN",
+                          f"stage {name!r} runs make before make is apt-get installed in that stage "
+                          f"(the swift images have no make): `{' '.join(words)}`")
+
+
 def check_dockerfile(rep, root):
     dockerfile = os.path.join(root, "deploy", "Dockerfile")
     config = os.path.join(root, "deploy", ".hadolint.yaml")
@@ -109,6 +208,7 @@ def check_dockerfile(rep, root):
         rep.error(dockerfile, "HEALTHCHECK", "must run `accelctl health` (grpc.health.v1)")
     if not re.search(r"\bmake (deps )?build-release\b|\bmake deps\b", text):
         rep.error(dockerfile, "RUN", "the build stage must drive the make targets CI uses (make deps, make build-release)")
+    check_dockerfile_make(rep, dockerfile, text)
 
 
 # ----------------------------------------------------------------------------------------
@@ -386,6 +486,167 @@ def check_k8s_consistency(rep, root, manifests):
                     rep.error(path, where, f"metric {name!r} is not served by a rule in deploy/k8s/{ADAPTER_VALUES}")
 
 
+def _arg_value(args, flag):
+    """The value of --flag=VALUE or --flag VALUE in a container's args, else None."""
+    args = [str(a) for a in args or []]
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a[len(flag) + 1:]
+    return None
+
+
+def _mount_holding(container, path):
+    """The volumeMount of a container whose mountPath holds path (the deepest one)."""
+    best = None
+    for m in container.get("volumeMounts", []) or []:
+        mp = (m.get("mountPath") or "").rstrip("/") or "/"
+        if path == mp or path.startswith(mp.rstrip("/") + "/"):
+            if best is None or len(mp) > len(best.get("mountPath", "").rstrip("/")):
+                best = m
+    return best
+
+
+def _unix_path(address):
+    """The socket path of a unix:PATH or unix://PATH address, else None."""
+    if not isinstance(address, str) or not address.startswith("unix:"):
+        return None
+    rest = address[len("unix:"):]
+    return "/" + rest.lstrip("/") if rest.startswith("//") else rest
+
+
+def _container_args(c):
+    """accelgate's arguments in a container: its args, after the command if that is accelgate."""
+    command = [str(a) for a in c.get("command") or []]
+    args = [str(a) for a in c.get("args") or []]
+    if command and os.path.basename(command[0]) == "accelgate":
+        return command[1:] + args
+    return [] if command else args
+
+
+def check_k8s_topology(rep, root, objs):
+    """The pieces a deployment needs and how they fit: every required kind; the device
+    DaemonSet on the accelerator nodes only (a nodeSelector, which the gateways' node
+    affinity requires too); its socket directory a hostPath that the gateway pods mount
+    as well, with the gateways' device address in it; the gateways' Service headless."""
+    k8s = os.path.join(root, "deploy", "k8s")
+    by_kind = {}
+    for path, d in objs:
+        by_kind.setdefault(d["kind"], []).append((path, d))
+    for kind, why in K8S_REQUIRED_KINDS.items():
+        if kind not in by_kind:
+            rep.error(k8s, "", f"no {kind} ({why}): a deployment needs one")
+    configmaps = {(d.get("metadata") or {}).get("name"): d for _, d in by_kind.get("ConfigMap", [])}
+
+    def pod_of(d):
+        return ((d.get("spec") or {}).get("template") or {}).get("spec") or {}
+
+    def volumes_of(d):
+        return {v.get("name"): v for v in pod_of(d).get("volumes", []) or []}
+
+    def host_socket(path, where, d, c, socket, role):
+        """The host path of a container's socket, if it is on a hostPath volume."""
+        m = _mount_holding(c, socket)
+        if m is None:
+            rep.error(path, where, f"{role}: nothing is mounted at {os.path.dirname(socket)}, the directory of "
+                                   f"the device socket {socket}; it must be a hostPath volume")
+            return None
+        vol = volumes_of(d).get(m.get("name")) or {}
+        if "hostPath" not in vol:
+            other = next((k for k in vol if k != "name"), "nothing")
+            rep.error(path, where, f"{role}: the device socket directory ({m.get('mountPath')}, volume "
+                                   f"{m.get('name')!r}) must be a hostPath volume, so that the daemon and the "
+                                   f"gateway pods of a node share it, not {other}")
+            return None
+        rel = os.path.relpath(socket, m["mountPath"])
+        return os.path.normpath(os.path.join(vol["hostPath"].get("path", ""), rel))
+
+    # The device daemon: on the accelerator nodes only, its socket on the host.
+    daemon_sockets, daemon_labels = {}, []
+    for path, d in by_kind.get("DaemonSet", []):
+        where = f"DaemonSet/{d['metadata']['name']}"
+        pod = pod_of(d)
+        sel = pod.get("nodeSelector")
+        if not isinstance(sel, dict) or not sel:
+            rep.error(path, f"{where}: spec.template.spec", "needs a nodeSelector: the device daemon belongs on "
+                                                            "the accelerator nodes only, not on every node")
+        else:
+            daemon_labels.append(sel)
+        devices = [c for c in pod.get("containers", []) or [] if (_container_args(c) or [None])[0] == "device"]
+        if not devices:
+            rep.error(path, where, "no container runs `accelgate device`")
+        for c in devices:
+            socket = _arg_value(_container_args(c), "--socket") or DEFAULT_DEVICE_SOCKET
+            host = host_socket(path, f"{where}: containers[{c.get('name')}]", d, c, socket, "the device daemon")
+            if host:
+                daemon_sockets[host] = where
+
+    # The gateways: attached to that socket through the same host directory.
+    for path, d in by_kind.get("Deployment", []):
+        where = f"Deployment/{d['metadata']['name']}"
+        pod = pod_of(d)
+        terms = ((((pod.get("affinity") or {}).get("nodeAffinity") or {})
+                  .get("requiredDuringSchedulingIgnoredDuringExecution") or {}).get("nodeSelectorTerms") or [])
+        for sel in daemon_labels:
+            for k, v in sel.items():
+                if not terms or not all(any(e.get("key") == k and e.get("operator") == "In" and str(v) in
+                                            [str(x) for x in e.get("values") or []]
+                                            for e in t.get("matchExpressions") or []) for t in terms):
+                    rep.error(path, f"{where}: affinity.nodeAffinity",
+                              f"does not require {k}={v}, the device DaemonSet's nodeSelector: a gateway could "
+                              f"land on a node without a device daemon")
+        for c in pod.get("containers", []) or []:
+            args = _container_args(c)
+            if (args or [None])[0] != "serve":
+                continue
+            cw = f"{where}: containers[{c.get('name')}]"
+            address = _arg_value(args, "--device")
+            config = _arg_value(args, "--config")
+            if address is None and config:
+                m = _mount_holding(c, config)
+                cm_name = ((volumes_of(d).get((m or {}).get("name")) or {}).get("configMap") or {}).get("name")
+                text = ((configmaps.get(cm_name) or {}).get("data") or {}).get(os.path.relpath(config, m["mountPath"])) \
+                    if m and cm_name else None
+                try:
+                    address = ((yaml.safe_load(text) or {}).get("device") or {}).get("address") if text else None
+                except yaml.YAMLError:
+                    address = None
+            if address is None:
+                rep.error(path, cw, "names no device address (--device, or device.address in its --config "
+                                    "ConfigMap): a gateway must attach to its node's device daemon")
+                continue
+            socket = _unix_path(address)
+            if socket is None:
+                rep.error(path, cw, f"device address {address!r} is not a unix: socket; gateways reach the "
+                                    f"node's daemon through its socket in the shared host directory")
+                continue
+            host = host_socket(path, cw, d, c, socket, "the gateway")
+            if host and daemon_sockets and host not in daemon_sockets:
+                rep.error(path, cw, f"its device socket {socket} (on the host: {host}) is not the device "
+                                    f"DaemonSet's ({', '.join(sorted(daemon_sockets))}): the gateways and the "
+                                    f"daemon must share the socket's hostPath directory")
+
+    # Clients balance per call over the gateways' DNS records: the Service is headless.
+    gateway_pods = [((((d.get("spec") or {}).get("template") or {}).get("metadata") or {}).get("labels")) or {}
+                    for _, d in by_kind.get("Deployment", [])]
+    for path, d in by_kind.get("Service", []):
+        spec = d.get("spec") or {}
+        hits = [labels for labels in gateway_pods if _labels_match(spec.get("selector"), labels)]
+        grpc = any(p.get("name") == "grpc" or p.get("targetPort") == "grpc" for p in spec.get("ports", []) or [])
+        if not hits or not grpc:
+            continue
+        if spec.get("clusterIP") != "None":
+            rep.error(path, f"Service/{d['metadata']['name']}",
+                      f"selects the gateways' grpc port, so it must be headless (clusterIP: None, not "
+                      f"{spec.get('clusterIP', 'unset')!r}): clients balance per call over one DNS record per "
+                      f"gateway; a virtual IP pins each connection to one gateway")
+    if by_kind.get("Deployment") and not any(
+            _labels_match((d.get("spec") or {}).get("selector"), labels)
+            for _, d in by_kind.get("Service", []) for labels in gateway_pods):
+        rep.error(k8s, "", "no Service selects the gateway pods (the headless Service clients balance over)")
+
+
 def check_k8s(rep, root):
     k8s = os.path.join(root, "deploy", "k8s")
     files = sorted(os.path.relpath(os.path.join(dp, f), k8s) for dp, _, fs in os.walk(k8s) for f in fs
@@ -417,6 +678,8 @@ def check_k8s(rep, root):
     crds = load_crds(rep, root)
     check_k8s_schemas(rep, root, manifests, crds)
     check_k8s_consistency(rep, root, manifests)
+    check_k8s_topology(rep, root, [(path, d) for path, docs in manifests.items() for d in docs
+                                   if isinstance(d, dict) and "kind" in d and isinstance(d.get("metadata"), dict)])
 
 
 # ----------------------------------------------------------------------------------------
@@ -465,6 +728,82 @@ def promtool_check(rep, path):
         rep.error(path, "promtool check config", (p.stdout + p.stderr).strip()[-800:])
 
 
+def _compose_command(svc):
+    cmd = svc.get("command")
+    if isinstance(cmd, str):
+        return shlex.split(cmd)
+    return [str(w) for w in cmd or []]
+
+
+def _compose_mounts(svc):
+    """[(source, target, type)] of a service's volumes, short or long syntax."""
+    out = []
+    for v in svc.get("volumes", []) or []:
+        if isinstance(v, str):
+            parts = v.split(":")
+            if len(parts) == 1:
+                out.append((None, parts[0], "volume"))  # anonymous volume
+            else:
+                src = parts[0]
+                out.append((src, parts[1], "bind" if src.startswith((".", "/", "~")) else "volume"))
+        elif isinstance(v, dict):
+            out.append((v.get("source"), v.get("target"), v.get("type", "volume")))
+    return out
+
+
+def check_compose_topology(rep, path, doc):
+    """One node: a device service (`accelgate device`), two or more gateways
+    (`accelgate serve`), and one volume for the device's socket directory that the
+    device and every gateway mount, each gateway's --device address inside it."""
+    services = {n: s for n, s in doc["services"].items() if isinstance(s, dict)}
+    declared = set((doc.get("volumes") or {}).keys()) if isinstance(doc.get("volumes"), dict) else set()
+    devices = {n: s for n, s in services.items() if (_compose_command(s) or [None])[0] == "device"}
+    gateways = {n: s for n, s in services.items() if (_compose_command(s) or [None])[0] == "serve"}
+    if not devices:
+        rep.error(path, "services", "no device service (command: device …): the gateways share one device daemon")
+    if len(gateways) < 2:
+        rep.error(path, "services", f"two or more gateway services (command: serve …) must share the device, "
+                                    f"found {len(gateways)}: {sorted(gateways)}")
+
+    def socket_volume(name, svc, socket, role):
+        """(kind, source) of the volume that holds socket in a service, or None."""
+        hits = [(src, dst, kind) for src, dst, kind in _compose_mounts(svc)
+                if dst and (socket == dst.rstrip("/") or socket.startswith(dst.rstrip("/") + "/"))]
+        if not hits:
+            rep.error(path, f"services.{name}.volumes", f"{role}: no volume is mounted at {os.path.dirname(socket)}, "
+                                                        f"the directory of the device socket {socket}")
+            return None
+        src, dst, kind = max(hits, key=lambda h: len(h[1]))
+        if kind not in ("volume", "bind") or not src:
+            rep.error(path, f"services.{name}.volumes", f"{role}: the device socket directory {dst} must be a named "
+                                                        f"volume (or a bind mount) shared with the other services, "
+                                                        f"not {kind if src else 'an anonymous volume'}")
+            return None
+        if kind == "volume" and src not in declared:
+            rep.error(path, f"services.{name}.volumes", f"{role}: volume {src!r} is not declared under volumes:")
+        return (kind, src, os.path.relpath(socket, dst))
+
+    shared = {}
+    for name, svc in devices.items():
+        socket = _arg_value(_compose_command(svc), "--socket") or DEFAULT_DEVICE_SOCKET
+        vol = socket_volume(name, svc, socket, "the device daemon")
+        if vol:
+            shared[vol] = name
+    for name, svc in gateways.items():
+        address = _arg_value(_compose_command(svc), "--device")
+        socket = _unix_path(address)
+        if socket is None:
+            rep.error(path, f"services.{name}.command", f"a gateway must attach to the device service with "
+                                                        f"--device unix://SOCKET, got {address!r}")
+            continue
+        vol = socket_volume(name, svc, socket, "the gateway")
+        if vol and shared and vol not in shared:
+            rep.error(path, f"services.{name}.volumes",
+                      f"its device socket {socket} is in {vol[0]} {vol[1]!r} as {vol[2]}, not in the device "
+                      f"service's socket volume ({', '.join(f'{k} {s!r} as {r}' for k, s, r in shared)}): "
+                      f"the gateways and the daemon must mount the same volume")
+
+
 def check_compose(rep, root, cache):
     cdir = os.path.join(root, "deploy", "compose")
     path = os.path.join(cdir, "compose.yaml")
@@ -484,6 +823,7 @@ def check_compose(rep, root, cache):
     if not isinstance(doc, dict) or not isinstance(doc.get("services"), dict):
         return
     services = doc["services"]
+    check_compose_topology(rep, path, doc)
     for name, svc in services.items():
         if not isinstance(svc, dict):
             continue

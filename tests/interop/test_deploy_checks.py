@@ -1,9 +1,12 @@
 """The deployment checks (`make check-deploy`, scripts/check_deploy.py) pass on the
 repository and fail on copies broken on purpose: a misspelt or mistyped field in a
 Kubernetes manifest, an API version no Kubernetes serves, manifests that disagree
-with each other, a bad custom resource (ServiceMonitor, checked against the CRD
-schema kept in deploy/schemas/crds), a bad compose file (compose-spec schema), a
-Dockerfile hadolint rejects and a dashboard without a required panel.
+with each other, a deployment missing a piece or wired wrong (a required kind, the
+headless Service, the daemon's nodeSelector, the device socket's shared hostPath), a
+bad custom resource (ServiceMonitor, checked against the CRD schema kept in
+deploy/schemas/crds), a bad compose file (compose-spec schema, or no device, fewer
+than two gateways, no socket volume they all share), a Dockerfile hadolint rejects
+or that runs make before installing it, and a dashboard without a required panel.
 
 The last test runs what the Kubernetes manifests configure through the real
 server: the gateway ConfigMap's main configuration passes `accelgate check-config`,
@@ -93,6 +96,49 @@ def test_a_broken_manifest_fails(tree, path, old, new, says):
     expect_failure(tree, "k8s", *says)
 
 
+@pytest.mark.parametrize("manifest,says", [
+    ("pdb.yaml", "no PodDisruptionBudget"),
+    ("hpa.yaml", "no HorizontalPodAutoscaler"),
+    ("networkpolicy.yaml", "no NetworkPolicy"),
+    ("device-daemonset.yaml", "no DaemonSet"),
+])
+def test_a_deployment_without_a_required_kind_fails(tree, manifest, says):
+    """Each kind docs/DEPLOY.md promises must be there, even when kustomization.yaml
+    and every remaining manifest agree that it is gone."""
+    (tree / "deploy" / "k8s" / manifest).unlink()
+    edit(tree / "deploy" / "k8s" / "kustomization.yaml", f"  - {manifest}\n", "")
+    expect_failure(tree, "k8s", f"deploy/k8s: {says} (")
+
+
+@pytest.mark.parametrize("path,old,new,says", [
+    # a ClusterIP Service: every connection of a client would stay on one gateway
+    ("gateway-service.yaml", "  clusterIP: None\n", "",
+     ["deploy/k8s/gateway-service.yaml", "Service/accelgate", "must be headless (clusterIP: None"]),
+    # a device daemon on every node, accelerator or not
+    ("device-daemonset.yaml", '      nodeSelector:\n        accelgate.io/accelerator: "true"\n', "",
+     ["deploy/k8s/device-daemonset.yaml", "DaemonSet/accelgate-device", "needs a nodeSelector"]),
+    # gateways may land on nodes the daemon does not run on
+    ("gateway-deployment.yaml", '                    values: ["true"]', '                    values: ["yes"]',
+     ["Deployment/accelgate-gateway: affinity.nodeAffinity", "does not require accelgate.io/accelerator=true"]),
+    # the daemon's socket in a pod-private directory: no gateway can reach it
+    ("device-daemonset.yaml",
+     "        - name: socket-dir\n          hostPath:\n            path: /run/accelgate\n            type: DirectoryOrCreate\n",
+     "        - name: socket-dir\n          emptyDir: {}\n",
+     ["DaemonSet/accelgate-device: containers[device]", "must be a hostPath volume", "not emptyDir"]),
+    # the gateways mount another host directory than the daemon's
+    ("gateway-deployment.yaml", "            path: /run/accelgate\n", "            path: /run/accelgate-gateway\n",
+     ["Deployment/accelgate-gateway: containers[gateway]", "/run/accelgate-gateway/dev0.sock",
+      "must share the socket's hostPath directory"]),
+    # the gateways' configuration names a socket the daemon does not create
+    ("gateway-config.yaml", "address: unix:///run/accelgate/dev0.sock", "address: unix:///run/accelgate/dev1.sock",
+     ["deploy/k8s/gateway-deployment.yaml", "its device socket /run/accelgate/dev1.sock",
+      "must share the socket's hostPath directory"]),
+])
+def test_a_deployment_wired_wrong_fails(tree, path, old, new, says):
+    edit(tree / "deploy" / "k8s" / path, old, new)
+    expect_failure(tree, "k8s", *says)
+
+
 @pytest.mark.parametrize("old,new,says", [
     ("      interval: 15s", "      intervall: 15s", ["spec.endpoints[0]", "'intervall' was unexpected", "[CRD "]),
     ("      scheme: http", "      scheme: ftp", ["spec.endpoints[0].scheme", "'ftp' is not one of"]),
@@ -121,14 +167,78 @@ def test_a_broken_compose_file_fails(tree, old, new, says):
     expect_failure(tree, "compose", "deploy/compose/compose.yaml", *says)
 
 
+GATEWAY_B = """  gateway-b:
+    <<: *gateway
+    command: ["serve", "--device", "unix:///run/accelgate/dev0.sock", "--queue-weight", "1"]
+    ports:
+      - "127.0.0.1:50052:50051"
+"""
+
+
+@pytest.mark.parametrize("old,new,says", [
+    # no device daemon: the first service runs a gateway instead
+    ('    command: ["device", "--socket"', '    command: ["serve", "--socket"', ["services: no device service"]),
+    # one gateway: nothing shares the device
+    (GATEWAY_B, "", ["services: two or more gateway services", "found 1: ['gateway-a']"]),
+    # the gateways look for the socket in a host directory, not in the daemon's volume
+    ("    - accelgate-run:/run/accelgate:ro", "    - /run/accelgate:/run/accelgate:ro",
+     ["services.gateway-a.volumes: its device socket /run/accelgate/dev0.sock is in bind '/run/accelgate'",
+      "services.gateway-b.volumes", "must mount the same volume"]),
+    # the socket volume is not declared, so each service would get a volume of its own
+    ("  accelgate-run: {}\n", "", ["services.device.volumes: the device daemon: volume 'accelgate-run' is not declared"]),
+    # the daemon's socket directory is not a volume at all
+    ("      - accelgate-run:/run/accelgate\n", "      - /run/accelgate\n",
+     ["services.device.volumes: the device daemon", "not an anonymous volume"]),
+])
+def test_a_compose_file_without_a_shared_device_fails(tree, old, new, says):
+    edit(tree / "deploy" / "compose" / "compose.yaml", old, new)
+    expect_failure(tree, "compose", "deploy/compose/compose.yaml", *says)
+
+
 @pytest.mark.parametrize("old,new,says", [
     ("FROM swift:${SWIFT_VERSION}-bookworm-slim", "FROM swift:latest", ["DL3007"]),
     ("USER 10001:10001", "USER root", ["DL3002", "numeric non-root user"]),
-    ("# hadolint ignore=DL3008\n", "", ["DL3008"]),
+    ("(hadolint DL3008).\n# hadolint ignore=DL3008\n", "(hadolint DL3008).\n", ["DL3008"]),
 ])
 def test_a_dockerfile_hadolint_rejects_fails(tree, old, new, says):
     edit(tree / "deploy" / "Dockerfile", old, new)
     expect_failure(tree, "dockerfile", "deploy/Dockerfile", *says)
+
+
+MAKE_DEPS = """RUN apt-get update \\
+    && apt-get install -y --no-install-recommends make \\
+    && make deps \\
+    && rm -rf /var/lib/apt/lists/*
+"""
+
+
+@pytest.mark.parametrize("new,runtime_make,says", [
+    # the Dockerfile as it was: the swift image has no make
+    ("RUN make deps\n", False,
+     ["line 23: RUN", "stage 'build' runs make before make is apt-get installed", "`make deps`"]),
+    # installed, but after its first use
+    ("RUN make deps \\\n    && apt-get update && apt-get install -y --no-install-recommends make\n", False,
+     ["line 23: RUN", "stage 'build' runs make before make is apt-get installed", "`make deps`"]),
+    # installed in the runtime stage, not in the build stage that runs it
+    ("RUN make deps\n", True, ["line 23: RUN", "stage 'build' runs make before make is apt-get installed"]),
+])
+def test_a_dockerfile_that_runs_make_before_installing_it_fails(tree, new, runtime_make, says):
+    dockerfile = tree / "deploy" / "Dockerfile"
+    edit(dockerfile, MAKE_DEPS, new)
+    if runtime_make:
+        edit(dockerfile, "       libisal2 libdeflate0", "       make libisal2 libdeflate0")
+    out = expect_failure(tree, "dockerfile", "deploy/Dockerfile", *says)
+    # hadolint has nothing against these Dockerfiles: the make rule alone fails them.
+    assert "deploy/Dockerfile: hadolint:" not in out, out
+
+
+def test_the_dockerfile_installs_make_before_it_runs_make(tree):
+    """The real Dockerfile passes the rule: make is installed, then `make deps`, and the
+    build stage's later `make build-release` finds it."""
+    text = (tree / "deploy" / "Dockerfile").read_text()
+    assert MAKE_DEPS in text and text.index(MAKE_DEPS) < text.index("\n    make build-release"), text
+    rc, out = run_checker(ROOT, "dockerfile")
+    assert rc == 0 and "check-deploy: dockerfile: ok" in out, out
 
 
 @pytest.mark.parametrize("old,new,says", [
