@@ -128,6 +128,7 @@ public final class AccelGateServer: Sendable {
     if let path = configuration.localSocket, let control = configuration.effectiveLocalControlSocket {
       let registry = RegionRegistry(dispatcher: dispatcher, logger: logger)
       service.regions = registry
+      metrics.observe(regions: registry)
       localControl = try LocalControlServer(path: control, registry: registry, directory: directory, logger: logger)
       unlink(path)
       // Same services and interceptors; plaintext, since the socket never leaves the host.

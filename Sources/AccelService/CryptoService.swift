@@ -314,6 +314,9 @@ extension AcceleratorService {
       key: key?.material, sensitive: key != nil)
     spans.apply(to: &job)
     let result = try await run(job, operation: "digest", outputLimit: length, deadline: deadline)
+    // Digests take the generated coding (the network lane stages only encrypt, decrypt,
+    // compress and decompress): one copy in, and the digest itself out.
+    recordCopies(tenant: tenant, operation: "digest", lane: .copied, spans: spans, result: result)
     if let named = key?.named {
       audit.record(tenant: tenant, key: named.name, version: key!.version, operation: "hmac", outcome: "ok")
     }

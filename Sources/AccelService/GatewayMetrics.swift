@@ -14,6 +14,10 @@ internal import Synchronization
 final class GatewayMetrics: Sendable {
   let registry = PrometheusCollectorRegistry()
   private let mirrors = Mutex<[String: Double]>([:])
+  /// The local lane's registered regions (nil while the lane is off).
+  private let regions = Mutex<RegionRegistry?>(nil)
+
+  func observe(regions registry: RegionRegistry) { regions.withLock { $0 = registry } }
 
   static let latencyBuckets: [Duration] = [
     .microseconds(100), .microseconds(250), .microseconds(500), .milliseconds(1), .milliseconds(2), .milliseconds(5),
@@ -114,6 +118,14 @@ final class GatewayMetrics: Sendable {
     let snapshot = dispatcher.snapshot
     let queues = dispatcher.driver.queues
     gauge("accelgate_jobs_queued", [], "Jobs waiting in the scheduler.").set(to: Double(snapshot.queued))
+    if let registry = regions.withLock({ $0 }) {
+      let (count, busy) = registry.usage
+      gauge("accelgate_local_regions", [], "Local lane: client memory regions held (registered, or unregistered and still used by calls in progress).").set(to: Double(count))
+      gauge(
+        "accelgate_local_region_spans_in_use", [],
+        "Local lane: region spans held by calls in progress (waiting or on the device); a region is unregistered only at 0.")
+        .set(to: Double(busy))
+    }
     gauge("accelgate_device_attached", [], "1 while the gateway has a device (embedded, standalone or fallback).")
       .set(to: dispatcher.isAttached ? 1 : 0)
     gauge("accelgate_degraded", [], "1 while the software fallback serves in place of the standalone device.")

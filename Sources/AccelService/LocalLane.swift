@@ -69,6 +69,12 @@ final class RegionRegistry: @unchecked Sendable {
 
   var count: Int { state.withLock { $0.byToken.count } }
 
+  /// Regions held (registered, or unregistered and waiting for the calls using
+  /// them), and spans of them bound by calls in progress (a call naming two regions holds two).
+  var usage: (regions: Int, spansInUse: Int) {
+    state.withLock { s in (s.byID.count, s.inFlight.values.reduce(0, +)) }
+  }
+
   /// Registers `fd` (ownership passes here) for `tenant`, after checking its
   /// seal and size, and attaches it to every queue of the current device.
   func register(fd: Int32, size: UInt64, tenant: String, connection: Int32) throws(LocalLaneError) -> Region {

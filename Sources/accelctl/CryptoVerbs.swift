@@ -1,3 +1,4 @@
+import AccelGateLocal
 import AccelProto
 import ArgumentParser
 import Foundation
@@ -95,6 +96,30 @@ struct Encrypt: AsyncParsableCommand {
     if raw && algorithm == nil { throw ValidationError("a raw key needs --algorithm") }
     let (connection, algorithm, aad, compress, showStats) = (connection, algorithm, aad, compress, io.stats)
     let progress = ProgressBar(total: plaintext.count, label: "encrypt")
+    if raw, let lane = try connection.localLane() {
+      // Local lane (raw keys; a named key's envelope is built by the gateway):
+      // plaintext and ciphertext stay in shared memory.
+      let room = plaintext.count + (compress == nil ? 0 : plaintext.count / 4 + 65536) + 16
+      let region = try lane.register(size: plaintext.count + room)
+      defer { try? lane.unregister(region) }
+      region.write(plaintext, at: 0)
+      let response = try await connection.withClient { client in
+        try await client.encrypt(
+          .with {
+            if let algorithm { $0.algorithm = algorithm.proto }
+            $0.key = spec
+            $0.aad = Data(aad.utf8)
+            $0.inputRegion = region.span(0, plaintext.count)
+            $0.outputRegion = region.span(plaintext.count, room)
+            if let compress { $0.compress = .with { $0.format = compress.proto } }
+          }, metadata: connection.metadata, options: connection.callOptions)
+      }
+      progress.update(plaintext.count)
+      progress.finish()
+      if showStats { printStats(response.stats) }
+      try io.write(response.nonce + region.read(plaintext.count, Int(response.regionOutputLength)))
+      return
+    }
     let response = try await connection.withClient { client in
       try await client.encrypt(
         .with {
@@ -133,6 +158,30 @@ struct Decrypt: AsyncParsableCommand {
     }
     let (connection, algorithm, aad, decompress, showStats, ciphertext) = (connection, algorithm, aad, decompress, io.stats, Data(input))
     let theNonce = nonce
+    if key.keyFile != nil, let lane = try connection.localLane() {
+      // Local lane (raw keys): ciphertext and plaintext stay in shared memory. With
+      // --decompress the output size is unknown; the memfd is sparse, so 64 MiB
+      // of room costs only the pages written.
+      let room = decompress == nil ? max(1, ciphertext.count - 16) : 64 << 20
+      let region = try lane.register(size: ciphertext.count + room)
+      defer { try? lane.unregister(region) }
+      region.write(ciphertext, at: 0)
+      let response = try await connection.withClient { client in
+        try await client.decrypt(
+          .with {
+            if let algorithm { $0.algorithm = algorithm.proto }
+            $0.key = spec
+            $0.nonce = theNonce
+            $0.aad = Data(aad.utf8)
+            $0.inputRegion = region.span(0, ciphertext.count)
+            $0.outputRegion = region.span(ciphertext.count, room)
+            if let decompress { $0.decompress = .with { $0.format = decompress.proto } }
+          }, metadata: connection.metadata, options: connection.callOptions)
+      }
+      if showStats { printStats(response.stats) }
+      try io.write(region.read(ciphertext.count, Int(response.regionOutputLength)))
+      return
+    }
     let response = try await connection.withClient { client in
       try await client.decrypt(
         .with {
@@ -163,12 +212,16 @@ struct Digest: AsyncParsableCommand {
     let spec = try key.spec(required: algorithm.keyed)
     if spec != nil && !algorithm.keyed { throw ValidationError("\(algorithm.rawValue) takes no key") }
     let (connection, algorithm) = (connection, algorithm)
+    // Local lane: the input stays in shared memory (only the digest travels).
+    let region = try connection.localLane().map { lane in (lane, try lane.register(size: max(1, data.count))) }
+    defer { if let (lane, r) = region { try? lane.unregister(r) } }
+    region?.1.write(data, at: 0)
     let response = try await connection.withClient { client in
       try await client.digest(
         .with {
           $0.algorithm = algorithm.proto
           if let spec { $0.key = spec }
-          $0.data = data
+          if let (_, r) = region { $0.inputRegion = r.span(0, data.count) } else { $0.data = data }
         }, metadata: connection.metadata, options: connection.callOptions)
     }
     if stats { printStats(response.stats) }

@@ -249,6 +249,24 @@ CLIENT = textwrap.dedent("""
 """)
 
 
+def payload_jobs(lane, operations):
+    """Calls whose payload came in over gRPC (local-lane calls are not counted)."""
+    import re
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{lane.srv.metrics_port}/metrics", timeout=10).read().decode()
+    return sum(float(v) for labels, v in re.findall(r"^accelgate_payload_jobs_total\{([^}]*)\} ([0-9.e+-]+)$", text, re.M)
+               if 'direction="in"' in labels and any(f'operation="{o}"' in labels for o in operations))
+
+
+def gauge(lane, name):
+    import re
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{lane.srv.metrics_port}/metrics", timeout=10).read().decode()
+    m = re.search(r"^%s ([0-9.e+-]+)$" % re.escape(name), text, re.M)
+    assert m, f"{name} not exported"
+    return float(m.group(1))
+
+
 def test_a_client_killed_mid_job_leaves_the_gateway_serving_the_others(start_server, tmp_path):
     lane = start_lane(start_server, tmp_path, "--engines", 1, "--engine-cap-mbps", 4, label="kill")
     here = os.path.dirname(os.path.abspath(__file__))
@@ -257,12 +275,22 @@ def test_a_client_killed_mid_job_leaves_the_gateway_serving_the_others(start_ser
     victim = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert victim.stdout.readline().strip() == b"submitted", victim.stderr.read().decode()
-        time.sleep(0.3)  # the 4 MiB job is on the device (4 MB/s: about a second)
+        # The 4 MiB job is under way (4 MB/s: about a second) on the victim's region.
+        t0 = time.monotonic()
+        while gauge(lane, "accelgate_local_region_spans_in_use") < 1 and time.monotonic() - t0 < 10:
+            time.sleep(0.02)
+        assert gauge(lane, "accelgate_local_region_spans_in_use") >= 1, "the victim's job never started"
+        assert gauge(lane, "accelgate_local_regions") == 1
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait(10)
     finally:
         if victim.poll() is None:
             victim.kill()
+    # The dead client's region goes once its job is done (its connection closed; the device finished with it).
+    t0 = time.monotonic()
+    while gauge(lane, "accelgate_local_regions") > 0 and time.monotonic() - t0 < 20:
+        time.sleep(0.1)
+    assert gauge(lane, "accelgate_local_regions") == 0 and gauge(lane, "accelgate_local_region_spans_in_use") == 0
     # The others are served, on both lanes, and new regions can be registered.
     ctl = lane.control("alpha")
     region = ctl.register(MiB)
@@ -329,6 +357,41 @@ def test_accelctl_uses_the_local_lane_for_a_unix_target(lane, tmp_path):
                         "-i", str(packed), "-o", str(back)], capture_output=True, timeout=120)
     assert p.returncode == 0, p.stderr.decode()
     assert back.read_bytes() == data
+    # encrypt, decrypt and digest keep their payloads in shared memory too: no payload crosses
+    # the socket, so the gateway counts no network payload for them (--no-shared-memory does).
+    keyfile = tmp_path / "k.bin"
+    raw_key = os.urandom(32)
+    keyfile.write_bytes(raw_key)
+    sealed, opened = tmp_path / "ct.bin", tmp_path / "pt.bin"
+
+    def network_payloads():
+        return payload_jobs(lane, ("encrypt", "decrypt", "digest"))
+
+    before = network_payloads()
+    crypt = ["--api-key", key, "--algorithm", "aes-256-gcm", "--key-file", str(keyfile), "--aad", "hdr"]
+    p = subprocess.run([ctl_binary(), "encrypt", "-t", target, *crypt, "-i", str(src), "-o", str(sealed)],
+                       capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stderr.decode()
+    blob = sealed.read_bytes()
+    assert AESGCM(raw_key).decrypt(blob[:12], blob[12:], b"hdr") == data
+    p = subprocess.run([ctl_binary(), "decrypt", "-t", target, *crypt, "-i", str(sealed), "-o", str(opened)],
+                       capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stderr.decode()
+    assert opened.read_bytes() == data
+    bad = bytearray(blob)
+    bad[-1] ^= 1
+    (tmp_path / "bad.bin").write_bytes(bytes(bad))
+    p = subprocess.run([ctl_binary(), "decrypt", "-t", target, *crypt, "-i", str(tmp_path / "bad.bin"),
+                        "-o", str(tmp_path / "never.bin")], capture_output=True, timeout=120)
+    assert p.returncode != 0 and b"authentication failed" in p.stderr, p.stderr.decode()
+    p = subprocess.run([ctl_binary(), "digest", "-t", target, "--api-key", key, "--algorithm", "sha256", "-i", str(src)],
+                       capture_output=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest(), p.stderr.decode()
+    assert network_payloads() == before, "a crypto verb sent its payload over the socket"
+    p = subprocess.run([ctl_binary(), "digest", "-t", target, "--api-key", key, "--algorithm", "sha256",
+                        "--no-shared-memory", "-i", str(src)], capture_output=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest(), p.stderr.decode()
+    assert network_payloads() == before + 1, "--no-shared-memory carries the payload in the message"
     # The load generator's local-lane mode works end to end (every call OK).
     out = tmp_path / "bench.json"
     p = subprocess.run([ctl_binary(), "bench", "-t", target, "--api-key", key, "-c", "2", "--duration", "1",
