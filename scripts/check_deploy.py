@@ -17,6 +17,10 @@
               Prometheus configurations (promtool, when installed).
   dashboard   deploy/grafana/accelgate.json: queries only metrics README.md lists,
               and has the panels the deployment needs.
+  pins        every package in the resolved graph (Package.resolved, which is not
+              committed: `swift package resolve` writes it when it is missing) is
+              pinned in Package.swift with `exact:` at the version resolved, and
+              every pin is in the graph, so the image build gets what CI builds.
 
 Usage: check_deploy.py [--root DIR] [--only STAGE,...] [--cache DIR]
 --root checks another copy of the tree (tests/interop/test_deploy_checks.py breaks
@@ -41,7 +45,7 @@ import yaml
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
-STAGES = ("dockerfile", "k8s", "compose", "dashboard")
+STAGES = ("dockerfile", "k8s", "compose", "dashboard", "pins")
 K8S_VERSIONS = ("1.33.0", "1.37.0")
 NAMESPACE = "accelgate"
 
@@ -945,6 +949,60 @@ def check_dashboard(rep, root):
 # ----------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------
+# pins
+
+
+def _package_identity(url):
+    """SwiftPM's identity of a package URL: its last path component, lowercased, no .git."""
+    last = url.rstrip("/").rsplit("/", 1)[-1]
+    return (last[:-4] if last.endswith(".git") else last).lower()
+
+
+def package_swift_requirements(text):
+    """{identity: (line number, requirement kind, version or None)} of Package.swift's
+    .package(url:...) entries; kind is exact, from, branch, revision, range or path."""
+    out = {}
+    for m in re.finditer(r"\.package\(([^()]*)\)", text):
+        args = m.group(1)
+        line = text.count("\n", 0, m.start()) + 1
+        url = re.search(r'url:\s*"([^"]+)"', args)
+        if not url:
+            out[f"path@{line}"] = (line, "path", None)
+            continue
+        ident = _package_identity(url.group(1))
+        req = re.search(r'\b(exact|from|branch|revision):\s*"([^"]+)"', args)
+        out[ident] = (line, req.group(1), req.group(2)) if req else (line, "range", None)
+    return out
+
+
+def check_pins(rep, root):
+    manifest = os.path.join(root, "Package.swift")
+    resolved_path = os.path.join(root, "Package.resolved")
+    if not os.path.exists(resolved_path):
+        subprocess.run(["swift", "package", "resolve"], cwd=root, check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if not os.path.exists(resolved_path):
+        rep.error(manifest, "dependencies", "`swift package resolve` wrote no Package.resolved")
+        return
+    with open(resolved_path) as f:
+        resolved = {p["identity"]: p.get("state", {}).get("version") for p in json.load(f).get("pins", [])}
+    with open(manifest) as f:
+        pins = package_swift_requirements(f.read())
+    for ident, (line, kind, version) in sorted(pins.items()):
+        if kind != "exact":
+            rep.error(manifest, f"line {line}", f"{ident}: pin it with exact: (found {kind})")
+        elif ident not in resolved:
+            rep.error(manifest, f"line {line}", f"{ident} {version} is pinned but not in the resolved graph: drop the pin")
+        elif resolved[ident] != version:
+            rep.error(manifest, f"line {line}",
+                      f"{ident} is pinned at {version} but resolves to {resolved[ident]}: keep the pins in step")
+    for ident in sorted(set(resolved) - set(pins)):
+        rep.error(manifest, "dependencies",
+                  f"{ident} {resolved[ident]} is in the resolved graph but not pinned with exact: "
+                  f"(an image build would resolve the newest version its dependents allow)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--root", default=REPO, help="the tree to check (default: this repository)")
@@ -960,7 +1018,8 @@ def main(argv=None) -> int:
     for stage in stages:
         before = len(rep.errors)
         {"dockerfile": lambda: check_dockerfile(rep, root), "k8s": lambda: check_k8s(rep, root),
-         "compose": lambda: check_compose(rep, root, args.cache), "dashboard": lambda: check_dashboard(rep, root)}[stage]()
+         "compose": lambda: check_compose(rep, root, args.cache), "dashboard": lambda: check_dashboard(rep, root),
+         "pins": lambda: check_pins(rep, root)}[stage]()
         print(f"check-deploy: {stage}: {'ok' if len(rep.errors) == before else f'{len(rep.errors) - before} problem(s)'}")
         for e in rep.errors[before:]:
             print(f"  {e}")

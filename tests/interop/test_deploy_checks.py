@@ -6,7 +6,8 @@ headless Service, the daemon's nodeSelector, the device socket's shared hostPath
 bad custom resource (ServiceMonitor, checked against the CRD schema kept in
 deploy/schemas/crds), a bad compose file (compose-spec schema, or no device, fewer
 than two gateways, no socket volume they all share), a Dockerfile hadolint rejects
-or that runs make before installing it, and a dashboard without a required panel.
+or that runs make before installing it, a dashboard without a required panel, and
+a Package.swift whose exact pins do not cover the resolved graph.
 
 The last test runs what the Kubernetes manifests configure through the real
 server: the gateway ConfigMap's main configuration passes `accelgate check-config`,
@@ -26,7 +27,7 @@ from agtest import pb
 from conftest import ROOT, server_binary
 
 CHECKER = os.path.join(ROOT, "scripts", "check_deploy.py")
-STAGES = ("dockerfile", "k8s", "compose", "dashboard")
+STAGES = ("dockerfile", "k8s", "compose", "dashboard", "pins")
 
 
 def run_checker(root=ROOT, only=None):
@@ -43,6 +44,11 @@ def tree(tmp_path):
     dst = tmp_path / "tree"
     shutil.copytree(os.path.join(ROOT, "deploy"), dst / "deploy")
     shutil.copy(os.path.join(ROOT, "README.md"), dst / "README.md")
+    # The pins check compares Package.swift with the graph SwiftPM resolved for it.
+    shutil.copy(os.path.join(ROOT, "Package.swift"), dst / "Package.swift")
+    if not os.path.exists(os.path.join(ROOT, "Package.resolved")):
+        subprocess.run(["swift", "package", "resolve"], cwd=ROOT, check=True, capture_output=True, timeout=600)
+    shutil.copy(os.path.join(ROOT, "Package.resolved"), dst / "Package.resolved")
     return dst
 
 
@@ -288,3 +294,22 @@ def test_the_k8s_configuration_and_tenants_are_what_a_gateway_accepts(tmp_path, 
     with pytest.raises(grpc.RpcError) as e:
         srv.stub().DescribeDevice(pb.DescribeDeviceRequest(), timeout=30)
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, e.value
+
+
+@pytest.mark.parametrize("old,new,says", [
+    # an indirect dependency left to float: the image build would take its newest version
+    ('    .package(url: "https://github.com/apple/swift-collections.git", exact: "1.6.0"),\n', "",
+     ["swift-collections 1.6.0 is in the resolved graph but not pinned with exact:"]),
+    # a range instead of a pin
+    ('swift-log.git", exact: "1.16.2"', 'swift-log.git", from: "1.16.2"', ["swift-log: pin it with exact: (found from)"]),
+    # a pin out of step with what CI resolved
+    ('Yams.git", exact: "6.2.2"', 'Yams.git", exact: "6.2.1"', ["yams is pinned at 6.2.1 but resolves to 6.2.2"]),
+    # a pin for a package nothing needs any more
+    ('    .package(url: "https://github.com/grpc/grpc-swift-2.git", exact: "2.4.3"),\n',
+     '    .package(url: "https://github.com/grpc/grpc-swift-2.git", exact: "2.4.3"),\n'
+     '    .package(url: "https://github.com/apple/swift-markdown.git", exact: "0.4.0"),\n',
+     ["swift-markdown 0.4.0 is pinned but not in the resolved graph"]),
+])
+def test_package_swift_pins_out_of_step_fail(tree, old, new, says):
+    edit(tree / "Package.swift", old, new)
+    expect_failure(tree, "pins", "Package.swift", *says)
