@@ -12,8 +12,15 @@ package struct JobRequest: Sendable {
   package var aux: [UInt8] = []
   /// Key for keyed steps, copied into a device key slot and zeroed there after the job.
   package var key: SecretBytes? = nil
-  /// Capacity of the intermediate buffer of a two-step chain.
-  package var midCapacity: Int = 0
+  /// Capacity of the intermediate buffer of a two-step chain: at least one byte
+  /// for a chain (its first step may produce nothing, e.g. an empty plaintext
+  /// before decompress-after, and the device still needs a real buffer between
+  /// the steps); always 0 for a single step.
+  package var midCapacity: Int {
+    get { steps.count > 1 ? max(1, requestedMidCapacity) : 0 }
+    set { requestedMidCapacity = newValue }
+  }
+  private var requestedMidCapacity = 0
   /// Whether the job's buffers carry secrets or plaintext (zeroed on release).
   package var sensitive = false
   /// Payload size counted against the tenant's limits, when it differs from the

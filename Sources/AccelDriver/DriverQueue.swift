@@ -472,7 +472,8 @@ package final class DriverQueue: @unchecked Sendable {
 
   /// Descriptor `step` of one job: a single SQE, or a chain src → mid → dst.
   static func descriptor(_ lease: Lease, _ steps: [DeviceStep], step i: Int) -> accel_sqe {
-    precondition(steps.count == 1 || (steps.count == 2 && lease.midCapacity > 0), "chains are two steps with a mid buffer")
+    // A chain is two steps with a mid buffer of at least one byte (`JobRequest.midCapacity`
+    // guarantees it); a descriptor the device finds malformed fails only its own job.
     let step = steps[i]
     var sqe = accel_sqe()
     sqe.cookie = lease.cookie

@@ -637,3 +637,52 @@ def test_zz_raw_keys_never_logged(stub, server):
     assert digest(stub, HMAC_SHA512, b"log check", key=hkey).ok
     expect_code(digest(stub, SHA256, b"x", key=hkey), INVALID, what="SHA256 with a key")
     assert_no_key_material(log_bytes(server), _SENT_KEYS, f"the session server log {server.log_path}")
+
+
+@pytest.mark.parametrize("alg", ALGS, ids=ALG_IDS)
+@pytest.mark.parametrize("fmt", [DEFLATE, ZLIB, GZIP], ids=["deflate", "zlib", "gzip"])
+def test_chain_with_an_empty_plaintext_is_a_clean_error(stub, alg, fmt):
+    """Issue 17, finding 1: a ciphertext of exactly one tag leaves a Decrypt+decompress
+    chain with an empty middle buffer; that aborted the whole gateway (a precondition
+    in the driver). It is now an ordinary job error, and the server keeps serving."""
+    rng = random.Random(SEED + 40 + alg + fmt)
+    key, nonce = rng.randbytes(KEY_LEN[alg]), rng.randbytes(12)
+    chain = pb.ChainedCompression(format=fmt)
+    # 16 random bytes: the tag does not verify.
+    o = decrypt(stub, alg=alg, key=key, nonce=nonce, ciphertext=rng.randbytes(16), decompress=chain)
+    expect_code(o, INVALID, what="Decrypt+decompress of a bare random tag")
+    assert o.details == AUTH_FAILED, o.details
+    # An authentic empty plaintext: decrypts, then nothing to decompress.
+    sealed = py_aead(alg, key).encrypt(nonce, b"", b"")
+    assert len(sealed) == 16
+    o = decrypt(stub, alg=alg, key=key, nonce=nonce, ciphertext=sealed, decompress=chain)
+    expect_code(o, INVALID, what="Decrypt+decompress of an authentic empty plaintext")
+    # And the reverse chain of an empty plaintext round-trips.
+    e = encrypt(stub, alg=alg, key=key, nonce=nonce, plaintext=b"", compress=chain)
+    assert e.ok, e.describe()
+    d = decrypt(stub, alg=alg, key=key, nonce=nonce, ciphertext=e.response.ciphertext, decompress=chain)
+    assert d.ok and d.response.plaintext == b"", d.describe()
+    assert_serves(stub, what="after empty-plaintext chains")
+
+
+def test_chain_with_an_empty_plaintext_on_submit(stub):
+    """The same chain inside a Submit stream: a per-job error, the stream goes on."""
+    key, nonce = os.urandom(32), os.urandom(12)
+    jobs = []
+    for i in range(4):
+        r = pb.SubmitRequest(id=str(i + 1))
+        r.decrypt.algorithm = AES256
+        r.decrypt.key.raw = key
+        r.decrypt.nonce = nonce
+        r.decrypt.ciphertext = os.urandom(16)
+        r.decrypt.decompress.format = GZIP
+        jobs.append(r)
+    ok = pb.SubmitRequest(id="9")
+    ok.digest.algorithm = CRC32
+    ok.digest.data = b"still here"
+    jobs.append(ok)
+    replies = {r.id: r for r in stub.Submit(iter(jobs), timeout=30)}
+    assert set(replies) == {"1", "2", "3", "4", "9"}, replies
+    for i in "1234":
+        assert replies[i].code == grpc.StatusCode.INVALID_ARGUMENT.value[0], replies[i]
+    assert replies["9"].code == 0 and replies["9"].digest.checksum == zlib.crc32(b"still here"), replies["9"]

@@ -752,3 +752,21 @@ def test_audit_log(start_server, tmp_path):
     assert after[:len(before)] == before, "a restarted server rewrote the existing audit lines"
     assert len(after) == len(before) + 1 and audit_matches(after[-1], key="aud", operation="encrypt", outcome="ok",
                                                            version=2), f"new lines after restart: {after[len(before):]}"
+
+
+def test_bare_envelope_through_a_chain_is_a_clean_error(static):
+    """Issue 17, finding 1: a named-key envelope of exactly header + nonce + tag (34 bytes)
+    leaves the decrypt+decompress chain an empty middle buffer; it aborted the gateway."""
+    stub = static.stub()
+    key = STATIC_BY_NAME["env-aes-256-gcm"]
+    chain = pb.ChainedCompression(format=GZIP)
+    forged = envelope_header(2) + os.urandom(12 + TAG_LEN)
+    assert len(forged) == 34
+    d = decrypt(stub, name=key.name, ciphertext=forged, decompress=chain)
+    expect_code(d, INVALID, what="named Decrypt+decompress of a forged 34-byte envelope")
+    empty = seal_envelope(AES256, key.key(2), 2, b"")
+    assert len(empty) == 34
+    d = decrypt(stub, name=key.name, ciphertext=empty, decompress=chain)
+    expect_code(d, INVALID, what="named Decrypt+decompress of an authentic empty envelope")
+    d = decrypt(stub, name=key.name, ciphertext=empty)
+    assert d.ok and d.response.plaintext == b"", d.describe()
