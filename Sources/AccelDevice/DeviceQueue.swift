@@ -37,6 +37,8 @@ public final class DeviceQueue: @unchecked Sendable {
   private struct PostState {
     var tail: UInt32 = 0  // private copy of cq_tail
     var finishedJobs: UInt64 = 0
+    /// Completions dropped because the peer left the CQ full.
+    var droppedCompletions: UInt64 = 0
   }
 
   private let fetchLock = Mutex(FetchState())
@@ -173,6 +175,9 @@ public final class DeviceQueue: @unchecked Sendable {
     }
   }
 
+  /// Completions dropped because the peer never made room in the CQ.
+  public var droppedCompletionCount: UInt64 { postLock.withLock { $0.droppedCompletions } }
+
   /// Open streams (for tests and DescribeDevice).
   var openStreams: Int { streams.withLock { $0.count } }
 
@@ -202,19 +207,39 @@ public final class DeviceQueue: @unchecked Sendable {
     }
   }
 
+  /// Longest an engine waits for room in a full completion ring (ns). A driver
+  /// keeps at most CQ-size jobs in flight, so the ring is never full unless the
+  /// peer stopped reaping or wrote an impossible `cq_head`.
+  static let postTimeoutNanoseconds: UInt64 = 50_000_000
+
   /// Posts a completion. The driver bounds its in-flight jobs by the CQ size,
-  /// so the ring is never full in normal operation; if it is, the engine waits
-  /// (briefly spinning, then sleeping) until the driver reaps or the device stops.
+  /// so the ring is never full in normal operation. If it is, the engine waits
+  /// (briefly spinning, then sleeping) at most `postTimeoutNanoseconds`; then,
+  /// or at once when the queue is already in error, it drops the completion and
+  /// puts the queue in error, so a peer that never reaps (or plays games with
+  /// `cq_head`, which it owns) stalls only its own queue, never an engine.
   func post(_ cqe: accel_cqe, isRunning: () -> Bool) {
     let posted = postLock.withLock { state -> Bool in
       state.finishedJobs &+= 1
       var tail = state.tail
       defer { state.tail = tail }
       var spins = 0
+      var deadline: UInt64 = 0
       while region.cqIndex.isFull(head: cqHead.loadAcquire(), tail: tail) {
-        guard isRunning() else { return false }
+        guard isRunning(), stateFlags.loadAcquire() & ACCEL_QF_ERROR == 0 else { return false }
         spins += 1
-        if spins < 1000 { SharedMemory.cpuRelax() } else { SharedMemory.sleep(nanoseconds: 50_000) }
+        if spins < 1000 {
+          SharedMemory.cpuRelax()
+          continue
+        }
+        let now = SharedMemory.nowNanoseconds()
+        if deadline == 0 { deadline = now &+ Self.postTimeoutNanoseconds }
+        if now >= deadline {
+          markError(.invalidDescriptor)
+          state.droppedCompletions &+= 1
+          return false
+        }
+        SharedMemory.sleep(nanoseconds: 50_000)
       }
       region.cqe(at: tail).pointee = cqe
       tail &+= 1

@@ -209,11 +209,12 @@ public final class EmulatedDevice: @unchecked Sendable {
   /// Resets the driver asked for, and the end of an isolation's cool-down.
   private func maintain(_ queues: [DeviceQueue], now: UInt64) {
     for q in queues {
-      guard let wasInError = q.serviceReset() else { continue }
+      // A reset is the driver's request, so a peer can ask for as many as it likes:
+      // it costs that peer its own queue's in-flight jobs and never counts toward
+      // isolation. The device-side faults a driver recovers from by a reset (lost,
+      // malformed or stalled completions) were counted when the device caused them.
+      guard q.serviceReset() != nil else { continue }
       counters.resets.add(1, ordering: .relaxed)
-      // A reset of a queue the device saw no error on means the driver found one
-      // (a lost or malformed completion, a stall): it counts toward isolation too.
-      if !wasInError { recordQueueError(now: now, queue: q.id, status: .deviceFault) }
     }
     if isolated.load(ordering: .relaxed), let cooldown = configuration.isolationCooldown {
       let since = isolation.withLock { $0.isolatedAt }
@@ -266,6 +267,7 @@ public final class EmulatedDevice: @unchecked Sendable {
   private func engineLoop(_ stats: EngineStats) {
     guard let ctx = accel_engine_create() else { return }
     defer { accel_engine_destroy(ctx) }
+    let scratch = EngineScratch()
     let spinNs = configuration.idleSpin.nanoseconds
     let capBytesPerNs = configuration.engineThroughputCapMBps.map { $0 * 1e6 / 1e9 }
     // Weighted round-robin: a queue may take `weight` descriptors in a row.
@@ -292,7 +294,7 @@ public final class EmulatedDevice: @unchecked Sendable {
           cursor = (cursor + step) % queues.count
           credit = q.weight
         }
-        process(sqe, on: q, ctx: ctx, stats: stats, capBytesPerNs: capBytesPerNs)
+        process(sqe, on: q, ctx: ctx, scratch: scratch, stats: stats, capBytesPerNs: capBytesPerNs)
         credit -= 1
         if credit == 0 {
           cursor = (cursor + 1) % queues.count
@@ -350,12 +352,22 @@ public final class EmulatedDevice: @unchecked Sendable {
   }
 
   private func process(
-    _ chain: [accel_sqe], on q: DeviceQueue, ctx: OpaquePointer, stats: EngineStats, capBytesPerNs: Double?
+    _ chain: [accel_sqe], on q: DeviceQueue, ctx: OpaquePointer, scratch: EngineScratch, stats: EngineStats,
+    capBytesPerNs: Double?
   ) {
     let start = SharedMemory.nowNanoseconds()
+    defer { scratch.trim() }
     // A queue in error or isolated drains its ring without running anything.
     let runnable = q.isRunnable
     let fault = runnable ? nextFault(for: q) : nil
+    switch fault?.mode {
+    case .lost?, .corruptCompletion?, .stall?:
+      // Device-side faults the driver will only see as a missing or malformed
+      // completion (and recover from with a reset, which itself never counts).
+      recordQueueError(now: start, queue: q.id, status: .deviceFault)
+    default:
+      break
+    }
     switch fault?.mode {
     case .stall?:
       // A hung engine: it holds the job (and so blocks the queue's reset) until the fault is cleared.
@@ -399,19 +411,22 @@ public final class EmulatedDevice: @unchecked Sendable {
         length = produced
       }
       inputBytes += UInt64(length)
+      let corrupt = fault?.mode == .corruptOutput && i == chain.count - 1
+      if sqe.flags & UInt8(ACCEL_SQE_F_VERIFY) != 0 {
+        (status, produced, consumed) = withExtendedLifetime((srcExt, dstExt)) {
+          runVerified(sqe, inputLength: length, buffers: buffers, on: q, ctx: ctx, scratch: scratch, corrupt: corrupt)
+        }
+        stats.verified.add(1, ordering: .relaxed)
+        guard status == .ok else { break }
+        continue
+      }
       (status, produced, consumed) = withExtendedLifetime((srcExt, dstExt)) {
         run(sqe, inputLength: length, buffers: buffers, on: q, ctx: ctx)
       }
       guard status == .ok else { break }
-      if fault?.mode == .corruptOutput && i == chain.count - 1 && produced > 0 {
-        // Silent corruption of the result, before any verification sees it.
+      if corrupt && produced > 0 {
+        // Silent corruption of the result.
         (buffers.dst + Int(produced / 2)).assumingMemoryBound(to: UInt8.self).pointee ^= 0x5A
-      }
-      if sqe.flags & UInt8(ACCEL_SQE_F_VERIFY) != 0 {
-        status = withExtendedLifetime((srcExt, dstExt)) {
-          verify(sqe, inputLength: length, produced: produced, buffers: buffers, ctx: ctx)
-        }
-        stats.verified.add(1, ordering: .relaxed)
       }
     }
     var elapsed = SharedMemory.nowNanoseconds() &- start
@@ -462,15 +477,34 @@ public final class EmulatedDevice: @unchecked Sendable {
     }
   }
 
-  /// Compress-and-verify: inflates what a compress step wrote and compares it
-  /// with the step's input.
-  private func verify(_ sqe: accel_sqe, inputLength: UInt32, produced: UInt32, buffers: Buffers, ctx: OpaquePointer)
-    -> DeviceStatus
-  {
-    let original = UnsafePointer(buffers.src.assumingMemoryBound(to: UInt8.self))
-    let compressed = UnsafePointer(buffers.dst.assumingMemoryBound(to: UInt8.self))
-    let raw = accel_engine_verify(ctx, sqe.algorithm, compressed, produced, original, inputLength)
-    return DeviceStatus(rawValue: raw) ?? .engineError
+  /// Compress-and-verify on private memory (see `EngineScratch`): snapshots the
+  /// input, compresses the snapshot into scratch, inflates that and compares it
+  /// with the snapshot, and only then copies the result to the destination. What
+  /// the peer does to its shared buffers meanwhile cannot change the verdict, so
+  /// VERIFY_FAILED always means the device itself got it wrong.
+  /// `corrupt` (fault injection) flips a byte of the result before verification.
+  private func runVerified(
+    _ sqe: accel_sqe, inputLength: UInt32, buffers: Buffers, on q: DeviceQueue, ctx: OpaquePointer,
+    scratch: EngineScratch, corrupt: Bool
+  ) -> (DeviceStatus, UInt32, UInt32) {
+    guard sqe.opcode == DeviceOpcode.compress.rawValue, sqe.flags & UInt8(ACCEL_SQE_F_STREAM) == 0 else {
+      return (.badParams, 0, 0)  // validation admits VERIFY on one-shot compression only
+    }
+    guard let (input, output) = scratch.reserve(inputBytes: Int(inputLength), outputBytes: Int(sqe.dst_capacity)) else {
+      return (.engineError, 0, 0)
+    }
+    if inputLength > 0 { input.copyMemory(from: buffers.src, byteCount: Int(inputLength)) }
+    var (status, produced, consumed) = run(
+      sqe, inputLength: inputLength, buffers: Buffers(src: input, dst: output), on: q, ctx: ctx)
+    guard status == .ok else { return (status, produced, consumed) }
+    if corrupt && produced > 0 { (output + Int(produced / 2)).assumingMemoryBound(to: UInt8.self).pointee ^= 0x5A }
+    let raw = accel_engine_verify(
+      ctx, sqe.algorithm, output.assumingMemoryBound(to: UInt8.self), produced,
+      input.assumingMemoryBound(to: UInt8.self), inputLength)
+    status = DeviceStatus(rawValue: raw) ?? .engineError
+    guard status == .ok else { return (status, 0, consumed) }
+    if produced > 0 { buffers.dst.copyMemory(from: output, byteCount: Int(produced)) }
+    return (.ok, produced, consumed)
   }
 
   /// A validated step's input and output: in the queue's data pool, or in a
@@ -508,16 +542,20 @@ public final class EmulatedDevice: @unchecked Sendable {
       raw = accel_engine_decompress(ctx, sqe.algorithm, src, inputLength, dst, sqe.dst_capacity, &produced, &consumed)
     case .encrypt, .decrypt:
       let (key, keyLength) = keyMaterial(sqe, region: region)
-      let params = UnsafePointer(region.bytes(at: sqe.aux_offset).assumingMemoryBound(to: accel_aead_params.self))
-      let aadLength = UInt64(params.pointee.aad_length)
+      // The parameter block is copied out of shared memory before it is checked,
+      // as the SQE is: the engine reads only this copy, so a peer that rewrites
+      // `aad_length` after the check cannot make it read past the block.
+      var params = region.bytes(at: sqe.aux_offset).loadUnaligned(as: accel_aead_params.self)
+      let aadLength = UInt64(params.aad_length)
       guard UInt64(CryptoSizing.aeadParamsLength) + aadLength <= UInt64(sqe.aux_length) else {
         return (.badParams, 0, 0)
       }
       let aad = UnsafePointer(
         region.bytes(at: sqe.aux_offset + UInt64(CryptoSizing.aeadParamsLength)).assumingMemoryBound(to: UInt8.self))
-      raw = accel_engine_aead(
-        ctx, sqe.opcode == DeviceOpcode.encrypt.rawValue ? 1 : 0, sqe.algorithm, key, keyLength, params, aad, src,
-        inputLength, dst, sqe.dst_capacity, &produced)
+      let encrypt: Int32 = sqe.opcode == DeviceOpcode.encrypt.rawValue ? 1 : 0
+      raw = withUnsafePointer(to: &params) { p in
+        accel_engine_aead(ctx, encrypt, sqe.algorithm, key, keyLength, p, aad, src, inputLength, dst, sqe.dst_capacity, &produced)
+      }
       consumed = inputLength
     case .digest:
       let (key, keyLength) = keyMaterial(sqe, region: region)
@@ -568,8 +606,10 @@ public final class EngineStats: Sendable {
 
 /// Errors, resets and isolation as the device counts them.
 public struct DeviceErrorStatistics: Sendable, Equatable {
-  /// Queue-class errors: device faults, engine errors, verify mismatches, and
-  /// resets the driver asked for after finding a fault itself.
+  /// Device-side queue errors, the ones that count toward isolation: device
+  /// faults (injected ones included: errors, lost, malformed and stalled
+  /// completions), engine errors and verify mismatches. Errors a peer can cause
+  /// (resets, bad descriptors, index games) put only that peer's queue in error.
   public var queueErrors: UInt64
   /// Queue resets carried out.
   public var resets: UInt64
