@@ -16,6 +16,7 @@ struct accel_stream {
     uint8_t algorithm;
     uint8_t compress;
     uint8_t finished;   /* the stream's end has been produced or seen */
+    uint8_t member_done; /* gzip decompression: a member ended exactly at a chunk's end; another may follow */
     z_stream zs;
     int zs_ready;
     ZSTD_CStream *zc;
@@ -108,6 +109,17 @@ uint16_t accel_stream_process(accel_stream *s, const uint8_t *src, uint32_t src_
         }
         return ACCEL_STATUS_OK;
     }
+    if (s->member_done) {
+        /* A gzip member ended at the end of the previous chunk. An empty chunk keeps
+         * waiting (or ends the stream when final); anything else must open a member. */
+        if (src_len == 0) {
+            if (final) s->finished = 1;
+            return ACCEL_STATUS_OK;
+        }
+        if (src[0] != 0x1f || (src_len >= 2 && src[1] != 0x8b)) return ACCEL_STATUS_CORRUPT_INPUT;
+        inflateReset(&s->zs);
+        s->member_done = 0;
+    }
     z_stream *z = &s->zs;
     z->next_in = (Bytef *)src;
     z->avail_in = src_len;
@@ -128,20 +140,28 @@ uint16_t accel_stream_process(accel_stream *s, const uint8_t *src, uint32_t src_
         *consumed = src_len - z->avail_in;
         if (rc == Z_STREAM_END) {
             /* gzip: another member may follow (RFC 1952 allows several). */
-            if (s->algorithm == ACCEL_ALG_GZIP && z->avail_in > 0) {
-                if (z->avail_in >= 2 && z->next_in[0] == 0x1f && z->next_in[1] == 0x8b) {
-                    inflateReset(z);
-                    continue;
+            if (s->algorithm == ACCEL_ALG_GZIP) {
+                if (z->avail_in > 0) {
+                    /* The next member's header may be split across chunks: one byte is enough to go on. */
+                    if (z->next_in[0] == 0x1f && (z->avail_in < 2 || z->next_in[1] == 0x8b)) {
+                        inflateReset(z);
+                        continue;
+                    }
+                    return ACCEL_STATUS_CORRUPT_INPUT;
                 }
-                return ACCEL_STATUS_CORRUPT_INPUT;
+                if (final) s->finished = 1;
+                else s->member_done = 1;
+                return ACCEL_STATUS_OK;
             }
             if (z->avail_in > 0) return ACCEL_STATUS_CORRUPT_INPUT; /* bytes after the end */
-            s->finished = final ? 1 : s->finished;
-            if (!final) s->finished = 1; /* the stream ended; later chunks must be empty */
+            s->finished = 1; /* the stream ended; later chunks must be empty */
             return ACCEL_STATUS_OK;
         }
         if (rc == Z_DATA_ERROR) {
-            return z->msg && strstr(z->msg, "check") ? ACCEL_STATUS_CHECKSUM_MISMATCH : ACCEL_STATUS_CORRUPT_INPUT;
+            /* zlib says "incorrect data check" or "incorrect length check" for a failed
+             * trailer; "incorrect header check" is a damaged header, not a checksum. */
+            int trailer = z->msg && (strstr(z->msg, "data check") || strstr(z->msg, "length check"));
+            return trailer ? ACCEL_STATUS_CHECKSUM_MISMATCH : ACCEL_STATUS_CORRUPT_INPUT;
         }
         if (rc == Z_NEED_DICT) return ACCEL_STATUS_UNSUPPORTED;
         if (rc == Z_MEM_ERROR) return ACCEL_STATUS_ENGINE_ERROR;

@@ -137,6 +137,33 @@ def test_bad_streams_get_clear_statuses(stub, name):
     assert decompress_stream(stub, name, blob)[0] == data
 
 
+def _send_pieces(stub, pieces):
+    """DecompressStream of gzip data sent exactly as the given pieces (the last one final)."""
+    reqs = [pb.DecompressStreamRequest(format=FORMATS["gzip"], data=pieces[0], final=len(pieces) == 1)]
+    reqs += [pb.DecompressStreamRequest(data=p, final=i == len(pieces) - 1) for i, p in enumerate(pieces[1:], 1)]
+    out = bytearray()
+    for r in stub.DecompressStream(iter(reqs), timeout=120):
+        out += r.data
+    return bytes(out)
+
+
+def test_a_gzip_member_per_message_decompresses_every_member(stub):
+    """BGZF-like input: each message carries exactly one gzip member, so every member
+    ends at the end of a chunk. All of them must come out, as Python's gzip reads them."""
+    parts = [mixed(100_000 + 7 * k) for k in range(5)]
+    members = [gzip.compress(p, 6) for p in parts]
+    assert gzip.decompress(b"".join(members)) == b"".join(parts)
+    assert _send_pieces(stub, members) == b"".join(parts)
+    # A member's header split across messages, and empty messages between members.
+    joined = b"".join(members)
+    cut = len(members[0]) + 1  # one byte of the second member's header in the first message
+    assert _send_pieces(stub, [joined[:cut], joined[cut:]]) == b"".join(parts)
+    assert _send_pieces(stub, [members[0], b"", members[1], b""]) == parts[0] + parts[1]
+    # Bytes after a member that do not open another are refused, at a chunk edge or inside one.
+    for pieces in ([members[0], b"junk"], [members[0] + b"junk"], [members[0], b"\x1f\x00rest"]):
+        assert _code(lambda: _send_pieces(stub, pieces)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_lz4_is_refused_for_streams(stub):
     assert _code(lambda: compress_stream(stub, "gzip", b"x") and list(stub.CompressStream(
         iter([pb.CompressStreamRequest(format=pb.COMPRESSION_FORMAT_LZ4, data=b"x", final=True)]), timeout=10))) \
