@@ -234,7 +234,10 @@ uint16_t accel_engine_decompress(accel_engine_ctx *ctx, uint8_t algorithm,
         st->next_out = dst + out_pos;
         st->avail_out = dst_cap - out_pos;
         int rc = isal_inflate(st);
-        uint32_t used_in = (src_len - in_pos) - st->avail_in;
+        /* On a corrupt stream ISA-L can leave avail_in one below zero (it wraps) after
+           reading ahead (found by fuzz/engines/oneshot_fuzz): never report past the input. */
+        uint32_t given = src_len - in_pos;
+        uint32_t used_in = st->avail_in <= given ? given - st->avail_in : given;
         uint32_t made = (dst_cap - out_pos) - st->avail_out;
         in_pos += used_in;
         out_pos += made;
