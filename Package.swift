@@ -171,6 +171,15 @@ let package = Package(
       swiftSettings: strictSettings
     ),
 
+    // Ring-level fuzz games on the real shared memory (fuzz/ring/main.swift; run by fuzz/ring/run.sh).
+    .executableTarget(
+      name: "accelringfuzz",
+      dependencies: ["AccelDevice", "AccelDriver", "AccelABI", "CAccelABI"],
+      path: "fuzz/ring",
+      exclude: ["run.sh"],
+      swiftSettings: strictSettings
+    ),
+
     // MARK: Tests
 
     .testTarget(name: "AccelABITests", dependencies: ["AccelABI"], swiftSettings: strictSettings),

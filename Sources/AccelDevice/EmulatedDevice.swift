@@ -396,6 +396,13 @@ public final class EmulatedDevice: @unchecked Sendable {
         id == sqe.src_region ? srcExt?.size : id == sqe.dst_region ? dstExt?.size : nil
       }
       guard status == .ok else { break }
+      // A NOP touches no buffer, and its offsets are not validated: never turn them
+      // into pointers (an offset past Int.max trapped the device; found by
+      // fuzz/ring hostile-driver).
+      if sqe.opcode == UInt8(ACCEL_OP_NOP.rawValue) {
+        (produced, consumed) = (0, 0)
+        continue
+      }
       let buffers = Buffers(
         src: srcExt.map { $0.base + Int(sqe.src_offset) } ?? q.region.bytes(at: sqe.src_offset),
         dst: dstExt.map { $0.base + Int(sqe.dst_offset) } ?? q.region.bytes(at: sqe.dst_offset))

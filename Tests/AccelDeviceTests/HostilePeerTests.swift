@@ -144,4 +144,25 @@ import Testing
     #expect(!dev.isIsolated)
     #expect(Self.served(honest, cookie: 8))
   }
+
+  /// Found by `fuzz/ring` (hostile driver): a NOP's offsets are never validated, yet
+  /// the device turned them into pointers, and an offset past `Int.max` trapped the
+  /// whole process. A NOP now touches nothing, whatever its offsets say.
+  @Test(arguments: [UInt64.max, 1 << 63, 0]) func aNOPWithAnyOffsetCompletesAndHurtsNoOne(offset: UInt64) throws {
+    let dev = try Self.device(queues: 2)
+    defer { dev.stop() }
+    let hostile = try RawQueue(dev.exportQueue(0))
+    let honest = try RawQueue(dev.exportQueue(1))
+    var nop = accel_sqe()
+    nop.cookie = 9
+    nop.opcode = UInt8(ACCEL_OP_NOP.rawValue)
+    nop.src_offset = offset
+    nop.dst_offset = offset
+    nop.src_length = 64
+    nop.dst_capacity = 64
+    hostile.submit(nop)
+    let c = try #require(hostile.next(timeout: .seconds(10)))
+    #expect(c.cookie == 9 && c.produced == 0 && c.consumed == 0)
+    #expect(Self.served(honest, cookie: 10))
+  }
 }

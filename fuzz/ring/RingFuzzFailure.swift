@@ -1,0 +1,4 @@
+/// An oracle of a ring game that did not hold.
+struct RingFuzzFailure: Error {
+  var message: String
+}
