@@ -196,7 +196,7 @@ package final class Dispatcher: Sendable {
     let band: UInt8 = r.opcode == .compress ? (r.level == 0 ? 0 : r.level <= 3 ? 1 : 2) : 0
     return CostModel.JobClass(
       operation: r.opcode.rawValue, algorithm: r.algorithm.rawValue, band: band,
-      sizeBand: CostModel.JobClass.sizeBand(r.payloadCount))
+      sizeBand: CostModel.JobClass.sizeBand(r.deviceInputBytes))
   }
 
   /// Starts the reaper hook and the deadline sweeper.
@@ -297,7 +297,7 @@ package final class Dispatcher: Sendable {
           if let budget = configuration.maxQueuedBytes, s.heldBytes > 0, s.heldBytes + payloadCount > budget {
             return .rejected(reason: .gatewayMemory, retryAfterMilliseconds: retryHintLocked(s))
           }
-          let cost = s.cost.estimate(jobClass, bytes: payloadCount)
+          let cost = s.cost.estimate(jobClass, bytes: request.deviceInputBytes)
           let backlog = UInt64(s.admission.queuedJobs(request.tenant) + 1) * cost
           let engines = UInt64(max(1, configuration.inFlightPerQueue * s.inFlight.count / 2))
           if let refusal = s.admission.admit(
@@ -359,7 +359,7 @@ package final class Dispatcher: Sendable {
           queueWaitNanoseconds: UInt64((dispatchedAt - enqueuedAt).nanosecondsClamped),
           deviceNanoseconds: completion.engineNanoseconds,
           totalNanoseconds: UInt64((end - enqueuedAt).nanosecondsClamped),
-          inputBytes: UInt64(request.inputSpan.map { Int($0.length) } ?? payloadCount), outputBytes: UInt64(completion.produced),
+          inputBytes: UInt64(request.deviceInputBytes), outputBytes: UInt64(completion.produced),
           queueID: q.queueID, engineID: UInt32(completion.engineID), batchSize: UInt32(batchSize),
           inputCopies: inputCopies, outputCopies: copiesOut ? 1 : 0))
       result.pooledOutput = pooled
@@ -513,7 +513,7 @@ package final class Dispatcher: Sendable {
 
   /// Snapshot for DescribeDevice and metrics.
   package var snapshot: DispatcherSnapshot {
-    state.withLock { s in DispatcherSnapshot(queued: s.scheduler.count, inFlight: s.inFlight, retried: s.retried) }
+    state.withLock { s in DispatcherSnapshot(queued: s.scheduler.count, inFlight: s.inFlight, inFlightCost: s.inFlightCost, retried: s.retried) }
   }
 
   // MARK: internals
@@ -764,7 +764,7 @@ package final class Dispatcher: Sendable {
         s.inFlightCost[lease.queueIndex] -= min(s.inFlightCost[lease.queueIndex], p.job.cost)
       }
       if completion.status == .ok {
-        s.cost.observe(p.jobClass, bytes: p.request.payloadCount, engineNanoseconds: completion.engineNanoseconds)
+        s.cost.observe(p.jobClass, bytes: p.request.deviceInputBytes, engineNanoseconds: completion.engineNanoseconds)
       }
       s.scheduler.complete(p.job, actualCost: completion.engineNanoseconds, now: nanos(clock.now))
       if p.job.chain != 0 {
@@ -915,6 +915,8 @@ package struct JobReport: Sendable {
 package struct DispatcherSnapshot: Sendable {
   package var queued: Int
   package var inFlight: [Int]
+  /// Estimated device time (ns) of the jobs in flight, per queue: what the in-flight budget bounds.
+  package var inFlightCost: [UInt64]
   /// Jobs put back once after a queue error.
   package var retried: UInt64
 }

@@ -53,8 +53,13 @@ package struct JobRequest: Sendable {
   /// has written it out) instead of copying it into `JobResult.output`.
   package var poolOutput = false
 
-  /// Payload bytes of the job's input when it is inline or staged (0 for a local-lane span).
+  /// Payload bytes of the job's input when it is inline or staged (0 for a local-lane span):
+  /// what the job holds of the gateway's memory.
   package var payloadCount: Int { stagedInput.map { $0.length - stagedSkip } ?? input.count }
+  /// Bytes the device reads for the job, wherever they lie: the span's length for
+  /// a local-lane job. Device time is estimated and learned from this, so a span
+  /// job is costed like the same bytes sent inline (issue 17, finding 7).
+  package var deviceInputBytes: Int { inputSpan.map { Int($0.length) } ?? payloadCount }
   /// Bytes admission charges for the job.
   package var chargedBytes: Int { admissionBytes ?? payloadCount }
   /// Bytes reserved in the pool for the result; the device never writes more.

@@ -15,7 +15,10 @@ import Testing
     let driver: DeviceDriver
     let dispatcher: Dispatcher
 
-    init(capMBps: Double? = 1, pool: UInt64 = 4 << 20, maxQueued: Int = 64, deadline: Duration = .seconds(30)) throws {
+    init(
+      capMBps: Double? = 1, pool: UInt64 = 4 << 20, maxQueued: Int = 64, deadline: Duration = .seconds(30),
+      inFlightPerQueue: Int = 1
+    ) throws {
       device = try EmulatedDevice(
         configuration: .defaults {
           $0.queueCount = 1
@@ -27,7 +30,7 @@ import Testing
       device.start()
       driver = try DeviceDriver(queueFileDescriptors: [device.exportQueue(0)])
       var c = DispatcherConfiguration.defaults
-      c.inFlightPerQueue = 1
+      c.inFlightPerQueue = inFlightPerQueue
       c.maxQueuedJobs = maxQueued
       c.defaultDeadline = deadline
       c.sweepInterval = .milliseconds(5)
