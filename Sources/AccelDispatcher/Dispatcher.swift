@@ -126,6 +126,10 @@ package final class Dispatcher: Sendable {
     /// Payload bytes of every job the gateway holds, waiting or on the device
     /// (its request stays in memory until it completes; see `maxQueuedBytes`).
     var heldBytes = 0
+    /// Open streams by tenant, and the memory their device contexts may take
+    /// (counted in the same budget as `heldBytes`).
+    var openStreams: [String: Int] = [:]
+    var streamContextBytes = 0
     /// Streams closed while a slice was still on the device, by chain, with the
     /// number of their slices there: the context slot goes back to its queue
     /// when the last one completes, never before (a new stream on the slot
@@ -294,7 +298,10 @@ package final class Dispatcher: Sendable {
           if s.scheduler.count >= configuration.maxQueuedJobs {
             return .rejected(reason: .queueFull, retryAfterMilliseconds: retryHintLocked(s))
           }
-          if let budget = configuration.maxQueuedBytes, s.heldBytes > 0, s.heldBytes + payloadCount > budget {
+          // Open streams' contexts count too, except for a stream's own slices (its
+          // context is already in the budget).
+          let held = s.heldBytes + (request.stream == nil ? s.streamContextBytes : 0)
+          if let budget = configuration.maxQueuedBytes, held > 0, held + payloadCount > budget {
             return .rejected(reason: .gatewayMemory, retryAfterMilliseconds: retryHintLocked(s))
           }
           let cost = s.cost.estimate(jobClass, bytes: request.deviceInputBytes)
@@ -373,11 +380,25 @@ package final class Dispatcher: Sendable {
 
   /// Opens a stream context on the healthy queue with the least device time in
   /// flight. The stream's chunks all run there (its state lives in that queue).
-  package func openStream() throws(JobError) -> StreamTarget {
+  ///
+  /// A tenant holds at most `TenantLimits.maxOpenStreams` streams, and the
+  /// context's memory (`contextBytes`, see `StreamContextMemory`) counts in the
+  /// gateway's memory budget (`maxQueuedBytes`) for as long as the stream is open.
+  package func openStream(tenant: String = "default", contextBytes: Int = 0) throws(JobError) -> StreamTarget {
     let driver = self.driver
     guard isAttached else { throw .unavailable(detachedReason ?? "device unavailable") }
-    let order = state.withLock { s in
-      driver.queues.filter(\.isHealthy).sorted { s.inFlightCost[$0.index] < s.inFlightCost[$1.index] }
+    let order = try state.withLock { s throws(JobError) in
+      let limit = s.admission.limits(for: tenant).maxOpenStreams
+      guard s.openStreams[tenant, default: 0] < limit else {
+        throw .rejected(reason: .tenantStreams, retryAfterMilliseconds: 1000)
+      }
+      let held = s.heldBytes + s.streamContextBytes
+      if let budget = configuration.maxQueuedBytes, held > 0, held + contextBytes > budget {
+        throw .rejected(reason: .gatewayMemory, retryAfterMilliseconds: retryHintLocked(s))
+      }
+      s.openStreams[tenant, default: 0] += 1
+      s.streamContextBytes += contextBytes
+      return driver.queues.filter(\.isHealthy).sorted { s.inFlightCost[$0.index] < s.inFlightCost[$1.index] }
     }
     for q in order {
       if let slot = q.openStream() {
@@ -386,11 +407,24 @@ package final class Dispatcher: Sendable {
           s.scheduler.chains.open(s.nextChain)
           return s.nextChain
         }
-        return StreamTarget(queueIndex: q.index, slot: slot, driverID: ObjectIdentifier(driver), chain: chain)
+        var target = StreamTarget(queueIndex: q.index, slot: slot, driverID: ObjectIdentifier(driver), chain: chain)
+        target.tenant = tenant
+        target.contextBytes = contextBytes
+        return target
       }
     }
+    state.withLock { s in Self.streamClosedLocked(&s, tenant: tenant, contextBytes: contextBytes) }
     throw .rejected(reason: .queueFull, retryAfterMilliseconds: 100)
   }
+
+  private static func streamClosedLocked(_ s: inout State, tenant: String, contextBytes: Int) {
+    s.streamContextBytes -= contextBytes
+    let left = s.openStreams[tenant, default: 1] - 1
+    s.openStreams[tenant] = left > 0 ? left : nil
+  }
+
+  /// Streams a tenant holds open (for tests and metrics).
+  package func openStreamCount(tenant: String) -> Int { state.withLock { $0.openStreams[tenant, default: 0] } }
 
   /// Gives a stream's context back (after its last chunk, or when it is abandoned;
   /// the next STREAM_START on the slot reopens it cleanly).
@@ -400,6 +434,7 @@ package final class Dispatcher: Sendable {
     var slotFree = true
     let orphans = state.withLock { s -> [CheckedContinuation<Outcome, Never>] in
       s.scheduler.chains.end(target.chain)
+      Self.streamClosedLocked(&s, tenant: target.tenant, contextBytes: target.contextBytes)
       // A slice still on the device (abandoned by a caller that gave up) keeps the slot until it completes.
       let running = s.jobs.values.count { $0.lease != nil && $0.request.stream?.chain == target.chain }
       if running > 0 {

@@ -119,6 +119,10 @@ package struct StreamTarget: Sendable, Equatable {
   package var driverID: ObjectIdentifier
   /// The scheduler chain that orders the stream's slices.
   package var chain: UInt64
+  /// The tenant that holds the stream, and the memory its context is counted at
+  /// in the gateway's memory budget (`StreamContextMemory`).
+  package var tenant: String = "default"
+  package var contextBytes: Int = 0
 }
 
 package struct JobStatistics: Sendable, Equatable {
@@ -224,4 +228,6 @@ package enum RejectionReason: String, Sendable {
   case rateLimited = "rate_limited"
   /// All waiting jobs together hold the gateway's payload memory budget.
   case gatewayMemory = "gateway_memory"
+  /// The tenant holds its maximum number of open streams.
+  case tenantStreams = "tenant_streams"
 }

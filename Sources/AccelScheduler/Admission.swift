@@ -8,15 +8,19 @@ public struct TenantLimits: Sendable, Equatable, Codable {
   public var maxPayloadBytes: Int
   /// Sustained admission rate cap in bytes per second; nil means none.
   public var maxBytesPerSecond: Int?
+  /// Compression streams the tenant may hold open at once (each holds a device
+  /// stream context, of which a queue has a few dozen).
+  public var maxOpenStreams: Int
 
   public init(
     maxQueuedJobs: Int = 256, maxQueuedBytes: Int = 256 << 20, maxPayloadBytes: Int = 4 << 20,
-    maxBytesPerSecond: Int? = nil
+    maxBytesPerSecond: Int? = nil, maxOpenStreams: Int = 16
   ) {
     self.maxQueuedJobs = maxQueuedJobs
     self.maxQueuedBytes = maxQueuedBytes
     self.maxPayloadBytes = maxPayloadBytes
     self.maxBytesPerSecond = maxBytesPerSecond
+    self.maxOpenStreams = maxOpenStreams
   }
 
   public static var defaults: Self { Self() }

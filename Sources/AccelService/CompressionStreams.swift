@@ -99,29 +99,26 @@ extension AcceleratorService {
     chunk: @escaping @Sendable (Message) -> (data: Data, final: Bool),
     emit: @escaping @Sendable (Data) async throws -> Void
   ) async throws -> StreamSession {
-    var iterator = messages.makeAsyncIterator()
-    guard let first = try await iterator.next() else {
+    let reader = IdleBoundedReader(messages, timeout: configuration.streamIdleTimeout)
+    guard let first = try await reader.next() else {
       throw RPCError(code: .invalidArgument, message: "the stream carried no messages")
     }
     let session = try open(first)
     defer { session.close() }
-    // Handed to the reading side, the only one that uses it from here on.
-    let rest = HandedOver(iterator)
     let (service, firstChunk) = (self, chunk(first))
     try await withThrowingTaskGroup(of: Void.self) { group in
       group.addTask {
-        var messages = rest.value
-        var reader = session.makeReader()
+        var slices = session.makeReader()
         var ended = false
         var next: (data: Data, final: Bool)? = firstChunk
         while let (data, final) = next {
           guard !ended else { throw RPCError(code: .invalidArgument, message: "data after the final chunk") }
           try service.checkSize(data.count)
-          try await session.queue(data, final: final, reader: &reader)
+          try await session.queue(data, final: final, reader: &slices)
           ended = final
-          next = try await messages.next().map(chunk)
+          next = try await reader.next().map(chunk)
         }
-        if !ended { try await session.queue(Data(), final: true, reader: &reader) }
+        if !ended { try await session.queue(Data(), final: true, reader: &slices) }
         session.endOfInput()
       }
       group.addTask { try await session.writeOutput(emit: emit) }
@@ -207,7 +204,8 @@ final class StreamSession: Sendable {
     self.outputCap = outputCap
     (slices, slicesIn) = AsyncStream.makeStream(of: Slice.self)
     (finished, finishedIn) = AsyncStream.makeStream(of: Void.self)
-    do { target = try service.dispatcher.openStream() } catch {
+    let contextBytes = StreamContextMemory.bytes(algorithm: algorithm, level: level, compress: compress)
+    do { target = try service.dispatcher.openStream(tenant: tenant, contextBytes: contextBytes) } catch {
       throw StatusMapping.rpcError(error, operation: compress ? "compress" : "decompress", outputLimit: 0)
     }
   }
@@ -304,12 +302,6 @@ final class StreamSession: Sendable {
   }
 }
 
-/// A value handed from one task to another that alone uses it from then on.
-struct HandedOver<Value>: @unchecked Sendable {
-  var value: Value
-  init(_ value: Value) { self.value = value }
-}
-
 /// A stream's response writer that gives up on a client that stops reading.
 ///
 /// HTTP/2 flow control suspends a write while the client's window is shut, so
@@ -329,45 +321,41 @@ struct StallBoundedWriter<Message: Sendable>: Sendable {
 
   func write(_ message: Message) async throws {
     let (writer, timeout) = (writer, timeout)
-    try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-      let race = WriteRace(continuation)
-      let write = Task {
-        let outcome: Result<Void, any Error>
-        do { outcome = .success(try await writer.write(message)) } catch { outcome = .failure(error) }
-        race.finish(outcome)
-      }
-      race.arm(
-        Task {
-          guard (try? await Task.sleep(for: timeout)) != nil else { return }
-          if race.finish(.failure(RPCError(
-            code: .resourceExhausted,
-            message: "the client accepted no stream output for \(timeout) (stream write timeout); the stream was ended")))
-          {
-            write.cancel()
-          }
-        })
-    }
+    try await TimeLimit.run(
+      timeout,
+      expired: {
+        RPCError(
+          code: .resourceExhausted,
+          message: "the client accepted no stream output for \(timeout) (stream write timeout); the stream was ended")
+      },
+      { try await writer.write(message) })
   }
 }
 
-/// Whichever finishes first, a write or its timer, resumes the handler; the other is then moot.
-private final class WriteRace: Sendable {
-  private let pending: Mutex<CheckedContinuation<Void, any Error>?>
-  private let timer = Mutex<Task<Void, Never>?>(nil)
+/// A stream's request side that gives up on a client that sends nothing.
+///
+/// An open compression stream holds a device stream context and memory, so a
+/// client that opens one and goes quiet would hold them for as long as it
+/// likes. A message that does not arrive within `timeout` (nil: no limit) ends
+/// the call with RESOURCE_EXHAUSTED. Only one task reads at a time.
+final class IdleBoundedReader<Message: Sendable>: @unchecked Sendable {
+  private var iterator: RPCAsyncSequence<Message, any Error>.AsyncIterator
+  let timeout: Duration?
 
-  init(_ continuation: CheckedContinuation<Void, any Error>) { pending = Mutex(continuation) }
-
-  func arm(_ task: Task<Void, Never>) {
-    timer.withLock { $0 = task }
-    // Finished meanwhile (`finish` may have looked for the timer before it was set): stop it here.
-    if pending.withLock({ $0 == nil }) { timer.withLock { $0.take() }?.cancel() }
+  init(_ messages: RPCAsyncSequence<Message, any Error>, timeout: Duration?) {
+    iterator = messages.makeAsyncIterator()
+    self.timeout = timeout
   }
 
-  /// Resumes the handler with `outcome` unless the other side already did; true when this call did.
-  @discardableResult func finish(_ outcome: Result<Void, any Error>) -> Bool {
-    guard let c = pending.withLock({ $0.take() }) else { return false }
-    timer.withLock { $0.take() }?.cancel()
-    c.resume(with: outcome)
-    return true
+  func next() async throws -> Message? {
+    guard let timeout else { return try await iterator.next() }
+    return try await TimeLimit.run(
+      timeout,
+      expired: {
+        RPCError(
+          code: .resourceExhausted,
+          message: "no stream input for \(timeout) (stream idle timeout); the stream was ended and its device context freed")
+      },
+      { try await self.iterator.next() })
   }
 }

@@ -116,6 +116,9 @@ public enum ConfigFile {
     int("limits.stream_write_timeout_ms", 100...3_600_000, "end a stream whose client accepts no output this long") {
       $0.streamWriteTimeout = .milliseconds($1)
     },
+    int("limits.stream_idle_timeout_ms", 0...86_400_000, "end a stream whose client sends nothing this long (0 = never)") {
+      $0.streamIdleTimeout = $1 > 0 ? .milliseconds($1) : nil
+    },
     int("limits.max_queued_payload_bytes", 0...(1 << 40), "payload bytes all waiting jobs may hold (0 = unbounded)") {
       $0.maxQueuedPayloadBytes = $1 > 0 ? $1 : nil
     },
@@ -134,6 +137,9 @@ public enum ConfigFile {
     },
     int("limits.tenant_max_queued_jobs", 1...1_000_000, "default per-tenant queued jobs") { $0.defaultTenantLimits.maxQueuedJobs = $1 },
     int("limits.tenant_max_queued_bytes", 1...(1 << 40), "default per-tenant queued bytes") { $0.defaultTenantLimits.maxQueuedBytes = $1 },
+    int("limits.tenant_max_open_streams", 1...100_000, "default per-tenant open compression streams") {
+      $0.defaultTenantLimits.maxOpenStreams = $1
+    },
     string("scheduler.kind", "fair or fifo", allowed: SchedulerKind.allCases.map(\.rawValue)) { c, v in
       c.scheduler = SchedulerKind(rawValue: v) ?? .fair
       return nil
@@ -304,8 +310,10 @@ public enum ConfigFile {
       ("connection.max_idle_ms", c.maxConnectionIdle.map(ms) ?? "0"), ("connection.max_age_ms", c.maxConnectionAge.map(ms) ?? "0"),
       ("connection.max_grace_ms", c.maxConnectionGrace.map(ms) ?? "0"), ("connection.keepalive_ms", ms(c.keepaliveTime)),
       ("connection.keepalive_timeout_ms", ms(c.keepaliveTimeout)), ("limits.default_deadline_ms", ms(c.defaultDeadline)),
-      ("limits.drain_grace_ms", ms(c.drainGrace)), ("limits.stream_write_timeout_ms", ms(c.streamWriteTimeout)), ("limits.drain_delay_ms", ms(c.drainDelay)), ("limits.tenant_max_queued_jobs", "\(c.defaultTenantLimits.maxQueuedJobs)"),
-      ("limits.tenant_max_queued_bytes", "\(c.defaultTenantLimits.maxQueuedBytes)"), ("scheduler.kind", c.scheduler.rawValue),
+      ("limits.drain_grace_ms", ms(c.drainGrace)), ("limits.stream_write_timeout_ms", ms(c.streamWriteTimeout)),
+      ("limits.stream_idle_timeout_ms", c.streamIdleTimeout.map(ms) ?? "0"), ("limits.drain_delay_ms", ms(c.drainDelay)), ("limits.tenant_max_queued_jobs", "\(c.defaultTenantLimits.maxQueuedJobs)"),
+      ("limits.tenant_max_queued_bytes", "\(c.defaultTenantLimits.maxQueuedBytes)"),
+      ("limits.tenant_max_open_streams", "\(c.defaultTenantLimits.maxOpenStreams)"), ("scheduler.kind", c.scheduler.rawValue),
       ("scheduler.in_flight_per_queue", "\(c.inFlightPerQueue)"), ("scheduler.in_flight_budget_us", us(c.inFlightBudget)),
       ("scheduler.max_batch", "\(c.maxBatch)"), ("device.address", c.deviceAddress ?? "embedded"),
       ("device.queue_weight", "\(c.queueWeight)"), ("device.software_fallback", "\(c.softwareFallback)"),

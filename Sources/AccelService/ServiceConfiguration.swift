@@ -92,6 +92,11 @@ public struct ServiceConfiguration: Sendable {
   /// long (it stopped reading: HTTP/2 flow control holds the write) ends with
   /// RESOURCE_EXHAUSTED and gives its device context back.
   public var streamWriteTimeout: Duration = .seconds(30)
+  /// A CompressStream/DecompressStream whose client sends no message for this
+  /// long ends with RESOURCE_EXHAUSTED and gives its device context back (nil:
+  /// never). Submit is exempt (idle gaps between jobs hold no device context),
+  /// and so is health Watch.
+  public var streamIdleTimeout: Duration? = .seconds(60)
   /// Payload bytes all waiting jobs together may hold; beyond it new jobs get
   /// RESOURCE_EXHAUSTED (`gateway_memory`) with a retry hint. nil = unbounded.
   public var maxQueuedPayloadBytes: Int? = 1 << 30

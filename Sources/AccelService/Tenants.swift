@@ -28,11 +28,13 @@ struct TenantEntry: Decodable, Equatable {
     var maxQueuedBytes: Int?
     var maxPayloadBytes: Int?
     var maxBytesPerSecond: Int?
+    var maxOpenStreams: Int?
     enum CodingKeys: String, CodingKey {
       case maxQueuedJobs = "max_queued_jobs"
       case maxQueuedBytes = "max_queued_bytes"
       case maxPayloadBytes = "max_payload_bytes"
       case maxBytesPerSecond = "max_bytes_per_second"
+      case maxOpenStreams = "max_open_streams"
     }
   }
 
@@ -103,9 +105,10 @@ public struct TenantTable: Sendable {
         limits.maxQueuedJobs = l.maxQueuedJobs ?? limits.maxQueuedJobs
         limits.maxQueuedBytes = l.maxQueuedBytes ?? limits.maxQueuedBytes
         limits.maxPayloadBytes = l.maxPayloadBytes ?? limits.maxPayloadBytes
+        limits.maxOpenStreams = l.maxOpenStreams ?? limits.maxOpenStreams
         if let r = l.maxBytesPerSecond { limits.maxBytesPerSecond = r > 0 ? r : nil }
       }
-      guard limits.maxQueuedJobs > 0, limits.maxQueuedBytes > 0, limits.maxPayloadBytes > 0 else {
+      guard limits.maxQueuedJobs > 0, limits.maxQueuedBytes > 0, limits.maxPayloadBytes > 0, limits.maxOpenStreams > 0 else {
         throw ConfigurationError("\(at).limits: limits must be positive")
       }
       policies.append(TenantPolicy(id: t.id, weight: weight, limits: limits))

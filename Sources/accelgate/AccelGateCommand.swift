@@ -85,6 +85,8 @@ struct Serve: AsyncParsableCommand {
   @Option(help: "Payload bytes all waiting jobs may hold; 0 = unbounded [1073741824].") var maxQueuedPayloadBytes: String?
   @Option(help: "End a stream whose client accepts no output for this many milliseconds [30000].")
   var streamWriteTimeoutMs: String?
+  @Option(help: "End a stream whose client sends nothing for this many milliseconds; 0 = never [60000].")
+  var streamIdleTimeoutMs: String?
   @Option(help: "Close connections idle this many milliseconds; 0 = never [1800000].") var maxConnectionIdleMs: String?
   @Option(help: "Close connections older than this many milliseconds, gracefully; 0 = never [0].")
   var maxConnectionAgeMs: String?
@@ -99,7 +101,7 @@ struct Serve: AsyncParsableCommand {
       ("listen.host", host), ("listen.port", port), ("listen.max_concurrent_streams", maxConcurrentStreams),
       ("limits.max_request_bytes", maxRequestBytes), ("limits.max_decompressed_bytes", maxDecompressedBytes),
       ("limits.max_queued_jobs", maxQueuedJobs), ("limits.default_deadline_ms", defaultDeadlineMs),
-      ("limits.drain_grace_ms", drainGraceMs), ("limits.stream_write_timeout_ms", streamWriteTimeoutMs), ("limits.drain_delay_ms", drainDelayMs), ("limits.tenant_max_queued_jobs", tenantMaxQueuedJobs),
+      ("limits.drain_grace_ms", drainGraceMs), ("limits.stream_write_timeout_ms", streamWriteTimeoutMs), ("limits.stream_idle_timeout_ms", streamIdleTimeoutMs), ("limits.drain_delay_ms", drainDelayMs), ("limits.tenant_max_queued_jobs", tenantMaxQueuedJobs),
       ("limits.tenant_max_queued_bytes", tenantMaxQueuedBytes), ("scheduler.kind", scheduler),
       ("scheduler.in_flight_per_queue", inFlightPerQueue), ("scheduler.in_flight_budget_us", inFlightBudgetUs),
       ("scheduler.max_batch", maxBatch), ("device.address", device), ("device.queue_weight", queueWeight),

@@ -36,7 +36,7 @@ import Testing
       c.sweepInterval = .milliseconds(5)
       dispatcher = Dispatcher(
         driver: driver, configuration: c,
-        tenants: [TenantPolicy(id: "default", limits: TenantLimits(maxQueuedJobs: maxQueued))])
+        tenants: [TenantPolicy(id: "default", limits: TenantLimits(maxQueuedJobs: maxQueued, maxOpenStreams: 1024))])
       dispatcher.start()
     }
 

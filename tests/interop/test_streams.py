@@ -3,6 +3,7 @@ stream contexts, read and written by Python's own gzip, zlib and zstandard."""
 import gzip
 import os
 import resource  # noqa: F401
+import time
 import zlib
 
 import grpc
@@ -58,13 +59,13 @@ def chunks(data, size, first):
         yield dict(first, data=b"", final=True)
 
 
-def compress_stream(stub, name, data, chunk=MiB, level=None):
+def compress_stream(stub, name, data, chunk=MiB, level=None, metadata=None):
     first = {"format": FORMATS[name]}
     if level is not None:
         first["level"] = level
     reqs = (pb.CompressStreamRequest(**m) for m in chunks(data, chunk, first))
     out, last = bytearray(), None
-    for r in stub.CompressStream(reqs, timeout=300):
+    for r in stub.CompressStream(reqs, timeout=300, metadata=metadata):
         out += r.data
         last = r
     assert last.final and last.total_in == len(data) and last.total_out == len(out)
@@ -344,4 +345,78 @@ def test_many_cancelled_streams_give_every_context_back(start_server):
         time.sleep(0.2)
     assert _stream_contexts_open(srv.metrics_port) == 0
     data = mixed(3 * MiB)
+    assert gzip.decompress(compress_stream(stub, "gzip", data)[0]) == data
+
+
+def _open_idle_compress_stream(stub, md=None):
+    """A CompressStream that sends its first chunk and then nothing: it holds a device context."""
+    import queue
+    gate = queue.Queue()
+
+    def requests():
+        yield pb.CompressStreamRequest(format=pb.COMPRESSION_FORMAT_GZIP, data=b"idle", final=False)
+        gate.get()  # until the test lets it go (or never)
+
+    call = stub.CompressStream(requests(), timeout=60, metadata=md)
+    return call, gate
+
+
+def test_a_tenant_cannot_hoard_stream_contexts(start_server, tmp_path):
+    """Issue 17, finding 5: one client opening many idle streams took every stream
+    context and locked every other tenant out. Now a tenant holds at most its
+    max_open_streams (3 here); the next one is RESOURCE_EXHAUSTED (tenant_streams),
+    and another tenant still opens streams."""
+    from agtest import Tenant, new_key, write_tenants
+    hoarder = Tenant("hoarder", [new_key("hoarder")], limits={"max_open_streams": 3})
+    other = Tenant("other", [new_key("other")])
+    path = write_tenants(str(tmp_path / "tenants.yaml"), [hoarder, other])
+    srv = start_server("--tenants", path, label="stream-quota")
+    stub = srv.stub()
+    held = []
+    try:
+        for _ in range(3):
+            call, gate = _open_idle_compress_stream(stub, hoarder.md)
+            held.append((call, gate))
+        # Each of the three has its context once the server answers the stream's open.
+        t0 = time.monotonic()
+        while _stream_contexts_open(srv.metrics_port) < 3 and time.monotonic() - t0 < 30:
+            time.sleep(0.05)
+        assert _stream_contexts_open(srv.metrics_port) == 3
+        fourth, gate4 = _open_idle_compress_stream(stub, hoarder.md)
+        gate4.put(None)
+        with pytest.raises(grpc.RpcError) as e:
+            for _ in fourth:
+                pass
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value
+        assert "tenant_streams" in e.value.details()
+        # Another tenant is not affected.
+        data = mixed(1 * MiB)
+        out, _ = compress_stream(stub, "gzip", data, metadata=other.md)
+        assert gzip.decompress(out) == data
+    finally:
+        for call, gate in held:
+            gate.put(None)
+            call.cancel()
+
+
+def test_an_idle_stream_ends_and_gives_its_context_back(start_server):
+    """Issue 17, finding 5: a stream whose client sends nothing for the idle timeout
+    (1 s here) ends with RESOURCE_EXHAUSTED and its device context goes back."""
+    srv = start_server("--stream-idle-timeout-ms", 1000, label="stream-idle")
+    stub = srv.stub()
+    call, gate = _open_idle_compress_stream(stub)
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as e:
+        for _ in call:
+            pass
+    waited = time.monotonic() - t0
+    gate.put(None)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value
+    assert "stream idle timeout" in e.value.details()
+    assert waited < 30
+    t0 = time.monotonic()
+    while _stream_contexts_open(srv.metrics_port) > 0 and time.monotonic() - t0 < 30:
+        time.sleep(0.05)
+    assert _stream_contexts_open(srv.metrics_port) == 0
+    data = mixed(1 * MiB)
     assert gzip.decompress(compress_stream(stub, "gzip", data)[0]) == data
