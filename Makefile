@@ -8,12 +8,12 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 ARGS ?=
 
-.PHONY: run test deps deps-test build build-release build-accelctl check-generated check-deploy c-client swift-test interop bench generate clean
+.PHONY: run test deps deps-test build build-release build-accelctl check-generated check-deploy c-client swift-test interop fuzz-bounded fuzz bench generate clean
 
 run: deps build-release
 	.build/release/accelgate serve --host $(HOST) --port $(PORT) $(ARGS)
 
-test: deps-test check-generated check-deploy c-client swift-test interop
+test: deps-test check-generated check-deploy c-client swift-test interop fuzz-bounded
 
 deps:
 	@scripts/install-deps.sh run
@@ -53,6 +53,16 @@ swift-test:
 
 interop: build
 	$(PYTHON) -m pytest -q tests/interop
+
+# Every fuzzer for a few seconds each (fuzz/README.md); part of `make test`.
+fuzz-bounded:
+	$(SWIFT) build
+	fuzz/run.sh --bounded
+
+# A long campaign of every fuzzer (LONG_SECONDS each, default 600).
+fuzz: deps-test
+	$(SWIFT) build --build-tests
+	fuzz/run.sh --long
 
 bench: deps-test
 	scripts/install-deps.sh bench

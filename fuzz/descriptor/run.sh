@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Builds the DescriptorRules harness with swiftc -sanitize=fuzzer,address and runs it.
 #   fuzz/descriptor/run.sh --bounded   BOUNDED_SECONDS (default 20)
-#   fuzz/descriptor/run.sh --long      LONG_SECONDS (default 900)
+#   fuzz/descriptor/run.sh --long      LONG_SECONDS (default 600)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 MODE="${1:---bounded}"
 case "$MODE" in
   --bounded) SECONDS_EACH="${BOUNDED_SECONDS:-20}" ;;
-  --long) SECONDS_EACH="${LONG_SECONDS:-900}" ;;
+  --long) SECONDS_EACH="${LONG_SECONDS:-600}" ;;
   *) echo "usage: $0 --bounded|--long" >&2; exit 2 ;;
 esac
 OUT="$ROOT/.build-fuzz/descriptor"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the C engine harnesses with clang's libFuzzer and ASan and runs them.
 #   fuzz/engines/run.sh --bounded   each harness for BOUNDED_SECONDS (default 25)
-#   fuzz/engines/run.sh --long      each harness for LONG_SECONDS (default 900)
+#   fuzz/engines/run.sh --long      each harness for LONG_SECONDS (default 600)
 # Corpora live in .build-fuzz/engines/<harness>/ (not committed); crashes are written
 # there as crash-* files, which libFuzzer reruns with: <binary> <crash-file>.
 set -euo pipefail
@@ -9,7 +9,7 @@ ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 MODE="${1:---bounded}"
 case "$MODE" in
   --bounded) SECONDS_EACH="${BOUNDED_SECONDS:-25}" ;;
-  --long) SECONDS_EACH="${LONG_SECONDS:-900}" ;;
+  --long) SECONDS_EACH="${LONG_SECONDS:-600}" ;;
   *) echo "usage: $0 --bounded|--long" >&2; exit 2 ;;
 esac
 CLANG="${CLANG:-$(command -v /opt/swift/usr/bin/clang || command -v clang)}"
