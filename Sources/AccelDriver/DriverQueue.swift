@@ -138,6 +138,12 @@ package final class DriverQueue: @unchecked Sendable {
     /// Driver's private copy of sq_tail.
     var tail: UInt32 = 0
     var leased = 0
+    /// SQ entries the leases will take: one per job, two per chain. A lease's
+    /// entries stay counted until it is released (after its completion, so after
+    /// the device fetched them), and their sum never passes `sq_entries`: a
+    /// descriptor is never written over one the device has not fetched yet
+    /// (issue 17, finding 13).
+    var descriptorsHeld = 0
     var service = QueueService.inService
     var freeStreams: [UInt32] = []
     /// Staged payloads (network lane) may only lie at or above this offset:
@@ -273,7 +279,10 @@ package final class DriverQueue: @unchecked Sendable {
     precondition((key?.count ?? 0) <= CryptoSizing.maxKeyLength)
     if let stagedInput { precondition(stagedInput.queue === self && srcSkip <= stagedInput.length, "staged elsewhere") }
     let lease = state.withLock { s -> Lease? in
-      guard let slot = s.freeSlots.last, key == nil || !s.freeKeySlots.isEmpty else { return nil }
+      let descriptors = midCapacity > 0 ? 2 : 1
+      guard let slot = s.freeSlots.last, key == nil || !s.freeKeySlots.isEmpty,
+        s.descriptorsHeld + descriptors <= Int(region.layout.sqEntries)
+      else { return nil }
       var taken: [(UInt64, UInt64)] = []
       func take(_ n: UInt32) -> UInt64? {
         guard let o = s.pool.allocate(UInt64(n)) else { return nil }
@@ -294,6 +303,7 @@ package final class DriverQueue: @unchecked Sendable {
         s.stagedLeases[slot] = stagedInput
       }
       s.freeSlots.removeLast()
+      s.descriptorsHeld += descriptors
       s.generation &+= 1
       let gen = s.generation
       let srcLength = stagedInput.map { UInt32($0.length) } ?? srcExternal?.length ?? srcLength
@@ -403,6 +413,7 @@ package final class DriverQueue: @unchecked Sendable {
       s.slots[lease.slot] = .free
       s.freeSlots.append(lease.slot)
       s.leased -= 1
+      s.descriptorsHeld -= lease.midCapacity > 0 ? 2 : 1
       return s.stagedLeases.removeValue(forKey: lease.slot)
     }
     staged?.settle()
@@ -435,7 +446,7 @@ package final class DriverQueue: @unchecked Sendable {
 
   /// Writes the descriptors of a batch and publishes them with one tail store.
   /// Rings the doorbell (one futex wake) only if an engine is parked.
-  /// Leases always fit: there are as many slots as SQ entries.
+  /// Leases always fit: their SQ entries together never pass `sq_entries` (`descriptorsHeld`).
   /// - Returns: true if a wake syscall was made.
   @discardableResult
   package func submit(_ batch: [(lease: Lease, steps: [DeviceStep])]) -> Bool {
