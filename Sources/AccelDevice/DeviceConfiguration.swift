@@ -35,6 +35,8 @@ public struct DeviceConfiguration: Sendable, Equatable {
   public var eventfdDoorbells = false
   /// Faults to inject from the start (tests and drills); `.none` in production.
   public var faults: FaultInjection = .none
+  /// The first queue id handed out (tests start near 2^32 to see the ids wrap).
+  public var firstQueueID: UInt32 = 0
 
   public init(
     queueCount: Int = 2,

@@ -19,7 +19,9 @@ public final class EmulatedDevice: @unchecked Sendable {
   /// Live queues. Engines work from a snapshot and re-read it when `queueGeneration` moves.
   private let queueSet = Mutex<[DeviceQueue]>([])
   private let queueGeneration = Atomic<UInt64>(0)
-  private let nextQueueID = Atomic<UInt32>(0)
+  /// The next queue id to try. Held while a queue is allocated, so the id choice,
+  /// the budget check and the append happen as one step.
+  private let allocation: Mutex<UInt32>
   /// Engines also park on this word, so adding or removing a queue wakes them.
   private let controlWord = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
   private let controlDoorbell: SharedWord
@@ -52,6 +54,7 @@ public final class EmulatedDevice: @unchecked Sendable {
       throw .invalidConfiguration("need 0...128 queues and at least one engine")
     }
     self.configuration = configuration
+    allocation = Mutex(configuration.firstQueueID)
     faultPlan = Mutex(configuration.faults)
     faultsOn.store(configuration.faults.mode != .none, ordering: .relaxed)
     controlWord.initialize(to: 0)
@@ -71,6 +74,17 @@ public final class EmulatedDevice: @unchecked Sendable {
   /// Creates a queue region with the configured geometry and adds it to arbitration.
   /// - Throws: `.budget` when the region would exceed `memoryBudget`.
   public func allocateQueue(weight: UInt32, dataPoolBytes: UInt64? = nil) throws(DeviceError) -> DeviceQueue {
+    try allocation.withLock { (next: inout UInt32) throws(DeviceError) -> DeviceQueue in
+      try allocateQueueLocked(weight: weight, dataPoolBytes: dataPoolBytes, next: &next)
+    }
+  }
+
+  /// Moves the id counter (tests: to meet live ids after a wrap without 2^32 allocations).
+  package func setNextQueueID(_ id: UInt32) { allocation.withLock { $0 = id } }
+
+  private func allocateQueueLocked(weight: UInt32, dataPoolBytes: UInt64?, next: inout UInt32) throws(DeviceError)
+    -> DeviceQueue
+  {
     let layout: RegionLayout
     do {
       layout = try RegionLayout(
@@ -81,7 +95,12 @@ public final class EmulatedDevice: @unchecked Sendable {
     if let budget = configuration.memoryBudget, regionBytes + layout.regionSize > budget {
       throw .budget("queue of \(layout.regionSize) bytes exceeds the device memory budget (\(regionBytes) of \(budget) in use)")
     }
-    let id = nextQueueID.add(1, ordering: .relaxed).oldValue
+    // Ids wrap at 2^32; a live queue's id is never handed out again (there are
+    // at most 128 live queues, so this skips at most 128 ids).
+    let live = Set(queues.map(\.id))
+    while live.contains(next) { next &+= 1 }
+    let id = next
+    next &+= 1
     let queue: DeviceQueue
     do {
       let region = try QueueRegion.create(layout: layout, queueID: id, weight: max(1, weight), name: "accelgate-q\(id)")
