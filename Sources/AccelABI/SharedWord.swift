@@ -56,7 +56,7 @@ public enum SharedMemory {
     let rc = words.withUnsafeBufferPointer { w in
       expected.withUnsafeBufferPointer { e in
         w.withMemoryRebound(to: UnsafeMutablePointer<UInt32>?.self) { wp in
-          accel_futex_waitv(wp.baseAddress, e.baseAddress, Int32(min(words.count, 128)), timeoutNanoseconds)
+          accel_futex_waitv(wp.baseAddress, e.baseAddress, Int32(min(words.count, Int(ACCEL_FUTEX_WAITV_MAX))), timeoutNanoseconds)
         }
       }
     }

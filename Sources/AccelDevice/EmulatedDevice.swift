@@ -26,6 +26,11 @@ public final class EmulatedDevice: @unchecked Sendable {
   private let controlWord = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
   private let controlDoorbell: SharedWord
 
+  /// Most queues a device holds: an idle engine parks on every queue's doorbell
+  /// and the control word with one futex_waitv, which takes at most 128 words
+  /// (issue 17, finding 17: with 128 queues one doorbell was never waited on).
+  public static let maxQueues = Int(ACCEL_FUTEX_WAITV_MAX) - 1
+
   /// The queues currently allocated.
   public var queues: [DeviceQueue] { queueSet.withLock { $0 } }
   /// Bytes of all live queue regions (accounted against `memoryBudget`).
@@ -50,8 +55,8 @@ public final class EmulatedDevice: @unchecked Sendable {
   /// (the embedded layout); a standalone daemon starts with none and allocates
   /// queues as gateways ask for them.
   public init(configuration: DeviceConfiguration = .defaults) throws(DeviceError) {
-    guard configuration.queueCount >= 0, configuration.queueCount <= 128, configuration.engineCount >= 1 else {
-      throw .invalidConfiguration("need 0...128 queues and at least one engine")
+    guard configuration.queueCount >= 0, configuration.queueCount <= Self.maxQueues, configuration.engineCount >= 1 else {
+      throw .invalidConfiguration("need 0...\(Self.maxQueues) queues and at least one engine")
     }
     self.configuration = configuration
     allocation = Mutex(configuration.firstQueueID)
@@ -91,12 +96,12 @@ public final class EmulatedDevice: @unchecked Sendable {
         sqEntries: configuration.sqEntries, cqEntries: configuration.sqEntries,
         dataPoolBytes: dataPoolBytes ?? configuration.dataPoolBytes, keySlots: configuration.keySlots)
     } catch { throw .invalidConfiguration(error.description) }
-    guard queues.count < 128 else { throw .budget("the device has 128 queues already") }
+    guard queues.count < Self.maxQueues else { throw .budget("the device has \(Self.maxQueues) queues already") }
     if let budget = configuration.memoryBudget, regionBytes + layout.regionSize > budget {
       throw .budget("queue of \(layout.regionSize) bytes exceeds the device memory budget (\(regionBytes) of \(budget) in use)")
     }
     // Ids wrap at 2^32; a live queue's id is never handed out again (there are
-    // at most 128 live queues, so this skips at most 128 ids).
+    // at most `maxQueues` live queues, so this skips at most that many ids).
     let live = Set(queues.map(\.id))
     while live.contains(next) { next &+= 1 }
     let id = next

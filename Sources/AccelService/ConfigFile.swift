@@ -156,7 +156,7 @@ public enum ConfigFile {
     bool("device.software_fallback", "embedded stand-in while the standalone device is down") { $0.softwareFallback = $1 },
     bool("device.verify_compression", "compress-and-verify") { $0.verifyCompression = $1 },
     int("device.completion_timeout_ms", 10...3_600_000, "a job without a completion this long is lost") { $0.completionTimeout = .milliseconds($1) },
-    int("device.queues", 1...128, "hardware queues") { $0.device.queueCount = $1 },
+    int("device.queues", 1...127, "hardware queues") { $0.device.queueCount = $1 },
     int("device.engines", 1...256, "engine threads (embedded device)") { $0.device.engineCount = $1 },
     Field(path: "device.sq_entries", help: "ring entries per queue (power of two)") { text, c in
       guard let v = Int(text), v >= 2, v <= 65536, v & (v - 1) == 0 else { return "must be a power of two in 2...65536, got '\(text)'" }
