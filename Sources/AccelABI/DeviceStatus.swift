@@ -104,6 +104,29 @@ public enum DeviceAlgorithm: UInt8, Sendable, CaseIterable {
   }
 
   public var isKeyedDigest: Bool { self == .hmacSHA256 || self == .hmacSHA512 }
+
+  /// The name a device lists among its capabilities (nil for `none`).
+  public var capabilityName: String? {
+    switch self {
+    case .none: nil
+    case .deflateRaw: "deflate"
+    case .zlib: "zlib"
+    case .gzip: "gzip"
+    case .zstd: "zstd"
+    case .lz4: "lz4"
+    case .aes128GCM: "aes-128-gcm"
+    case .aes256GCM: "aes-256-gcm"
+    case .chacha20Poly1305: "chacha20-poly1305"
+    case .sha256: "sha256"
+    case .sha384: "sha384"
+    case .sha512: "sha512"
+    case .hmacSHA256: "hmac-sha256"
+    case .hmacSHA512: "hmac-sha512"
+    case .crc32c: "crc32c"
+    case .crc32: "crc32"
+    case .adler32: "adler32"
+    }
+  }
 }
 
 /// Sizes the ABI fixes for crypto jobs.

@@ -128,8 +128,8 @@ public final class ControlServer: @unchecked Sendable {
         reply.regionBytes = device.regionBytes
         reply.memoryBudget = device.configuration.memoryBudget
         reply.engineThroughputCapMBps = device.configuration.engineThroughputCapMBps
-        reply.algorithms = ["deflate", "zlib", "gzip", "aes-128-gcm", "aes-256-gcm", "chacha20-poly1305", "sha256",
-          "sha384", "sha512", "hmac-sha256", "hmac-sha512", "crc32c", "crc32", "adler32"]
+        // Every algorithm the engines run (the list used to miss zstd and lz4).
+        reply.algorithms = DeviceAlgorithm.allCases.compactMap(\.capabilityName)
       case .alloc:
         do {
           let q = try device.allocateQueue(weight: max(1, request.weight ?? 1))
