@@ -12,13 +12,24 @@ package final class DeviceClient: @unchecked Sendable {
   package let deviceABI: UInt32
   private let requestLock = Mutex<Void>(())
   private let monitoring = Atomic<Bool>(false)
+  /// Longest wait for a reply. A daemon that does not answer in time is treated
+  /// as gone: the connection is shut down (a late reply must never be taken for
+  /// the answer to a later request), so the heartbeat fails and the gateway
+  /// fails over instead of hanging (issue 17, finding 11).
+  package let replyTimeout: Duration
+  /// Region attach and detach requests, in order. A detach is queued here and never
+  /// runs on its caller's thread: the caller may be the reaper, under the
+  /// dispatcher's lock (a span's last release), which must not wait on a socket.
+  private let regionRequests = DispatchQueue(label: "accel-device-regions")
 
   /// Connects to `unix:///path` (or a bare path) and says hello.
-  package init(address: String) throws(ControlError) {
+  package init(address: String, replyTimeout: Duration = .seconds(2)) throws(ControlError) {
+    self.replyTimeout = replyTimeout
     let path = address.hasPrefix("unix://") ? String(address.dropFirst("unix://".count)) : address
     connection = try ControlConnection.connect(path: path)
     do throws(ControlError) {
       try connection.send(ControlRequest(op: .hello, abi: ACCEL_ABI_VERSION))
+      try Self.awaitReply(on: connection, within: replyTimeout)
       let (reply, _) = try connection.receive(ControlResponse.self)
       guard reply.ok, let abi = reply.abi else { throw ControlError.refused(reply.error ?? "hello refused") }
       guard abi >> 16 == ACCEL_ABI_VERSION_MAJOR else {
@@ -40,7 +51,23 @@ package final class DeviceClient: @unchecked Sendable {
   private func call(_ request: ControlRequest) throws(ControlError) -> (ControlResponse, [Int32]) {
     try requestLock.withLock { _ throws(ControlError) in
       try connection.send(request)
+      try awaitReply()
       return try connection.receive(ControlResponse.self)
+    }
+  }
+
+  /// Waits up to `replyTimeout` for the reply to arrive; if it does not, shuts
+  /// the connection down and throws.
+  private func awaitReply() throws(ControlError) { try Self.awaitReply(on: connection, within: replyTimeout) }
+
+  private static func awaitReply(on connection: ControlConnection, within timeout: Duration) throws(ControlError) {
+    let ms = Int32(clamping: timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
+    var p = pollfd(fd: connection.fd, events: Int16(POLLIN), revents: 0)
+    var rc: Int32
+    repeat { rc = poll(&p, 1, ms) } while rc < 0 && errno == EINTR
+    guard rc == 1 else {
+      _ = shutdown(connection.fd, Int32(SHUT_RDWR))
+      throw .io("the device did not answer within \(ms) ms; the connection was shut down")
     }
   }
 
@@ -100,10 +127,19 @@ package final class DeviceClient: @unchecked Sendable {
   /// Passes a client's memfd to the daemon, which maps it as external region
   /// `region` of queue `queue` (ABI 1.4). Does not take ownership of `fd`.
   package func attachRegion(queue: UInt32, region: UInt16, fd: Int32, size: UInt64) throws(ControlError) {
-    let (reply, fds) = try requestLock.withLock { _ throws(ControlError) in
-      try connection.send(ControlRequest(op: .attachRegion, queue: queue, region: region, size: size), passing: [fd])
-      return try connection.receive(ControlResponse.self)
+    let outcome = regionRequests.sync { () -> Result<(ControlResponse, [Int32]), ControlError> in
+      do throws(ControlError) {
+        return .success(
+          try requestLock.withLock { _ throws(ControlError) in
+            try connection.send(ControlRequest(op: .attachRegion, queue: queue, region: region, size: size), passing: [fd])
+            try awaitReply()
+            return try connection.receive(ControlResponse.self)
+          })
+      } catch {
+        return .failure(error)
+      }
     }
+    let (reply, fds) = try outcome.get()
     fds.forEach { _ = close($0) }
     guard reply.ok else { throw .refused(reply.error ?? "attach-region refused") }
   }
@@ -132,5 +168,8 @@ extension DeviceClient: ExternalRegionHost {
   package func attachRegion(queueID: UInt32, region: UInt16, fd: Int32, size: UInt64) throws(ControlError) {
     try attachRegion(queue: queueID, region: region, fd: fd, size: size)
   }
-  package func detachRegion(queueID: UInt32, region: UInt16) { try? detachRegion(queue: queueID, region: region) }
+  /// Queued, not waited for (see `regionRequests`); a later attach of the same id runs after it.
+  package func detachRegion(queueID: UInt32, region: UInt16) {
+    regionRequests.async { [self] in try? detachRegion(queue: queueID, region: region) }
+  }
 }
