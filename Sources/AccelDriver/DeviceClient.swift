@@ -23,11 +23,14 @@ package final class DeviceClient: @unchecked Sendable {
   private let regionRequests = DispatchQueue(label: "accel-device-regions")
 
   /// Connects to `unix:///path` (or a bare path) and says hello.
-  package init(address: String, replyTimeout: Duration = .seconds(2)) throws(ControlError) {
+  package init(address: String, replyTimeout: Duration = .seconds(2), trusted: TrustedServer = .defaults)
+    throws(ControlError)
+  {
     self.replyTimeout = replyTimeout
     let path = address.hasPrefix("unix://") ? String(address.dropFirst("unix://".count)) : address
     connection = try ControlConnection.connect(path: path)
     do throws(ControlError) {
+      try trusted.check(connection, what: "device socket \(path)")
       try connection.send(ControlRequest(op: .hello, abi: ACCEL_ABI_VERSION))
       try Self.awaitReply(on: connection, within: replyTimeout)
       let (reply, _) = try connection.receive(ControlResponse.self)

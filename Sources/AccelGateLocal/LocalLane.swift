@@ -85,9 +85,15 @@ public final class LocalLane: @unchecked Sendable {
   private let lock = NSLock()
 
   /// Connects to `controlSocket` (the gateway's `--local-socket` path + ".ctl" by default).
-  public init(controlSocket: String, apiKey: String?) throws {
+  /// The gateway at the other end must run as root, as this user or as one of
+  /// `trustedUIDs` (SO_PEERCRED), before the API key is sent to it.
+  public init(controlSocket: String, apiKey: String?, trustedUIDs: Set<UInt32> = []) throws {
     do { connection = try ControlConnection.connect(path: controlSocket) } catch {
       throw LocalLaneError("cannot reach the local control socket \(controlSocket): \(error)")
+    }
+    do { try TrustedServer(extraUIDs: trustedUIDs).check(connection, what: "local control socket \(controlSocket)") } catch {
+      connection.close()
+      throw LocalLaneError("\(error)")
     }
     self.apiKey = apiKey
   }
