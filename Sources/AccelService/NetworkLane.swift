@@ -174,8 +174,16 @@ struct LaneRequestDeserializer<Message: SwiftProtobuf.Message & Sendable>: Messa
   /// Largest payload worth staging (the method's limit; larger calls are refused anyway).
   let maxPayload: Int
   /// The payload is plaintext: the staged buffer is zeroed when freed, and so
-  /// is the copy of the other fields (a raw key travels there).
+  /// is the copy of the other fields.
   let sensitive: Bool
+  /// The other fields may hold a raw key (Encrypt, Decrypt): their copy is
+  /// zeroed after decoding even when the payload is not secret (issue 17, finding 21).
+  var carriesKey = false
+  /// Zeroes the copy of the other fields (a test may watch it).
+  var wipe: @Sendable (UnsafeMutableRawBufferPointer) -> Void = { accel_secure_zero($0.baseAddress, $0.count) }
+
+  /// Whether the copy of the other fields is zeroed after decoding.
+  var wipesRemainder: Bool { sensitive || carriesKey }
 
   func deserialize<Bytes: GRPCContiguousBytes>(_ serializedMessageBytes: Bytes) throws -> LaneRequest<Message> {
     let split = serializedMessageBytes.withUnsafeBytes {
@@ -187,7 +195,7 @@ struct LaneRequestDeserializer<Message: SwiftProtobuf.Message & Sendable>: Messa
     }
     var others = rest
     defer {
-      if sensitive { others.withUnsafeMutableBytes { accel_secure_zero($0.baseAddress, $0.count) } }
+      if wipesRemainder { others.withUnsafeMutableBytes { wipe($0) } }
     }
     do {
       return LaneRequest(message: try Message(serializedBytes: others), staged: staged)
@@ -287,7 +295,8 @@ struct NetworkLaneService: RegistrableRPCService {
     router.registerHandler(
       forMethod: Accelgate_V1_Accelerator.Method.Encrypt.descriptor,
       deserializer: LaneRequestDeserializer<Accelgate_V1_EncryptRequest>(
-        lane: lane, payloadField: Self.encryptPlaintext, maxPayload: limits.maxRequestBytes, sensitive: true),
+        lane: lane, payloadField: Self.encryptPlaintext, maxPayload: limits.maxRequestBytes, sensitive: true,
+        carriesKey: true),
       serializer: LaneResponseSerializer<Accelgate_V1_EncryptResponse>(payloadField: Self.responsePayload)
     ) { request, _ in
       let r = try await ServerRequest(stream: request)
@@ -299,7 +308,8 @@ struct NetworkLaneService: RegistrableRPCService {
     router.registerHandler(
       forMethod: Accelgate_V1_Accelerator.Method.Decrypt.descriptor,
       deserializer: LaneRequestDeserializer<Accelgate_V1_DecryptRequest>(
-        lane: lane, payloadField: Self.decryptCiphertext, maxPayload: service.sealedLimit, sensitive: false),
+        lane: lane, payloadField: Self.decryptCiphertext, maxPayload: service.sealedLimit, sensitive: false,
+        carriesKey: true),
       serializer: LaneResponseSerializer<Accelgate_V1_DecryptResponse>(payloadField: Self.responsePayload)
     ) { request, _ in
       let r = try await ServerRequest(stream: request)

@@ -8,6 +8,7 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import SwiftProtobuf
+import Synchronization
 import Testing
 
 /// The protobuf wire scanner the network lane's deserializer relies on.
@@ -194,6 +195,39 @@ import Testing
       #expect(rig.dispatcher.stagedBytes(tenant: "t") > 0)
     }
     #expect(rig.isIdle, "an unused staged payload is freed with its last reference")
+  }
+
+  /// Issue 17, finding 21: a Decrypt's payload (ciphertext) is not secret, but
+  /// its other fields carry the raw key; their copy is zeroed after decoding.
+  @Test func theCopyHoldingADecryptKeyIsZeroed() throws {
+    let rig = try Rig()
+    defer { rig.stop() }
+    let key = Data((0..<32).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 0xA5) })
+    let bytes: [UInt8] = try Accelgate_V1_DecryptRequest.with {
+      $0.algorithm = .aes256Gcm
+      $0.key = .with { $0.raw = key }
+      $0.nonce = Data(count: 12)
+      $0.ciphertext = Self.payload(4096)
+    }.serializedBytes()
+    let wiped = Mutex<[[UInt8]]>([])
+    func decode(carriesKey: Bool) throws -> LaneRequest<Accelgate_V1_DecryptRequest> {
+      var d = LaneRequestDeserializer<Accelgate_V1_DecryptRequest>(
+        lane: rig.lane, payloadField: NetworkLaneService.decryptCiphertext, maxPayload: 1 << 20, sensitive: false,
+        carriesKey: carriesKey)
+      let original = d.wipe
+      d.wipe = { (buffer: UnsafeMutableRawBufferPointer) in
+        wiped.withLock { $0.append(Array(buffer)) }
+        original(buffer)
+      }
+      return try CallTenant.$current.withValue("t") { try d.deserialize(bytes) }
+    }
+    let r = try decode(carriesKey: true)
+    #expect(r.staged != nil && r.message.key.raw == key)
+    let seen = try #require(wiped.withLock { $0.first })
+    #expect(seen.count > key.count)
+    #expect(Data(seen).range(of: key) != nil, "the wiped copy is the one that held the key")
+    _ = try decode(carriesKey: false)
+    #expect(wiped.withLock { $0.count } == 1, "without a key nothing needs wiping")
   }
 
   @Test func theLastPayloadFieldWinsAsInProtobuf() throws {
