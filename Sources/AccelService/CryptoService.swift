@@ -111,9 +111,10 @@ extension AcceleratorService {
       throw StatusMapping.rpcError(.invalidArgument("nonce must be 12 bytes, got \(nonce.count)"))
     }
     if let named = key.named {
-      do { try nonceLedger.take(key: named, version: key.version) } catch let e as KeyError {
-        audit.record(tenant: tenant, key: named.name, version: key.version, operation: "encrypt", outcome: "exhausted")
-        throw StatusMapping.rpcError(e)
+      do { try nonceLedger.take(key: named, version: key.version) } catch {
+        let outcome = if case .exhausted = error { "exhausted" } else { "ledger-unavailable" }
+        audit.record(tenant: tenant, key: named.name, version: key.version, operation: "encrypt", outcome: outcome)
+        throw StatusMapping.rpcError(error)
       }
     }
     let header = key.named != nil ? Envelope.header(keyVersion: key.version) : []

@@ -73,6 +73,8 @@ enum KeyError: Error, Equatable {
   case versionUnknown(name: String, version: UInt32)
   case exhausted(name: String, version: UInt32)
   case noKeyring
+  /// The nonce ledger could not be made durable, so no nonce may be used.
+  case ledgerUnavailable(String)
 }
 
 struct Keyring: Sendable {
@@ -151,8 +153,15 @@ struct Keyring: Sendable {
 ///
 /// Counts survive restarts when a state file is configured: the counter
 /// reserves blocks of `blockSize` and writes each block's upper end to the file
-/// (atomic rename) before using it, so after a crash the count resumes at or
-/// above where it was — never below.
+/// (written, fsynced, renamed over the old one, directory fsynced) before using
+/// it, so after a crash the count resumes at or above where it was — never
+/// below. A block that cannot be persisted is not taken: the encryption is
+/// refused and the counts stay as they were (issue 17, finding 20). The write
+/// happens under the ledger's lock, once per `blockSize` encryptions, so files
+/// are never written out of order.
+///
+/// The count is per gateway: replicas sharing a keyring each count their own
+/// encryptions (docs/KEYS.md says how to split a key's budget between them).
 final class NonceLedger: Sendable {
   private struct State {
     var used: [String: UInt64] = [:]
@@ -175,28 +184,55 @@ final class NonceLedger: Sendable {
     state = Mutex(s)
   }
 
-  /// Takes one encryption from the version's budget, or throws `exhausted`.
-  func take(key: NamedKey, version: UInt32) throws {
+  /// Takes one encryption from the version's budget, or throws `exhausted`
+  /// (or `ledgerUnavailable` when the next block cannot be persisted).
+  func take(key: NamedKey, version: UInt32) throws(KeyError) {
     let id = "\(key.tenant)/\(key.name)/\(version)"
-    let marks = try state.withLock { s -> [String: UInt64]? in
+    try state.withLock { s throws(KeyError) in
       let used = s.used[id, default: 0]
-      guard used < key.maxEncryptions else { throw KeyError.exhausted(name: key.name, version: version) }
+      guard used < key.maxEncryptions else { throw .exhausted(name: key.name, version: version) }
+      if let path, used + 1 > s.reserved[id, default: 0] {
+        var marks = s.reserved
+        marks[id] = min(used + blockSize, key.maxEncryptions)
+        try Self.persist(marks, to: path)
+        s.reserved = marks
+      }
       s.used[id] = used + 1
-      guard path != nil, used + 1 > s.reserved[id, default: 0] else { return nil }
-      s.reserved[id] = min(used + blockSize, key.maxEncryptions)
-      return s.reserved
     }
-    if let marks, let path { try persist(marks, to: path) }
   }
 
   func used(key: NamedKey, version: UInt32) -> UInt64 {
     state.withLock { $0.used["\(key.tenant)/\(key.name)/\(version)", default: 0] }
   }
 
-  private func persist(_ marks: [String: UInt64], to path: String) throws {
+  /// Writes the marks durably: a temporary file, fsync, rename over `path`, fsync of the directory.
+  static func persist(_ marks: [String: UInt64], to path: String) throws(KeyError) {
+    func fail(_ what: String) -> KeyError { .ledgerUnavailable("nonce state \(path): \(what): \(String(cString: strerror(errno)))") }
+    let data: Data
+    do { data = try JSONEncoder().encode(marks) } catch { throw .ledgerUnavailable("nonce state: \(error)") }
     let tmp = path + ".tmp"
-    try JSONEncoder().encode(marks).write(to: URL(fileURLWithPath: tmp))
-    _ = rename(tmp, path)
+    let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+    guard fd >= 0 else { throw fail("open \(tmp)") }
+    var written = 0
+    let ok = data.withUnsafeBytes { b -> Bool in
+      while written < b.count {
+        guard let base = b.baseAddress else { return true }
+        let n = write(fd, base + written, b.count - written)
+        if n < 0 && errno == EINTR { continue }
+        guard n > 0 else { return false }
+        written += n
+      }
+      return fsync(fd) == 0
+    }
+    let error = fail("write \(tmp)")
+    close(fd)
+    guard ok else { throw error }
+    guard rename(tmp, path) == 0 else { throw fail("rename") }
+    let dir = open((path as NSString).deletingLastPathComponent.isEmpty ? "." : (path as NSString).deletingLastPathComponent,
+      O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+    guard dir >= 0 else { throw fail("open its directory") }
+    defer { close(dir) }
+    guard fsync(dir) == 0 else { throw fail("fsync its directory") }
   }
 }
 

@@ -20,6 +20,7 @@ extension StatusMapping {
     case .exhausted(let name, let v):
       RPCError(code: .failedPrecondition, message: "key '\(name)' version \(v) has used its nonce budget; rotate the key")
     case .noKeyring: RPCError(code: .failedPrecondition, message: "the server has no keyring; use a raw key")
+    case .ledgerUnavailable(let why): RPCError(code: .unavailable, message: "cannot record the key's nonce use (\(why)); not encrypting")
     }
   }
 }
