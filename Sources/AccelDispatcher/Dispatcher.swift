@@ -338,7 +338,7 @@ package final class Dispatcher: Sendable {
       var handedOver = false
       defer {
         if !handedOver {
-          q.release(lease)
+          q.release(lease, keepAlive: request.retain)
           pump()
         }
       }
@@ -812,7 +812,7 @@ package final class Dispatcher: Sendable {
         }
       }
       if p.abandoned || p.continuation == nil {
-        queue.release(lease)
+        queue.release(lease, keepAlive: p.request.retain)
         return nil
       }
       if completion.status.errorClass == .queue && p.retries == 0 && attached && !s.shuttingDown
@@ -829,7 +829,7 @@ package final class Dispatcher: Sendable {
           p.request.stagedSkip = 0
           p.inputCopies += 1
         }
-        queue.release(lease)
+        queue.release(lease, keepAlive: p.request.retain)
         p.lease = nil
         p.dispatchedAt = nil
         p.retries += 1

@@ -127,6 +127,10 @@ package final class DriverQueue: @unchecked Sendable {
     case inFlight(generation: UInt32, lease: Lease, handler: CompletionHandler, since: UInt64)
     /// Completed and delivered; the owner still holds the buffers.
     case completed(generation: UInt32)
+    /// Failed by the driver (no completion in time) while the device may still
+    /// run it: its owner was answered, but the buffers, and whatever keeps the
+    /// memory they name alive, are held until the device acknowledges a reset.
+    case abandoned(generation: UInt32)
   }
 
   private struct State {
@@ -153,6 +157,9 @@ package final class DriverQueue: @unchecked Sendable {
     var stagedBytes: UInt64 = 0
     /// Staged payloads taken by a lease, by completion slot: settled when the lease is released.
     var stagedLeases: [Int: StagedInput] = [:]
+    /// Released leases of abandoned jobs, kept (with what their owners asked to
+    /// keep alive: a client region's hold) until the device can no longer touch them.
+    var parked: [(lease: Lease, keepAlive: (any AnyObject & Sendable)?)] = []
   }
 
   private let state: Mutex<State>
@@ -387,10 +394,30 @@ package final class DriverQueue: @unchecked Sendable {
     }
   }
 
-  /// Frees a lease's buffers, key slot and completion slot. Safe only once the
-  /// device has completed the job (or will never touch the buffers again).
+  /// Frees a lease's buffers, key slot and completion slot, or parks them if
+  /// the job was abandoned while the device may still run it (see
+  /// `SlotState.abandoned`): then they, and `keepAlive`, are let go once the
+  /// device acknowledges the queue's reset (issue 17, finding 10).
   /// Sensitive leases have every buffer and the key slot zeroed first.
-  package func release(_ lease: Lease) {
+  package func release(_ lease: Lease, keepAlive: (any AnyObject & Sendable)? = nil) {
+    let parked = state.withLock { s -> Bool in
+      guard lease.slot < s.slots.count, case .abandoned = s.slots[lease.slot] else { return false }
+      s.parked.append((lease, keepAlive))
+      return true
+    }
+    if !parked { free(lease) }
+  }
+
+  /// Lets go of parked leases: the device will never touch their buffers again.
+  private func unpark() {
+    let parked = state.withLock { s in
+      defer { s.parked.removeAll() }
+      return s.parked
+    }
+    for p in parked { free(p.lease) }
+  }
+
+  private func free(_ lease: Lease) {
     if lease.sensitive {
       // Pool buffers only: a client's own memory is the client's to clear.
       for (o, n) in [
@@ -603,6 +630,7 @@ package final class DriverQueue: @unchecked Sendable {
       return failAllInFlightLocked(&s, reason)
     }
     for (handler, completion) in failed { handler(completion) }
+    unpark()  // the device behind the queue is gone
   }
 
   private func takeOutOfServiceLocked(_ s: inout State, _ reason: String) {
@@ -615,11 +643,18 @@ package final class DriverQueue: @unchecked Sendable {
   /// buffers; the queue is out of service until the device acknowledges a reset
   /// (which it does only once no engine holds a job of it), so a late write by
   /// the device never lands in another job's buffer.
-  private func failAllInFlightLocked(_ s: inout State, _ detail: String) -> [(CompletionHandler, Completion)] {
+  ///
+  /// `deviceMayStillRun` (a timeout: an engine may be stalled on the job, not
+  /// gone) abandons the jobs instead: their buffers are parked on release until
+  /// the reset is acknowledged, so neither a pool buffer nor a client's region
+  /// is handed back while the device could still write to it.
+  private func failAllInFlightLocked(_ s: inout State, _ detail: String, deviceMayStillRun: Bool = false)
+    -> [(CompletionHandler, Completion)]
+  {
     var out: [(CompletionHandler, Completion)] = []
     for i in s.slots.indices {
       if case .inFlight(let gen, _, let handler, _) = s.slots[i] {
-        s.slots[i] = .completed(generation: gen)
+        s.slots[i] = deviceMayStillRun ? .abandoned(generation: gen) : .completed(generation: gen)
         out.append((handler, .failed(.deviceFault, detail)))
       }
     }
@@ -638,6 +673,7 @@ package final class DriverQueue: @unchecked Sendable {
     guard !faulted.load(ordering: .relaxed) else { return ([], false) }
     let flags = stateFlags.loadAcquire()
     var ring = false
+    var unparkAfterLock = false
     let result = state.withLock { s -> ([(CompletionHandler, Completion)], Bool) in
       var failed: [(CompletionHandler, Completion)] = []
       var changed = false
@@ -655,7 +691,7 @@ package final class DriverQueue: @unchecked Sendable {
             "queue \(queueID): no completion within \(completionTimeout / 1_000_000) ms (lost completion or stalled engine)"
           counters.stalls.add(1, ordering: .relaxed)
           takeOutOfServiceLocked(&s, why)
-          failed = failAllInFlightLocked(&s, why)
+          failed = failAllInFlightLocked(&s, why, deviceMayStillRun: true)
           changed = true
         }
         guard case .draining(let reason) = s.service else { break }
@@ -674,6 +710,7 @@ package final class DriverQueue: @unchecked Sendable {
         changed = true
       case .awaitingReset(let request, let reason, let since):
         if resetAck.loadAcquire() == request {
+          unparkAfterLock = true
           s.service = .inService
           outOfService.store(false, ordering: .relaxed)
           resetOverdue.store(false, ordering: .relaxed)
@@ -689,6 +726,7 @@ package final class DriverQueue: @unchecked Sendable {
       }
       return (failed, changed)
     }
+    if unparkAfterLock { unpark() }
     if ring {
       // Wake a parked engine so it sees the request.
       SharedMemory.fence()
