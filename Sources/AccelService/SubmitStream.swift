@@ -47,11 +47,22 @@ extension AcceleratorService {
           try await group.waitForAll()
         }
       }
-      try await withRPCCancellationHandler {
-        try await withTaskCancellationHandler { try await work.value } onCancel: { work.cancel() }
-      } onCancelRPC: {
-        work.cancel()
+      do {
+        try await withRPCCancellationHandler {
+          try await withTaskCancellationHandler { try await work.value } onCancel: { work.cancel() }
+        } onCancelRPC: {
+          work.cancel()
+        }
+      } catch let e as RPCError {
+        throw e
+      } catch {
+        // Cancelled (the transport ends a call at its deadline): say why, never
+        // UNKNOWN and never OK with jobs left unanswered (found by fuzz/api).
+        throw Self.streamEnded(deadline)
       }
+      // Read to the end, but the deadline passed meanwhile: jobs it cut short
+      // were not all answered, so the call did not complete.
+      if deadline.hasPassed || Task.isCancelled { throw Self.streamEnded(deadline) }
       return [:]
     }
   }
@@ -98,6 +109,13 @@ extension AcceleratorService {
       out.message = "internal error"
     }
     return out
+  }
+
+  /// The status of a Submit stream cut short by its deadline or a cancellation.
+  static func streamEnded(_ deadline: CallDeadline) -> RPCError {
+    deadline.hasPassed
+      ? RPCError(code: .deadlineExceeded, message: "deadline exceeded before the stream completed")
+      : RPCError(code: .cancelled, message: "call cancelled")
   }
 
   static var noRegionsInSubmit: RPCError {

@@ -41,6 +41,15 @@ ZSTD_DCtx *accel_engine_zstd_dctx(struct accel_engine_ctx *ctx) {
     return ctx->zstd_d;
 }
 
+/* LZ4F_resetDecompressionContext does not clear everything a failed frame
+   leaves behind (liblz4 1.9.4 keeps frameRemainingSize from a frame that declared
+   its content size, so the next frame without one fails at its end mark): after
+   a failure the context is thrown away and a fresh one is made. */
+void accel_engine_lz4_dctx_discard(struct accel_engine_ctx *ctx) {
+    if (ctx->lz4_d) LZ4F_freeDecompressionContext(ctx->lz4_d);
+    ctx->lz4_d = NULL;
+}
+
 LZ4F_dctx *accel_engine_lz4_dctx(struct accel_engine_ctx *ctx) {
     if (!ctx->lz4_d && LZ4F_isError(LZ4F_createDecompressionContext(&ctx->lz4_d, LZ4F_VERSION))) ctx->lz4_d = NULL;
     return ctx->lz4_d;

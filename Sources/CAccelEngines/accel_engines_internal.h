@@ -11,6 +11,7 @@ struct accel_engine_ctx;
 ZSTD_CCtx *accel_engine_zstd_cctx(struct accel_engine_ctx *ctx);
 ZSTD_DCtx *accel_engine_zstd_dctx(struct accel_engine_ctx *ctx);
 LZ4F_dctx *accel_engine_lz4_dctx(struct accel_engine_ctx *ctx);
+void accel_engine_lz4_dctx_discard(struct accel_engine_ctx *ctx);
 
 uint16_t accel_zstd_compress(struct accel_engine_ctx *ctx, uint8_t level, const uint8_t *src, uint32_t src_len,
                              uint8_t *dst, uint32_t dst_cap, uint32_t *produced);

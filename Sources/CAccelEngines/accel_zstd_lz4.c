@@ -105,20 +105,20 @@ uint16_t accel_lz4_decompress(accel_engine_ctx *ctx, const uint8_t *src, uint32_
         *produced = (uint32_t)out_pos;
         *consumed = (uint32_t)in_pos;
         if (LZ4F_isError(hint)) {
-            LZ4F_resetDecompressionContext(dctx);
+            accel_engine_lz4_dctx_discard(ctx);
             /* The error enum is static-linking-only; its names are public and stable. */
             const char *name = LZ4F_getErrorName(hint);
             return name && strstr(name, "Checksum_invalid") ? ACCEL_STATUS_CHECKSUM_MISMATCH : ACCEL_STATUS_CORRUPT_INPUT;
         }
         if (in_size == 0 && out_size == 0) {
-            LZ4F_resetDecompressionContext(dctx);
+            accel_engine_lz4_dctx_discard(ctx);
             return out_pos == dst_cap ? ACCEL_STATUS_OUTPUT_OVERFLOW : ACCEL_STATUS_CORRUPT_INPUT;
         }
     }
     /* All input consumed; a frame still open means the input was cut short, unless
        only the output cap stopped it. */
     if (hint != 0) {
-        LZ4F_resetDecompressionContext(dctx);
+        accel_engine_lz4_dctx_discard(ctx);
         if (out_pos == dst_cap) return ACCEL_STATUS_OUTPUT_OVERFLOW;
         return ACCEL_STATUS_TRUNCATED_INPUT;
     }

@@ -119,4 +119,30 @@ import Testing
     // The engine stays usable after every failure.
     #expect(run(stream) == UInt16(ACCEL_STATUS_OK.rawValue))
   }
+
+  /// Found by fuzz/api: after a truncated LZ4 frame that declared its content
+  /// size, a valid empty frame that does not declare one failed on the same
+  /// engine ("corrupt input"), across tenants: liblz4's reset kept the old
+  /// frame's remaining size. A failed frame now costs the engine a fresh context.
+  @Test func aFailedLZ4FrameLeavesNothingForTheNextJob() throws {
+    let ctx = try #require(accel_engine_create())
+    defer { accel_engine_destroy(ctx) }
+    let lz4 = UInt8(ACCEL_ALG_LZ4.rawValue)
+    let truncatedWithSize: [UInt8] = [
+      4, 34, 77, 24, 104, 64, 224, 46, 0, 0, 0, 0, 0, 0, 37, 68, 0, 0, 0, 207, 104, 101, 108, 108, 111, 32, 119, 111,
+      114, 108, 100, 32, 12, 0, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255,
+    ]
+    let emptyFrame: [UInt8] = [4, 34, 77, 24, 96, 64, 130, 0, 0, 0, 0]
+    func run(_ s: [UInt8]) -> UInt16 {
+      var out = [UInt8](repeating: 0, count: 4096)
+      var p: UInt32 = 0
+      var c: UInt32 = 0
+      return accel_engine_decompress(ctx, lz4, s, UInt32(s.count), &out, UInt32(out.count), &p, &c)
+    }
+    #expect(run(emptyFrame) == UInt16(ACCEL_STATUS_OK.rawValue))
+    for _ in 0..<3 {
+      #expect(run(truncatedWithSize) != UInt16(ACCEL_STATUS_OK.rawValue))
+      #expect(run(emptyFrame) == UInt16(ACCEL_STATUS_OK.rawValue), "the failed frame leaked into the next job")
+    }
+  }
 }
