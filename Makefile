@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 ARGS ?=
 
-.PHONY: run test deps deps-test build build-release build-accelctl check-generated check-deploy c-client swift-test interop fuzz-bounded fuzz bench generate clean
+.PHONY: run test deps deps-test build build-release build-accelctl check-generated check-deploy c-client swift-test interop fuzz-bounded fuzz soak bench generate clean
 
 run: deps build-release
 	.build/release/accelgate serve --host $(HOST) --port $(PORT) $(ARGS)
@@ -63,6 +63,12 @@ fuzz-bounded:
 fuzz: deps-test
 	$(SWIFT) build --build-tests
 	fuzz/run.sh --long
+
+# Three tenants at saturation for SOAK_SECONDS (default 600) with a fault every
+# 30 s; every response verified; results in docs/BENCHMARKS.md. Not in CI.
+soak: deps-test
+	$(SWIFT) build -c release --product accelgate
+	$(PYTHON) scripts/soak.py
 
 bench: deps-test
 	scripts/install-deps.sh bench
