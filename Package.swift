@@ -182,7 +182,7 @@ let package = Package(
 
     // MARK: Tests
 
-    .testTarget(name: "AccelABITests", dependencies: ["AccelABI"], swiftSettings: strictSettings),
+    .testTarget(name: "AccelABITests", dependencies: ["AccelABI", "CAccelSys"], swiftSettings: strictSettings),
     .testTarget(
       name: "AccelDeviceTests",
       dependencies: ["AccelDevice", "AccelDriver", "AccelABI", "CAccelEngines", "CAccelSys"],

@@ -117,30 +117,55 @@ public struct ControlConnection: Sendable {
   }
 
   /// Reads one message and any descriptors passed with it. The caller owns the descriptors.
-  public func receive<T: Decodable>(_ type: T.Type) throws(ControlError) -> (T, [Int32]) {
+  ///
+  /// `frameTimeout` bounds how long a frame may take once its first byte has
+  /// arrived (nil: no bound), so a peer that stops mid-frame cannot hold the
+  /// reader. On every failure (EOF mid-frame, timeout, a length of 0 or over
+  /// 64 KiB, undecodable JSON) every descriptor received with the frame has
+  /// been closed before the error is thrown.
+  public func receive<T: Decodable>(_ type: T.Type, frameTimeout: Duration? = nil) throws(ControlError) -> (T, [Int32]) {
     var header = [UInt8](repeating: 0, count: 4)
-    var fds = [Int32](repeating: -1, count: 8)
-    var nfds: Int32 = 0
-    guard accel_recv_with_fds(fd, &header, 4, &fds, 8, &nfds) == 0 else { throw .io("connection closed") }
-    var passed = Array(fds.prefix(Int(nfds)))
+    // The first byte may take as long as the peer likes (an idle connection).
+    var passed = try read(into: &header, range: 0..<1, waitMs: -1, what: "connection closed")
+    let deadline = frameTimeout.map { ContinuousClock.now + $0 }
+    func left() -> Int32 {
+      guard let deadline else { return -1 }
+      let rest = deadline - ContinuousClock.now
+      return rest <= .zero ? 0 : Int32(clamping: rest.components.seconds * 1000 + rest.components.attoseconds / 1_000_000_000_000_000 + 1)
+    }
+    func fail(_ e: ControlError) -> ControlError {
+      passed.forEach { _ = Glibc.close($0) }
+      return e
+    }
+    do { passed += try read(into: &header, range: 1..<4, waitMs: left(), what: "connection closed mid-frame") } catch {
+      throw fail(error)
+    }
     let length = Int(header.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }.littleEndian)
-    guard length > 0, length <= ControlProtocol.maxFrame else {
-      passed.forEach { _ = Glibc.close($0) }
-      throw .protocolViolation("frame of \(length) bytes")
-    }
+    guard length > 0, length <= ControlProtocol.maxFrame else { throw fail(.protocolViolation("frame of \(length) bytes")) }
     var body = [UInt8](repeating: 0, count: length)
-    var more = [Int32](repeating: -1, count: 8)
-    guard accel_recv_with_fds(fd, &body, length, &more, 8, &nfds) == 0 else {
-      passed.forEach { _ = Glibc.close($0) }
-      throw .io("connection closed mid-frame")
+    do { passed += try read(into: &body, range: 0..<length, waitMs: left(), what: "connection closed mid-frame") } catch {
+      throw fail(error)
     }
-    passed += more.prefix(Int(nfds))
     do {
       return (try JSONDecoder().decode(T.self, from: Data(body)), passed)
     } catch {
-      passed.forEach { _ = Glibc.close($0) }
-      throw .protocolViolation("bad message: \(error)")
+      throw fail(.protocolViolation("bad message: \(error)"))
     }
+  }
+
+  /// Fills `buffer[range]`; returns the descriptors that came with those bytes
+  /// (at most 8 per call; the C side closes the rest, and all of them on failure).
+  private func read(into buffer: inout [UInt8], range: Range<Int>, waitMs: Int32, what: String) throws(ControlError) -> [Int32] {
+    var fds = [Int32](repeating: -1, count: 8)
+    var nfds: Int32 = 0
+    let rc = buffer.withUnsafeMutableBytes { b -> Int32 in
+      guard let base = b.baseAddress, range.upperBound <= b.count else { return -1 }
+      return accel_recv_with_fds(fd, base + range.lowerBound, range.count, &fds, 8, &nfds, waitMs)
+    }
+    guard rc == 0 else {
+      throw .io(accel_errno() == ETIMEDOUT ? "\(what): timed out" : what)
+    }
+    return Array(fds.prefix(Int(nfds)))
   }
 
   public func close() { _ = Glibc.close(fd) }

@@ -2,10 +2,12 @@
 #define _GNU_SOURCE
 #include "accel_sys.h"
 
+#include <dirent.h>
 #include <malloc.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -20,16 +22,20 @@ static int accel_unix_socket(const char *path, struct sockaddr_un *a) {
     return socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 }
 
-/** Listens on a Unix stream socket at path (removing a stale one) with the given mode. -1 on error. */
+/** Listens on a Unix stream socket at path (removing a stale one) with the given mode. -1 on error.
+    The mode is set with chmod between bind and listen: nobody can connect before
+    listen, so the umask never decides who may (and the process-wide umask is not
+    touched, so other threads' files keep their modes). The backlog is SOMAXCONN,
+    which the kernel caps at net.core.somaxconn. */
 int accel_unix_listen(const char *path, int mode) {
     struct sockaddr_un a;
     int fd = accel_unix_socket(path, &a);
     if (fd < 0) return -1;
     unlink(path);
-    mode_t old = umask(0177);
-    int rc = bind(fd, (struct sockaddr *)&a, sizeof(a));
-    umask(old);
-    if (rc < 0 || chmod(path, (mode_t)mode) < 0 || listen(fd, 64) < 0) { int e = errno; close(fd); errno = e; return -1; }
+    if (bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0) { int e = errno; close(fd); errno = e; return -1; }
+    if (chmod(path, (mode_t)mode) < 0 || listen(fd, SOMAXCONN) < 0) {
+        int e = errno; unlink(path); close(fd); errno = e; return -1;
+    }
     return fd;
 }
 
@@ -80,12 +86,34 @@ int accel_send_with_fds(int fd, const void *buf, size_t len, const int *fds, int
     return 0;
 }
 
-/** Receives exactly len bytes, collecting up to max_fds passed descriptors. 0 on success, -1 on error or EOF. */
-int accel_recv_with_fds(int fd, void *buf, size_t len, int *fds, int max_fds, int *nfds) {
+/** Closes the n descriptors collected so far (a failed receive owns nothing). */
+static void accel_close_fds(int *fds, int *nfds) {
+    for (int i = 0; i < *nfds; i++) close(fds[i]);
+    *nfds = 0;
+}
+
+/** Receives exactly len bytes, collecting up to max_fds passed descriptors (more are
+    closed). wait_ms bounds the whole call (-1: no bound). 0 on success; -1 on error,
+    EOF or timeout (errno ETIMEDOUT), and then every descriptor received by this call
+    has been closed. */
+int accel_recv_with_fds(int fd, void *buf, size_t len, int *fds, int max_fds, int *nfds, int wait_ms) {
     char control[CMSG_SPACE(8 * sizeof(int))];
     size_t got = 0;
+    struct timespec start;
+    clock_gettime(CLOCK_MONOTONIC, &start);
     *nfds = 0;
     while (got < len) {
+        if (wait_ms >= 0) {
+            struct timespec now;
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            int64_t spent = (int64_t)(now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
+            int left = spent >= wait_ms ? 0 : (int)(wait_ms - spent);
+            struct pollfd p = { fd, POLLIN, 0 };
+            int rc = poll(&p, 1, left);
+            if (rc < 0 && errno == EINTR) continue;
+            if (rc < 0) { int e = errno; accel_close_fds(fds, nfds); errno = e; return -1; }
+            if (rc == 0) { accel_close_fds(fds, nfds); errno = ETIMEDOUT; return -1; }
+        }
         struct iovec iov = { (char *)buf + got, len - got };
         struct msghdr m;
         memset(&m, 0, sizeof(m));
@@ -94,20 +122,41 @@ int accel_recv_with_fds(int fd, void *buf, size_t len, int *fds, int max_fds, in
         m.msg_control = control;
         m.msg_controllen = sizeof(control);
         ssize_t n = recvmsg(fd, &m, MSG_CMSG_CLOEXEC);
-        if (n < 0) { if (errno == EINTR) continue; return -1; }
-        if (n == 0) { errno = ECONNRESET; return -1; }
-        for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
-            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
-                int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-                int *in = (int *)CMSG_DATA(c);
-                for (int i = 0; i < k; i++) {
-                    if (*nfds < max_fds) fds[(*nfds)++] = in[i]; else close(in[i]);
+        if (n < 0 && errno == EINTR) continue;
+        if (n >= 0) {
+            /* Descriptors can come with the last bytes of a connection: take them first. */
+            for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
+                if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+                    int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+                    int *in = (int *)CMSG_DATA(c);
+                    for (int i = 0; i < k; i++) {
+                        if (*nfds < max_fds) fds[(*nfds)++] = in[i]; else close(in[i]);
+                    }
                 }
             }
         }
+        if (n < 0) { int e = errno; accel_close_fds(fds, nfds); errno = e; return -1; }
+        if (n == 0) { accel_close_fds(fds, nfds); errno = ECONNRESET; return -1; }
         got += (size_t)n;
     }
     return 0;
+}
+
+/** Open descriptors of this process (entries of /proc/self/fd), or -1. */
+int accel_open_fd_count(void) {
+    DIR *d = opendir("/proc/self/fd");
+    if (!d) return -1;
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d)) != NULL;) if (e->d_name[0] != '.') n++;
+    closedir(d);
+    return n - 1; /* the directory's own descriptor */
+}
+
+/** The soft RLIMIT_NOFILE, or -1. */
+long accel_fd_limit(void) {
+    struct rlimit r;
+    if (getrlimit(RLIMIT_NOFILE, &r) < 0) return -1;
+    return r.rlim_cur == RLIM_INFINITY ? (long)(1 << 30) : (long)r.rlim_cur;
 }
 
 

@@ -191,6 +191,15 @@ struct Device: ParsableCommand {
   @OptionGroup var faults: FaultOptions
   @Flag(help: "Let attached peers change fault injection and lift isolation over the control socket (tests, drills).")
   var allowFaultControl = false
+  @Option(help: "A control frame begun must be complete within this (ms), or the connection is closed.")
+  var frameTimeoutMs = 5000
+  @Option(help: "Control connections kept before their hello; accepting one more closes the oldest.")
+  var maxUnauthenticated = 64
+
+  func validate() throws {
+    guard (100...600_000).contains(frameTimeoutMs) else { throw ValidationError("--frame-timeout-ms must be 100...600000") }
+    guard (1...100_000).contains(maxUnauthenticated) else { throw ValidationError("--max-unauthenticated must be 1...100000") }
+  }
 
   func run() throws {
     if ProcessInfo.processInfo.environment["ACCELGATE_DEFAULT_MALLOC"] == nil { _ = accel_tune_malloc() }
@@ -211,6 +220,8 @@ struct Device: ParsableCommand {
     var config = ControlServer.Configuration(socketPath: socket)
     config.allowedUIDs = Set(allowUid)
     config.allowFaultControl = allowFaultControl
+    config.frameTimeout = .milliseconds(frameTimeoutMs)
+    config.maxUnauthenticated = maxUnauthenticated
     let server = try ControlServer(device: device, configuration: config) { logger.notice("\($0)") }
     let done = DispatchSemaphore(value: 0)
     let signals = SignalHandler(onTerminate: { done.signal() }, onHangup: {})

@@ -152,7 +152,8 @@ static inline void accel_explicit_zero(void *p, size_t n) { explicit_bzero(p, n)
  * define types (fd_set) that clash with Swift's Glibc module if this header
  * pulls them in. */
 
-/** Listens on a Unix stream socket at path (removing a stale one) with the given mode. -1 on error. */
+/** Listens on a Unix stream socket at path (removing a stale one) with the given mode
+    (chmod between bind and listen; the umask is not touched) and a SOMAXCONN backlog. -1 on error. */
 int accel_unix_listen(const char *path, int mode);
 int accel_unix_accept(int fd);
 int accel_unix_connect(const char *path);
@@ -160,8 +161,14 @@ int accel_unix_connect(const char *path);
 int accel_peer_cred(int fd, int32_t *pid, uint32_t *uid, uint32_t *gid);
 /** Sends all of buf, with up to 8 file descriptors attached to the first byte. 0 on success. */
 int accel_send_with_fds(int fd, const void *buf, size_t len, const int *fds, int nfds);
-/** Receives exactly len bytes, collecting up to max_fds passed descriptors. 0 on success, -1 on error or EOF. */
-int accel_recv_with_fds(int fd, void *buf, size_t len, int *fds, int max_fds, int *nfds);
+/** Receives exactly len bytes, collecting up to max_fds passed descriptors (more are closed)
+    within wait_ms (-1: no bound). 0 on success; -1 on error, EOF or timeout (ETIMEDOUT),
+    with every descriptor this call received already closed. */
+int accel_recv_with_fds(int fd, void *buf, size_t len, int *fds, int max_fds, int *nfds, int wait_ms);
+/** Open descriptors of this process, or -1. */
+int accel_open_fd_count(void);
+/** The soft RLIMIT_NOFILE, or -1. */
+long accel_fd_limit(void);
 
 /* Self-pipe for signals: a real handler (never SIG_IGN, which lets the kernel
    drop a signal that races with installation) writes the signal number to a
