@@ -126,7 +126,7 @@ public final class AccelGateServer: Sendable {
       return [NetworkLaneService(service: service, lane: NetworkLane(dispatcher: dispatcher, metrics: metrics))]
     }
     if let path = configuration.localSocket, let control = configuration.effectiveLocalControlSocket {
-      let registry = RegionRegistry(dispatcher: dispatcher, logger: logger)
+      let registry = RegionRegistry(dispatcher: dispatcher, logger: logger, quotas: configuration.localQuotas)
       service.regions = registry
       metrics.observe(regions: registry)
       localControl = try LocalControlServer(path: control, registry: registry, directory: directory, logger: logger)

@@ -102,6 +102,34 @@ public enum ConfigFile {
       c.localControlSocket = v.isEmpty ? nil : v
       return nil
     },
+    int("local.tenant_max_regions", 1...4096, "regions one tenant may hold") { $0.localQuotas.tenantMaxRegions = $1 },
+    int("local.tenant_max_region_bytes", 1...(1 << 50), "bytes of regions one tenant may hold") {
+      $0.localQuotas.tenantMaxRegionBytes = UInt64($1)
+    },
+    int("local.tenant_max_descriptors", 1...1_000_000, "descriptors held for one tenant's regions (1 + queues each)") {
+      $0.localQuotas.tenantMaxDescriptors = $1
+    },
+    int("local.tenant_max_connections", 1...100_000, "authenticated control connections per tenant") {
+      $0.localQuotas.tenantMaxConnections = $1
+    },
+    int("local.connection_max_regions", 1...4096, "regions one control connection may hold") {
+      $0.localQuotas.connectionMaxRegions = $1
+    },
+    int("local.connection_max_region_bytes", 1...(1 << 50), "bytes of regions one control connection may hold") {
+      $0.localQuotas.connectionMaxRegionBytes = UInt64($1)
+    },
+    int("local.connection_max_descriptors", 1...1_000_000, "descriptors held for one connection's regions") {
+      $0.localQuotas.connectionMaxDescriptors = $1
+    },
+    int("local.max_unauthenticated_connections", 1...100_000, "control connections kept before a valid API key (oldest closed past it)") {
+      $0.localQuotas.maxUnauthenticatedConnections = $1
+    },
+    int("local.frame_timeout_ms", 100...600_000, "a control frame begun must be complete within this") {
+      $0.localQuotas.frameTimeout = .milliseconds($1)
+    },
+    int("local.descriptor_reserve", 0...1_000_000, "descriptors kept free below RLIMIT_NOFILE (registrations refused past it)") {
+      $0.localQuotas.descriptorReserve = $1
+    },
     bool("metrics.enabled", "serve /metrics") { c, on in c.metricsPort = on ? (c.metricsPort ?? 9464) : nil },
     string("metrics.host", "metrics listen address") { c, v in c.metricsHost = v; return nil },
     int("metrics.port", 0...65535, "metrics port (0 picks one)") { c, v in if c.metricsPort != nil { c.metricsPort = v } },
@@ -304,6 +332,15 @@ public enum ConfigFile {
       ("listen.http2_window_bytes", "\(c.http2TargetWindowSize)"), ("listen.pooled_payloads", "\(c.pooledPayloads)"),
       ("listen.staging_pool_fraction", "\(c.stagingPoolFraction)"),
       ("local.socket", c.localSocket ?? "-"), ("local.control_socket", c.effectiveLocalControlSocket ?? "-"),
+      ("local.tenant_max_regions", "\(c.localQuotas.tenantMaxRegions)"),
+      ("local.tenant_max_region_bytes", "\(c.localQuotas.tenantMaxRegionBytes)"),
+      ("local.tenant_max_descriptors", "\(c.localQuotas.tenantMaxDescriptors)"),
+      ("local.tenant_max_connections", "\(c.localQuotas.tenantMaxConnections)"),
+      ("local.connection_max_regions", "\(c.localQuotas.connectionMaxRegions)"),
+      ("local.connection_max_region_bytes", "\(c.localQuotas.connectionMaxRegionBytes)"),
+      ("local.connection_max_descriptors", "\(c.localQuotas.connectionMaxDescriptors)"),
+      ("local.max_unauthenticated_connections", "\(c.localQuotas.maxUnauthenticatedConnections)"),
+      ("local.frame_timeout_ms", ms(c.localQuotas.frameTimeout)), ("local.descriptor_reserve", "\(c.localQuotas.descriptorReserve)"),
       ("metrics.enabled", "\(c.metricsPort != nil)"), ("metrics.host", c.metricsHost), ("metrics.port", c.metricsPort.map { "\($0)" } ?? "-"),
       ("limits.max_request_bytes", "\(c.maxRequestBytes)"), ("limits.max_decompressed_bytes", "\(c.maxDecompressedBytes)"),
       ("limits.max_queued_jobs", "\(c.maxQueuedJobs)"), ("limits.max_queued_payload_bytes", "\(c.maxQueuedPayloadBytes ?? 0)"),

@@ -28,9 +28,13 @@ final class RegionRegistry: @unchecked Sendable {
     let tenant: String
     let size: UInt64
     let fd: Int32
-    let connection: Int32
-    init(id: UInt16, token: String, tenant: String, size: UInt64, fd: Int32, connection: Int32) {
-      (self.id, self.token, self.tenant, self.size, self.fd, self.connection) = (id, token, tenant, size, fd, connection)
+    /// The control connection it was passed on (a `ControlListener.Session` id).
+    let connection: UInt64
+    /// Descriptors it is charged for: the gateway's own and one per queue mapping.
+    let descriptors: Int
+    init(id: UInt16, token: String, tenant: String, size: UInt64, fd: Int32, connection: UInt64, descriptors: Int) {
+      (self.id, self.token, self.tenant, self.size, self.fd, self.connection, self.descriptors) =
+        (id, token, tenant, size, fd, connection, descriptors)
     }
     deinit { close(fd) }
   }
@@ -46,7 +50,21 @@ final class RegionRegistry: @unchecked Sendable {
     let queueIDs: [UInt32]
   }
 
+  /// What a tenant or a connection holds, against `LocalLaneQuotas`.
+  struct Usage: Equatable {
+    var regions = 0
+    var bytes: UInt64 = 0
+    var descriptors = 0
+    mutating func add(_ r: Region, _ sign: Int) {
+      regions += sign
+      bytes = sign > 0 ? bytes + r.size : bytes - min(bytes, r.size)
+      descriptors += sign * r.descriptors
+    }
+  }
+
   private struct State {
+    var tenants: [String: Usage] = [:]
+    var connections: [UInt64: Usage] = [:]
     var byToken: [String: Region] = [:]
     var byID: [UInt16: Region] = [:]
     var nextID: UInt16 = 1
@@ -59,12 +77,67 @@ final class RegionRegistry: @unchecked Sendable {
   private let state = Mutex(State())
   private let dispatcher: Dispatcher
   private let logger: Logger
+  let quotas: LocalLaneQuotas
   /// Regions one gateway holds at once (the ABI's id space).
   static let maxRegions = Int(ACCEL_EXT_REGION_MAX)
 
-  init(dispatcher: Dispatcher, logger: Logger) {
+  init(dispatcher: Dispatcher, logger: Logger, quotas: LocalLaneQuotas = .defaults) {
     self.dispatcher = dispatcher
     self.logger = logger
+    self.quotas = quotas
+  }
+
+  /// What `tenant` holds now (regions still used by calls after unregistering included).
+  func usage(tenant: String) -> Usage { state.withLock { $0.tenants[tenant] ?? Usage() } }
+  func usage(connection: UInt64) -> Usage { state.withLock { $0.connections[connection] ?? Usage() } }
+
+  /// Descriptors a new mapping of a region costs: the gateway's own, one per queue.
+  private var descriptorCost: Int { 1 + dispatcher.driver.queues.count }
+
+  /// Under the lock: why one more region of `size` bytes costing `cost`
+  /// descriptors would break a bound, or nil.
+  private func quotaRefusal(_ s: State, tenant: String, connection: UInt64, size: UInt64, cost: Int) -> LocalLaneError? {
+    let t = s.tenants[tenant] ?? Usage()
+    let c = s.connections[connection] ?? Usage()
+    let q = quotas
+    func over(_ path: String, _ what: String) -> LocalLaneError { .quota(path, what) }
+    if c.regions + 1 > q.connectionMaxRegions {
+      return over("local.connection_max_regions", "this connection holds \(c.regions) regions, its limit")
+    }
+    if c.bytes + size > q.connectionMaxRegionBytes {
+      return over(
+        "local.connection_max_region_bytes",
+        "this connection holds \(c.bytes) bytes of regions; \(size) more would pass its limit of \(q.connectionMaxRegionBytes)")
+    }
+    if c.descriptors + cost > q.connectionMaxDescriptors {
+      return over(
+        "local.connection_max_descriptors",
+        "this connection's regions hold \(c.descriptors) descriptors; \(cost) more would pass its limit of \(q.connectionMaxDescriptors)")
+    }
+    if t.regions + 1 > q.tenantMaxRegions {
+      return over("local.tenant_max_regions", "tenant \(tenant) holds \(t.regions) regions, its limit")
+    }
+    if t.bytes + size > q.tenantMaxRegionBytes {
+      return over(
+        "local.tenant_max_region_bytes",
+        "tenant \(tenant) holds \(t.bytes) bytes of regions; \(size) more would pass its limit of \(q.tenantMaxRegionBytes)")
+    }
+    if t.descriptors + cost > q.tenantMaxDescriptors {
+      return over(
+        "local.tenant_max_descriptors",
+        "tenant \(tenant)'s regions hold \(t.descriptors) descriptors; \(cost) more would pass its limit of \(q.tenantMaxDescriptors)")
+    }
+    return descriptorShortage(cost)
+  }
+
+  /// Whether `cost` more descriptors would eat into the reserve below RLIMIT_NOFILE.
+  private func descriptorShortage(_ cost: Int) -> LocalLaneError? {
+    let open = Int(accel_open_fd_count())
+    let limit = Int(accel_fd_limit())
+    guard open >= 0, limit > 0, open + cost + quotas.descriptorReserve > limit else { return nil }
+    return .quota(
+      "local.descriptor_reserve",
+      "the gateway has \(open) of \(limit) descriptors open and keeps \(quotas.descriptorReserve) free for connections")
   }
 
   var count: Int { state.withLock { $0.byToken.count } }
@@ -77,36 +150,59 @@ final class RegionRegistry: @unchecked Sendable {
 
   /// Registers `fd` (ownership passes here) for `tenant`, after checking its
   /// seal and size, and attaches it to every queue of the current device.
-  func register(fd: Int32, size: UInt64, tenant: String, connection: Int32) throws(LocalLaneError) -> Region {
+  /// Refuses (`.quota`) what would pass a bound of `LocalLaneQuotas`.
+  func register(fd: Int32, size: UInt64, tenant: String, connection: UInt64) throws(LocalLaneError) -> Region {
     do { try ExternalRegion.check(fd: fd, claimedSize: size) } catch {
       close(fd)
       throw .refused(error.description)
     }
-    let region = state.withLock { s -> Region? in
-      guard s.byID.count < Self.maxRegions else { return nil }
+    let cost = descriptorCost
+    let outcome = state.withLock { s -> Result<Region?, LocalLaneError> in
+      if let refusal = quotaRefusal(s, tenant: tenant, connection: connection, size: size, cost: cost) {
+        return .failure(refusal)
+      }
+      guard s.byID.count < Self.maxRegions else { return .success(nil) }
       var id = s.nextID
       while s.byID[id] != nil || s.closing.contains(id) { id = id >= UInt16(Self.maxRegions) ? 1 : id + 1 }
       s.nextID = id >= UInt16(Self.maxRegions) ? 1 : id + 1
       var random = [UInt8](repeating: 0, count: 16)
       for i in random.indices { random[i] = UInt8.random(in: 0...255) }
       let token = "r\(id)-" + random.map { String(format: "%02x", $0) }.joined()
-      let r = Region(id: id, token: token, tenant: tenant, size: size, fd: fd, connection: connection)
+      let r = Region(id: id, token: token, tenant: tenant, size: size, fd: fd, connection: connection, descriptors: cost)
       s.byToken[token] = r
       s.byID[id] = r
-      return r
+      s.tenants[tenant, default: Usage()].add(r, 1)
+      s.connections[connection, default: Usage()].add(r, 1)
+      return .success(r)
     }
-    guard let region else {
+    let region: Region
+    switch outcome {
+    case .failure(let refusal):
+      close(fd)
+      throw refusal
+    case .success(nil):
       close(fd)
       throw .refused("this gateway holds \(Self.maxRegions) regions already")
+    case .success(let r?):
+      region = r
     }
     do { try attach(region, to: dispatcher.driver) } catch {
       state.withLock { s in
         s.byToken[region.token] = nil
         s.byID[region.id] = nil
+        Self.forget(&s, region)
       }
       throw error
     }
     return region
+  }
+
+  /// Under the lock: takes a region's charge off its tenant and connection.
+  private static func forget(_ s: inout State, _ r: Region) {
+    s.tenants[r.tenant, default: Usage()].add(r, -1)
+    if s.tenants[r.tenant]?.regions == 0 { s.tenants[r.tenant] = nil }
+    s.connections[r.connection, default: Usage()].add(r, -1)
+    if s.connections[r.connection]?.regions == 0 { s.connections[r.connection] = nil }
   }
 
   /// Maps the region into every queue of `driver`'s device (once per driver).
@@ -114,6 +210,7 @@ final class RegionRegistry: @unchecked Sendable {
     let key = ObjectIdentifier(driver)
     if state.withLock({ s in s.attached[region.id]?.contains { $0.driver == key } == true }) { return }
     guard let host = driver.regionHost else { throw .unavailable("this device cannot map client memory") }
+    if let shortage = descriptorShortage(driver.queues.count) { throw shortage }
     var done: [UInt32] = []
     for q in driver.queues {
       do { try host.attachRegion(queueID: q.queueID, region: region.id, fd: region.fd, size: region.size) } catch {
@@ -176,7 +273,7 @@ final class RegionRegistry: @unchecked Sendable {
   }
 
   /// Unregisters every region passed on a control connection (it closed).
-  func unregisterAll(connection: Int32) {
+  func unregisterAll(connection: UInt64) {
     let closing = state.withLock { s in
       s.byToken.values.filter { $0.connection == connection }.map { beginClosing(&s, $0.id) }
     }
@@ -200,7 +297,7 @@ final class RegionRegistry: @unchecked Sendable {
   private func finish(_ id: UInt16) {
     let (attachments, sem) = state.withLock { s -> ([Attachment], DispatchSemaphore?) in
       let a = s.attached.removeValue(forKey: id) ?? []
-      s.byID[id] = nil
+      if let r = s.byID.removeValue(forKey: id) { Self.forget(&s, r) }
       s.closing.remove(id)
       return (a, s.drained.removeValue(forKey: id))
     }
@@ -218,13 +315,22 @@ enum LocalLaneError: Error, Equatable {
   case failedPrecondition(String)
   case refused(String)
   case unavailable(String)
+  /// A bound of `LocalLaneQuotas` (its setting path) would be passed.
+  case quota(String, String)
 
   var message: String {
     switch self {
     case .notFound(let m), .permissionDenied(let m), .invalidArgument(let m), .outOfRange(let m),
       .failedPrecondition(let m), .refused(let m), .unavailable(let m):
       m
+    case .quota(let path, let m): "quota \(path): \(m)"
     }
+  }
+
+  /// The setting whose bound was reached, for `quota` refusals.
+  var quotaPath: String? {
+    if case .quota(let path, _) = self { return path }
+    return nil
   }
 
   var rpcError: RPCError {
@@ -235,6 +341,7 @@ enum LocalLaneError: Error, Equatable {
     case .outOfRange(let m): RPCError(code: .resourceExhausted, message: m)
     case .failedPrecondition(let m): RPCError(code: .failedPrecondition, message: m)
     case .unavailable(let m): RPCError(code: .unavailable, message: m)
+    case .quota: RPCError(code: .resourceExhausted, message: message)
     }
   }
 }
@@ -242,6 +349,11 @@ enum LocalLaneError: Error, Equatable {
 /// The local lane's control socket: `register` (with the memfd passed by
 /// SCM_RIGHTS) and `unregister`, as length-prefixed JSON frames (the framing
 /// of the device's control channel; docs/LOCAL_LANE.md).
+///
+/// A connection is unauthenticated until its first request with a valid API
+/// key; it then belongs to that key's tenant (requests with another tenant's
+/// key are refused on it) and counts against `tenantMaxConnections`. Every
+/// descriptor passed is closed unless a registration keeps it.
 final class LocalControlServer: @unchecked Sendable {
   struct Request: Codable {
     var op: String
@@ -263,95 +375,127 @@ final class LocalControlServer: @unchecked Sendable {
     var region: String?
     var size: UInt64?
     var tenant: String?
+    /// The setting whose bound refused the request (`local.tenant_max_regions`, …).
+    var quota: String?
   }
 
   let path: String
   let registry: RegionRegistry
   let directory: TenantDirectory
   let logger: Logger
-  private let listenFD: Int32
+  private let listener: ControlListener
   private let running = Atomic<Bool>(true)
+  /// Authenticated control connections per tenant.
+  private let tenantConnections = Mutex<[String: Int]>([:])
 
   init(path: String, registry: RegionRegistry, directory: TenantDirectory, logger: Logger) throws {
     unlink(path)
     // Owner and group may connect (0660): the socket is a local door to the gateway.
-    let fd = accel_unix_listen(path, 0o660)
-    guard fd >= 0 else { throw ConfigurationError("cannot listen on local control socket \(path): \(String(cString: strerror(accel_errno())))") }
+    let q = registry.quotas
+    do {
+      listener = try ControlListener(
+        path: path, mode: 0o660,
+        limits: ControlListener.Limits(maxUnauthenticated: q.maxUnauthenticatedConnections, frameTimeout: q.frameTimeout),
+        name: "accel-local-control", log: { [logger] in logger.warning("\($0)") })
+    } catch {
+      throw ConfigurationError("cannot listen on local control socket \(path): \(error)")
+    }
     self.path = path
-    self.listenFD = fd
     self.registry = registry
     self.directory = directory
     self.logger = logger
   }
 
   func start() {
-    let t = Thread { [self] in
-      while running.load(ordering: .relaxed) {
-        let c = accel_unix_accept(listenFD)
-        guard c >= 0 else {
-          if !running.load(ordering: .relaxed) { return }
-          continue
-        }
-        let worker = Thread { [self] in serve(ControlConnection(fd: c)) }
-        worker.name = "accel-local-conn"
-        worker.start()
-      }
-    }
-    t.name = "accel-local-control"
-    t.start()
+    listener.start { [self] session in serve(session) }
   }
 
   func stop() {
     guard running.exchange(false, ordering: .relaxed) else { return }
-    shutdown(listenFD, Int32(SHUT_RDWR))
-    close(listenFD)
-    unlink(path)
+    listener.stop()
   }
 
-  private func serve(_ conn: ControlConnection) {
-    var pid: Int32 = 0
-    var uid: UInt32 = 0
-    var gid: UInt32 = 0
-    _ = accel_peer_cred(conn.fd, &pid, &uid, &gid)
+  /// Connections open, still unauthenticated, and closed to make room (for tests).
+  var connectionCounts: (open: Int, unauthenticated: Int, evicted: UInt64) { listener.counts }
+
+  private func serve(_ session: ControlListener.Session) {
+    let conn = session.connection
+    let pid = session.peer?.pid ?? 0
+    var owner: String?
     defer {
-      registry.unregisterAll(connection: conn.fd)
-      conn.close()
+      registry.unregisterAll(connection: session.id)
+      if let owner { tenantConnections.withLock { $0[owner, default: 1] -= 1; if $0[owner] == 0 { $0[owner] = nil } } }
     }
     while running.load(ordering: .relaxed) {
       let request: Request
       var fds: [Int32]
-      do { (request, fds) = try conn.receive(Request.self) } catch { return }
+      // receive closes what it received when it fails (EOF mid-frame, timeout, bad frame).
+      do { (request, fds) = try session.receive(Request.self) } catch { return }
       var reply = Response(ok: false)
+      var closeAfter = false
       let tenant = directory.authenticate(authorization: request.apiKey.map { "Bearer \($0)" })
-      switch request.op {
-      case _ where tenant == nil:
+      switch (tenant, owner) {
+      case (nil, _):
         reply.error = request.apiKey == nil ? "missing api_key" : "unknown API key"
-      case "register":
-        guard fds.count == 1, let size = request.size else {
-          reply.error = "register needs exactly one memfd (SCM_RIGHTS) and a size"
-          break
+      case (let t?, nil):
+        let admitted = tenantConnections.withLock { c -> Bool in
+          guard c[t.id, default: 0] < registry.quotas.tenantMaxConnections else { return false }
+          c[t.id, default: 0] += 1
+          return true
         }
-        let fd = fds.removeFirst()
-        do {
-          let r = try registry.register(fd: fd, size: size, tenant: tenant!.id, connection: conn.fd)
-          reply = Response(ok: true, region: r.token, size: size, tenant: r.tenant)
-          logger.info("local region registered", metadata: ["tenant": "\(r.tenant)", "bytes": "\(size)", "pid": "\(pid)"])
-        } catch {
-          reply.error = error.message
+        if admitted {
+          owner = t.id
+          session.authenticated()
+        } else {
+          reply.error = "quota local.tenant_max_connections: tenant \(t.id) has \(registry.quotas.tenantMaxConnections) control connections open, its limit"
+          reply.quota = "local.tenant_max_connections"
+          closeAfter = true
         }
-      case "unregister":
-        do {
-          try registry.unregister(token: request.region ?? "", tenant: tenant!.id)
-          reply = Response(ok: true, region: request.region)
-        } catch {
-          reply.error = error.message
-        }
+      case (let t?, let o?) where t.id != o:
+        reply.error = "this connection belongs to another tenant; open one connection per tenant"
       default:
-        reply.error = "unknown op \(request.op) (register, unregister)"
+        break
       }
+      if let owner, reply.error == nil {
+        reply = handle(request, fds: &fds, tenant: owner, session: session, pid: pid)
+      }
+      // Whatever was passed and not kept by a registration is closed, on every path.
       fds.forEach { _ = close($0) }
       do { try conn.send(reply) } catch { return }
+      if closeAfter { return }
     }
+  }
+
+  /// One authenticated request. Takes from `fds` only the descriptor a registration keeps.
+  private func handle(_ request: Request, fds: inout [Int32], tenant: String, session: ControlListener.Session, pid: Int32)
+    -> Response
+  {
+    var reply = Response(ok: false)
+    switch request.op {
+    case "register":
+      guard fds.count == 1, let size = request.size else {
+        reply.error = "register needs exactly one memfd (SCM_RIGHTS) and a size"
+        break
+      }
+      do {
+        let r = try registry.register(fd: fds.removeFirst(), size: size, tenant: tenant, connection: session.id)
+        reply = Response(ok: true, region: r.token, size: size, tenant: r.tenant)
+        logger.info("local region registered", metadata: ["tenant": "\(r.tenant)", "bytes": "\(size)", "pid": "\(pid)"])
+      } catch {
+        reply.error = error.message
+        reply.quota = error.quotaPath
+      }
+    case "unregister":
+      do {
+        try registry.unregister(token: request.region ?? "", tenant: tenant)
+        reply = Response(ok: true, region: request.region)
+      } catch {
+        reply.error = error.message
+      }
+    default:
+      reply.error = "unknown op \(request.op) (register, unregister)"
+    }
+    return reply
   }
 }
 

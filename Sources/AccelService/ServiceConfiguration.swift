@@ -81,6 +81,9 @@ public struct ServiceConfiguration: Sendable {
   /// The local lane's control socket (memory registration); default: `localSocket` + ".ctl".
   public var localControlSocket: String? = nil
   var effectiveLocalControlSocket: String? { localControlSocket ?? localSocket.map { $0 + ".ctl" } }
+  /// The local lane's bounds per tenant and per control connection (regions,
+  /// bytes, descriptors, connections) and its control socket's timeouts.
+  public var localQuotas: LocalLaneQuotas = .defaults
 
   /// Where Prometheus scrapes `/metrics` (plain HTTP); nil port turns it off.
   public var metricsHost: String = "127.0.0.1"

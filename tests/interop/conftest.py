@@ -83,9 +83,10 @@ class ServerDied(AssertionError):
 class ServerProcess:
     """One `accelgate serve --port 0` process and the channels to it."""
 
-    def __init__(self, label: str, flags=()):
+    def __init__(self, label: str, flags=(), preexec=None):
         self.label = label
         self.flags = [str(f) for f in flags]
+        self.preexec = preexec  # run in the child before exec (a umask, an rlimit)
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)[:80]
         self.log_path = os.path.join(LOG_DIR, f"{_next_index():03d}-{safe}.log")
         self.port = None
@@ -109,7 +110,8 @@ class ServerProcess:
         self._log = open(self.log_path, "wb", buffering=0)
         self._log.write(("$ " + " ".join(argv) + "\n").encode())
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                                     preexec_fn=self.preexec)
         found = threading.Event()
 
         def pump():
@@ -247,8 +249,8 @@ class ServerFactory:
         self.owner = owner
         self.servers = []
 
-    def __call__(self, *flags, label: str = "") -> ServerProcess:
-        srv = ServerProcess(f"{self.owner}-{label}" if label else self.owner, flags).start()
+    def __call__(self, *flags, label: str = "", preexec=None) -> ServerProcess:
+        srv = ServerProcess(f"{self.owner}-{label}" if label else self.owner, flags, preexec=preexec).start()
         self.servers.append(srv)
         return srv
 

@@ -174,7 +174,7 @@ def daemons(request):
     factory.stop_all()
 
 
-@pytest.fixture(params=["daemon"])
+@pytest.fixture(params=["daemon", "lane"])
 def target(request, daemons, start_server, tmp_path):
     if request.param == "daemon":
         dev = daemons("--frame-timeout-ms", "800", "--max-unauthenticated", "16", label="ctl")
@@ -325,3 +325,127 @@ def test_unauthenticated_connections_past_the_bound_close_the_oldest(target):
         for s in idle:
             s.close()
 
+
+# ----------------------------------------------------------------------------------------
+# 5. Quotas (finding 6)
+
+
+def register(s, key, size, seal=True):
+    fd = sealed_memfd(size) if seal else None
+    try:
+        return ask(s, {"op": "register", "api_key": key, "size": size}, [fd])
+    finally:
+        os.close(fd)
+
+
+def test_region_count_quotas_per_connection_and_per_tenant(start_server, tmp_path):
+    srv, sock, tenants = start_lane(start_server, tmp_path,
+                                    "local:\n  connection_max_regions: 2\n  tenant_max_regions: 3\n")
+    alpha, beta = tenants["alpha"].keys[0], tenants["beta"].keys[0]
+    a1, a2, b1 = (socket.socket(socket.AF_UNIX) for _ in range(3))
+    for s in (a1, a2, b1):
+        s.settimeout(10)
+        s.connect(sock + ".ctl")
+    assert register(a1, alpha, 4096)["ok"] and register(a1, alpha, 4096)["ok"]
+    r = register(a1, alpha, 4096)
+    assert not r["ok"] and r["quota"] == "local.connection_max_regions", r
+    assert register(a2, alpha, 4096)["ok"]
+    r = register(a2, alpha, 4096)
+    assert not r["ok"] and r["quota"] == "local.tenant_max_regions", r
+    # Another tenant is untouched.
+    assert register(b1, beta, 4096)["ok"] and register(b1, beta, 4096)["ok"]
+    # Closing a connection gives its regions (and its quota) back.
+    a1.close()
+    deadline = time.monotonic() + 5
+    while True:
+        r = register(a2, alpha, 4096)
+        if r["ok"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert r["ok"], r
+    a2.close()
+    b1.close()
+
+
+def test_byte_and_descriptor_quotas(start_server, tmp_path):
+    # Two queues: a region costs 1 + 2 descriptors.
+    srv, sock, tenants = start_lane(start_server, tmp_path,
+                                    "local:\n  tenant_max_region_bytes: 1048576\n  connection_max_region_bytes: 786432\n"
+                                    "  tenant_max_descriptors: 7\n", flags=("--queues", "2"))
+    alpha, beta = tenants["alpha"].keys[0], tenants["beta"].keys[0]
+    with socket.socket(socket.AF_UNIX) as a1, socket.socket(socket.AF_UNIX) as a2, socket.socket(socket.AF_UNIX) as b:
+        for s in (a1, a2, b):
+            s.settimeout(10)
+            s.connect(sock + ".ctl")
+        assert register(a1, alpha, 512 * 1024)["ok"]
+        r = register(a1, alpha, 512 * 1024)
+        assert not r["ok"] and r["quota"] == "local.connection_max_region_bytes", r
+        assert register(a2, alpha, 256 * 1024)["ok"]  # 768 KiB of 1 MiB, 6 of 7 descriptors
+        r = register(a2, alpha, 512 * 1024)
+        assert not r["ok"] and r["quota"] == "local.tenant_max_region_bytes", r
+        r = register(a2, alpha, 4096)
+        assert not r["ok"] and r["quota"] == "local.tenant_max_descriptors", r
+        assert register(b, beta, 700 * 1024)["ok"] and register(b, beta, 4096)["ok"]
+
+
+def test_control_connections_per_tenant_are_bounded(start_server, tmp_path):
+    srv, sock, tenants = start_lane(start_server, tmp_path, "local:\n  tenant_max_connections: 2\n")
+    alpha, beta = tenants["alpha"].keys[0], tenants["beta"].keys[0]
+    conns = [socket.socket(socket.AF_UNIX) for _ in range(4)]
+    try:
+        for s in conns:
+            s.settimeout(10)
+            s.connect(sock + ".ctl")
+        bad = {"op": "unregister", "region": "r1-x"}
+        assert ask(conns[0], dict(bad, api_key=alpha))["error"].startswith("no region")
+        assert ask(conns[1], dict(bad, api_key=alpha))["error"].startswith("no region")
+        r = ask(conns[2], dict(bad, api_key=alpha))
+        assert r["quota"] == "local.tenant_max_connections", r
+        assert is_closed_by_server(conns[2], 2)
+        # A connection belongs to one tenant; another tenant's key is refused on it.
+        r = ask(conns[0], dict(bad, api_key=beta))
+        assert "another tenant" in r["error"], r
+        assert ask(conns[3], dict(bad, api_key=beta))["error"].startswith("no region")
+        conns[0].close()
+        time.sleep(0.3)
+        with socket.socket(socket.AF_UNIX) as again:
+            again.settimeout(10)
+            again.connect(sock + ".ctl")
+            assert ask(again, dict(bad, api_key=alpha))["error"].startswith("no region")
+    finally:
+        for s in conns:
+            s.close()
+
+
+def test_the_descriptor_reserve_keeps_grpc_and_control_accepts_working(start_server, tmp_path):
+    """With RLIMIT_NOFILE at 400 and a reserve of 150, a tenant registering regions until
+    refused never brings the gateway to EMFILE: new gRPC connections (TCP and Unix) and
+    new control connections are still accepted and served."""
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400))
+    srv, sock, tenants = start_lane(start_server, tmp_path, "local:\n  descriptor_reserve: 150\n", preexec=low_limit)
+    alpha, beta = tenants["alpha"].keys[0], tenants["beta"].keys[0]
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(sock + ".ctl")
+        for i in range(400):
+            r = register(s, alpha, 4096)
+            if not r["ok"]:
+                break
+        assert r.get("quota") == "local.descriptor_reserve", r
+        open_now = len(os.listdir(f"/proc/{srv.proc.pid}/fd"))
+        assert 400 - open_now >= 140, f"{open_now} of 400 descriptors open"
+        # gRPC over TCP and over the Unix socket, on new connections.
+        for target in (srv.address, f"unix:{sock}"):
+            ch = grpc.insecure_channel(target)
+            r2 = pb_grpc.AcceleratorStub(ch).Compress(
+                pb.CompressRequest(format=pb.COMPRESSION_FORMAT_ZLIB, data=b"still"), metadata=tenants["beta"].md,
+                timeout=30)
+            assert zlib.decompress(r2.data) == b"still"
+            ch.close()
+        with socket.socket(socket.AF_UNIX) as b:
+            b.settimeout(10)
+            b.connect(sock + ".ctl")
+            r3 = register(b, beta, 4096)
+            assert r3.get("quota") == "local.descriptor_reserve", r3
+            assert ask(b, {"op": "unregister", "api_key": beta, "region": "r1-x"})["error"].startswith("no region")
