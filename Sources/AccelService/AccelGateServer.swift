@@ -125,12 +125,18 @@ public final class AccelGateServer: Sendable {
       guard configuration.pooledPayloads else { return [] }
       return [NetworkLaneService(service: service, lane: NetworkLane(dispatcher: dispatcher, metrics: metrics))]
     }
+    // The TCP listener's copy of the service serves no region spans (only the local socket does).
+    let tcp: AcceleratorService
     if let path = configuration.localSocket, let control = configuration.effectiveLocalControlSocket {
       let registry = RegionRegistry(dispatcher: dispatcher, logger: logger, quotas: configuration.localQuotas)
       service.regions = registry
       metrics.observe(regions: registry)
       localControl = try LocalControlServer(path: control, registry: registry, directory: directory, logger: logger)
       unlink(path)
+      var tcpService = service
+      tcpService.regions = nil
+      tcpService.localLaneSocket = path
+      tcp = tcpService
       // Same services and interceptors; plaintext, since the socket never leaves the host.
       localServer = GRPCServer(
         transport: .http2NIOPosix(
@@ -150,6 +156,7 @@ public final class AccelGateServer: Sendable {
     } else {
       localServer = nil
       localControl = nil
+      tcp = service
     }
     self.server = GRPCServer(
       transport: .http2NIOPosix(
@@ -169,7 +176,7 @@ public final class AccelGateServer: Sendable {
           $0.channelDebuggingCallbacks.onAcceptHTTP2Stream = FlushDataFramesHandler.install
         }
       ),
-      services: [service as any RegistrableRPCService] + lane(service) + [
+      services: [tcp as any RegistrableRPCService] + lane(tcp) + [
         HealthService(dispatcher: dispatcher, device: self.device, draining: draining), try ReflectionService(),
       ],
       interceptors: [AuthInterceptor(directory: directory, metrics: metrics), MetricsInterceptor(metrics: metrics, logger: logger)]

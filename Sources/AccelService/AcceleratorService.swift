@@ -22,8 +22,12 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
   var draining: Draining? = nil
   /// For DescribeDevice's view of the calling tenant.
   var tenants: TenantDirectory? = nil
-  /// Client memory registered on the local lane (nil when the lane is off).
+  /// Client memory registered on the local lane (nil when the lane is off, and
+  /// on the TCP listener: spans are served only on the local socket).
   var regions: RegionRegistry? = nil
+  /// The local lane's gRPC socket, on the TCP listener of a gateway that has
+  /// one: spans sent over TCP are refused with a pointer to it.
+  var localLaneSocket: String? = nil
   /// Where payload copies are counted (nil: not counted).
   var metrics: GatewayMetrics? = nil
 

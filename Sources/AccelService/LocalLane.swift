@@ -546,6 +546,11 @@ extension AcceleratorService {
   ) throws -> LocalSpans {
     guard input != nil || output != nil else { return LocalSpans(inputLength: inline) }
     guard let regions else {
+      if let socket = localLaneSocket {
+        throw RPCError(
+          code: .invalidArgument,
+          message: "\(operation): region spans are served only on the local socket \(socket), not over TCP; make the call there or send the payload")
+      }
       throw RPCError(
         code: .failedPrecondition,
         message: "\(operation): regions are only served on the local lane (start the gateway with --local-socket and call it there)")

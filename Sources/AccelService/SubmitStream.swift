@@ -75,6 +75,8 @@ extension AcceleratorService {
     var out = Accelgate_V1_SubmitResponse()
     out.id = item.id
     do {
+      // Region spans are for the unary calls on the local socket only (docs/LOCAL_LANE.md).
+      guard !Self.namesRegions(item) else { throw Self.noRegionsInSubmit }
       try await retryingAdmission(tenant: tenant, deadline: deadline) {
         switch item.job {
         case .compress(let r):
@@ -116,6 +118,18 @@ extension AcceleratorService {
     deadline.hasPassed
       ? RPCError(code: .deadlineExceeded, message: "deadline exceeded before the stream completed")
       : RPCError(code: .cancelled, message: "call cancelled")
+  }
+
+  /// Whether a stream item names a local-lane region span, whatever its job.
+  static func namesRegions(_ item: Accelgate_V1_SubmitRequest) -> Bool {
+    switch item.job {
+    case .compress(let r): r.hasInputRegion || r.hasOutputRegion
+    case .decompress(let r): r.hasInputRegion || r.hasOutputRegion
+    case .encrypt(let r): r.hasInputRegion || r.hasOutputRegion
+    case .decrypt(let r): r.hasInputRegion || r.hasOutputRegion
+    case .digest(let r): r.hasInputRegion
+    case nil: false
+    }
   }
 
   static var noRegionsInSubmit: RPCError {

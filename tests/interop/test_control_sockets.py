@@ -327,6 +327,60 @@ def test_unauthenticated_connections_past_the_bound_close_the_oldest(target):
 
 
 # ----------------------------------------------------------------------------------------
+# 4. Spans only on the local socket's unary calls (finding 19)
+
+
+def test_region_spans_are_refused_over_tcp_and_inside_submit(start_server, tmp_path):
+    srv, sock, tenants = start_lane(start_server, tmp_path)
+    md = tenants["alpha"].md
+    ctl = ControlChannel(sock + ".ctl", api_key=tenants["alpha"].keys[0])
+    region = ctl.register(MiB)
+    region.write(0, b"region bytes " * 100)
+    span, out = region.span(0, 1300), region.span(512 * 1024, 256 * 1024)
+    key = pb.KeySpec(raw=os.urandom(32))
+    tcp = srv.stub()
+    calls = {
+        "compress": lambda st: st.Compress(pb.CompressRequest(format=pb.COMPRESSION_FORMAT_ZLIB, input_region=span),
+                                           metadata=md, timeout=30),
+        "decompress": lambda st: st.Decompress(pb.DecompressRequest(format=pb.COMPRESSION_FORMAT_ZLIB,
+                                                                    data=zlib.compress(b"x"), output_region=out),
+                                               metadata=md, timeout=30),
+        "encrypt": lambda st: st.Encrypt(pb.EncryptRequest(algorithm=pb.CIPHER_ALGORITHM_AES_256_GCM, key=key,
+                                                           input_region=span), metadata=md, timeout=30),
+        "digest": lambda st: st.Digest(pb.DigestRequest(algorithm=pb.DIGEST_ALGORITHM_SHA256, input_region=span),
+                                       metadata=md, timeout=30),
+    }
+    for name, fn in calls.items():
+        with pytest.raises(grpc.RpcError) as e:
+            fn(tcp)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{name} over TCP: {e.value.code()}"
+        assert "only on the local socket" in e.value.details(), e.value.details()
+    # The same calls on the local socket work.
+    ch = grpc.insecure_channel(f"unix:{sock}")
+    local = pb_grpc.AcceleratorStub(ch)
+    assert zlib.decompress(calls["compress"](local).data) == b"region bytes " * 100
+    assert calls["digest"](local).digest
+    # Inside Submit (on the local socket too): every kind of job naming a span is refused.
+    items = [pb.SubmitRequest(id="compress", compress=pb.CompressRequest(format=pb.COMPRESSION_FORMAT_ZLIB,
+                                                                         input_region=span)),
+             pb.SubmitRequest(id="encrypt", encrypt=pb.EncryptRequest(algorithm=pb.CIPHER_ALGORITHM_AES_256_GCM,
+                                                                      key=key, input_region=span)),
+             pb.SubmitRequest(id="decrypt", decrypt=pb.DecryptRequest(algorithm=pb.CIPHER_ALGORITHM_AES_256_GCM,
+                                                                      key=key, input_region=span)),
+             pb.SubmitRequest(id="digest", digest=pb.DigestRequest(algorithm=pb.DIGEST_ALGORITHM_SHA256,
+                                                                   input_region=span)),
+             pb.SubmitRequest(id="plain", compress=pb.CompressRequest(format=pb.COMPRESSION_FORMAT_ZLIB, data=b"ok"))]
+    for stub in (local, tcp):
+        got = {r.id: r for r in stub.Submit(iter(items), metadata=md, timeout=30)}
+        for i in ("compress", "encrypt", "decrypt", "digest"):
+            assert got[i].code == grpc.StatusCode.INVALID_ARGUMENT.value[0], f"Submit {i}: {got[i]}"
+            assert "unary calls" in got[i].message, got[i].message
+        assert got["plain"].code == 0 and zlib.decompress(got["plain"].compress.data) == b"ok"
+    ch.close()
+    ctl.close()
+
+
+# ----------------------------------------------------------------------------------------
 # 5. Quotas (finding 6)
 
 
