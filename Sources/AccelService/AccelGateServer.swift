@@ -31,6 +31,12 @@ public final class AccelGateServer: Sendable {
   /// The local lane's gRPC listener on a Unix socket, and its control socket.
   private let localServer: GRPCServer<HTTP2ServerTransport.Posix>?
   private let localControl: LocalControlServer?
+  /// Where the local gRPC listener binds first (a private directory beside the
+  /// socket path), to be renamed into place once its mode is 0660; nil: bound in place.
+  private let localStaging: (directory: String, socket: String)?
+  /// 1 once the local gRPC socket is at its path with mode 0660 (or there is
+  /// none), 2 if that failed, 0 until then.
+  private let localPublished = Atomic<Int>(0)
   private let logger: Logger
 
   public init(configuration: ServiceConfiguration = .defaults, logger: Logger = Logger(label: "accelgate")) throws {
@@ -133,6 +139,8 @@ public final class AccelGateServer: Sendable {
       metrics.observe(regions: registry)
       localControl = try LocalControlServer(path: control, registry: registry, directory: directory, logger: logger)
       unlink(path)
+      let staging = try Self.stagingPath(for: path)
+      localStaging = staging
       var tcpService = service
       tcpService.regions = nil
       tcpService.localLaneSocket = path
@@ -140,7 +148,7 @@ public final class AccelGateServer: Sendable {
       // Same services and interceptors; plaintext, since the socket never leaves the host.
       localServer = GRPCServer(
         transport: .http2NIOPosix(
-          address: .unixDomainSocket(path: path), transportSecurity: .plaintext,
+          address: .unixDomainSocket(path: staging?.socket ?? path), transportSecurity: .plaintext,
           config: .defaults {
             $0.rpc.maxRequestPayloadSize = configuration.transportMaxRequestBytes
             $0.http2.maxFrameSize = configuration.http2MaxFrameSize
@@ -156,6 +164,8 @@ public final class AccelGateServer: Sendable {
     } else {
       localServer = nil
       localControl = nil
+      localStaging = nil
+      localPublished.store(1, ordering: .releasing)
       tcp = service
     }
     self.server = GRPCServer(
@@ -183,6 +193,41 @@ public final class AccelGateServer: Sendable {
     )
   }
 
+  /// A private (0700) directory beside `path` and a socket path in it, where the
+  /// local gRPC listener binds before its mode is set and it is renamed to
+  /// `path`: nobody can connect while the mode still follows the umask. nil
+  /// when that path would not fit in a socket address (then it binds at `path`
+  /// and is chmod-ed once listening).
+  static func stagingPath(for path: String) throws -> (directory: String, socket: String)? {
+    let slash = path.lastIndex(of: "/")
+    let dir = slash.map { String(path[..<$0]) } ?? "."
+    var template = Array("\(dir.isEmpty ? "/" : dir)/.agXXXXXX".utf8CString)
+    guard template.count + 2 <= 108 else { return nil }
+    guard let made = mkdtemp(&template) else {
+      throw ConfigurationError("cannot create a directory beside the local socket \(path): \(String(cString: strerror(errno)))")
+    }
+    let directory = String(cString: made)
+    return (directory, directory + "/s")
+  }
+
+  /// Once the local listener is bound: mode 0660 (owner and group may connect,
+  /// whatever the umask; the process-wide umask is never changed), then the
+  /// socket is renamed to its documented path.
+  private func publishLocalSocket(_ local: GRPCServer<HTTP2ServerTransport.Posix>, path: String) async throws {
+    _ = try await local.listeningAddress
+    let bound = localStaging?.socket ?? path
+    guard chmod(bound, 0o660) == 0 else {
+      throw ConfigurationError("cannot chmod the local socket \(bound): \(String(cString: strerror(errno)))")
+    }
+    if let staging = localStaging {
+      guard rename(staging.socket, path) == 0 else {
+        throw ConfigurationError("cannot move the local socket to \(path): \(String(cString: strerror(errno)))")
+      }
+      rmdir(staging.directory)
+    }
+    localPublished.store(1, ordering: .releasing)
+  }
+
   /// Plaintext, TLS, or mTLS (client certificates required and verified against
   /// `tlsClientCA`; host names are not checked, as clients have none to check).
   static func transportSecurity(_ c: ServiceConfiguration) -> HTTP2ServerTransport.Posix.TransportSecurity {
@@ -206,6 +251,10 @@ public final class AccelGateServer: Sendable {
       metricsServer.withLock { $0 = server }
     }
     defer {
+      if let staging = localStaging {
+        unlink(staging.socket)
+        rmdir(staging.directory)
+      }
       localControl?.stop()
       external?.stop()
       dispatcher.shutdown()
@@ -224,7 +273,19 @@ public final class AccelGateServer: Sendable {
           // Both listeners serve until the TCP one has drained.
           try await withThrowingTaskGroup(of: Void.self) { both in
             both.addTask { try await server.serve() }
-            if let local { both.addTask { try await local.serve() } }
+            if let local, let path = self.configuration.localSocket {
+              both.addTask {
+                try await withThrowingTaskGroup(of: Void.self) { listener in
+                  listener.addTask { try await local.serve() }
+                  do { try await self.publishLocalSocket(local, path: path) } catch {
+                    self.localPublished.store(2, ordering: .releasing)
+                    listener.cancelAll()
+                    throw error
+                  }
+                  try await listener.waitForAll()
+                }
+              }
+            }
             _ = try await both.next()
             local?.beginGracefulShutdown()
             try await both.waitForAll()
@@ -260,8 +321,17 @@ public final class AccelGateServer: Sendable {
   }
 
   /// The bound port, once listening (useful with port 0).
+  /// Waits for the local socket too, when there is one, so a listening line
+  /// printed after it means both are ready.
   public func listeningPort() async throws -> Int? {
-    try await server.listeningAddress?.ipv4?.port
+    let port = try await server.listeningAddress?.ipv4?.port
+    while true {
+      switch localPublished.load(ordering: .acquiring) {
+      case 1: return port
+      case 2: throw ConfigurationError("the local socket \(configuration.localSocket ?? "") could not be published")
+      default: try await Task.sleep(for: .milliseconds(5))
+      }
+    }
   }
 
   /// Re-reads the tenants file (SIGHUP). Calls in flight are unaffected; on error

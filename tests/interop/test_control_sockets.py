@@ -327,6 +327,32 @@ def test_unauthenticated_connections_past_the_bound_close_the_oldest(target):
 
 
 # ----------------------------------------------------------------------------------------
+# 3. Socket modes (finding 18)
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o000, 0o027])
+def test_local_sockets_are_0660_whatever_the_umask(start_server, tmp_path, umask):
+    srv, sock, tenants = start_lane(start_server, tmp_path, label=f"umask{umask:o}",
+                                    preexec=lambda: os.umask(umask))
+    for path in (sock, sock + ".ctl"):
+        st = os.stat(path)
+        assert stat.S_ISSOCK(st.st_mode), path
+        assert stat.S_IMODE(st.st_mode) == 0o660, f"{path}: mode {stat.S_IMODE(st.st_mode):#o} under umask {umask:#o}"
+    assert [n for n in os.listdir(os.path.dirname(sock)) if n.startswith(".ag")] == [], "staging directory left behind"
+    ch = grpc.insecure_channel(f"unix:{sock}")
+    r = pb_grpc.AcceleratorStub(ch).Compress(pb.CompressRequest(format=pb.COMPRESSION_FORMAT_ZLIB, data=b"x" * 100),
+                                             metadata=tenants["alpha"].md, timeout=30)
+    assert zlib.decompress(r.data) == b"x" * 100
+    ch.close()
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o000])
+def test_daemon_socket_is_0660_whatever_the_umask(daemons, umask):
+    dev = daemons(label=f"umask{umask:o}", umask=umask)
+    assert stat.S_IMODE(os.stat(dev.path).st_mode) == 0o660
+
+
+# ----------------------------------------------------------------------------------------
 # 4. Spans only on the local socket's unary calls (finding 19)
 
 
