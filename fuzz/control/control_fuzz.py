@@ -64,6 +64,8 @@ SCM_MAX_FD = 253               # Linux: most descriptors in one SCM_RIGHTS messa
 EXT_REGION_MAX = 4096          # region ids 1...4096
 MAX_REGION = 16 << 30          # largest region a client may register or attach
 HANG_S = 5.0                   # a complete frame must be answered (or the connection closed) within this
+FRAME_TIMEOUT_MS = 1000        # the targets are started with this frame timeout (default 5000)
+HOLD_S = FRAME_TIMEOUT_MS / 1000 + 0.7  # how long a half-sent frame may hold what came with it
 IO_S = 10.0                    # honest client's socket and RPC timeouts
 MAX_QUEUES = 128
 U32, U64 = (1 << 32) - 1, (1 << 64) - 1
@@ -178,6 +180,10 @@ def make_fds(specs, conn_sock, workdir):
                 act = spec.get("after")
                 if act:
                     after.append((act, fd))
+                    if act == "grow" and not seals & fcntl.F_SEAL_GROW:
+                        # Grown by 1 MiB just after the send, maybe before the server looks:
+                        # either size is right, so the oracle may count on neither.
+                        info["may_grow_to"] = file_size + (1 << 20)
             elif kind == "pipe_r" or kind == "pipe_w":
                 r, w = os.pipe()
                 keep, drop = (r, w) if kind == "pipe_r" else (w, r)
@@ -235,6 +241,7 @@ class Conn:
         self.rbuf = bytearray()
         self.rfds = []
         self.greeted = False
+        self.replies = 0         # replies read on this connection
         self.queues = []         # daemon: queues this connection allocated and still owns
         self.regions = []        # lane: regions this connection registered: dicts
         self.last_info = None
@@ -266,6 +273,11 @@ class Conn:
             self.pending.append(entry)
 
     def _fill(self, need, deadline):
+        """Reads until rbuf holds `need` bytes, never past them: the kernel hands
+        SCM_RIGHTS descriptors to the recvmsg that reads the first byte of the
+        sendmsg that carried them, and one recvmsg may glue several replies
+        together, so reading past the current frame would give the next reply's
+        descriptors to this one (or this one's to the previous)."""
         while len(self.rbuf) < need:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -274,7 +286,7 @@ class Conn:
             if not r:
                 return "timeout"
             try:
-                data, anc, _flags, _addr = self.sock.recvmsg(1 << 16, socket.CMSG_SPACE(64 * 4))
+                data, anc, _flags, _addr = self.sock.recvmsg(need - len(self.rbuf), socket.CMSG_SPACE(64 * 4))
             except (ConnectionResetError, BrokenPipeError):
                 return "eof"
             for level, typ, cdata in anc:
@@ -557,20 +569,42 @@ class Runner:
             conn.pending.popleft()
             _, n, body, fds = got
             self.stats["replies"] += 1
+            conn.replies += 1
             try:
                 self._check_reply(conn, c, entry, n, body, fds, issues, tokens)
             finally:
                 for fd in fds:
                     _close(fd)
         if not conn.pending and not conn.eof:
-            # Nothing owed: anything that arrives anyway is unsolicited.
+            # Nothing owed: anything that arrives anyway is unsolicited, except a
+            # refusal on accept (DEVICE_ABI.md §10: a disallowed user gets one
+            # {"ok":false} frame, then the close), which can arrive before the
+            # request it answers was even sent (that send then failed).
             got = conn.read_frame(time.monotonic() + 0.01)
             if got[0] == "reply":
-                issues.append(Issue("bad-reply", f"connection {c}: unsolicited reply {_short(got[2])}"))
                 for fd in got[3]:
                     _close(fd)
+                if not (conn.replies == 0 and self._is_refusal_then_close(conn, got[2])):
+                    issues.append(Issue("bad-reply", f"connection {c}: unsolicited reply {_short(got[2])}"))
             elif got[0] == "eof":
                 conn.eof = True
+
+    def _is_refusal_then_close(self, conn, body):
+        try:
+            reply = json.loads(body)
+        except ValueError:
+            return False
+        if not (isinstance(reply, dict) and reply.get("ok") is False and isinstance(reply.get("error"), str)):
+            return False
+        got = conn.read_frame(time.monotonic() + HANG_S)
+        if got[0] == "eof":
+            conn.eof = True
+            self.stats["server_closes"] += 1
+            return True
+        if got[0] == "reply":
+            for fd in got[3]:
+                _close(fd)
+        return False
 
     def _check_reply(self, conn, c, entry, n, body, fds, issues, tokens):
         try:
@@ -640,7 +674,8 @@ class SpanCall(threading.Thread):
             self.issues.append(Issue("grpc-status", f"gRPC {what}: {code} {details!r}"))
         if code != "OK":
             return
-        owner = [self.tokens.get(sp.region) for sp in (inp, out) if sp is not None]
+        sent = (inp,) if s.get("call") == "digest" else (inp, out)  # a DigestRequest has no output span
+        owner = [self.tokens.get(sp.region) for sp in sent if sp is not None]
         if any(o != tenant for o in owner):
             self.issues.append(Issue("cross-tenant-span", f"gRPC {what} succeeded on a region of {owner}"))
         region = self.regions.get(inp.region) if inp is not None else None
@@ -707,13 +742,14 @@ class Target:
 
     # -- process ------------------------------------------------------------------
 
-    def _spawn(self, argv, ready_re):
+    def _spawn(self, argv, ready_re, env=None):
         self.starts += 1
         self.log_path = os.path.join(self.workdir, f"{self.name}-{self.starts}.log")
         logf = open(self.log_path, "wb", buffering=0)
         logf.write(("$ " + " ".join(argv) + "\n").encode())
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=dict(os.environ, **(env or {})))
         found, match = threading.Event(), [None]
 
         def pump(proc=self.proc):
@@ -816,7 +852,8 @@ class DaemonTarget(Target):
     def start(self):
         self.control_path = os.path.join(self.workdir, "dev.sock")
         self._spawn([self.binary, "device", "--socket", self.control_path, "--engines", "1", "--pool-mib", "1",
-                     "--sq-entries", "64"], rb"accelgate device listening on ")
+                     "--sq-entries", "64", "--frame-timeout-ms", str(FRAME_TIMEOUT_MS)],
+                    rb"accelgate device listening on ")
         self.wait_path(self.control_path)
 
     def _honest_conn(self):
@@ -938,7 +975,7 @@ def bad_region_reason(size, fds_sent, region_id=None):
         return f"a {f['kind']} descriptor"
     if not f.get("seals", 0) & fcntl.F_SEAL_SHRINK:
         return "a memfd not sealed against shrinking"
-    if f.get("file_size", 0) < size:
+    if max(f.get("file_size", 0), f.get("may_grow_to", 0)) < size:
         return f"a {f.get('file_size')}-byte memfd for {size} bytes"
     return None
 
@@ -958,7 +995,8 @@ class LaneTarget(Target):
         self.control_path = self.grpc_path + ".ctl"
         m = self._spawn([self.binary, "serve", "--host", "127.0.0.1", "--port", "0", "--no-metrics",
                          "--tenants", tenants, "--local-socket", self.grpc_path, "--queues", "2", "--engines", "1",
-                         "--pool-mib", "16", "--sq-entries", "64"], rb"accelgate listening on 127\.0\.0\.1:(\d+)")
+                         "--pool-mib", "16", "--sq-entries", "64"], rb"accelgate listening on 127\.0\.0\.1:(\d+)",
+                        env={"ACCELGATE_LOCAL_FRAME_TIMEOUT_MS": str(FRAME_TIMEOUT_MS)})
         self.port = int(m.group(1))
         self.wait_path(self.control_path)
         self.tcp = grpc.insecure_channel(f"127.0.0.1:{self.port}")
@@ -1597,10 +1635,14 @@ GENERATORS = {
 # ======================================================================================
 # Oracles that need the process at rest
 
-def settle(target, want, deadline_s=3.0, stable_s=0.3):
+def settle(target, want, deadline_s=3.0, stable_s=0.3, patience_s=None):
     """Polls the process until its descriptors and threads are back to `want`'s, or stop
-    changing above it for stable_s, or deadline_s passes. Returns (at_rest, snapshot)."""
-    end = time.monotonic() + deadline_s
+    changing above it for stable_s (but not before patience_s: by default a frame timeout
+    and a little, since a half-sent frame may hold what came with it that long), or
+    deadline_s passes. Returns (at_rest, snapshot)."""
+    patience_s = HOLD_S if patience_s is None else patience_s
+    start = time.monotonic()
+    end = start + max(deadline_s, patience_s)
     last, since = None, time.monotonic()
     while True:
         snap = target.snapshot()
@@ -1610,7 +1652,7 @@ def settle(target, want, deadline_s=3.0, stable_s=0.3):
         now = time.monotonic()
         if key != last:
             last, since = key, now
-        elif now - since >= stable_s or now > end:
+        elif (now - since >= stable_s and now - start >= patience_s) or now > end:
             return False, snap
         time.sleep(0.01)
 
@@ -1695,7 +1737,7 @@ class Campaign:
         if not ok:
             raise RuntimeError(f"{self.target_name}: honest client refused right after start: {why}\n"
                                f"{self.target.log_tail()}")
-        _, self.baseline = settle(self.target, {"fds": 0, "threads": 0}, deadline_s=1.0, stable_s=0.3)
+        _, self.baseline = settle(self.target, {"fds": 0, "threads": 0}, deadline_s=1.0, stable_s=0.3, patience_s=0)
         self.mem_base = None
 
     def restart(self, why):
@@ -1829,7 +1871,7 @@ class Campaign:
                         extra={"leaked_per_run": per_run, "leaked_kinds": kinds})
         if not found:
             # Not one case alone: replay the whole batch to see if it grows again.
-            _, before = settle(self.target, self.target.snapshot(), deadline_s=0.5)
+            _, before = settle(self.target, self.target.snapshot(), deadline_s=0.5, patience_s=0)
             for case in batch:
                 self.runner.run(case)
             at_rest, after = settle(self.target, before)
@@ -1843,7 +1885,7 @@ class Campaign:
     def isolate(self, case, repeats=3):
         """Runs one case alone; if the process keeps descriptors or threads it had not
         before, runs it `repeats` more times: a leak grows with every run."""
-        _, before = settle(self.target, self.target.snapshot(), deadline_s=0.3, stable_s=0.1)
+        _, before = settle(self.target, self.target.snapshot(), deadline_s=0.3, stable_s=0.1, patience_s=0)
         self.runner.run(case)
         if not self.target.alive():
             self.on_crash([case])
@@ -1918,7 +1960,7 @@ def replay(args):
         print(f"recorded: {header['finding']}: {header['detail']}")
     try:
         ok, why = target.honest()
-        _, before = settle(target, {"fds": 0, "threads": 0}, deadline_s=1.0, stable_s=0.3)
+        _, before = settle(target, {"fds": 0, "threads": 0}, deadline_s=1.0, stable_s=0.3, patience_s=0)
         runner = Runner(target, stats)
         issues = []
         for _ in range(args.repeat):
