@@ -78,14 +78,20 @@ import Testing
 
     let aadLength = SharedWord((params + 12).assumingMemoryBound(to: UInt32.self))
     let stop = Atomic<Bool>(false)
+    let flipperDone = DispatchSemaphore(value: 0)
     let flipper = Thread {
       while !stop.load(ordering: .relaxed) {
         aadLength.storeRelease(32)
         aadLength.storeRelease(0x7FFF_0000)  // passes the engine's own INT32_MAX check
       }
+      flipperDone.signal()
     }
     flipper.start()
-    defer { stop.store(true, ordering: .relaxed) }
+    // The flipper writes into the queue region: it must be gone before the region is unmapped.
+    defer {
+      stop.store(true, ordering: .relaxed)
+      flipperDone.wait()
+    }
     var statuses: [UInt16: Int] = [:]
     for i in 0..<3000 {
       sqe.cookie = UInt64(i) + 1
@@ -93,7 +99,6 @@ import Testing
       let c = try #require(q.next(), "job \(i) got no completion")
       statuses[c.status, default: 0] += 1
     }
-    stop.store(true, ordering: .relaxed)
     let allowed: Set<UInt16> = [UInt16(ACCEL_STATUS_OK.rawValue), UInt16(ACCEL_STATUS_BAD_PARAMS.rawValue)]
     #expect(Set(statuses.keys).isSubset(of: allowed), "statuses: \(statuses)")
     #expect(!dev.isIsolated)
