@@ -365,7 +365,7 @@ def main():
         "duplicated": tally.counts["duplicated"], "statuses": dict(sorted(tally.statuses.items())),
         "examples": tally.examples, "gateway_survived": gateway_alive,
         "peak_rss_mib": {k: round(v / 1024, 1) for k, v in procs.peak.items()},
-        "machine": f"{os.cpu_count()} CPUs, {os.uname().release}",
+        "machine": f"{os.cpu_count()} CPUs, {os.uname().release}", "binary": os.path.relpath(BIN, ROOT),
     }
     with open(os.path.join(OUT, "soak.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -387,7 +387,7 @@ def write_markdown(r):
         "<!-- SOAK:BEGIN (written by make soak) -->",
         f"`make soak` ({r['seconds']:.0f} s, {r['threads']} client threads in 3 tenants of weights 1, 2, 4, "
         f"a fault every {r['fault_every_s']:.0f} s: " + ", ".join(f"{n}× {k}" for k, n in sorted(faults.items()))
-        + f"; {r['machine']}):",
+        + f"; {r['machine']}; `{r.get('binary', '?')}`):",
         "",
         "| verified OK | lost | wrong | duplicated | gateway survived | peak RSS gateway | peak RSS daemon |",
         "|---|---|---|---|---|---|---|",

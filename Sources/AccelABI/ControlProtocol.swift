@@ -73,6 +73,8 @@ public struct ControlResponse: Codable, Sendable {
   public var resets: UInt64?
   public var isolations: UInt64?
   public var fault: String?
+  /// The quota a refusal ran into (e.g. "max-queues-per-peer").
+  public var quota: String?
   public init(ok: Bool, error: String? = nil) {
     self.ok = ok
     self.error = error

@@ -29,6 +29,13 @@ public final class ControlServer: @unchecked Sendable {
     public var maxUnauthenticated = 64
     /// Longest a frame may take once its first byte has arrived; then the connection is closed.
     public var frameTimeout: Duration = .seconds(5)
+    /// Queues one peer (control connection) may hold, and the most queue memory
+    /// (region bytes) they may take together; nil leaves only the device's budget.
+    public var maxQueuesPerPeer = 32
+    public var maxRegionBytesPerPeer: UInt64? = nil
+    /// Highest arbitration weight a peer may ask for: a weight is a share of every
+    /// engine, so an unbounded one would starve the other gateways.
+    public var maxQueueWeight: UInt32 = 64
     public init(socketPath: String) { self.socketPath = socketPath }
   }
 
@@ -143,14 +150,28 @@ public final class ControlServer: @unchecked Sendable {
       // Every algorithm the engines run (the list used to miss zstd and lz4).
         reply.algorithms = DeviceAlgorithm.allCases.compactMap(\.capabilityName)
     case .alloc:
-      do {
-        let q = try device.allocateQueue(weight: max(1, request.weight ?? 1))
-        connections.withLock { _ = $0[me, default: []].insert(q.id) }
-        reply = ControlResponse(ok: true)
-        reply.queue = q.id
-        fds = [device.exportQueue(id: q.id) ?? -1].filter { $0 >= 0 }
-      } catch {
-        reply = .failure(error.description)
+      let weight = max(1, request.weight ?? 1)
+      let held = connections.withLock { $0[me] ?? [] }
+      let heldBytes = device.queues.filter { held.contains($0.id) }.reduce(UInt64(0)) { $0 + $1.region.layout.regionSize }
+      if weight > configuration.maxQueueWeight {
+        reply = .failure("quota: weight \(weight) is over this daemon's limit of \(configuration.maxQueueWeight)")
+        reply.quota = "max-queue-weight"
+      } else if held.count >= configuration.maxQueuesPerPeer {
+        reply = .failure("quota: this connection holds \(held.count) queues, the most one peer may hold")
+        reply.quota = "max-queues-per-peer"
+      } else if let limit = configuration.maxRegionBytesPerPeer, heldBytes + device.queueRegionBytes > limit {
+        reply = .failure("quota: another queue would take this connection past \(limit) bytes of queue memory")
+        reply.quota = "max-region-bytes-per-peer"
+      } else {
+        do {
+          let q = try device.allocateQueue(weight: weight)
+          connections.withLock { _ = $0[me, default: []].insert(q.id) }
+          reply = ControlResponse(ok: true)
+          reply.queue = q.id
+          fds = [device.exportQueue(id: q.id) ?? -1].filter { $0 >= 0 }
+        } catch {
+          reply = .failure(error.description)
+        }
       }
     case .release:
       let id = request.queue ?? .max

@@ -35,6 +35,12 @@ public final class EmulatedDevice: @unchecked Sendable {
   public var queues: [DeviceQueue] { queueSet.withLock { $0 } }
   /// Bytes of all live queue regions (accounted against `memoryBudget`).
   public var regionBytes: UInt64 { queues.reduce(0) { $0 + $1.region.layout.regionSize } }
+  /// Bytes one more queue region with the configured geometry takes.
+  public var queueRegionBytes: UInt64 {
+    (try? RegionLayout(
+      sqEntries: configuration.sqEntries, cqEntries: configuration.sqEntries, dataPoolBytes: configuration.dataPoolBytes,
+      keySlots: configuration.keySlots))?.regionSize ?? 0
+  }
 
   private let running = Atomic<Bool>(false)
   /// Engines currently parked; the need-wakeup flags are cleared when it drops to 0.

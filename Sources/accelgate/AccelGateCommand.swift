@@ -195,8 +195,14 @@ struct Device: ParsableCommand {
   var frameTimeoutMs = 5000
   @Option(help: "Control connections kept before their hello; accepting one more closes the oldest.")
   var maxUnauthenticated = 64
+  @Option(help: "Queues one gateway (control connection) may hold.") var maxQueuesPerPeer = 32
+  @Option(help: "Queue memory one gateway may hold, in MiB (0 = only the device budget).") var maxPeerMib = 0
+  @Option(help: "Highest arbitration weight a gateway may ask for.") var maxQueueWeight: UInt32 = 64
 
   func validate() throws {
+    guard (1...127).contains(maxQueuesPerPeer) else { throw ValidationError("--max-queues-per-peer must be 1...127") }
+    guard maxPeerMib >= 0 else { throw ValidationError("--max-peer-mib must be 0 or more") }
+    guard (1...10_000).contains(maxQueueWeight) else { throw ValidationError("--max-queue-weight must be 1...10000") }
     guard (100...600_000).contains(frameTimeoutMs) else { throw ValidationError("--frame-timeout-ms must be 100...600000") }
     guard (1...100_000).contains(maxUnauthenticated) else { throw ValidationError("--max-unauthenticated must be 1...100000") }
   }
@@ -222,6 +228,9 @@ struct Device: ParsableCommand {
     config.allowFaultControl = allowFaultControl
     config.frameTimeout = .milliseconds(frameTimeoutMs)
     config.maxUnauthenticated = maxUnauthenticated
+    config.maxQueuesPerPeer = maxQueuesPerPeer
+    config.maxRegionBytesPerPeer = maxPeerMib > 0 ? UInt64(maxPeerMib) << 20 : nil
+    config.maxQueueWeight = maxQueueWeight
     let server = try ControlServer(device: device, configuration: config) { logger.notice("\($0)") }
     let done = DispatchSemaphore(value: 0)
     let signals = SignalHandler(onTerminate: { done.signal() }, onHangup: {})

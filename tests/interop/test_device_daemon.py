@@ -579,3 +579,36 @@ def test_device_time_follows_queue_weights_between_gateways(daemons, gateway):
     assert abs(share_b - want) <= FAIR_TOLERANCE * want, \
         f"gateway B (queue weight 3) got {share_b:.1%} of device time against gateway A (weight 1), " \
         f"expected {want:.0%} +-{FAIR_TOLERANCE:.0%} relative; device ns {device_ns}; calls {calls}"
+
+
+def test_a_peer_is_bounded_in_queues_weight_and_memory(daemons):
+    """Issue 17, finding 12 (Part 3): the daemon bounded neither a peer's weight (up
+    to 2^32, a share of every engine) nor its number of queues or their memory.
+    Each is now a quota with a defined refusal, and another peer is unaffected."""
+    dev = daemons("--pool-mib", "1", "--max-queues-per-peer", "3", "--max-queue-weight", "8", "--max-peer-mib", "64")
+    with Control(dev.path) as a, Control(dev.path) as b:
+        a.hello()
+        b.hello()
+        r = a.ask({"op": "alloc", "weight": 9})
+        assert r.get("ok") is False and r.get("quota") == "max-queue-weight", r
+        r = a.ask({"op": "alloc", "weight": 2 ** 32 - 1})
+        assert r.get("ok") is False and r.get("quota") == "max-queue-weight", r
+        held = []
+        for _ in range(3):
+            q, fd = a.alloc(weight=8)
+            held.append(fd)
+        r, fds = a.request({"op": "alloc", "weight": 1})
+        close_fds(fds)
+        assert r.get("ok") is False and r.get("quota") == "max-queues-per-peer", r
+        # The other peer still gets queues.
+        q, fd = b.alloc(weight=1)
+        held.append(fd)
+        close_fds(held)
+    dev2 = daemons("--pool-mib", "4", "--max-peer-mib", "6", label="peer-memory")
+    with Control(dev2.path) as c:
+        c.hello()
+        q, fd = c.alloc()
+        close_fds([fd])
+        r, fds = c.request({"op": "alloc", "weight": 1})
+        close_fds(fds)
+        assert r.get("ok") is False and r.get("quota") == "max-region-bytes-per-peer", r
