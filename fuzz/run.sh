@@ -13,7 +13,7 @@ case "$MODE" in
 esac
 # Bounded seconds per fuzzer (per harness or target): together at most 5 minutes
 # with their builds on the CI machine.
-declare -A BOUNDED=([engines]=15 [descriptor]=15 [ring]=12 [control]=15 [api]=40)
+declare -A BOUNDED=([engines]=12 [descriptor]=12 [ring]=10 [control]=15 [api]=30)
 export ACCELGATE_BIN="${ACCELGATE_BIN:-$ROOT/.build/debug/accelgate}"
 export ACCELRINGFUZZ_BIN="${ACCELRINGFUZZ_BIN:-$ROOT/.build/debug/accelringfuzz}"
 failed=()
