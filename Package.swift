@@ -101,20 +101,37 @@ let package = Package(
       dependencies: ["AccelScheduler", "AccelDriver", "AccelABI", .product(name: "Logging", package: "swift-log")],
       swiftSettings: strictSettings
     ),
+    /// The API's protobuf messages (generated; SwiftProtobuf only, no gRPC).
+    .target(
+      name: "AccelMessages",
+      dependencies: [.product(name: "SwiftProtobuf", package: "swift-protobuf")],
+      swiftSettings: strictSettings
+    ),
+    /// The API's gRPC service stubs (generated) over AccelMessages.
     .target(
       name: "AccelProto",
       dependencies: [
+        "AccelMessages",
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
-        .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+      ],
+      swiftSettings: strictSettings
+    ),
+    /// Requests become jobs: validation, limits, keys and envelopes, and job
+    /// results become responses. No transport: it does not link gRPC.
+    .target(
+      name: "AccelRequests",
+      dependencies: [
+        "AccelMessages", "AccelDispatcher", "AccelDriver", "AccelABI", "CAccelCrypto",
+        .product(name: "Yams", package: "Yams"),
       ],
       swiftSettings: strictSettings
     ),
     .target(
       name: "AccelService",
       dependencies: [
-        "AccelProto", "AccelDispatcher", "AccelDevice", "AccelDriver", "AccelABI", "AccelScheduler", "CAccelCrypto",
-        "AccelHTTP2",
+        "AccelProto", "AccelMessages", "AccelRequests", "AccelDispatcher", "AccelDevice", "AccelDriver", "AccelABI",
+        "AccelScheduler", "CAccelCrypto", "AccelHTTP2",
         .product(name: "Yams", package: "Yams"),
         .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         .product(name: "GRPCCore", package: "grpc-swift-2"),
@@ -142,13 +159,14 @@ let package = Package(
     ),
     .target(
       name: "AccelGateLocal",
-      dependencies: ["AccelProto", "AccelABI", "CAccelSys", .product(name: "SwiftProtobuf", package: "swift-protobuf")],
+      dependencies: ["AccelMessages", "AccelABI", "CAccelSys", .product(name: "SwiftProtobuf", package: "swift-protobuf")],
       swiftSettings: strictSettings
     ),
     .executableTarget(
       name: "accelctl",
       dependencies: [
         "AccelProto",
+        "AccelMessages",
         "AccelGateLocal",
         "AccelHTTP2",
         .product(name: "Histogram", package: "hdrhistogram-swift"),
@@ -162,7 +180,7 @@ let package = Package(
     .executableTarget(
       name: "accelbench",
       dependencies: [
-        "AccelService", "AccelDevice", "AccelDriver", "AccelDispatcher", "AccelProto", "CAccelEngines",
+        "AccelService", "AccelDevice", "AccelDriver", "AccelDispatcher", "AccelProto", "AccelMessages", "CAccelEngines",
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -196,9 +214,17 @@ let package = Package(
     ),
     .testTarget(name: "AccelSchedulerTests", dependencies: ["AccelScheduler"], swiftSettings: strictSettings),
     .testTarget(
+      name: "AccelRequestsTests",
+      dependencies: [
+        "AccelRequests", "AccelMessages", "AccelDispatcher", "AccelDriver", "AccelABI",
+        .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+      ],
+      swiftSettings: strictSettings
+    ),
+    .testTarget(
       name: "AccelServiceTests",
       dependencies: [
-        "AccelService", "AccelProto", "AccelDevice", "AccelScheduler", "AccelDispatcher", "AccelDriver", "AccelABI",
+        "AccelService", "AccelProto", "AccelMessages", "AccelRequests", "AccelDevice", "AccelScheduler", "AccelDispatcher", "AccelDriver", "AccelABI",
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),

@@ -4,11 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/generate-proto.sh
-if ! git diff --exit-code --stat -- Sources/AccelProto/Generated proto/descriptors; then
+if ! git diff --exit-code --stat -- Sources/AccelMessages/Generated Sources/AccelProto/Generated proto/descriptors; then
   echo "generated code is stale: run scripts/generate-proto.sh and commit the result" >&2
   exit 1
 fi
-untracked=$(git ls-files --others --exclude-standard -- Sources/AccelProto/Generated proto/descriptors)
+untracked=$(git ls-files --others --exclude-standard -- Sources/AccelMessages/Generated Sources/AccelProto/Generated proto/descriptors)
 if [ -n "$untracked" ]; then echo "uncommitted generated files: $untracked" >&2; exit 1; fi
 echo "generated code is up to date"
 

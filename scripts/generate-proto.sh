@@ -8,17 +8,23 @@ command -v protoc >/dev/null || { echo "protoc missing: run scripts/install-deps
 swift build -q --product protoc-gen-swift
 swift build -q --product protoc-gen-grpc-swift-2
 bin=$(swift build --show-bin-path)
+# Messages (SwiftProtobuf only) and service stubs (GRPCCore) are separate
+# modules, so the layer that turns requests into jobs (AccelRequests) can use
+# the messages without linking gRPC (docs/ARCHITECTURE.md).
+messages=Sources/AccelMessages/Generated
 out=Sources/AccelProto/Generated
-rm -rf "$out" && mkdir -p "$out"
+rm -rf "$messages" "$out" && mkdir -p "$messages" "$out"
+protos=(accelgate/v1/accelerator.proto grpc/health/v1/health.proto grpc/reflection/v1/reflection.proto)
 protoc -I proto \
   --plugin=protoc-gen-swift="$bin/protoc-gen-swift" \
   --plugin=protoc-gen-grpc-swift="$bin/protoc-gen-grpc-swift-2" \
-  --swift_out="$out" --swift_opt=Visibility=Public,UseAccessLevelOnImports=true \
-  --grpc-swift_out="$out" --grpc-swift_opt=Visibility=Public,UseAccessLevelOnImports=true \
-  accelgate/v1/accelerator.proto grpc/health/v1/health.proto grpc/reflection/v1/reflection.proto
+  --swift_out="$messages" --swift_opt=Visibility=Public,UseAccessLevelOnImports=true \
+  --grpc-swift_out="$out" \
+  --grpc-swift_opt=Visibility=Public,UseAccessLevelOnImports=true,ExtraModuleImports=AccelMessages \
+  "${protos[@]}"
 mkdir -p proto/descriptors
 protoc -I proto --include_imports --descriptor_set_out=proto/descriptors/accelgate.v1.pb \
-  accelgate/v1/accelerator.proto grpc/health/v1/health.proto grpc/reflection/v1/reflection.proto
+  "${protos[@]}"
 # The reflection service serves the descriptor set from the binary, so it is
 # also committed as Swift (base64, which compiles far faster than a byte array).
 {
@@ -27,4 +33,4 @@ protoc -I proto --include_imports --descriptor_set_out=proto/descriptors/accelga
   echo "package enum EmbeddedDescriptorSet {"
   echo "  package static let base64 = \"$(base64 -w0 proto/descriptors/accelgate.v1.pb)\""
   echo "}"
-} > "$out/EmbeddedDescriptorSet.swift"
+} > "$messages/EmbeddedDescriptorSet.swift"

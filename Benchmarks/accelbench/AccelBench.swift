@@ -3,6 +3,7 @@ import AccelDevice
 import AccelDispatcher
 import AccelDriver
 import AccelProto
+import AccelMessages
 import ArgumentParser
 import CAccelEngines
 import Foundation

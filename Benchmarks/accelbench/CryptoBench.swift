@@ -1,5 +1,6 @@
 import AccelABI
 import AccelProto
+import AccelMessages
 import ArgumentParser
 import CAccelABI
 import CAccelEngines

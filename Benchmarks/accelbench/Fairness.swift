@@ -1,4 +1,5 @@
 import AccelProto
+import AccelMessages
 import ArgumentParser
 import Foundation
 import GRPCCore

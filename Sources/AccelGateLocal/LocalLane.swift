@@ -1,4 +1,4 @@
-public import AccelProto
+public import AccelMessages
 internal import AccelABI
 internal import CAccelSys
 internal import SwiftProtobuf

@@ -1,4 +1,5 @@
 internal import AccelABI
+public import AccelRequests
 internal import AccelDevice
 internal import AccelDispatcher
 internal import AccelDriver
@@ -371,9 +372,4 @@ public final class AccelGateServer: Sendable {
       expired.yield()
     }
   }
-}
-
-public struct ConfigurationError: Error, CustomStringConvertible {
-  public var description: String
-  public init(_ description: String) { self.description = description }
 }

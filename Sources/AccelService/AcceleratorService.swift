@@ -3,6 +3,8 @@ internal import AccelDevice
 internal import AccelDispatcher
 internal import AccelDriver
 internal import AccelProto
+internal import AccelRequests
+internal import AccelMessages
 internal import FoundationEssentials
 internal import GRPCCore
 internal import AccelScheduler
@@ -31,7 +33,10 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
   /// Where payload copies are counted (nil: not counted).
   var metrics: GatewayMetrics? = nil
 
-  static let defaultLevel: Int32 = 6
+  /// Where requests become jobs (AccelRequests): the same checks for every edge.
+  var translator: JobTranslator {
+    JobTranslator(limits: configuration.requestLimits, keyring: keyring, nonceLedger: nonceLedger, audit: audit)
+  }
 
   func compress(request envelope: ServerRequest<Accelgate_V1_CompressRequest>, context: ServerContext) async throws
     -> ServerResponse<Accelgate_V1_CompressResponse>
@@ -47,33 +52,14 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
     let spans = try localSpans(
       input: m.hasInputRegion ? m.inputRegion : nil, output: m.hasOutputRegion ? m.outputRegion : nil,
       inline: lane.payloadCount(inline: m.data), tenant: tenant, operation: "compress", outputLimit: Int(UInt32.max))
-    var (job, limit, engine) = try compressJob(m, tenant: tenant, inputLength: spans.inputLength)
-    lane.apply(to: &job)
-    spans.apply(to: &job)
-    let result = try await run(
-      job, operation: "compress", outputLimit: spans.output.map { Int($0.length) } ?? limit,
-      deadline: CallDeadline(metadata: metadata))
+    let plan = try translator.compress(m, tenant: tenant, lane: lane, spans: spans.lengths)
+    let result = try await run(plan, spans: spans, deadline: CallDeadline(metadata: metadata))
     recordCopies(tenant: tenant, operation: "compress", lane: lane, spans: spans, result: result)
     var response = Accelgate_V1_CompressResponse()
     response.data = result.output
     if spans.output != nil { response.regionOutputLength = result.stats.outputBytes }
-    response.stats = Self.stats(result.stats, engine: engine)
+    response.stats = plan.stats(for: result)
     return LaneResponse(message: response, pooled: result.pooledOutput)
-  }
-
-  /// Validates a compress request and turns it into a job (shared by unary and Submit).
-  func compressJob(_ request: Accelgate_V1_CompressRequest, tenant: String, inputLength: Int? = nil) throws -> (
-    JobRequest, Int, String
-  ) {
-    let algorithm = try Self.algorithm(request.format)
-    let effectiveLevel = try Self.level(request.hasLevel ? request.level : -1, for: algorithm)
-    let length = inputLength ?? request.data.count
-    try checkSize(length)
-    let capacity = Int(BufferSizing.compressBound(UInt64(length)))
-    let job = JobRequest(
-      opcode: .compress, algorithm: algorithm, level: effectiveLevel, input: request.data, outputCapacity: capacity,
-      tenant: tenant)
-    return (job, capacity, Self.engineName(.compress, algorithm, level: effectiveLevel))
   }
 
   func decompress(request envelope: ServerRequest<Accelgate_V1_DecompressRequest>, context: ServerContext) async throws
@@ -87,37 +73,19 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
     -> LaneResponse<Accelgate_V1_DecompressResponse>
   {
     let tenant = TenantHeader.tenant(of: metadata)
-    let inline = lane.payloadCount(inline: m.data)
-    var (job, limit) = try decompressJob(m, tenant: tenant, inputLength: inline)
+    let translator = self.translator
     let spans = try localSpans(
-      input: m.hasInputRegion ? m.inputRegion : nil, output: m.hasOutputRegion ? m.outputRegion : nil, inline: inline,
-      tenant: tenant, operation: "decompress", outputLimit: limit)
-    lane.apply(to: &job)
-    spans.apply(to: &job)
-    let result = try await run(
-      job, operation: "decompress", outputLimit: spans.output.map { Int($0.length) } ?? limit,
-      deadline: CallDeadline(metadata: metadata))
+      input: m.hasInputRegion ? m.inputRegion : nil, output: m.hasOutputRegion ? m.outputRegion : nil,
+      inline: lane.payloadCount(inline: m.data), tenant: tenant, operation: "decompress",
+      outputLimit: translator.limits.outputLimit(requested: m.maxOutputBytes))
+    let plan = try translator.decompress(m, tenant: tenant, lane: lane, spans: spans.lengths)
+    let result = try await run(plan, spans: spans, deadline: CallDeadline(metadata: metadata))
     recordCopies(tenant: tenant, operation: "decompress", lane: lane, spans: spans, result: result)
     var response = Accelgate_V1_DecompressResponse()
     response.data = result.output
     if spans.output != nil { response.regionOutputLength = result.stats.outputBytes }
-    response.stats = Self.stats(result.stats, engine: Self.engineName(.decompress, job.algorithm, level: 0))
+    response.stats = plan.stats(for: result)
     return LaneResponse(message: response, pooled: result.pooledOutput)
-  }
-
-  /// Validates a decompress request and turns it into a job (shared by unary and Submit).
-  func decompressJob(_ request: Accelgate_V1_DecompressRequest, tenant: String, inputLength: Int? = nil) throws -> (
-    JobRequest, Int
-  ) {
-    let algorithm = try Self.algorithm(request.format)
-    try checkSize(inputLength ?? request.data.count)
-    let limit =
-      request.maxOutputBytes == 0
-      ? configuration.maxDecompressedBytes : Int(min(UInt64(configuration.maxDecompressedBytes), request.maxOutputBytes))
-    return (
-      JobRequest(opcode: .decompress, algorithm: algorithm, input: request.data, outputCapacity: limit, tenant: tenant),
-      limit
-    )
   }
 
   func describeDevice(request: ServerRequest<Accelgate_V1_DescribeDeviceRequest>, context: ServerContext) async throws
@@ -166,66 +134,20 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
     }
   }
 
-  func checkSize(_ size: Int) throws {
-    guard size <= configuration.maxRequestBytes else {
-      throw StatusMapping.rpcError(.payloadTooLarge(size: size, limit: configuration.maxRequestBytes))
-    }
+  /// Runs a plan's job, pointed at the call's local-lane spans, under the call's deadline.
+  func run(_ plan: JobPlan, spans: LocalSpans = LocalSpans(inputLength: 0), deadline: CallDeadline) async throws
+    -> JobResult
+  {
+    var job = plan.job
+    spans.apply(to: &job)
+    return try await run(job, operation: plan.operation.rawValue, outputLimit: plan.outputLimit, deadline: deadline)
   }
+}
 
-  static func algorithm(_ format: Accelgate_V1_CompressionFormat) throws -> DeviceAlgorithm {
-    switch format {
-    case .deflate: return .deflateRaw
-    case .zlib: return .zlib
-    case .gzip: return .gzip
-    case .zstd: return .zstd
-    case .lz4: return .lz4
-    case .unspecified:
-      throw StatusMapping.rpcError(.invalidArgument("format must be set (DEFLATE, ZLIB, GZIP, ZSTD or LZ4)"))
-    case .UNRECOGNIZED(let v): throw StatusMapping.rpcError(.invalidArgument("unknown compression format \(v)"))
-    }
-  }
-
-  /// Levels each format accepts, and its default (used for -1 or an unset level).
-  static func levels(_ algorithm: DeviceAlgorithm) -> (range: ClosedRange<Int32>, default: Int32) {
-    switch algorithm {
-    case .zstd: (1...19, 3)
-    case .lz4: (0...12, 0)
-    default: (0...9, defaultLevel)
-    }
-  }
-
-  static func level(_ requested: Int32, for algorithm: DeviceAlgorithm) throws -> UInt8 {
-    let (range, fallback) = levels(algorithm)
-    guard requested == -1 || range.contains(requested) else {
-      let name = algorithm == .zstd ? " for zstd" : algorithm == .lz4 ? " for lz4" : ""
-      throw StatusMapping.rpcError(
-        .invalidArgument("level \(requested) is outside \(range.lowerBound)...\(range.upperBound)\(name) (or -1 for the default)"))
-    }
-    return UInt8(requested == -1 ? fallback : requested)
-  }
-
-  static func engineName(_ op: DeviceOpcode, _ algorithm: DeviceAlgorithm, level: UInt8) -> String {
-    switch algorithm {
-    case .zstd: return "zstd"
-    case .lz4: return op == .compress && level >= 3 ? "lz4hc" : "lz4"
-    default:
-      if op == .decompress { return "isal-inflate" }
-      return level == 0 ? "zlib" : level <= 3 ? "isal-igzip" : "libdeflate"
-    }
-  }
-
-  static func stats(_ s: JobStatistics, engine: String) -> Accelgate_V1_JobStats {
-    var out = Accelgate_V1_JobStats()
-    out.queueWaitNs = s.queueWaitNanoseconds
-    out.deviceNs = s.deviceNanoseconds
-    out.totalNs = s.totalNanoseconds
-    out.inputBytes = s.inputBytes
-    out.outputBytes = s.outputBytes
-    out.queueID = s.queueID
-    out.engineID = s.engineID
-    out.batchSize = s.batchSize
-    out.engine = engine
-    return out
+extension ServiceConfiguration {
+  /// The limits requests are checked against.
+  var requestLimits: RequestLimits {
+    RequestLimits(maxRequestBytes: maxRequestBytes, maxDecompressedBytes: maxDecompressedBytes)
   }
 }
 

@@ -2,6 +2,8 @@ internal import AccelABI
 internal import AccelDispatcher
 internal import AccelDriver
 internal import AccelProto
+internal import AccelRequests
+internal import AccelMessages
 internal import FoundationEssentials
 internal import GRPCCore
 internal import SwiftProtobuf
@@ -35,8 +37,8 @@ extension AcceleratorService {
       let s = try await runStream(
         request.messages,
         open: { m in
-          let algorithm = try Self.streamAlgorithm(m.format)
-          let level = try Self.level(m.hasLevel ? m.level : -1, for: algorithm)
+          let algorithm = try JobTranslator.streamAlgorithm(m.format)
+          let level = try JobTranslator.level(m.hasLevel ? m.level : -1, for: algorithm)
           return try StreamSession(self, algorithm: algorithm, level: level, compress: true, tenant: tenant, deadline: deadline)
         },
         chunk: { ($0.data, $0.final) },
@@ -65,7 +67,7 @@ extension AcceleratorService {
       let s = try await runStream(
         request.messages,
         open: { m in
-          let algorithm = try Self.streamAlgorithm(m.format)
+          let algorithm = try JobTranslator.streamAlgorithm(m.format)
           let cap = m.maxOutputBytes == 0 ? serverCap : min(serverCap, m.maxOutputBytes)
           return try StreamSession(
             self, algorithm: algorithm, level: 0, compress: false, tenant: tenant, deadline: deadline, outputCap: cap)
@@ -101,19 +103,19 @@ extension AcceleratorService {
   ) async throws -> StreamSession {
     let reader = IdleBoundedReader(messages, timeout: configuration.streamIdleTimeout)
     guard let first = try await reader.next() else {
-      throw RPCError(code: .invalidArgument, message: "the stream carried no messages")
+      throw RequestError.invalidArgument("the stream carried no messages")
     }
     let session = try open(first)
     defer { session.close() }
-    let (service, firstChunk) = (self, chunk(first))
+    let (limits, firstChunk) = (configuration.requestLimits, chunk(first))
     try await withThrowingTaskGroup(of: Void.self) { group in
       group.addTask {
         var slices = session.makeReader()
         var ended = false
         var next: (data: Data, final: Bool)? = firstChunk
         while let (data, final) = next {
-          guard !ended else { throw RPCError(code: .invalidArgument, message: "data after the final chunk") }
-          try service.checkSize(data.count)
+          guard !ended else { throw RequestError.invalidArgument("data after the final chunk") }
+          try limits.check(payload: data.count)
           try await session.queue(data, final: final, reader: &slices)
           ended = final
           next = try await reader.next().map(chunk)
@@ -125,14 +127,6 @@ extension AcceleratorService {
       for try await _ in group {}
     }
     return session
-  }
-
-  static func streamAlgorithm(_ format: Accelgate_V1_CompressionFormat) throws -> DeviceAlgorithm {
-    let algorithm = try algorithm(format)
-    guard algorithm != .lz4 else {
-      throw RPCError(code: .invalidArgument, message: "LZ4 is one-shot only; stream with DEFLATE, ZLIB, GZIP or ZSTD")
-    }
-    return algorithm
   }
 }
 

@@ -1,4 +1,5 @@
 internal import AccelDevice
+internal import AccelRequests
 internal import AccelScheduler
 internal import Foundation
 internal import Yams

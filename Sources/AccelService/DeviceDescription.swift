@@ -4,6 +4,8 @@ internal import AccelDispatcher
 internal import AccelDriver
 internal import AccelScheduler
 internal import AccelProto
+internal import AccelRequests
+internal import AccelMessages
 internal import CAccelABI
 
 /// Builds the DescribeDevice answer from the device, the driver and the configuration.
@@ -54,8 +56,8 @@ enum DeviceDescription {
       r.engines.append(ei)
     }
     for format in [Accelgate_V1_CompressionFormat.deflate, .zlib, .gzip, .zstd, .lz4] {
-      let algorithm = (try? AcceleratorService.algorithm(format)) ?? .gzip
-      let (range, fallback) = AcceleratorService.levels(algorithm)
+      let algorithm = (try? JobTranslator.algorithm(format)) ?? .gzip
+      let (range, fallback) = JobTranslator.levels(algorithm)
       var c = Accelgate_V1_Capability()
       c.operation = .compress
       c.format = format
@@ -72,7 +74,7 @@ enum DeviceDescription {
       var d = Accelgate_V1_Capability()
       d.operation = .decompress
       d.format = format
-      d.engines = AcceleratorService.engineName(.decompress, algorithm, level: 0)
+      d.engines = JobTranslator.engineName(.decompress, algorithm, level: 0)
       r.capabilities.append(d)
     }
     for cipher in [Accelgate_V1_CipherAlgorithm.aes128Gcm, .aes256Gcm, .chacha20Poly1305] {

@@ -2,6 +2,7 @@ internal import AccelDevice
 internal import AccelDispatcher
 internal import AccelDriver
 internal import AccelProto
+internal import AccelMessages
 internal import GRPCCore
 internal import Synchronization
 

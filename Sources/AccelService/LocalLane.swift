@@ -3,6 +3,8 @@ internal import CAccelABI
 internal import AccelDispatcher
 internal import AccelDriver
 internal import AccelProto
+internal import AccelRequests
+internal import AccelMessages
 internal import AccelScheduler
 internal import CAccelSys
 internal import Foundation
@@ -332,18 +334,6 @@ enum LocalLaneError: Error, Equatable {
     if case .quota(let path, _) = self { return path }
     return nil
   }
-
-  var rpcError: RPCError {
-    switch self {
-    case .notFound(let m): RPCError(code: .notFound, message: m)
-    case .permissionDenied(let m): RPCError(code: .permissionDenied, message: m)
-    case .invalidArgument(let m), .refused(let m): RPCError(code: .invalidArgument, message: m)
-    case .outOfRange(let m): RPCError(code: .resourceExhausted, message: m)
-    case .failedPrecondition(let m): RPCError(code: .failedPrecondition, message: m)
-    case .unavailable(let m): RPCError(code: .unavailable, message: m)
-    case .quota: RPCError(code: .resourceExhausted, message: message)
-    }
-  }
 }
 
 /// The local lane's control socket: `register` (with the memfd passed by
@@ -520,6 +510,8 @@ struct LocalSpans {
   var isLocal: Bool { input != nil || output != nil }
   /// Bytes of input: the span's, or the inline payload's.
   var inputLength: Int
+  /// What the translator needs of the spans: their lengths.
+  var lengths: SpanLengths { SpanLengths(input: input.map { Int($0.length) }, output: output.map { Int($0.length) }) }
 
   /// Points `job` at the spans and makes it hold them.
   func apply(to job: inout JobRequest) {
@@ -547,16 +539,14 @@ extension AcceleratorService {
     guard input != nil || output != nil else { return LocalSpans(inputLength: inline) }
     guard let regions else {
       if let socket = localLaneSocket {
-        throw RPCError(
-          code: .invalidArgument,
-          message: "\(operation): region spans are served only on the local socket \(socket), not over TCP; make the call there or send the payload")
+        throw RequestError.invalidArgument(
+          "\(operation): region spans are served only on the local socket \(socket), not over TCP; make the call there or send the payload")
       }
-      throw RPCError(
-        code: .failedPrecondition,
-        message: "\(operation): regions are only served on the local lane (start the gateway with --local-socket and call it there)")
+      throw RequestError.failedPrecondition(
+        "\(operation): regions are only served on the local lane (start the gateway with --local-socket and call it there)")
     }
     if input != nil && inline > 0 {
-      throw RPCError(code: .invalidArgument, message: "\(operation): set either the payload or input_region, not both")
+      throw RequestError.invalidArgument("\(operation): set either the payload or input_region, not both")
     }
     var spans = LocalSpans(inputLength: inline)
     var bindings: [RegionRegistry.Binding] = []
@@ -574,15 +564,13 @@ extension AcceleratorService {
       }
     } catch {
       for b in bindings { regions.unbind(b) }
-      throw error.rpcError
+      throw StatusMapping.rpcError(error)
     }
     spans.hold = SpanHold(registry: regions, bindings: bindings)
     if let i = spans.input, let o = spans.output, i.region == o.region,
       i.length > 0, o.length > 0, i.offset < o.offset + UInt64(o.length), o.offset < i.offset + UInt64(i.length)
     {
-      throw RPCError(
-        code: .invalidArgument,
-        message: "\(operation): input_region and output_region overlap; \(operation) cannot run in place")
+      throw RequestError.invalidArgument("\(operation): input_region and output_region overlap; \(operation) cannot run in place")
     }
     return spans
   }

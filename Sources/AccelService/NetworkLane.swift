@@ -1,6 +1,8 @@
 internal import AccelDispatcher
 internal import AccelDriver
 internal import AccelProto
+internal import AccelRequests
+internal import AccelMessages
 internal import CAccelCrypto
 internal import FoundationEssentials
 internal import GRPCCore
@@ -308,7 +310,7 @@ struct NetworkLaneService: RegistrableRPCService {
     router.registerHandler(
       forMethod: Accelgate_V1_Accelerator.Method.Decrypt.descriptor,
       deserializer: LaneRequestDeserializer<Accelgate_V1_DecryptRequest>(
-        lane: lane, payloadField: Self.decryptCiphertext, maxPayload: service.sealedLimit, sensitive: false,
+        lane: lane, payloadField: Self.decryptCiphertext, maxPayload: service.configuration.requestLimits.sealedLimit, sensitive: false,
         carriesKey: true),
       serializer: LaneResponseSerializer<Accelgate_V1_DecryptResponse>(payloadField: Self.responsePayload)
     ) { request, _ in
@@ -318,31 +320,6 @@ struct NetworkLaneService: RegistrableRPCService {
         lane: .pooled(r.message.staged))
       return StreamingServerResponse(single: ServerResponse(message: out))
     }
-  }
-}
-
-/// How a unary job call's payload arrived and how its result should leave.
-struct PayloadLane: Sendable {
-  /// The payload, already in a queue's pool (network lane); nil: it is in the message.
-  var staged: StagedInput? = nil
-  /// Leave the result in the pool for the network lane's serializer.
-  var poolOutput = false
-
-  /// The generated protobuf coding: payload and result travel as `Data`.
-  static let copied = PayloadLane()
-  static func pooled(_ staged: StagedInput?) -> PayloadLane { PayloadLane(staged: staged, poolOutput: true) }
-
-  /// The payload's length: staged, or the message's own field.
-  func payloadCount(inline: Data) -> Int { staged?.length ?? inline.count }
-
-  /// Points the job at the staged payload (after `skip` bytes) and asks for the pooled result.
-  func apply(to job: inout JobRequest, skip: Int = 0) {
-    if let staged {
-      job.stagedInput = staged
-      job.stagedSkip = skip
-      job.input = Data()
-    }
-    job.poolOutput = poolOutput
   }
 }
 

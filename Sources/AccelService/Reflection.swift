@@ -1,4 +1,5 @@
 internal import AccelProto
+internal import AccelMessages
 internal import FoundationEssentials
 internal import GRPCCore
 internal import GRPCProtobuf

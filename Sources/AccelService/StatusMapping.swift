@@ -1,11 +1,13 @@
 internal import AccelABI
 internal import AccelDispatcher
+internal import AccelRequests
 internal import GRPCCore
 
-/// Errors the service raises itself, before a job reaches the dispatcher.
-enum RequestError: Error {
-  case invalidArgument(String)
-  case payloadTooLarge(size: Int, limit: Int)
+/// A refused request ends its call with the status `StatusMapping` gives it,
+/// wherever in a handler it is thrown.
+extension RequestError: RPCErrorConvertible {
+  var rpcErrorCode: RPCError.Code { StatusMapping.rpcError(self).code }
+  var rpcErrorMessage: String { StatusMapping.rpcError(self).message }
 }
 
 extension StatusMapping {
@@ -23,6 +25,30 @@ extension StatusMapping {
     case .ledgerUnavailable(let why): RPCError(code: .unavailable, message: "cannot record the key's nonce use (\(why)); not encrypting")
     }
   }
+
+  static func rpcError(_ error: LocalLaneError) -> RPCError {
+    switch error {
+    case .notFound(let m): RPCError(code: .notFound, message: m)
+    case .permissionDenied(let m): RPCError(code: .permissionDenied, message: m)
+    case .invalidArgument(let m), .refused(let m): RPCError(code: .invalidArgument, message: m)
+    case .outOfRange(let m): RPCError(code: .resourceExhausted, message: m)
+    case .failedPrecondition(let m): RPCError(code: .failedPrecondition, message: m)
+    case .unavailable(let m): RPCError(code: .unavailable, message: m)
+    case .quota: RPCError(code: .resourceExhausted, message: error.message)
+    }
+  }
+
+  /// Any error a handler meets as the status it ends the call with: statuses
+  /// and typed refusals as mapped here; anything else is INTERNAL.
+  static func rpcError(any error: any Error) -> RPCError {
+    switch error {
+    case let e as RPCError: e
+    case let e as RequestError: rpcError(e)
+    case let e as KeyError: rpcError(e)
+    case let e as LocalLaneError: rpcError(e)
+    default: RPCError(code: .internalError, message: "internal error")
+    }
+  }
 }
 
 /// The one place where failures become gRPC statuses. The table is in docs/STATUS.md.
@@ -31,10 +57,12 @@ extension StatusMapping {
 enum StatusMapping {
   static func rpcError(_ error: RequestError) -> RPCError {
     switch error {
-    case .invalidArgument(let why):
-      return RPCError(code: .invalidArgument, message: why)
+    case .invalidArgument(let why): RPCError(code: .invalidArgument, message: why)
+    case .failedPrecondition(let why): RPCError(code: .failedPrecondition, message: why)
     case .payloadTooLarge(let size, let limit):
-      return RPCError(code: .resourceExhausted, message: "payload of \(size) bytes exceeds the \(limit)-byte limit")
+      RPCError(code: .resourceExhausted, message: "payload of \(size) bytes exceeds the \(limit)-byte limit")
+    case .key(let e): rpcError(e)
+    case .internalFailure(let why): RPCError(code: .internalError, message: why)
     }
   }
 

@@ -1,6 +1,8 @@
 internal import AccelABI
 internal import AccelDispatcher
 internal import AccelProto
+internal import AccelRequests
+internal import AccelMessages
 internal import GRPCCore
 internal import SwiftProtobuf
 
@@ -75,40 +77,34 @@ extension AcceleratorService {
     var out = Accelgate_V1_SubmitResponse()
     out.id = item.id
     do {
-      // Region spans are for the unary calls on the local socket only (docs/LOCAL_LANE.md).
-      guard !Self.namesRegions(item) else { throw Self.noRegionsInSubmit }
+      try JobTranslator.checkSubmitItem(item)
       try await retryingAdmission(tenant: tenant, deadline: deadline) {
         switch item.job {
         case .compress(let r):
-          guard !r.hasInputRegion && !r.hasOutputRegion else { throw Self.noRegionsInSubmit }
-          let (job, limit, engine) = try compressJob(r, tenant: tenant)
-          let result = try await run(job, operation: "compress", outputLimit: limit, deadline: deadline)
+          let plan = try translator.compress(r, tenant: tenant)
+          let result = try await run(plan, deadline: deadline)
           out.compress = .with {
             $0.data = result.output
-            $0.stats = Self.stats(result.stats, engine: engine)
+            $0.stats = plan.stats(for: result)
           }
         case .decompress(let r):
-          guard !r.hasInputRegion && !r.hasOutputRegion else { throw Self.noRegionsInSubmit }
-          let (job, limit) = try decompressJob(r, tenant: tenant)
-          let result = try await run(job, operation: "decompress", outputLimit: limit, deadline: deadline)
+          let plan = try translator.decompress(r, tenant: tenant)
+          let result = try await run(plan, deadline: deadline)
           out.decompress = .with {
             $0.data = result.output
-            $0.stats = Self.stats(result.stats, engine: Self.engineName(.decompress, job.algorithm, level: 0))
+            $0.stats = plan.stats(for: result)
           }
         case .encrypt(let r): out.encrypt = try await encrypt(r, tenant: tenant, deadline: deadline)
         case .decrypt(let r): out.decrypt = try await decrypt(r, tenant: tenant, deadline: deadline)
         case .digest(let r): out.digest = try await digest(r, tenant: tenant, deadline: deadline)
-        case nil:
-          throw StatusMapping.rpcError(.invalidArgument("job must be set"))
+        case nil: break  // refused by checkSubmitItem
         }
       }
-    } catch let e as RPCError {
+    } catch {
+      let e = StatusMapping.rpcError(any: error)
       out.code = Int32(e.code.rawValue)
       out.message = e.message
       out.retryAfterMs = e.metadata[stringValues: "retry-after-ms"].first(where: { _ in true }).flatMap { UInt64($0) } ?? 0
-    } catch {
-      out.code = Int32(RPCError.Code.internalError.rawValue)
-      out.message = "internal error"
     }
     return out
   }
@@ -118,22 +114,6 @@ extension AcceleratorService {
     deadline.hasPassed
       ? RPCError(code: .deadlineExceeded, message: "deadline exceeded before the stream completed")
       : RPCError(code: .cancelled, message: "call cancelled")
-  }
-
-  /// Whether a stream item names a local-lane region span, whatever its job.
-  static func namesRegions(_ item: Accelgate_V1_SubmitRequest) -> Bool {
-    switch item.job {
-    case .compress(let r): r.hasInputRegion || r.hasOutputRegion
-    case .decompress(let r): r.hasInputRegion || r.hasOutputRegion
-    case .encrypt(let r): r.hasInputRegion || r.hasOutputRegion
-    case .decrypt(let r): r.hasInputRegion || r.hasOutputRegion
-    case .digest(let r): r.hasInputRegion
-    case nil: false
-    }
-  }
-
-  static var noRegionsInSubmit: RPCError {
-    RPCError(code: .invalidArgument, message: "Submit carries payloads; use the unary calls for local-lane regions")
   }
 
   /// Runs `body` again while admission turns it away with a retry hint.

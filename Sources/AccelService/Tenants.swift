@@ -1,4 +1,5 @@
 public import AccelScheduler
+internal import AccelRequests
 internal import CAccelCrypto
 internal import Foundation
 internal import Synchronization

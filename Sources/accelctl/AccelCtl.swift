@@ -1,6 +1,7 @@
 import AccelGateLocal
 import AccelHTTP2
 import AccelProto
+import AccelMessages
 import ArgumentParser
 import Foundation
 import GRPCCore

@@ -1,5 +1,6 @@
 import AccelGateLocal
 import AccelProto
+import AccelMessages
 import ArgumentParser
 import Foundation
 import GRPCCore

@@ -1,5 +1,6 @@
 import AccelDevice
 import AccelProto
+import AccelMessages
 import AccelService
 import Foundation
 import GRPCCore

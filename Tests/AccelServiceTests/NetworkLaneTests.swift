@@ -3,6 +3,7 @@ import AccelDevice
 import AccelDispatcher
 import AccelDriver
 import AccelProto
+import AccelMessages
 @testable import AccelService
 import Foundation
 import GRPCCore

@@ -17,6 +17,7 @@
 
 public import GRPCCore
 internal import GRPCProtobuf
+public import AccelMessages
 
 // MARK: - accelgate.v1.Accelerator
 

@@ -13,6 +13,7 @@
 
 public import GRPCCore
 internal import GRPCProtobuf
+public import AccelMessages
 
 // MARK: - grpc.health.v1.Health
 

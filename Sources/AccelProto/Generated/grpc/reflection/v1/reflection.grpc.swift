@@ -18,6 +18,7 @@
 
 public import GRPCCore
 internal import GRPCProtobuf
+public import AccelMessages
 
 // MARK: - grpc.reflection.v1.ServerReflection
 

@@ -1,4 +1,4 @@
-internal import AccelABI
+package import AccelABI
 internal import Foundation
 internal import Synchronization
 internal import Yams
@@ -21,51 +21,51 @@ internal import Yams
 /// in the envelope (docs/KEYS.md). Rotation is adding a version and sending
 /// SIGHUP. Key bytes live only in `SecretBytes`, zeroed when a reload or
 /// shutdown drops them.
-struct KeyringFile: Decodable {
-  struct Key: Decodable {
-    var name: String
-    var tenant: String
-    var algorithm: String
-    var minDecryptionVersion: UInt32?
-    var maxEncryptions: UInt64?
-    var versions: [Version]
+package struct KeyringFile: Decodable {
+  package struct Key: Decodable {
+    package var name: String
+    package var tenant: String
+    package var algorithm: String
+    package var minDecryptionVersion: UInt32?
+    package var maxEncryptions: UInt64?
+    package var versions: [Version]
     enum CodingKeys: String, CodingKey {
       case name, tenant, algorithm, versions
       case minDecryptionVersion = "min_decryption_version"
       case maxEncryptions = "max_encryptions"
     }
   }
-  struct Version: Decodable {
-    var version: UInt32
-    var key: String
-    var disabled: Bool?
+  package struct Version: Decodable {
+    package var version: UInt32
+    package var key: String
+    package var disabled: Bool?
   }
-  var keys: [Key]
+  package var keys: [Key]
 }
 
 /// One usable key version.
-struct KeyVersion: Sendable {
-  let version: UInt32
-  let material: SecretBytes
-  let disabled: Bool
+package struct KeyVersion: Sendable {
+  package let version: UInt32
+  package let material: SecretBytes
+  package let disabled: Bool
 }
 
 /// A named key with its versions and policy.
-struct NamedKey: Sendable {
-  let name: String
-  let tenant: String
-  let algorithm: DeviceAlgorithm
-  let minDecryptionVersion: UInt32
-  let maxEncryptions: UInt64
+package struct NamedKey: Sendable {
+  package let name: String
+  package let tenant: String
+  package let algorithm: DeviceAlgorithm
+  package let minDecryptionVersion: UInt32
+  package let maxEncryptions: UInt64
   /// Sorted by version, ascending.
-  let versions: [KeyVersion]
+  package let versions: [KeyVersion]
 
-  var newestEnabled: KeyVersion? { versions.last { !$0.disabled } }
-  func version(_ v: UInt32) -> KeyVersion? { versions.first { $0.version == v } }
+  package var newestEnabled: KeyVersion? { versions.last { !$0.disabled } }
+  package func version(_ v: UInt32) -> KeyVersion? { versions.first { $0.version == v } }
 }
 
 /// Why a named-key lookup failed. Mapped to gRPC in `StatusMapping`.
-enum KeyError: Error, Equatable {
+package enum KeyError: Error, Equatable {
   case notFound(String)
   case otherTenant(String)
   case noUsableVersion(String)
@@ -77,19 +77,19 @@ enum KeyError: Error, Equatable {
   case ledgerUnavailable(String)
 }
 
-struct Keyring: Sendable {
-  let keys: [String: NamedKey]
+package struct Keyring: Sendable {
+  package let keys: [String: NamedKey]
 
-  static let empty = Keyring(keys: [:])
+  package static let empty = Keyring(keys: [:])
 
-  static let algorithms: [String: DeviceAlgorithm] = [
+  package static let algorithms: [String: DeviceAlgorithm] = [
     "aes-128-gcm": .aes128GCM, "aes-256-gcm": .aes256GCM, "chacha20-poly1305": .chacha20Poly1305,
     "hmac-sha256": .hmacSHA256, "hmac-sha512": .hmacSHA512,
   ]
 
-  static let nistNonceLimit: UInt64 = 1 << 32
+  package static let nistNonceLimit: UInt64 = 1 << 32
 
-  static func load(path: String) throws -> Keyring {
+  package static func load(path: String) throws -> Keyring {
     let text: String
     do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
       throw ConfigurationError("cannot read keyring \(path): \(error.localizedDescription)")
@@ -97,7 +97,7 @@ struct Keyring: Sendable {
     return try parse(yaml: text, source: path)
   }
 
-  static func parse(yaml: String, source: String = "keyring") throws -> Keyring {
+  package static func parse(yaml: String, source: String = "keyring") throws -> Keyring {
     let file: KeyringFile
     do { file = try YAMLDecoder().decode(KeyringFile.self, from: yaml) } catch {
       // Never echo the file's text: it holds keys.
@@ -141,7 +141,7 @@ struct Keyring: Sendable {
   }
 
   /// The key `name` as `tenant` may use it.
-  func lookup(_ name: String, tenant: String) throws(KeyError) -> NamedKey {
+  package func lookup(_ name: String, tenant: String) throws(KeyError) -> NamedKey {
     if let k = keys["\(tenant)/\(name)"] { return k }
     if keys.values.contains(where: { $0.name == name }) { throw .otherTenant(name) }
     throw .notFound(name)
@@ -162,16 +162,16 @@ struct Keyring: Sendable {
 ///
 /// The count is per gateway: replicas sharing a keyring each count their own
 /// encryptions (docs/KEYS.md says how to split a key's budget between them).
-final class NonceLedger: Sendable {
+package final class NonceLedger: Sendable {
   private struct State {
     var used: [String: UInt64] = [:]
     var reserved: [String: UInt64] = [:]
   }
   private let state: Mutex<State>
   private let path: String?
-  let blockSize: UInt64
+  package let blockSize: UInt64
 
-  init(path: String?, blockSize: UInt64 = 1 << 16) throws {
+  package init(path: String?, blockSize: UInt64 = 1 << 16) throws {
     self.path = path
     self.blockSize = blockSize
     var s = State()
@@ -186,7 +186,7 @@ final class NonceLedger: Sendable {
 
   /// Takes one encryption from the version's budget, or throws `exhausted`
   /// (or `ledgerUnavailable` when the next block cannot be persisted).
-  func take(key: NamedKey, version: UInt32) throws(KeyError) {
+  package func take(key: NamedKey, version: UInt32) throws(KeyError) {
     let id = "\(key.tenant)/\(key.name)/\(version)"
     try state.withLock { s throws(KeyError) in
       let used = s.used[id, default: 0]
@@ -201,12 +201,12 @@ final class NonceLedger: Sendable {
     }
   }
 
-  func used(key: NamedKey, version: UInt32) -> UInt64 {
+  package func used(key: NamedKey, version: UInt32) -> UInt64 {
     state.withLock { $0.used["\(key.tenant)/\(key.name)/\(version)", default: 0] }
   }
 
   /// Writes the marks durably: a temporary file, fsync, rename over `path`, fsync of the directory.
-  static func persist(_ marks: [String: UInt64], to path: String) throws(KeyError) {
+  package static func persist(_ marks: [String: UInt64], to path: String) throws(KeyError) {
     func fail(_ what: String) -> KeyError { .ledgerUnavailable("nonce state \(path): \(what): \(String(cString: strerror(errno)))") }
     let data: Data
     do { data = try JSONEncoder().encode(marks) } catch { throw .ledgerUnavailable("nonce state: \(error)") }
@@ -238,9 +238,9 @@ final class NonceLedger: Sendable {
 
 /// Append-only JSON-lines record of key operations: who, which key and version,
 /// what, and the outcome. Never key material.
-final class AuditLog: Sendable {
+package final class AuditLog: Sendable {
   private let handle: Mutex<FileHandle?>
-  init(path: String?) throws {
+  package init(path: String?) throws {
     if let path {
       if !FileManager.default.fileExists(atPath: path) { _ = FileManager.default.createFile(atPath: path, contents: nil) }
       let h = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
@@ -251,7 +251,7 @@ final class AuditLog: Sendable {
     }
   }
 
-  func record(tenant: String, key: String, version: UInt32, operation: String, outcome: String) {
+  package func record(tenant: String, key: String, version: UInt32, operation: String, outcome: String) {
     let entry: [String: String] = [
       "time": ISO8601DateFormatter().string(from: Date()), "tenant": tenant, "key": key, "version": String(version),
       "operation": operation, "outcome": outcome,
@@ -265,16 +265,16 @@ final class AuditLog: Sendable {
 }
 
 /// The live keyring, swapped on reload.
-final class KeyringDirectory: Sendable {
+package final class KeyringDirectory: Sendable {
   private let ring: Mutex<Keyring>
-  let path: String?
-  init(path: String?) throws {
+  package let path: String?
+  package init(path: String?) throws {
     self.path = path
     ring = Mutex(try path.map { try Keyring.load(path: $0) } ?? .empty)
   }
-  var current: Keyring { ring.withLock { $0 } }
+  package var current: Keyring { ring.withLock { $0 } }
   @discardableResult
-  func reload() throws -> Int {
+  package func reload() throws -> Int {
     guard let path else { return 0 }
     let fresh = try Keyring.load(path: path)
     ring.withLock { $0 = fresh }

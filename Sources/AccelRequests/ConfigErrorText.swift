@@ -3,8 +3,8 @@ internal import Yams
 /// Error text for configuration files that names the place (line, column,
 /// field path) but never quotes the file: tenants files and keyrings hold
 /// secrets, and YAML parser errors otherwise echo the offending line.
-enum ConfigErrorText {
-  static func describe(_ error: any Error, revealValues: Bool) -> String {
+package enum ConfigErrorText {
+  package static func describe(_ error: any Error, revealValues: Bool) -> String {
     switch error {
     case let e as YamlError:
       switch e {

@@ -2,7 +2,7 @@ import AccelABI
 import Foundation
 import Testing
 
-@testable import AccelService
+@testable import AccelRequests
 
 /// Issue 17, finding 20: the ledger advanced its reservation before the file
 /// write, ignored the rename's result and never synced; a failed write then let
