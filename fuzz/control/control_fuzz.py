@@ -636,7 +636,9 @@ class SpanCall(threading.Thread):
 
     def __init__(self, target, step, tokens, regions):
         super().__init__(daemon=True)
-        self.target, self.step, self.tokens, self.regions = target, step, tokens, regions
+        # Owners as the call starts: an async call may be bound before an
+        # unregister sent after it removes the token from the shared table.
+        self.target, self.step, self.tokens, self.regions = target, step, dict(tokens), regions
         self.issues = []
 
     def run(self):
