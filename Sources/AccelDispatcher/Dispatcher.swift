@@ -87,13 +87,19 @@ package final class Dispatcher: Sendable {
     case failed(JobError)
   }
 
+  /// Where a job's outcome goes: a suspended task's continuation, or a callback.
+  private struct OutcomeSink: Sendable {
+    let deliver: @Sendable (Outcome) -> Void
+    func resume(returning outcome: Outcome) { deliver(outcome) }
+  }
+
   private struct Pending {
     var request: JobRequest
     var job: QueuedJob
     var jobClass: CostModel.JobClass
     var enqueuedAt: ContinuousClock.Instant
     var deadline: ContinuousClock.Instant
-    var continuation: CheckedContinuation<Outcome, Never>?
+    var continuation: OutcomeSink?
     /// Set once dispatched; the lease must be released after the device completes.
     var lease: Lease?
     var dispatchedAt: ContinuousClock.Instant?
@@ -224,9 +230,9 @@ package final class Dispatcher: Sendable {
   /// Fails every waiting job and stops the sweeper. In-flight jobs finish.
   package func shutdown() {
     sweeper.withLock { $0?.cancel() }
-    let waiting = state.withLock { s -> [CheckedContinuation<Outcome, Never>] in
+    let waiting = state.withLock { s -> [OutcomeSink] in
       s.shuttingDown = true
-      var out: [CheckedContinuation<Outcome, Never>] = []
+      var out: [OutcomeSink] = []
       for (id, p) in s.jobs where p.lease == nil {
         _ = s.scheduler.remove(id: id)
         if let c = s.jobs[id]?.continuation { out.append(c) }
@@ -260,22 +266,77 @@ package final class Dispatcher: Sendable {
       observer?.call(JobReport(request: request, outcome: "ok", statistics: result.stats))
       return result
     } catch {
-      var report = JobReport(request: request, outcome: error.kind, statistics: nil)
-      switch error {
-      case .rejected(let reason, _): report.rejection = reason.rawValue
-      case .payloadOverTenantLimit: report.rejection = "payload_too_large"
-      default: break
-      }
-      observer?.call(report)
+      observer?.call(Self.report(request, failure: error))
       throw error
     }
   }
 
+  /// Runs one job to completion on the calling task (cancelling the task cancels the job).
   private func run(_ request: JobRequest, id: UInt64?) async throws(JobError) -> JobResult {
     let id = id ?? makeJobID()
     // A staged payload that never becomes a job's input goes back to the pool
     // as soon as the job ends (adopted by a lease, it is freed with the lease).
     defer { request.stagedInput?.release() }
+    try checkFootprint(request)
+    let outcome = await withTaskCancellationHandler {
+      await withCheckedContinuation { (cont: CheckedContinuation<Outcome, Never>) in
+        let sink = OutcomeSink { cont.resume(returning: $0) }
+        if let refused = enqueue(request, id: id, sink: sink) {
+          sink.resume(returning: .failed(refused))
+        } else {
+          pump()
+        }
+      }
+    } onCancel: {
+      cancel(id: id)
+    }
+    return try result(of: outcome, for: request)
+  }
+
+  /// Submits one job without a task: `completion` runs exactly once, on the
+  /// thread that ends the job (the reaper for a device completion, the sweeper
+  /// for a deadline, a canceller, or this caller for a refusal), and must be
+  /// quick. `cancel(id:)` ends it early. This is the entry for an edge whose
+  /// threads are not Swift tasks (the gRPC C core's completion-queue threads).
+  package func submit(
+    _ request: JobRequest, id: UInt64, completion: @escaping @Sendable (Result<JobResult, JobError>) -> Void
+  ) {
+    let observer = observerBox.withLock { $0 }
+    let finish: @Sendable (Result<JobResult, JobError>) -> Void = { outcome in
+      request.stagedInput?.release()
+      switch outcome {
+      case .success(let r): observer?.call(JobReport(request: request, outcome: "ok", statistics: r.stats))
+      case .failure(let e): observer?.call(Self.report(request, failure: e))
+      }
+      completion(outcome)
+    }
+    do { try checkFootprint(request) } catch {
+      finish(.failure(error))
+      return
+    }
+    let sink = OutcomeSink { [self] outcome in
+      finish(Result { () throws(JobError) -> JobResult in try self.result(of: outcome, for: request) })
+    }
+    if let refused = enqueue(request, id: id, sink: sink) {
+      sink.resume(returning: .failed(refused))
+    } else {
+      pump()
+    }
+  }
+
+  /// The observer's record of a job that failed.
+  private static func report(_ request: JobRequest, failure error: JobError) -> JobReport {
+    var report = JobReport(request: request, outcome: error.kind, statistics: nil)
+    switch error {
+    case .rejected(let reason, _): report.rejection = reason.rawValue
+    case .payloadOverTenantLimit: report.rejection = "payload_too_large"
+    default: break
+    }
+    return report
+  }
+
+  /// Refuses a job whose buffers could never fit in a queue's pool.
+  private func checkFootprint(_ request: JobRequest) throws(JobError) {
     let queue0 = driver.queues[0]
     let payloadCount = request.payloadCount
     let footprint =
@@ -285,52 +346,49 @@ package final class Dispatcher: Sendable {
       + (request.midCapacity > 0 ? queue0.poolFootprint(UInt64(request.midCapacity)) : 0)
     guard footprint <= maxJobFootprint, payloadCount <= Int(UInt32.max), request.outputCapacity <= Int(UInt32.max)
     else { throw .tooLarge(needed: footprint, limit: maxJobFootprint) }
+  }
 
-    let outcome = await withTaskCancellationHandler {
-      await withCheckedContinuation { (cont: CheckedContinuation<Outcome, Never>) in
-        let now = clock.now
-        let jobClass = Self.jobClass(request)
-        let detached = detachedReasonBox.withLock { $0 } ?? noQueueCanServe
-        let admitted = state.withLock { s -> JobError? in
-          if s.shuttingDown { return .shuttingDown }
-          if let detached { return .unavailable(detached) }
-          if let reason = s.cancelledEarly.removeValue(forKey: id) { return reason }
-          if s.scheduler.count >= configuration.maxQueuedJobs {
-            return .rejected(reason: .queueFull, retryAfterMilliseconds: retryHintLocked(s))
-          }
-          // Open streams' contexts count too, except for a stream's own slices (its
-          // context is already in the budget).
-          let held = s.heldBytes + (request.stream == nil ? s.streamContextBytes : 0)
-          if let budget = configuration.maxQueuedBytes, held > 0, held + payloadCount > budget {
-            return .rejected(reason: .gatewayMemory, retryAfterMilliseconds: retryHintLocked(s))
-          }
-          let cost = s.cost.estimate(jobClass, bytes: request.deviceInputBytes)
-          let backlog = UInt64(s.admission.queuedJobs(request.tenant) + 1) * cost
-          let engines = UInt64(max(1, configuration.inFlightPerQueue * s.inFlight.count / 2))
-          if let refusal = s.admission.admit(
-            tenant: request.tenant, bytes: request.chargedBytes, now: nanos(now), drainEstimate: backlog / engines)
-          {
-            return Self.jobError(refusal, size: request.chargedBytes)
-          }
-          s.heldBytes += payloadCount
-          let job = QueuedJob(
-            id: id, tenant: request.tenant, cost: cost, chain: request.stream?.chain ?? 0, sequence: request.streamSequence)
-          s.jobs[id] = Pending(
-            request: request, job: job, jobClass: jobClass, enqueuedAt: now,
-            deadline: request.deadline ?? now.advanced(by: configuration.defaultDeadline), continuation: cont)
-          s.scheduler.enqueue(job, now: nanos(now))
-          return nil
-        }
-        if let admitted {
-          cont.resume(returning: .failed(admitted))
-        } else {
-          pump()
-        }
+  /// Admits a job into the scheduler with the sink that hears its outcome; or
+  /// says why not, and then the sink is not kept.
+  private func enqueue(_ request: JobRequest, id: UInt64, sink: OutcomeSink) -> JobError? {
+    let payloadCount = request.payloadCount
+    let now = clock.now
+    let jobClass = Self.jobClass(request)
+    let detached = detachedReasonBox.withLock { $0 } ?? noQueueCanServe
+    return state.withLock { s -> JobError? in
+      if s.shuttingDown { return .shuttingDown }
+      if let detached { return .unavailable(detached) }
+      if let reason = s.cancelledEarly.removeValue(forKey: id) { return reason }
+      if s.scheduler.count >= configuration.maxQueuedJobs {
+        return .rejected(reason: .queueFull, retryAfterMilliseconds: retryHintLocked(s))
       }
-    } onCancel: {
-      cancel(id: id)
+      // Open streams' contexts count too, except for a stream's own slices (its
+      // context is already in the budget).
+      let held = s.heldBytes + (request.stream == nil ? s.streamContextBytes : 0)
+      if let budget = configuration.maxQueuedBytes, held > 0, held + payloadCount > budget {
+        return .rejected(reason: .gatewayMemory, retryAfterMilliseconds: retryHintLocked(s))
+      }
+      let cost = s.cost.estimate(jobClass, bytes: request.deviceInputBytes)
+      let backlog = UInt64(s.admission.queuedJobs(request.tenant) + 1) * cost
+      let engines = UInt64(max(1, configuration.inFlightPerQueue * s.inFlight.count / 2))
+      if let refusal = s.admission.admit(
+        tenant: request.tenant, bytes: request.chargedBytes, now: nanos(now), drainEstimate: backlog / engines)
+      {
+        return Self.jobError(refusal, size: request.chargedBytes)
+      }
+      s.heldBytes += payloadCount
+      let job = QueuedJob(
+        id: id, tenant: request.tenant, cost: cost, chain: request.stream?.chain ?? 0, sequence: request.streamSequence)
+      s.jobs[id] = Pending(
+        request: request, job: job, jobClass: jobClass, enqueuedAt: now,
+        deadline: request.deadline ?? now.advanced(by: configuration.defaultDeadline), continuation: sink)
+      s.scheduler.enqueue(job, now: nanos(now))
+      return nil
     }
+  }
 
+  /// The caller's view of a job's outcome: its result, or why it failed.
+  private func result(of outcome: Outcome, for request: JobRequest) throws(JobError) -> JobResult {
     switch outcome {
     case .failed(let e):
       throw e
@@ -432,7 +490,7 @@ package final class Dispatcher: Sendable {
     // Slices still waiting (read ahead, then the stream failed or was abandoned) end here.
     var woken: [CheckedContinuation<Void, Never>] = []
     var slotFree = true
-    let orphans = state.withLock { s -> [CheckedContinuation<Outcome, Never>] in
+    let orphans = state.withLock { s -> [OutcomeSink] in
       s.scheduler.chains.end(target.chain)
       Self.streamClosedLocked(&s, tenant: target.tenant, contextBytes: target.contextBytes)
       // A slice still on the device (abandoned by a caller that gave up) keeps the slot until it completes.
@@ -516,7 +574,7 @@ package final class Dispatcher: Sendable {
   /// gets `reason`. Idempotent.
   package func cancel(id: UInt64, reason: JobError = .cancelled) {
     var woken: [CheckedContinuation<Void, Never>] = []
-    let cont = state.withLock { s -> CheckedContinuation<Outcome, Never>? in
+    let cont = state.withLock { s -> OutcomeSink? in
       guard var p = s.jobs[id] else {
         // Cancelled before it was enqueued (or after it finished): remember briefly.
         if s.cancelledEarly.count > 4096 { s.cancelledEarly.removeAll() }
@@ -576,8 +634,8 @@ package final class Dispatcher: Sendable {
     let now = clock.now
     var woken: [CheckedContinuation<Void, Never>] = []
     defer { for w in woken { w.resume() } }
-    let expired = state.withLock { s -> [CheckedContinuation<Outcome, Never>] in
-      var out: [CheckedContinuation<Outcome, Never>] = []
+    let expired = state.withLock { s -> [OutcomeSink] in
+      var out: [OutcomeSink] = []
       for (id, p) in s.jobs where p.deadline <= now {
         if p.lease == nil {
           _ = s.scheduler.remove(id: id)
@@ -635,7 +693,7 @@ package final class Dispatcher: Sendable {
   private func takeDispatchable() -> [Work] {
     let now = clock.now
     var woken: [CheckedContinuation<Void, Never>] = []
-    var failed: [(CheckedContinuation<Outcome, Never>, JobError)] = []
+    var failed: [(OutcomeSink, JobError)] = []
     defer {
       for w in woken { w.resume() }
       for (c, e) in failed { c.resume(returning: .failed(e)) }
@@ -789,7 +847,7 @@ package final class Dispatcher: Sendable {
     let attached = isAttached
     var freedSlot: StreamTarget?
     defer { if let freedSlot { freeStreamSlot(freedSlot) } }
-    let delivery = state.withLock { s -> (CheckedContinuation<Outcome, Never>, Outcome)? in
+    let delivery = state.withLock { s -> (OutcomeSink, Outcome)? in
       guard var p = s.jobs.removeValue(forKey: id), let lease = p.lease else { return nil }
       s.heldBytes -= p.request.payloadCount
       freedSlot = s.leftDevice(p)
@@ -852,8 +910,8 @@ package final class Dispatcher: Sendable {
 
   /// Fails every job still waiting for the device.
   private func failWaiting(_ error: JobError) {
-    let waiting = state.withLock { s -> [CheckedContinuation<Outcome, Never>] in
-      var out: [CheckedContinuation<Outcome, Never>] = []
+    let waiting = state.withLock { s -> [OutcomeSink] in
+      var out: [OutcomeSink] = []
       for (id, p) in s.jobs where p.lease == nil {
         _ = s.scheduler.remove(id: id)
         if let c = p.continuation { out.append(c) }
