@@ -79,6 +79,9 @@ let package = Package(
       ]
     ),
 
+    /// A small C face over gRPC's C core server API (libgrpc): calls, batches, slices, metadata.
+    .target(name: "CAccelGRPC", linkerSettings: [.linkedLibrary("grpc"), .linkedLibrary("gpr")]),
+
     /// OpenSSL primitives for the gateway: key hashing, randomness, secure zeroing.
     .target(name: "CAccelCrypto", linkerSettings: [.linkedLibrary("crypto")]),
 
@@ -127,11 +130,13 @@ let package = Package(
       ],
       swiftSettings: strictSettings
     ),
+    /// The network edge on gRPC's C core: completion-queue threads, calls answered from any thread.
+    .target(name: "AccelCoreEdge", dependencies: ["CAccelGRPC"], swiftSettings: strictSettings),
     .target(
       name: "AccelService",
       dependencies: [
-        "AccelProto", "AccelMessages", "AccelRequests", "AccelDispatcher", "AccelDevice", "AccelDriver", "AccelABI",
-        "AccelScheduler", "CAccelCrypto", "AccelHTTP2",
+        "AccelProto", "AccelMessages", "AccelRequests", "AccelCoreEdge", "AccelDispatcher", "AccelDevice", "AccelDriver",
+        "AccelABI", "AccelScheduler", "CAccelCrypto", "AccelHTTP2",
         .product(name: "Yams", package: "Yams"),
         .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         .product(name: "GRPCCore", package: "grpc-swift-2"),

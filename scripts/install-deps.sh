@@ -8,12 +8,13 @@ cd "$(dirname "$0")/.."
 mode=${1:-test}
 
 # Engines: ISA-L, libdeflate, zlib, zstd, lz4, OpenSSL. Codegen: protoc.
-debs=(libisal-dev libdeflate-dev zlib1g-dev libzstd-dev liblz4-dev libssl-dev protobuf-compiler pkg-config)
+# The C-core network edge (Sources/CAccelGRPC): gRPC's C core.
+debs=(libisal-dev libdeflate-dev zlib1g-dev libzstd-dev liblz4-dev libssl-dev protobuf-compiler pkg-config libgrpc-dev)
 # make test scrapes /metrics with a real Prometheus server and promtool;
 # make bench counts syscalls per job with strace.
 # make test also builds the C client (gRPC C core, protobuf-c).
 if [ "$mode" = "test" ] || [ "$mode" = "bench" ]; then
-  debs+=(prometheus libgrpc-dev libprotobuf-c-dev protobuf-c-compiler)
+  debs+=(prometheus libprotobuf-c-dev protobuf-c-compiler)
 fi
 if [ "$mode" = "bench" ]; then debs+=(strace); fi
 missing=()

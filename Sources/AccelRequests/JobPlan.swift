@@ -4,6 +4,9 @@ package import AccelMessages
 /// The operation a job performs, as statuses, metrics and audits name it.
 package enum JobOperation: String, Sendable {
   case compress, decompress, encrypt, decrypt, digest
+
+  /// The operation as the audit log names it (a keyed digest is an HMAC).
+  package var auditName: String { self == .digest ? "hmac" : rawValue }
 }
 
 /// A request checked and turned into a job: what the edge runs, and what it

@@ -1,4 +1,5 @@
 internal import AccelABI
+internal import AccelCoreEdge
 public import AccelRequests
 internal import AccelDevice
 internal import AccelDispatcher
@@ -7,6 +8,7 @@ internal import AccelHTTP2
 internal import AccelScheduler
 internal import GRPCCore
 internal import GRPCNIOTransportHTTP2
+internal import Foundation
 internal import Synchronization
 public import Logging
 import Glibc
@@ -32,6 +34,8 @@ public final class AccelGateServer: Sendable {
   /// The local lane's gRPC listener on a Unix socket, and its control socket.
   private let localServer: GRPCServer<HTTP2ServerTransport.Posix>?
   private let localControl: LocalControlServer?
+  /// The API on gRPC's C core, when `coreEdgePort` is set.
+  private let coreEdge: CoreServer?
   /// Where the local gRPC listener binds first (a private directory beside the
   /// socket path), to be renamed into place once its mode is 0660; nil: bound in place.
   private let localStaging: (directory: String, socket: String)?
@@ -131,6 +135,27 @@ public final class AccelGateServer: Sendable {
     func lane(_ service: AcceleratorService) -> [any RegistrableRPCService] {
       guard configuration.pooledPayloads else { return [] }
       return [NetworkLaneService(service: service, lane: NetworkLane(dispatcher: dispatcher, metrics: metrics))]
+    }
+    if let corePort = configuration.coreEdgePort {
+      var core = CoreServerConfiguration()
+      core.addresses = ["\(configuration.host):\(corePort)"]
+      core.maxReceiveMessageBytes = configuration.transportMaxRequestBytes
+      if let chain = configuration.tlsCertificateChain, let key = configuration.tlsPrivateKey {
+        core.tls = CoreServerConfiguration.TLS(
+          keyPEM: try String(contentsOfFile: key, encoding: .utf8),
+          certificateChainPEM: try String(contentsOfFile: chain, encoding: .utf8),
+          clientCAPEM: try configuration.tlsClientCA.map { try String(contentsOfFile: $0, encoding: .utf8) })
+      }
+      let edge = CoreEdgeService(
+        service: service, directory: directory,
+        health: HealthService(dispatcher: dispatcher, device: device, draining: draining), metrics: metrics)
+      do {
+        coreEdge = try CoreServer(configuration: core, methods: edge.methods, unregistered: { edge.unregistered($0) })
+      } catch {
+        throw ConfigurationError("cannot serve the C-core edge on \(core.addresses[0]): \(error)")
+      }
+    } else {
+      coreEdge = nil
     }
     // The TCP listener's copy of the service serves no region spans (only the local socket does).
     let tcp: AcceleratorService
@@ -262,6 +287,7 @@ public final class AccelGateServer: Sendable {
       dispatcher.driver.stop()
       device?.stop()
     }
+    coreEdge?.start()
     let served: Result<Void, any Error>
     do {
       // The server returns once every call has finished after a graceful
@@ -306,12 +332,29 @@ public final class AccelGateServer: Sendable {
     } catch {
       served = .failure(error)
     }
+    if let coreEdge {
+      // Its calls had the same grace; whatever is left now is cancelled.
+      await Self.onThread { coreEdge.shutdown(grace: .zero) }
+    }
     if let started = drainStarted.withLock({ $0 }) {
       logger.notice("drained", metadata: ["seconds": "\(ContinuousClock.now - started)"])
     }
     if let m = metricsServer.withLock({ $0 }) { await m.close() }
     try served.get()
   }
+
+  /// Runs blocking work on a thread of its own, so no task waits on it.
+  static func onThread(_ work: @escaping @Sendable () -> Void) async {
+    await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+      Thread {
+        work()
+        done.resume()
+      }.start()
+    }
+  }
+
+  /// The C-core edge's port, when it serves.
+  public var coreEdgePort: Int? { coreEdge?.ports.first }
 
   /// The port `/metrics` is served on, once listening; nil when metrics are off.
   public var metricsPort: Int? { metricsServer.withLock { $0?.port } }
@@ -362,12 +405,14 @@ public final class AccelGateServer: Sendable {
     draining.begin()
     logger.notice("draining", metadata: ["grace": "\(configuration.drainGrace)", "delay": "\(configuration.drainDelay)"])
     let (grace, delay, expired) = (configuration.drainGrace, configuration.drainDelay, graceExpiredContinuation)
-    let (server, localServer) = (self.server, self.localServer)
+    let (server, localServer, coreEdge) = (self.server, self.localServer, self.coreEdge)
     Task.detached {
       // Health is NOT_SERVING from here on; new calls are still served for `delay`.
       if delay > .zero { try? await Task.sleep(for: delay) }
       server.beginGracefulShutdown()
       localServer?.beginGracefulShutdown()
+      // The C-core edge drains alongside: no new calls, open ones finish within the grace.
+      if let coreEdge { await Self.onThread { coreEdge.beginShutdown() } }
       try? await Task.sleep(for: grace)
       expired.yield()
     }

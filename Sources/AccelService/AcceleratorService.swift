@@ -73,12 +73,13 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
     -> LaneResponse<Accelgate_V1_DecompressResponse>
   {
     let tenant = TenantHeader.tenant(of: metadata)
-    let translator = self.translator
+    // The request is checked before its spans are bound (a bad format is refused as such).
+    var plan = try translator.decompress(m, tenant: tenant, lane: lane)
     let spans = try localSpans(
       input: m.hasInputRegion ? m.inputRegion : nil, output: m.hasOutputRegion ? m.outputRegion : nil,
       inline: lane.payloadCount(inline: m.data), tenant: tenant, operation: "decompress",
-      outputLimit: translator.limits.outputLimit(requested: m.maxOutputBytes))
-    let plan = try translator.decompress(m, tenant: tenant, lane: lane, spans: spans.lengths)
+      outputLimit: plan.job.outputCapacity)
+    if let output = spans.lengths.output { plan.outputLimit = output }
     let result = try await run(plan, spans: spans, deadline: CallDeadline(metadata: metadata))
     recordCopies(tenant: tenant, operation: "decompress", lane: lane, spans: spans, result: result)
     var response = Accelgate_V1_DecompressResponse()

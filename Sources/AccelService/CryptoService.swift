@@ -100,6 +100,7 @@ extension AcceleratorService {
   func digest(_ r: Accelgate_V1_DigestRequest, tenant: String, deadline: CallDeadline) async throws
     -> Accelgate_V1_DigestResponse
   {
+    _ = try JobTranslator.digestAlgorithm(r.algorithm)  // refused as such before any span is bound
     let spans = try localSpans(
       input: r.hasInputRegion ? r.inputRegion : nil, output: nil, inline: r.data.count, tenant: tenant,
       operation: "digest", outputLimit: 0)
@@ -109,7 +110,7 @@ extension AcceleratorService {
     // Digests take the generated coding (the network lane stages only encrypt, decrypt,
     // compress and decompress): one copy in, and the digest itself out.
     recordCopies(tenant: tenant, operation: "digest", lane: .copied, spans: spans, result: result)
-    translator.recordOutcome(plan.key, tenant: tenant, operation: "hmac", ok: true)
+    translator.recordOutcome(plan.key, tenant: tenant, operation: plan.plan.operation.auditName, ok: true)
     return plan.response(result)
   }
 }

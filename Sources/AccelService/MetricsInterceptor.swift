@@ -1,3 +1,4 @@
+internal import AccelRequests
 internal import Foundation
 internal import GRPCCore
 internal import Logging
@@ -43,7 +44,8 @@ struct MetricsInterceptor: ServerInterceptor {
       response = try await RequestID.$current.withValue(id) { try await next(request, context) }
     } catch {
       record(Self.code(of: error))
-      if var e = error as? RPCError {
+      // A typed refusal (RequestError) gets its status here, so it carries the id too.
+      if var e = (error as? RPCError) ?? (error as? RequestError).map({ StatusMapping.rpcError($0) }) {
         e.metadata.addString(id, forKey: "x-request-id")
         throw e
       }
@@ -96,7 +98,14 @@ enum RequestID {
   /// The trace id of a valid W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`),
   /// else a caller's `x-request-id` of 1–64 safe characters, else 16 random hex digits.
   static func from(_ metadata: Metadata) -> String {
-    if let tp = metadata[stringValues: "traceparent"].first(where: { _ in true }) {
+    from(
+      traceparent: metadata[stringValues: "traceparent"].first(where: { _ in true }),
+      requestID: metadata[stringValues: "x-request-id"].first(where: { _ in true }))
+  }
+
+  /// The same from the two header values, whichever edge read them.
+  static func from(traceparent: String?, requestID: String?) -> String {
+    if let tp = traceparent {
       let parts = tp.split(separator: "-")
       if parts.count == 4, parts[0].count == 2, parts[1].count == 32, parts[2].count == 16, parts[3].count == 2,
         parts.allSatisfy({ $0.allSatisfy(\.isHexDigit) }), parts[1] != String(repeating: "0", count: 32), parts[0] != "ff"
@@ -104,11 +113,12 @@ enum RequestID {
         return parts[1].lowercased()
       }
     }
-    if let given = metadata[stringValues: "x-request-id"].first(where: { _ in true }), (1...64).contains(given.count),
+    if let given = requestID, (1...64).contains(given.count),
       given.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.".contains($0)) })
     {
       return given
     }
-    return String((0..<16).map { _ in "0123456789abcdef".randomElement()! })
+    let hex = String(UInt64.random(in: 0...UInt64.max), radix: 16)
+    return String(repeating: "0", count: 16 - hex.count) + hex
   }
 }

@@ -85,6 +85,10 @@ public struct ServiceConfiguration: Sendable {
   /// bytes, descriptors, connections) and its control socket's timeouts.
   public var localQuotas: LocalLaneQuotas = .defaults
 
+  /// Also serve the API on gRPC's C core, on this port of `host` (0 picks
+  /// one; nil: off). Unary job calls and health Check so far (issue 18).
+  public var coreEdgePort: Int? = nil
+
   /// Where Prometheus scrapes `/metrics` (plain HTTP); nil port turns it off.
   public var metricsHost: String = "127.0.0.1"
   public var metricsPort: Int? = 9464

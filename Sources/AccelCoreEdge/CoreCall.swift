@@ -1,0 +1,117 @@
+package import CAccelGRPC
+internal import Synchronization
+
+/// One call on the C-core edge, from its arrival to its status.
+///
+/// The handler answers exactly once, with `respond` or `fail`, from any
+/// thread: the completion-queue thread that received the call, or the
+/// device's reaper when a job completes. A client's cancellation (or its
+/// deadline) runs the closure set with `onCancel`, at most once.
+package final class CoreCall: @unchecked Sendable {
+  let raw: OpaquePointer
+  /// CLOSED and SENT each drop one; the C call and this object go with the last.
+  private let holds = Atomic<Int>(2)
+  private let answered = Atomic<Bool>(false)
+  private let cancellation = Mutex<Cancellation>(.watching(nil))
+
+  private enum Cancellation {
+    case watching((@Sendable () -> Void)?)
+    case cancelled
+  }
+
+  init(raw: OpaquePointer) { self.raw = raw }
+
+  /// The request message's bytes (valid for the call's life), or an empty buffer.
+  package var payload: UnsafeRawBufferPointer {
+    var length = 0
+    guard let p = accel_grpc_call_payload(raw, &length) else { return UnsafeRawBufferPointer(start: nil, count: 0) }
+    return UnsafeRawBufferPointer(start: p, count: length)
+  }
+
+  /// Whether the call carried a message at all.
+  package var hasPayload: Bool {
+    var length = 0
+    return accel_grpc_call_payload(raw, &length) != nil
+  }
+
+  /// The first value of request metadata `key` (lower case).
+  package func metadata(_ key: String) -> String? {
+    var length = 0
+    guard let p = accel_grpc_call_metadata(raw, key, &length) else { return nil }
+    return String(decoding: UnsafeRawBufferPointer(start: p, count: length), as: UTF8.self)
+  }
+
+  /// The method path of a call to an unregistered method.
+  package var path: String {
+    var length = 0
+    guard let p = accel_grpc_call_path(raw, &length) else { return "" }
+    return String(decoding: UnsafeRawBufferPointer(start: p, count: length), as: UTF8.self)
+  }
+
+  /// Time left until the client's deadline; nil when it set none.
+  package var timeRemaining: Duration? {
+    let ns = accel_grpc_call_deadline_remaining_ns(raw)
+    return ns == Int64.max ? nil : .nanoseconds(ns)
+  }
+
+  /// Runs `action` when the client cancels (now, if it already has).
+  package func onCancel(_ action: @escaping @Sendable () -> Void) {
+    let runNow = cancellation.withLock { c -> Bool in
+      if case .cancelled = c { return true }
+      c = .watching(action)
+      return false
+    }
+    if runNow { action() }
+  }
+
+  /// Answers OK with `message` (its parts in order) and `trailers`.
+  package func respond(_ message: [CorePart], initial: [(String, String)] = [], trailers: [(String, String)] = []) {
+    send(status: 0, statusMessage: "", message: message, initial: initial, trailers: trailers)
+  }
+
+  /// Ends the call with a status other than OK.
+  package func fail(code: Int, message: String, initial: [(String, String)] = [], trailers: [(String, String)] = []) {
+    send(status: code, statusMessage: message, message: nil, initial: initial, trailers: trailers)
+  }
+
+  private func send(
+    status: Int, statusMessage: String, message: [CorePart]?, initial: [(String, String)], trailers: [(String, String)]
+  ) {
+    guard !answered.exchange(true, ordering: .acquiringAndReleasing) else {
+      // A second answer would be a bug; the parts it holds still go back.
+      message?.forEach { $0.releaseUnsent() }
+      return
+    }
+    let rc = CoreStrings.withKeyValues(initial) { ini in
+      CoreStrings.withKeyValues(trailers) { trl in
+        CorePart.withParts(message ?? []) { parts in
+          accel_grpc_call_respond(
+            raw, ini.baseAddress, ini.count, message == nil ? 0 : 1, parts.baseAddress, parts.count, Int32(status),
+            statusMessage, trl.baseAddress, trl.count)
+        }
+      }
+    }
+    // Refused by the core (the call is gone): no SENT event will come.
+    if rc != 0 { drop() }
+  }
+
+  /// The CLOSED event: the call has ended on the wire.
+  func closed() {
+    if accel_grpc_call_was_cancelled(raw) != 0 {
+      let action = cancellation.withLock { c -> (@Sendable () -> Void)? in
+        defer { c = .cancelled }
+        if case .watching(let a) = c { return a }
+        return nil
+      }
+      action?()
+    }
+    drop()
+  }
+
+  /// Drops one hold (the C call keeps a matching one); the last frees the C call and this object.
+  func drop() {
+    let last = holds.subtract(1, ordering: .acquiringAndReleasing).newValue == 0
+    accel_grpc_call_release(raw)
+    if last { Unmanaged.passUnretained(self).release() }
+  }
+}

@@ -1,0 +1,154 @@
+internal import CAccelGRPC
+internal import Foundation
+internal import Synchronization
+
+/// A gRPC server on gRPC's C core: registered methods whose request message
+/// arrives with the call, and one handler for every other path.
+///
+/// Completion-queue threads block in `grpc_completion_queue_next`; each new
+/// call is handed to its method's handler on that thread, which answers it
+/// (`CoreCall.respond` / `fail`) then or later, from any thread. No Swift
+/// task is involved on the way.
+package final class CoreServer: @unchecked Sendable {
+  package typealias Handler = @Sendable (CoreCall) -> Void
+
+  package enum StartError: Error, Equatable {
+    case create
+    case method(String)
+    case listen(String)
+  }
+
+  private let server: OpaquePointer
+  private let configuration: CoreServerConfiguration
+  private let handlers: [Handler]
+  private let unregistered: Handler
+  private let stopping = Atomic<Bool>(false)
+  private let destroyed = Atomic<Bool>(false)
+  private let shutdownDone = DispatchSemaphore(value: 0)
+  private let threadsDone = DispatchGroup()
+  /// The bound port of each TCP address, in order (0 for Unix sockets).
+  package let ports: [Int]
+
+  /// Registers `methods` (path → handler) and binds every address; `start` begins serving.
+  package init(
+    configuration: CoreServerConfiguration, methods: [(path: String, handler: Handler)],
+    unregistered: @escaping Handler
+  ) throws(StartError) {
+    var options = accel_grpc_server_options(
+      max_receive_message_length: Int32(clamping: configuration.maxReceiveMessageBytes),
+      max_send_message_length: Int32(clamping: configuration.maxSendMessageBytes),
+      max_concurrent_streams: Int32(clamping: configuration.maxConcurrentStreams),
+      keepalive_time_ms: Int32(clamping: configuration.keepaliveTimeMilliseconds),
+      keepalive_timeout_ms: Int32(clamping: configuration.keepaliveTimeoutMilliseconds),
+      max_connection_idle_ms: Int32(clamping: configuration.maxConnectionIdleMilliseconds),
+      max_connection_age_ms: Int32(clamping: configuration.maxConnectionAgeMilliseconds),
+      max_connection_age_grace_ms: Int32(clamping: configuration.maxConnectionAgeGraceMilliseconds))
+    guard let server = accel_grpc_server_create(&options) else { throw .create }
+    self.server = server
+    self.configuration = configuration
+    self.handlers = methods.map(\.handler)
+    self.unregistered = unregistered
+    for (i, m) in methods.enumerated() {
+      guard accel_grpc_server_add_method(server, m.path) == Int32(i) else {
+        accel_grpc_server_destroy(server)
+        throw .method(m.path)
+      }
+    }
+    var ports: [Int] = []
+    for address in configuration.addresses {
+      let port =
+        if let tls = configuration.tls {
+          accel_grpc_server_add_tls_port(server, address, tls.keyPEM, tls.certificateChainPEM, tls.clientCAPEM)
+        } else {
+          accel_grpc_server_add_insecure_port(server, address)
+        }
+      guard port >= 0 else {
+        accel_grpc_server_destroy(server)
+        throw .listen(address)
+      }
+      ports.append(Int(port))
+    }
+    self.ports = ports
+  }
+
+  /// Starts the completion-queue threads and asks for the first calls.
+  package func start() {
+    accel_grpc_server_start(server)
+    for method in -1..<handlers.count {
+      for _ in 0..<(method < 0 ? 4 : configuration.callsPerMethod) { request(method) }
+    }
+    for i in 0..<max(1, configuration.threads) {
+      threadsDone.enter()
+      let t = Thread { [self] in
+        poll()
+        threadsDone.leave()
+      }
+      t.name = "grpc-cq-\(i)"
+      t.start()
+    }
+  }
+
+  /// Stops taking new calls; open ones go on (a SHUTDOWN event follows when they have ended).
+  package func beginShutdown() {
+    guard !stopping.exchange(true, ordering: .acquiringAndReleasing) else { return }
+    accel_grpc_server_shutdown(server)
+  }
+
+  /// Stops taking calls and waits up to `grace` for open ones to end, then
+  /// cancels the rest; returns once the threads have stopped. Blocks: call it
+  /// from a thread of its own, not from a task.
+  package func shutdown(grace: Duration) {
+    guard !destroyed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+    beginShutdown()
+    let seconds = Double(grace.components.seconds) + Double(grace.components.attoseconds) / 1e18
+    if shutdownDone.wait(timeout: .now() + max(0, seconds)) == .timedOut {
+      accel_grpc_server_cancel_all(server)
+      shutdownDone.wait()
+    }
+    // Destroying shuts the queue down; the threads drain it and return.
+    accel_grpc_server_destroy(server)
+    threadsDone.wait()
+  }
+
+  private func request(_ method: Int) {
+    guard !stopping.load(ordering: .acquiring) else { return }
+    // The call object is created with the request; its Swift side follows on arrival.
+    _ = accel_grpc_call_request(server, Int32(method), nil)
+  }
+
+  private func poll() {
+    var kind = accel_grpc_event_kind(rawValue: 0)
+    var raw: OpaquePointer?
+    var ok: Int32 = 0
+    while accel_grpc_server_next(server, &kind, &raw, &ok) != 0 {
+      switch kind {
+      case ACCEL_GRPC_EVENT_SHUTDOWN:
+        shutdownDone.signal()
+      case ACCEL_GRPC_EVENT_NEW_CALL:
+        guard let raw else { continue }
+        let method = Int(accel_grpc_call_method(raw))
+        guard ok != 0 else {
+          accel_grpc_call_release(raw)
+          continue
+        }
+        request(method)
+        let call = CoreCall(raw: raw)
+        let retained = Unmanaged.passRetained(call)
+        accel_grpc_call_set_user(raw, retained.toOpaque())
+        guard accel_grpc_call_begin(raw) == 0 else {
+          accel_grpc_call_cancel(raw)
+          accel_grpc_call_release(raw)
+          retained.release()
+          continue
+        }
+        (method >= 0 && method < handlers.count ? handlers[method] : unregistered)(call)
+      case ACCEL_GRPC_EVENT_CLOSED, ACCEL_GRPC_EVENT_SENT:
+        guard let raw, let user = accel_grpc_call_user(raw) else { continue }
+        let call = Unmanaged<CoreCall>.fromOpaque(user).takeUnretainedValue()
+        if kind == ACCEL_GRPC_EVENT_CLOSED { call.closed() } else { call.drop() }
+      default:
+        continue
+      }
+    }
+  }
+}
