@@ -28,12 +28,6 @@ package final class CoreCall: @unchecked Sendable {
     return UnsafeRawBufferPointer(start: p, count: length)
   }
 
-  /// Whether the call carried a message at all.
-  package var hasPayload: Bool {
-    var length = 0
-    return accel_grpc_call_payload(raw, &length) != nil
-  }
-
   /// The first value of request metadata `key` (lower case).
   package func metadata(_ key: String) -> String? {
     var length = 0
@@ -84,7 +78,7 @@ package final class CoreCall: @unchecked Sendable {
     }
     let rc = CoreStrings.withKeyValues(initial) { ini in
       CoreStrings.withKeyValues(trailers) { trl in
-        CorePart.withParts(message ?? []) { parts in
+        (message ?? []).map(\.cPart).withUnsafeBufferPointer { parts in
           accel_grpc_call_respond(
             raw, ini.baseAddress, ini.count, message == nil ? 0 : 1, parts.baseAddress, parts.count, Int32(status),
             statusMessage, trl.baseAddress, trl.count)

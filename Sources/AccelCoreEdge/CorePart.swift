@@ -1,55 +1,41 @@
 package import CAccelGRPC
 
-/// One piece of a response message: bytes copied as the call is answered, or
-/// bytes the C core sends in place and hands back through `release` when it is
-/// done (a result still in the device pool: its lease is released then).
+/// One piece of a response message, sent by the C core in place: it holds the
+/// bytes until it is done with them and then runs `release` (on one of its
+/// threads). A result still in the device pool goes out this way and its
+/// lease is released then; other bytes are copied once into a buffer of the
+/// part's own.
 package struct CorePart: @unchecked Sendable {
   let bytes: UnsafeRawBufferPointer
-  /// Called once the core no longer needs the bytes; nil: they are copied at once.
-  let release: Unmanaged<ReleaseBox>?
-  /// Copied now: `bytes` needs to be valid only during `respond`.
-  let owned: [UInt8]?
+  let release: Unmanaged<ReleaseBox>
 
-  /// Bytes copied into the response.
+  /// `bytes`, copied into a buffer freed when the core is done with it.
   package static func copy(_ bytes: [UInt8]) -> CorePart {
-    CorePart(bytes: UnsafeRawBufferPointer(start: nil, count: 0), release: nil, owned: bytes)
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: 1)
+    bytes.withUnsafeBytes { buffer.copyMemory(from: $0) }
+    // The buffer is this part's alone, freed once, by whichever thread the core releases it on.
+    nonisolated(unsafe) let owned = buffer
+    return inPlace(UnsafeRawBufferPointer(buffer)) { owned.deallocate() }
   }
 
-  /// Bytes sent without a copy; `release` runs when the core is done with them (on one of its threads).
+  /// Bytes sent without a copy; `release` runs when the core is done with them.
   package static func inPlace(_ bytes: UnsafeRawBufferPointer, release: @escaping @Sendable () -> Void) -> CorePart {
-    CorePart(bytes: bytes, release: Unmanaged.passRetained(ReleaseBox(release)), owned: nil)
+    CorePart(bytes: bytes, release: Unmanaged.passRetained(ReleaseBox(release)))
   }
 
   /// A part that was never handed to the core gives its bytes back.
-  func releaseUnsent() {
-    guard let release else { return }
-    release.takeRetainedValue().action()
-  }
+  func releaseUnsent() { release.takeRetainedValue().action() }
 
-  /// `body` with the parts as the C API takes them.
-  static func withParts<R>(_ parts: [CorePart], _ body: (UnsafeBufferPointer<accel_grpc_part>) -> R) -> R {
-    var c = [accel_grpc_part]()
-    c.reserveCapacity(parts.count)
-    return withExtendedLifetime(parts) {
-      for part in parts {
-        if let owned = part.owned {
-          owned.withUnsafeBytes { b in
-            c.append(accel_grpc_part(bytes: b.baseAddress?.assumingMemoryBound(to: UInt8.self), length: b.count, release: nil, context: nil))
-          }
-        } else {
-          c.append(
-            accel_grpc_part(
-              bytes: part.bytes.baseAddress?.assumingMemoryBound(to: UInt8.self), length: part.bytes.count,
-              release: { ctx in ctx.map { Unmanaged<ReleaseBox>.fromOpaque($0).takeRetainedValue().action() } },
-              context: part.release?.toOpaque()))
-        }
-      }
-      return c.withUnsafeBufferPointer(body)
-    }
+  /// The part as the C API takes it; the core then owns the release.
+  var cPart: accel_grpc_part {
+    accel_grpc_part(
+      bytes: bytes.baseAddress?.assumingMemoryBound(to: UInt8.self), length: bytes.count,
+      release: { context in context.map { Unmanaged<ReleaseBox>.fromOpaque($0).takeRetainedValue().action() } },
+      context: release.toOpaque())
   }
 }
 
-/// The release action of an in-place part, kept alive until the core calls it.
+/// The release action of a part, kept alive until the core calls it.
 package final class ReleaseBox: Sendable {
   let action: @Sendable () -> Void
   init(_ action: @escaping @Sendable () -> Void) { self.action = action }

@@ -88,9 +88,16 @@ package final class Dispatcher: Sendable {
   }
 
   /// Where a job's outcome goes: a suspended task's continuation, or a callback.
-  private struct OutcomeSink: Sendable {
-    let deliver: @Sendable (Outcome) -> Void
-    func resume(returning outcome: Outcome) { deliver(outcome) }
+  private enum OutcomeSink: Sendable {
+    case task(CheckedContinuation<Outcome, Never>)
+    case callback(@Sendable (Outcome) -> Void)
+
+    func resume(returning outcome: Outcome) {
+      switch self {
+      case .task(let c): c.resume(returning: outcome)
+      case .callback(let deliver): deliver(outcome)
+      }
+    }
   }
 
   private struct Pending {
@@ -280,7 +287,7 @@ package final class Dispatcher: Sendable {
     try checkFootprint(request)
     let outcome = await withTaskCancellationHandler {
       await withCheckedContinuation { (cont: CheckedContinuation<Outcome, Never>) in
-        let sink = OutcomeSink { cont.resume(returning: $0) }
+        let sink = OutcomeSink.task(cont)
         if let refused = enqueue(request, id: id, sink: sink) {
           sink.resume(returning: .failed(refused))
         } else {
@@ -314,7 +321,7 @@ package final class Dispatcher: Sendable {
       finish(.failure(error))
       return
     }
-    let sink = OutcomeSink { [self] outcome in
+    let sink = OutcomeSink.callback { [self] outcome in
       finish(Result { () throws(JobError) -> JobResult in try self.result(of: outcome, for: request) })
     }
     if let refused = enqueue(request, id: id, sink: sink) {

@@ -28,11 +28,11 @@ struct CoreEdgeService: Sendable {
       ("/grpc.health.v1.Health/Check", { self.check($0) }),
       (Self.accelerator + "Compress", { call in self.unary(call, "Compress", Accelgate_V1_CompressRequest.self) { r, t in
         let plan = try service.translator.compress(r, tenant: t)
-        return (plan, { res in Accelgate_V1_CompressResponse.with { $0.data = res.output; $0.stats = plan.stats(for: res) } })
+        return (plan, { res in Accelgate_V1_CompressResponse.with { $0.data = res.output; $0.stats = plan.stats(for: res) } }, .raw)
       } }),
       (Self.accelerator + "Decompress", { call in self.unary(call, "Decompress", Accelgate_V1_DecompressRequest.self) { r, t in
         let plan = try service.translator.decompress(r, tenant: t)
-        return (plan, { res in Accelgate_V1_DecompressResponse.with { $0.data = res.output; $0.stats = plan.stats(for: res) } })
+        return (plan, { res in Accelgate_V1_DecompressResponse.with { $0.data = res.output; $0.stats = plan.stats(for: res) } }, .raw)
       } }),
       (Self.accelerator + "Encrypt", { call in self.unary(call, "Encrypt", Accelgate_V1_EncryptRequest.self) { r, t in
         let plan = try service.translator.encrypt(r, tenant: t)
@@ -63,7 +63,7 @@ struct CoreEdgeService: Sendable {
 
   private func check(_ call: CoreCall) {
     let start = ContinuousClock.now
-    guard let request = try? Grpc_Health_V1_HealthCheckRequest(serializedBytes: Array(call.payload)) else {
+    guard let request: Grpc_Health_V1_HealthCheckRequest = try? Self.decode(call) else {
       return finish(call, "Check", "", start, RPCError(code: .invalidArgument, message: "the request is not a HealthCheckRequest"))
     }
     guard HealthService.services.contains(request.service) else {
@@ -79,16 +79,6 @@ struct CoreEdgeService: Sendable {
   /// A job call: authenticate, decode, translate, submit; answer from the job's completion.
   private func unary<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message>(
     _ call: CoreCall, _ method: String, _ type: Request.Type,
-    _ translate: @escaping (Request, String) throws -> (JobPlan, @Sendable (JobResult) -> Response)
-  ) {
-    unary(call, method, type) { r, t in
-      let (plan, respond) = try translate(r, t)
-      return (plan, respond, KeyIdentity.raw)
-    }
-  }
-
-  private func unary<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message>(
-    _ call: CoreCall, _ method: String, _ type: Request.Type,
     _ translate: @escaping (Request, String) throws -> (JobPlan, @Sendable (JobResult) -> Response, KeyIdentity)
   ) {
     let start = ContinuousClock.now
@@ -99,7 +89,7 @@ struct CoreEdgeService: Sendable {
         code: .unauthenticated, message: missing ? "missing 'authorization: Bearer <api-key>' metadata" : "unknown API key"))
     }
     let request: Request
-    do { request = try Request(serializedBytes: Array(call.payload)) } catch {
+    do { request = try Self.decode(call) } catch {
       return finish(call, method, tenant, start, RPCError(code: .internalError, message: "could not parse the request: \(error)"))
     }
     let plan: JobPlan
@@ -147,6 +137,13 @@ struct CoreEdgeService: Sendable {
       if case .string(let s) = value { trailers.append((key, s)) }
     }
     call.fail(code: error.code.rawValue, message: error.message, trailers: trailers)
+  }
+
+  /// Decodes the request straight from the core's bytes (valid for the call's life; decoding copies what it keeps).
+  static func decode<M: SwiftProtobuf.Message>(_ call: CoreCall) throws -> M {
+    let payload = call.payload
+    guard let base = payload.baseAddress, payload.count > 0 else { return M() }
+    return try M(serializedBytes: Data(bytesNoCopy: UnsafeMutableRawPointer(mutating: base), count: payload.count, deallocator: .none))
   }
 
   static func requestID(_ call: CoreCall) -> String {

@@ -127,8 +127,9 @@ int accel_grpc_server_next(accel_grpc_server *s, accel_grpc_event_kind *kind, ac
     *kind = tag->kind;
     *call = tag->call;
     *ok = ev.success;
-    if (tag->kind == ACCEL_GRPC_EVENT_NEW_CALL && ev.success)
-        tag->call->deadline = tag->call->method < 0 ? tag->call->details.deadline : tag->call->deadline;
+    /* An unregistered call's deadline arrives in its details. */
+    if (tag->kind == ACCEL_GRPC_EVENT_NEW_CALL && ev.success && tag->call->method < 0)
+        tag->call->deadline = tag->call->details.deadline;
     return 1;
 }
 
@@ -266,6 +267,9 @@ int accel_grpc_call_respond(accel_grpc_call *c, const accel_grpc_kv *initial, si
                                                             parts[i].context)
                             : grpc_slice_from_copied_buffer((const char *)parts[i].bytes, parts[i].length);
         }
+        /* Parts past the eighth are not sent (the edge sends at most three): give them back. */
+        for (size_t i = count; i < part_count; i++)
+            if (parts[i].release != NULL) parts[i].release(parts[i].context);
         c->response = grpc_raw_byte_buffer_create(slices, count);
         for (size_t i = 0; i < count; i++) grpc_slice_unref(slices[i]);
         ops[n].op = GRPC_OP_SEND_MESSAGE;
