@@ -24,3 +24,21 @@ package struct JobPlan: Sendable {
     Accelgate_V1_JobStats(result.stats, engine: engine)
   }
 }
+
+extension JobPlan {
+  /// A Compress job's response: the output and the stats.
+  package func compressResponse(_ result: JobResult) -> Accelgate_V1_CompressResponse {
+    var out = Accelgate_V1_CompressResponse()
+    out.data = result.output
+    out.stats = stats(for: result)
+    return out
+  }
+
+  /// A Decompress job's response: the output and the stats.
+  package func decompressResponse(_ result: JobResult) -> Accelgate_V1_DecompressResponse {
+    var out = Accelgate_V1_DecompressResponse()
+    out.data = result.output
+    out.stats = stats(for: result)
+    return out
+  }
+}

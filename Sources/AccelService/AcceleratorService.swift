@@ -55,10 +55,8 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
     let plan = try translator.compress(m, tenant: tenant, lane: lane, spans: spans.lengths)
     let result = try await run(plan, spans: spans, deadline: CallDeadline(metadata: metadata))
     recordCopies(tenant: tenant, operation: "compress", lane: lane, spans: spans, result: result)
-    var response = Accelgate_V1_CompressResponse()
-    response.data = result.output
+    var response = plan.compressResponse(result)
     if spans.output != nil { response.regionOutputLength = result.stats.outputBytes }
-    response.stats = plan.stats(for: result)
     return LaneResponse(message: response, pooled: result.pooledOutput)
   }
 
@@ -82,10 +80,8 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
     if let output = spans.lengths.output { plan.outputLimit = output }
     let result = try await run(plan, spans: spans, deadline: CallDeadline(metadata: metadata))
     recordCopies(tenant: tenant, operation: "decompress", lane: lane, spans: spans, result: result)
-    var response = Accelgate_V1_DecompressResponse()
-    response.data = result.output
+    var response = plan.decompressResponse(result)
     if spans.output != nil { response.regionOutputLength = result.stats.outputBytes }
-    response.stats = plan.stats(for: result)
     return LaneResponse(message: response, pooled: result.pooledOutput)
   }
 

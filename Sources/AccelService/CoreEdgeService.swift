@@ -28,11 +28,11 @@ struct CoreEdgeService: Sendable {
       ("/grpc.health.v1.Health/Check", { self.check($0) }),
       (Self.accelerator + "Compress", { call in self.unary(call, "Compress", Accelgate_V1_CompressRequest.self) { r, t in
         let plan = try service.translator.compress(r, tenant: t)
-        return (plan, { res in Accelgate_V1_CompressResponse.with { $0.data = res.output; $0.stats = plan.stats(for: res) } }, .raw)
+        return (plan, plan.compressResponse, .raw)
       } }),
       (Self.accelerator + "Decompress", { call in self.unary(call, "Decompress", Accelgate_V1_DecompressRequest.self) { r, t in
         let plan = try service.translator.decompress(r, tenant: t)
-        return (plan, { res in Accelgate_V1_DecompressResponse.with { $0.data = res.output; $0.stats = plan.stats(for: res) } }, .raw)
+        return (plan, plan.decompressResponse, .raw)
       } }),
       (Self.accelerator + "Encrypt", { call in self.unary(call, "Encrypt", Accelgate_V1_EncryptRequest.self) { r, t in
         let plan = try service.translator.encrypt(r, tenant: t)

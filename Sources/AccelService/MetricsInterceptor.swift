@@ -1,4 +1,3 @@
-internal import AccelRequests
 internal import Foundation
 internal import GRPCCore
 internal import Logging
@@ -44,8 +43,8 @@ struct MetricsInterceptor: ServerInterceptor {
       response = try await RequestID.$current.withValue(id) { try await next(request, context) }
     } catch {
       record(Self.code(of: error))
-      // A typed refusal (RequestError) gets its status here, so it carries the id too.
-      if var e = (error as? RPCError) ?? (error as? RequestError).map({ StatusMapping.rpcError($0) }) {
+      // A typed refusal (any RPCErrorConvertible, such as RequestError) gets its status here, so it carries the id too.
+      if var e = (error as? RPCError) ?? (error as? any RPCErrorConvertible).map({ RPCError($0) }) {
         e.metadata.addString(id, forKey: "x-request-id")
         throw e
       }

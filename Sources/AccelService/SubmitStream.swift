@@ -83,17 +83,11 @@ extension AcceleratorService {
         case .compress(let r):
           let plan = try translator.compress(r, tenant: tenant)
           let result = try await run(plan, deadline: deadline)
-          out.compress = .with {
-            $0.data = result.output
-            $0.stats = plan.stats(for: result)
-          }
+          out.compress = plan.compressResponse(result)
         case .decompress(let r):
           let plan = try translator.decompress(r, tenant: tenant)
           let result = try await run(plan, deadline: deadline)
-          out.decompress = .with {
-            $0.data = result.output
-            $0.stats = plan.stats(for: result)
-          }
+          out.decompress = plan.decompressResponse(result)
         case .encrypt(let r): out.encrypt = try await encrypt(r, tenant: tenant, deadline: deadline)
         case .decrypt(let r): out.decrypt = try await decrypt(r, tenant: tenant, deadline: deadline)
         case .digest(let r): out.digest = try await digest(r, tenant: tenant, deadline: deadline)
