@@ -13,6 +13,23 @@ package final class CoreCall: @unchecked Sendable {
   private let holds = Atomic<Int>(2)
   private let answered = Atomic<Bool>(false)
   private let cancellation = Mutex<Cancellation>(.watching(nil))
+  /// What runs when the receive or the write in flight finishes (one of each at a time).
+  private let pending = Mutex<Pending>(Pending())
+
+  private struct Pending {
+    var receive: (@Sendable (Received) -> Void)?
+    var write: (@Sendable (Bool) -> Void)?
+  }
+
+  /// What a streaming call's receive gives.
+  package enum Received {
+    /// The next message; its bytes are valid only during the callback.
+    case message(UnsafeRawBufferPointer)
+    /// The client half-closed: no more messages.
+    case end
+    /// The call ended (cancelled, deadline, connection gone).
+    case failed
+  }
 
   private enum Cancellation {
     case watching((@Sendable () -> Void)?)
@@ -63,6 +80,11 @@ package final class CoreCall: @unchecked Sendable {
     send(status: 0, statusMessage: "", message: message, initial: initial, trailers: trailers)
   }
 
+  /// Ends a streaming call OK, after its messages (`write`), with `trailers`.
+  package func end(initial: [(String, String)] = [], trailers: [(String, String)] = []) {
+    send(status: 0, statusMessage: "", message: nil, initial: initial, trailers: trailers)
+  }
+
   /// Ends the call with a status other than OK.
   package func fail(code: Int, message: String, initial: [(String, String)] = [], trailers: [(String, String)] = []) {
     send(status: code, statusMessage: message, message: nil, initial: initial, trailers: trailers)
@@ -87,6 +109,65 @@ package final class CoreCall: @unchecked Sendable {
     }
     // Refused by the core (the call is gone): no SENT event will come.
     if rc != 0 { drop() }
+  }
+
+  /// Reads a streaming call's next message; `handler` runs once, on a
+  /// completion-queue thread. One receive at a time.
+  package func receive(_ handler: @escaping @Sendable (Received) -> Void) {
+    pending.withLock { $0.receive = handler }
+    _ = holds.add(1, ordering: .acquiringAndReleasing)
+    if accel_grpc_call_receive(raw) != 0 {
+      pending.withLock { $0.receive = nil }
+      _ = holds.subtract(1, ordering: .acquiringAndReleasing)
+      handler(.failed)
+    }
+  }
+
+  /// Writes one message of a streaming response (`initial` goes with the
+  /// first); `completion` runs once, with false when the call has ended. One
+  /// write at a time.
+  package func write(_ message: [CorePart], initial: [(String, String)] = [], completion: @escaping @Sendable (Bool) -> Void) {
+    guard !answered.load(ordering: .acquiring) else {
+      message.forEach { $0.releaseUnsent() }
+      return completion(false)
+    }
+    pending.withLock { $0.write = completion }
+    _ = holds.add(1, ordering: .acquiringAndReleasing)
+    let rc = CoreStrings.withKeyValues(initial) { ini in
+      message.map(\.cPart).withUnsafeBufferPointer { parts in
+        accel_grpc_call_write(raw, ini.baseAddress, ini.count, parts.baseAddress, parts.count)
+      }
+    }
+    if rc != 0 {
+      pending.withLock { $0.write = nil }
+      _ = holds.subtract(1, ordering: .acquiringAndReleasing)
+      completion(false)
+    }
+  }
+
+  /// The RECEIVED event.
+  func received(ok: Bool) {
+    let handler = pending.withLock { p in defer { p.receive = nil }; return p.receive }
+    if let handler {
+      var length = 0
+      if !ok {
+        handler(.failed)
+      } else if let p = accel_grpc_call_payload(raw, &length) {
+        handler(.message(UnsafeRawBufferPointer(start: p, count: length)))
+      } else if accel_grpc_call_has_message(raw) != 0 {
+        handler(.failed)  // a message the core could not read (an unknown compression)
+      } else {
+        handler(.end)
+      }
+    }
+    drop()
+  }
+
+  /// The WROTE event.
+  func wrote(ok: Bool) {
+    let completion = pending.withLock { p in defer { p.write = nil }; return p.write }
+    completion?(ok)
+    drop()
   }
 
   /// The CLOSED event: the call has ended on the wire.

@@ -12,6 +12,24 @@ internal import Synchronization
 package final class CoreServer: @unchecked Sendable {
   package typealias Handler = @Sendable (CoreCall) -> Void
 
+  /// A method the server serves by name.
+  package struct Method: Sendable {
+    package enum Shape: Sendable {
+      /// One request message, read with the call (`CoreCall.payload`).
+      case unary
+      /// Request messages read one at a time (`CoreCall.receive`), responses written as they come (`write`).
+      case streaming
+    }
+    package var path: String
+    package var shape: Shape
+    package var handler: Handler
+    package init(_ path: String, _ shape: Shape = .unary, handler: @escaping Handler) {
+      self.path = path
+      self.shape = shape
+      self.handler = handler
+    }
+  }
+
   package enum StartError: Error, Equatable {
     case create
     case method(String)
@@ -25,13 +43,15 @@ package final class CoreServer: @unchecked Sendable {
   private let stopping = Atomic<Bool>(false)
   private let destroyed = Atomic<Bool>(false)
   private let shutdownDone = DispatchSemaphore(value: 0)
+  /// Set at the SHUTDOWN event; tasks in `drained` wait for it.
+  private let drainState = Mutex<(done: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
   private let threadsDone = DispatchGroup()
   /// The bound port of each TCP address, in order (0 for Unix sockets).
   package let ports: [Int]
 
   /// Registers `methods` (path → handler) and binds every address; `start` begins serving.
   package init(
-    configuration: CoreServerConfiguration, methods: [(path: String, handler: Handler)],
+    configuration: CoreServerConfiguration, methods: [Method],
     unregistered: @escaping Handler
   ) throws(StartError) {
     var options = accel_grpc_server_options(
@@ -49,7 +69,7 @@ package final class CoreServer: @unchecked Sendable {
     self.handlers = methods.map(\.handler)
     self.unregistered = unregistered
     for (i, m) in methods.enumerated() {
-      guard accel_grpc_server_add_method(server, m.path) == Int32(i) else {
+      guard accel_grpc_server_add_method(server, m.path, m.shape == .streaming ? 1 : 0) == Int32(i) else {
         accel_grpc_server_destroy(server)
         throw .method(m.path)
       }
@@ -94,6 +114,25 @@ package final class CoreServer: @unchecked Sendable {
     accel_grpc_server_shutdown(server)
   }
 
+  /// Returns once the server has stopped taking calls and every open call has
+  /// ended (after `beginShutdown`).
+  package func drained() async {
+    await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+      let done = drainState.withLock { s -> Bool in
+        if !s.done { s.waiters.append(c) }
+        return s.done
+      }
+      if done { c.resume() }
+    }
+  }
+
+  /// Stops taking calls and ends every open one with CANCELLED (a SHUTDOWN
+  /// event follows once they have all ended).
+  package func cancelAll() {
+    beginShutdown()
+    accel_grpc_server_cancel_all(server)
+  }
+
   /// Stops taking calls and waits up to `grace` for open ones to end, then
   /// cancels the rest; returns once the threads have stopped. Blocks: call it
   /// from a thread of its own, not from a task.
@@ -105,9 +144,10 @@ package final class CoreServer: @unchecked Sendable {
       accel_grpc_server_cancel_all(server)
       shutdownDone.wait()
     }
-    // Destroying shuts the queue down; the threads drain it and return.
-    accel_grpc_server_destroy(server)
+    // Closing shuts the queue down; the threads drain it and return, and only then is it freed.
+    accel_grpc_server_close(server)
     threadsDone.wait()
+    accel_grpc_server_free(server)
   }
 
   private func request(_ method: Int) {
@@ -124,6 +164,12 @@ package final class CoreServer: @unchecked Sendable {
       switch kind {
       case ACCEL_GRPC_EVENT_SHUTDOWN:
         shutdownDone.signal()
+        let waiters = drainState.withLock { s in
+          s.done = true
+          defer { s.waiters = [] }
+          return s.waiters
+        }
+        for w in waiters { w.resume() }
       case ACCEL_GRPC_EVENT_NEW_CALL:
         guard let raw else { continue }
         let method = Int(accel_grpc_call_method(raw))
@@ -142,10 +188,15 @@ package final class CoreServer: @unchecked Sendable {
           continue
         }
         (method >= 0 && method < handlers.count ? handlers[method] : unregistered)(call)
-      case ACCEL_GRPC_EVENT_CLOSED, ACCEL_GRPC_EVENT_SENT:
+      case ACCEL_GRPC_EVENT_CLOSED, ACCEL_GRPC_EVENT_SENT, ACCEL_GRPC_EVENT_RECEIVED, ACCEL_GRPC_EVENT_WROTE:
         guard let raw, let user = accel_grpc_call_user(raw) else { continue }
         let call = Unmanaged<CoreCall>.fromOpaque(user).takeUnretainedValue()
-        if kind == ACCEL_GRPC_EVENT_CLOSED { call.closed() } else { call.drop() }
+        switch kind {
+        case ACCEL_GRPC_EVENT_CLOSED: call.closed()
+        case ACCEL_GRPC_EVENT_RECEIVED: call.received(ok: ok != 0)
+        case ACCEL_GRPC_EVENT_WROTE: call.wrote(ok: ok != 0)
+        default: call.drop()
+        }
       default:
         continue
       }

@@ -30,11 +30,12 @@ public final class AccelGateServer: Sendable {
   private let graceExpired: AsyncStream<Void>
   private let graceExpiredContinuation: AsyncStream<Void>.Continuation
   private let drainStarted = Mutex<ContinuousClock.Instant?>(nil)
-  private let server: GRPCServer<HTTP2ServerTransport.Posix>
+  /// The grpc-swift listener on `host:port` (nil when the C core serves it: `edge == .core`).
+  private let server: GRPCServer<HTTP2ServerTransport.Posix>?
   /// The local lane's gRPC listener on a Unix socket, and its control socket.
   private let localServer: GRPCServer<HTTP2ServerTransport.Posix>?
   private let localControl: LocalControlServer?
-  /// The API on gRPC's C core, when `coreEdgePort` is set.
+  /// The API on gRPC's C core: on `host:port` when `edge == .core`, and on `coreEdgePort` when set.
   private let coreEdge: CoreServer?
   /// Where the local gRPC listener binds first (a private directory beside the
   /// socket path), to be renamed into place once its mode is 0660; nil: bound in place.
@@ -42,6 +43,8 @@ public final class AccelGateServer: Sendable {
   /// 1 once the local gRPC socket is at its path with mode 0660 (or there is
   /// none), 2 if that failed, 0 until then.
   private let localPublished = Atomic<Int>(0)
+  /// Set once `serve` has started the C-core edge (and /metrics before it).
+  private let coreStarted = Atomic<Bool>(false)
   private let logger: Logger
 
   public init(configuration: ServiceConfiguration = .defaults, logger: Logger = Logger(label: "accelgate")) throws {
@@ -136,27 +139,6 @@ public final class AccelGateServer: Sendable {
       guard configuration.pooledPayloads else { return [] }
       return [NetworkLaneService(service: service, lane: NetworkLane(dispatcher: dispatcher, metrics: metrics))]
     }
-    if let corePort = configuration.coreEdgePort {
-      var core = CoreServerConfiguration()
-      core.addresses = ["\(configuration.host):\(corePort)"]
-      core.maxReceiveMessageBytes = configuration.transportMaxRequestBytes
-      if let chain = configuration.tlsCertificateChain, let key = configuration.tlsPrivateKey {
-        core.tls = CoreServerConfiguration.TLS(
-          keyPEM: try String(contentsOfFile: key, encoding: .utf8),
-          certificateChainPEM: try String(contentsOfFile: chain, encoding: .utf8),
-          clientCAPEM: try configuration.tlsClientCA.map { try String(contentsOfFile: $0, encoding: .utf8) })
-      }
-      let edge = CoreEdgeService(
-        service: service, directory: directory,
-        health: HealthService(dispatcher: dispatcher, device: device, draining: draining), metrics: metrics)
-      do {
-        coreEdge = try CoreServer(configuration: core, methods: edge.methods, unregistered: { edge.unregistered($0) })
-      } catch {
-        throw ConfigurationError("cannot serve the C-core edge on \(core.addresses[0]): \(error)")
-      }
-    } else {
-      coreEdge = nil
-    }
     // The TCP listener's copy of the service serves no region spans (only the local socket does).
     let tcp: AcceleratorService
     if let path = configuration.localSocket, let control = configuration.effectiveLocalControlSocket {
@@ -194,6 +176,13 @@ public final class AccelGateServer: Sendable {
       localPublished.store(1, ordering: .releasing)
       tcp = service
     }
+    coreEdge = try Self.makeCoreEdge(
+      configuration, service: tcp, directory: directory, metrics: metrics, logger: logger,
+      health: HealthService(dispatcher: dispatcher, device: device, draining: draining))
+    guard configuration.edge == .swift else {
+      server = nil
+      return
+    }
     self.server = GRPCServer(
       transport: .http2NIOPosix(
         address: .ipv4(host: configuration.host, port: configuration.port),
@@ -217,6 +206,45 @@ public final class AccelGateServer: Sendable {
       ],
       interceptors: [AuthInterceptor(directory: directory, metrics: metrics), MetricsInterceptor(metrics: metrics, logger: logger)]
     )
+  }
+
+  /// The C-core edge: on `host:port` when it is the edge, and on `coreEdgePort` when that is set; nil for neither.
+  static func makeCoreEdge(
+    _ configuration: ServiceConfiguration, service: AcceleratorService, directory: TenantDirectory,
+    metrics: GatewayMetrics, logger: Logger, health: HealthService
+  ) throws -> CoreServer? {
+    var core = CoreServerConfiguration()
+    core.addresses =
+      (configuration.edge == .core ? ["\(configuration.host):\(configuration.port)"] : [])
+      + (configuration.coreEdgePort.map { ["\(configuration.host):\($0)"] } ?? [])
+    guard !core.addresses.isEmpty else { return nil }
+    core.maxReceiveMessageBytes = configuration.transportMaxRequestBytes
+    core.maxConcurrentStreams = configuration.maxConcurrentStreams
+    core.keepaliveTimeMilliseconds = Self.milliseconds(configuration.keepaliveTime)
+    core.keepaliveTimeoutMilliseconds = Self.milliseconds(configuration.keepaliveTimeout)
+    core.maxConnectionIdleMilliseconds = configuration.maxConnectionIdle.map(Self.milliseconds) ?? 0
+    core.maxConnectionAgeMilliseconds = configuration.maxConnectionAge.map(Self.milliseconds) ?? 0
+    core.maxConnectionAgeGraceMilliseconds = configuration.maxConnectionGrace.map(Self.milliseconds) ?? 0
+    if let chain = configuration.tlsCertificateChain, let key = configuration.tlsPrivateKey {
+      core.tls = CoreServerConfiguration.TLS(
+        keyPEM: try String(contentsOfFile: key, encoding: .utf8),
+        certificateChainPEM: try String(contentsOfFile: chain, encoding: .utf8),
+        clientCAPEM: try configuration.tlsClientCA.map { try String(contentsOfFile: $0, encoding: .utf8) })
+    }
+    let edge = CoreEdgeService(
+      service: service, directory: directory, health: health, reflection: try ReflectionService(), metrics: metrics,
+      logger: logger)
+    do {
+      return try CoreServer(configuration: core, methods: edge.methods, unregistered: { edge.unregistered($0) })
+    } catch {
+      throw ConfigurationError("cannot serve gRPC's C core on \(core.addresses.joined(separator: ", ")): \(error)")
+    }
+  }
+
+  /// A duration in whole milliseconds for the C core's settings (at least 1, at most Int32.max).
+  static func milliseconds(_ d: Duration) -> Int {
+    let ms = d.components.seconds * 1000 + d.components.attoseconds / 1_000_000_000_000_000
+    return Int(max(1, min(ms, Int64(Int32.max))))
   }
 
   /// A private (0700) directory beside `path` and a socket path in it, where the
@@ -288,6 +316,7 @@ public final class AccelGateServer: Sendable {
       device?.stop()
     }
     coreEdge?.start()
+    coreStarted.store(true, ordering: .releasing)
     let served: Result<Void, any Error>
     do {
       // The server returns once every call has finished after a graceful
@@ -299,7 +328,14 @@ public final class AccelGateServer: Sendable {
         group.addTask {
           // Both listeners serve until the TCP one has drained.
           try await withThrowingTaskGroup(of: Void.self) { both in
-            both.addTask { try await server.serve() }
+            both.addTask {
+              if let server {
+                try await server.serve()
+              } else if let core = self.coreEdge {
+                // Serves until drained; cancelled when the grace runs out, it ends what is left.
+                await withTaskCancellationHandler { await core.drained() } onCancel: { core.cancelAll() }
+              }
+            }
             if let local, let path = self.configuration.localSocket {
               both.addTask {
                 try await withThrowingTaskGroup(of: Void.self) { listener in
@@ -353,8 +389,8 @@ public final class AccelGateServer: Sendable {
     }
   }
 
-  /// The C-core edge's port, when it serves.
-  public var coreEdgePort: Int? { coreEdge?.ports.first }
+  /// The C-core edge's extra port (`coreEdgePort`), when it serves one.
+  public var coreEdgePort: Int? { configuration.coreEdgePort == nil ? nil : coreEdge?.ports.last }
 
   /// The port `/metrics` is served on, once listening; nil when metrics are off.
   public var metricsPort: Int? { metricsServer.withLock { $0?.port } }
@@ -368,7 +404,13 @@ public final class AccelGateServer: Sendable {
   /// Waits for the local socket too, when there is one, so a listening line
   /// printed after it means both are ready.
   public func listeningPort() async throws -> Int? {
-    let port = try await server.listeningAddress?.ipv4?.port
+    let port: Int?
+    if let server {
+      port = try await server.listeningAddress?.ipv4?.port
+    } else {
+      while !coreStarted.load(ordering: .acquiring) { try await Task.sleep(for: .milliseconds(5)) }
+      port = coreEdge?.ports.first
+    }
     while true {
       switch localPublished.load(ordering: .acquiring) {
       case 1: return port
@@ -409,7 +451,7 @@ public final class AccelGateServer: Sendable {
     Task.detached {
       // Health is NOT_SERVING from here on; new calls are still served for `delay`.
       if delay > .zero { try? await Task.sleep(for: delay) }
-      server.beginGracefulShutdown()
+      server?.beginGracefulShutdown()
       localServer?.beginGracefulShutdown()
       // The C-core edge drains alongside: no new calls, open ones finish within the grace.
       if let coreEdge { await Self.onThread { coreEdge.beginShutdown() } }

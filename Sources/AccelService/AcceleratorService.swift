@@ -88,8 +88,12 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
   func describeDevice(request: ServerRequest<Accelgate_V1_DescribeDeviceRequest>, context: ServerContext) async throws
     -> ServerResponse<Accelgate_V1_DescribeDeviceResponse>
   {
+    ServerResponse(message: describeDevice(tenant: TenantHeader.tenant(of: request.metadata)))
+  }
+
+  /// The device and the calling tenant's view of it, whichever edge asks.
+  func describeDevice(tenant id: String) -> Accelgate_V1_DescribeDeviceResponse {
     var r = DeviceDescription.make(dispatcher: dispatcher, device: device, configuration: configuration)
-    let id = TenantHeader.tenant(of: request.metadata)
     let (jobs, bytes, limits) = dispatcher.tenantState(id)
     r.tenant = .with {
       $0.id = id
@@ -101,7 +105,7 @@ struct AcceleratorService: Accelgate_V1_Accelerator.ServiceProtocol {
       $0.maxPayloadBytes = UInt64(max(0, limits.maxPayloadBytes))
       $0.maxBytesPerSecond = UInt64(max(0, limits.maxBytesPerSecond ?? 0))
     }
-    return ServerResponse(message: r)
+    return r
   }
 
   // MARK: helpers
@@ -152,6 +156,9 @@ extension ServiceConfiguration {
 /// up to 8 digits and a unit, H M S m u n).
 struct CallDeadline: Sendable {
   let instant: ContinuousClock.Instant?
+
+  /// A deadline the transport parsed already (the C core's).
+  init(instant: ContinuousClock.Instant?) { self.instant = instant }
 
   /// How close to the deadline a cancellation counts as the deadline passing: the
   /// transport's timer starts slightly before this handler reads the header.

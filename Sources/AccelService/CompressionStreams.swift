@@ -29,28 +29,9 @@ extension AcceleratorService {
   func compressStream(
     request: StreamingServerRequest<Accelgate_V1_CompressStreamRequest>, context: ServerContext
   ) async throws -> StreamingServerResponse<Accelgate_V1_CompressStreamResponse> {
-    let tenant = TenantHeader.tenant(of: request.metadata)
-    let deadline = CallDeadline(metadata: request.metadata)
-    let stall = configuration.streamWriteTimeout
-    return StreamingServerResponse { rawWriter in
-      let writer = StallBoundedWriter(rawWriter, timeout: stall)
-      let s = try await runStream(
-        request.messages,
-        open: { m in
-          let algorithm = try JobTranslator.streamAlgorithm(m.format)
-          let level = try JobTranslator.level(m.hasLevel ? m.level : -1, for: algorithm)
-          return try StreamSession(self, algorithm: algorithm, level: level, compress: true, tenant: tenant, deadline: deadline)
-        },
-        chunk: { ($0.data, $0.final) },
-        emit: { piece in try await writer.write(.with { $0.data = piece }) })
-      try await writer.write(
-        .with {
-          $0.final = true
-          $0.totalIn = s.totals.totalIn
-          $0.totalOut = s.totals.totalOut
-          $0.deviceNs = s.totals.deviceNanoseconds
-          $0.jobs = s.totals.jobs
-        })
+    let (tenant, deadline) = (TenantHeader.tenant(of: request.metadata), CallDeadline(metadata: request.metadata))
+    return StreamingServerResponse { writer in
+      try await compressStream(StreamIO(request.messages, writer), tenant: tenant, deadline: deadline)
       return [:]
     }
   }
@@ -58,32 +39,63 @@ extension AcceleratorService {
   func decompressStream(
     request: StreamingServerRequest<Accelgate_V1_DecompressStreamRequest>, context: ServerContext
   ) async throws -> StreamingServerResponse<Accelgate_V1_DecompressStreamResponse> {
-    let tenant = TenantHeader.tenant(of: request.metadata)
-    let deadline = CallDeadline(metadata: request.metadata)
-    let serverCap = UInt64(configuration.maxStreamOutputBytes)
-    let stall = configuration.streamWriteTimeout
-    return StreamingServerResponse { rawWriter in
-      let writer = StallBoundedWriter(rawWriter, timeout: stall)
-      let s = try await runStream(
-        request.messages,
-        open: { m in
-          let algorithm = try JobTranslator.streamAlgorithm(m.format)
-          let cap = m.maxOutputBytes == 0 ? serverCap : min(serverCap, m.maxOutputBytes)
-          return try StreamSession(
-            self, algorithm: algorithm, level: 0, compress: false, tenant: tenant, deadline: deadline, outputCap: cap)
-        },
-        chunk: { ($0.data, $0.final) },
-        emit: { piece in try await writer.write(.with { $0.data = piece }) })
-      try await writer.write(
-        .with {
-          $0.final = true
-          $0.totalIn = s.totals.totalIn
-          $0.totalOut = s.totals.totalOut
-          $0.deviceNs = s.totals.deviceNanoseconds
-          $0.jobs = s.totals.jobs
-        })
+    let (tenant, deadline) = (TenantHeader.tenant(of: request.metadata), CallDeadline(metadata: request.metadata))
+    return StreamingServerResponse { writer in
+      try await decompressStream(StreamIO(request.messages, writer), tenant: tenant, deadline: deadline)
       return [:]
     }
+  }
+
+  /// One CompressStream, whichever edge carries it.
+  func compressStream(
+    _ io: StreamIO<Accelgate_V1_CompressStreamRequest, Accelgate_V1_CompressStreamResponse>, tenant: String,
+    deadline: CallDeadline
+  ) async throws {
+    let writer = StallBoundedWriter(io.write, timeout: configuration.streamWriteTimeout)
+    let s = try await runStream(
+      io.next,
+      open: { m in
+        let algorithm = try JobTranslator.streamAlgorithm(m.format)
+        let level = try JobTranslator.level(m.hasLevel ? m.level : -1, for: algorithm)
+        return try StreamSession(self, algorithm: algorithm, level: level, compress: true, tenant: tenant, deadline: deadline)
+      },
+      chunk: { ($0.data, $0.final) },
+      emit: { piece in try await writer.write(.with { $0.data = piece }) })
+    try await writer.write(
+      .with {
+        $0.final = true
+        $0.totalIn = s.totals.totalIn
+        $0.totalOut = s.totals.totalOut
+        $0.deviceNs = s.totals.deviceNanoseconds
+        $0.jobs = s.totals.jobs
+      })
+  }
+
+  /// One DecompressStream, whichever edge carries it.
+  func decompressStream(
+    _ io: StreamIO<Accelgate_V1_DecompressStreamRequest, Accelgate_V1_DecompressStreamResponse>, tenant: String,
+    deadline: CallDeadline
+  ) async throws {
+    let serverCap = UInt64(configuration.maxStreamOutputBytes)
+    let writer = StallBoundedWriter(io.write, timeout: configuration.streamWriteTimeout)
+    let s = try await runStream(
+      io.next,
+      open: { m in
+        let algorithm = try JobTranslator.streamAlgorithm(m.format)
+        let cap = m.maxOutputBytes == 0 ? serverCap : min(serverCap, m.maxOutputBytes)
+        return try StreamSession(
+          self, algorithm: algorithm, level: 0, compress: false, tenant: tenant, deadline: deadline, outputCap: cap)
+      },
+      chunk: { ($0.data, $0.final) },
+      emit: { piece in try await writer.write(.with { $0.data = piece }) })
+    try await writer.write(
+      .with {
+        $0.final = true
+        $0.totalIn = s.totals.totalIn
+        $0.totalOut = s.totals.totalOut
+        $0.deviceNs = s.totals.deviceNanoseconds
+        $0.jobs = s.totals.jobs
+      })
   }
 
   /// Runs one stream to its end and returns its session (for the totals).
@@ -96,12 +108,12 @@ extension AcceleratorService {
   /// output), and a client that stops reading stops the reader too, once the
   /// read-ahead is full. The first error on either side ends the call.
   func runStream<Message: Sendable>(
-    _ messages: RPCAsyncSequence<Message, any Error>,
+    _ next: @escaping @Sendable () async throws -> Message?,
     open: (Message) throws -> StreamSession,
     chunk: @escaping @Sendable (Message) -> (data: Data, final: Bool),
     emit: @escaping @Sendable (Data) async throws -> Void
   ) async throws -> StreamSession {
-    let reader = IdleBoundedReader(messages, timeout: configuration.streamIdleTimeout)
+    let reader = IdleBoundedReader(next, timeout: configuration.streamIdleTimeout)
     guard let first = try await reader.next() else {
       throw RequestError.invalidArgument("the stream carried no messages")
     }
@@ -305,10 +317,10 @@ final class StreamSession: Sendable {
 /// `timeout` ends the call with RESOURCE_EXHAUSTED; the stuck write itself is
 /// cancelled and not waited for (the transport fails it when the call ends).
 struct StallBoundedWriter<Message: Sendable>: Sendable {
-  let writer: RPCWriter<Message>
+  let writer: @Sendable (Message) async throws -> Void
   let timeout: Duration
 
-  init(_ writer: RPCWriter<Message>, timeout: Duration) {
+  init(_ writer: @escaping @Sendable (Message) async throws -> Void, timeout: Duration) {
     self.writer = writer
     self.timeout = timeout
   }
@@ -322,7 +334,7 @@ struct StallBoundedWriter<Message: Sendable>: Sendable {
           code: .resourceExhausted,
           message: "the client accepted no stream output for \(timeout) (stream write timeout); the stream was ended")
       },
-      { try await writer.write(message) })
+      { try await writer(message) })
   }
 }
 
@@ -332,17 +344,17 @@ struct StallBoundedWriter<Message: Sendable>: Sendable {
 /// client that opens one and goes quiet would hold them for as long as it
 /// likes. A message that does not arrive within `timeout` (nil: no limit) ends
 /// the call with RESOURCE_EXHAUSTED. Only one task reads at a time.
-final class IdleBoundedReader<Message: Sendable>: @unchecked Sendable {
-  private var iterator: RPCAsyncSequence<Message, any Error>.AsyncIterator
+struct IdleBoundedReader<Message: Sendable>: Sendable {
+  let source: @Sendable () async throws -> Message?
   let timeout: Duration?
 
-  init(_ messages: RPCAsyncSequence<Message, any Error>, timeout: Duration?) {
-    iterator = messages.makeAsyncIterator()
+  init(_ source: @escaping @Sendable () async throws -> Message?, timeout: Duration?) {
+    self.source = source
     self.timeout = timeout
   }
 
   func next() async throws -> Message? {
-    guard let timeout else { return try await iterator.next() }
+    guard let timeout else { return try await source() }
     return try await TimeLimit.run(
       timeout,
       expired: {
@@ -350,6 +362,6 @@ final class IdleBoundedReader<Message: Sendable>: @unchecked Sendable {
           code: .resourceExhausted,
           message: "no stream input for \(timeout) (stream idle timeout); the stream was ended and its device context freed")
       },
-      { try await self.iterator.next() })
+      { try await self.source() })
   }
 }

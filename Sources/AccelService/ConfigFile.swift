@@ -131,6 +131,10 @@ public enum ConfigFile {
     int("local.descriptor_reserve", 0...1_000_000, "descriptors kept free below RLIMIT_NOFILE (registrations refused past it)") {
       $0.localQuotas.descriptorReserve = $1
     },
+    string("listen.edge", "what serves the gRPC port: swift (grpc-swift) or core (gRPC's C core)", allowed: Edge.allCases.map(\.rawValue)) { c, v in
+      c.edge = Edge(rawValue: v) ?? .swift
+      return nil
+    },
     int("listen.core_edge_port", -1...65535, "also serve on gRPC's C core on this port (-1 = off, 0 picks one)") {
       $0.coreEdgePort = $1 < 0 ? nil : $1
     },
@@ -345,7 +349,7 @@ public enum ConfigFile {
       ("local.connection_max_descriptors", "\(c.localQuotas.connectionMaxDescriptors)"),
       ("local.max_unauthenticated_connections", "\(c.localQuotas.maxUnauthenticatedConnections)"),
       ("local.frame_timeout_ms", ms(c.localQuotas.frameTimeout)), ("local.descriptor_reserve", "\(c.localQuotas.descriptorReserve)"),
-      ("listen.core_edge_port", c.coreEdgePort.map { "\($0)" } ?? "-"), ("metrics.enabled", "\(c.metricsPort != nil)"), ("metrics.host", c.metricsHost), ("metrics.port", c.metricsPort.map { "\($0)" } ?? "-"),
+      ("listen.edge", c.edge.rawValue), ("listen.core_edge_port", c.coreEdgePort.map { "\($0)" } ?? "-"), ("metrics.enabled", "\(c.metricsPort != nil)"), ("metrics.host", c.metricsHost), ("metrics.port", c.metricsPort.map { "\($0)" } ?? "-"),
       ("limits.max_request_bytes", "\(c.maxRequestBytes)"), ("limits.max_decompressed_bytes", "\(c.maxDecompressedBytes)"),
       ("limits.max_queued_jobs", "\(c.maxQueuedJobs)"), ("limits.max_queued_payload_bytes", "\(c.maxQueuedPayloadBytes ?? 0)"),
       ("connection.max_idle_ms", c.maxConnectionIdle.map(ms) ?? "0"), ("connection.max_age_ms", c.maxConnectionAge.map(ms) ?? "0"),

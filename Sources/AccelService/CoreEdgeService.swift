@@ -6,72 +6,139 @@ internal import AccelScheduler
 internal import AccelRequests
 internal import FoundationEssentials
 internal import GRPCCore
+internal import Logging
 internal import SwiftProtobuf
 
-/// The public API on gRPC's C core (issue 18, first part): the unary job
-/// calls and health Check, answered from the completion-queue thread that
-/// receives them and from the reaper that completes their jobs, with no
-/// Swift task on the way. The same translator (AccelRequests) and the same
-/// status mapping as the grpc-swift edge, so a request gets the same answer
-/// on either. Methods not yet served here end UNIMPLEMENTED, naming the edge.
+/// The public API on gRPC's C core (issue 18).
+///
+/// - Unary job calls are answered from the completion-queue thread that
+///   receives them and from the reaper that completes their jobs, with no Swift
+///   task on the way.
+/// - Streams (CompressStream, DecompressStream, Submit, health Watch,
+///   reflection) run the same bodies as the grpc-swift edge (`StreamIO`), in a
+///   task that awaits each message and each write.
+///
+/// The same translator (AccelRequests), the same status mapping and the same
+/// access log as the grpc-swift edge, so a request gets the same answer on
+/// either.
 struct CoreEdgeService: Sendable {
   let service: AcceleratorService
   let directory: TenantDirectory
   let health: HealthService
+  let reflection: ReflectionService
   let metrics: GatewayMetrics
+  let logger: Logger
 
   static let accelerator = "/accelgate.v1.Accelerator/"
 
   /// Registered methods and their handlers.
-  var methods: [(path: String, handler: CoreServer.Handler)] {
+  var methods: [CoreServer.Method] {
     [
-      ("/grpc.health.v1.Health/Check", { self.check($0) }),
-      (Self.accelerator + "Compress", { call in self.unary(call, "Compress", Accelgate_V1_CompressRequest.self) { r, t in
-        let plan = try service.translator.compress(r, tenant: t)
-        return (plan, plan.compressResponse, .raw)
-      } }),
-      (Self.accelerator + "Decompress", { call in self.unary(call, "Decompress", Accelgate_V1_DecompressRequest.self) { r, t in
-        let plan = try service.translator.decompress(r, tenant: t)
-        return (plan, plan.decompressResponse, .raw)
-      } }),
-      (Self.accelerator + "Encrypt", { call in self.unary(call, "Encrypt", Accelgate_V1_EncryptRequest.self) { r, t in
-        let plan = try service.translator.encrypt(r, tenant: t)
-        return (plan.plan, { res in plan.response(res).message }, plan.key)
-      } }),
-      (Self.accelerator + "Decrypt", { call in self.unary(call, "Decrypt", Accelgate_V1_DecryptRequest.self) { r, t in
-        let plan = try service.translator.decrypt(r, tenant: t)
-        return (plan.plan, { res in plan.response(res) }, plan.key)
-      } }),
-      (Self.accelerator + "Digest", { call in self.unary(call, "Digest", Accelgate_V1_DigestRequest.self) { r, t in
-        let plan = try service.translator.digest(r, tenant: t)
-        return (plan.plan, { res in plan.response(res) }, plan.key)
-      } }),
+      .init("/grpc.health.v1.Health/Check") { self.check($0) },
+      .init("/grpc.health.v1.Health/Watch", .streaming) { self.watch($0) },
+      .init("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", .streaming) { self.reflect($0) },
+      .init("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", .streaming) { self.reflect($0) },
+      .init(Self.accelerator + "DescribeDevice") { self.describeDevice($0) },
+      .init(Self.accelerator + "Compress") { call in
+        self.unary(call, "Compress", Accelgate_V1_CompressRequest.self) { r, t in
+          try refuseSpans(r.hasInputRegion, r.hasOutputRegion, tenant: t, operation: "compress")
+          let plan = try service.translator.compress(r, tenant: t)
+          return (plan, plan.compressResponse, .raw)
+        }
+      },
+      .init(Self.accelerator + "Decompress") { call in
+        self.unary(call, "Decompress", Accelgate_V1_DecompressRequest.self) { r, t in
+          let plan = try service.translator.decompress(r, tenant: t)
+          try refuseSpans(r.hasInputRegion, r.hasOutputRegion, tenant: t, operation: "decompress")
+          return (plan, plan.decompressResponse, .raw)
+        }
+      },
+      .init(Self.accelerator + "Encrypt") { call in
+        self.unary(call, "Encrypt", Accelgate_V1_EncryptRequest.self) { r, t in
+          try refuseSpans(r.hasInputRegion, r.hasOutputRegion, tenant: t, operation: "encrypt")
+          let plan = try service.translator.encrypt(r, tenant: t)
+          return (plan.plan, { res in plan.response(res).message }, plan.key)
+        }
+      },
+      .init(Self.accelerator + "Decrypt") { call in
+        self.unary(call, "Decrypt", Accelgate_V1_DecryptRequest.self) { r, t in
+          try refuseSpans(r.hasInputRegion, r.hasOutputRegion, tenant: t, operation: "decrypt")
+          let plan = try service.translator.decrypt(r, tenant: t)
+          return (plan.plan, { res in plan.response(res) }, plan.key)
+        }
+      },
+      .init(Self.accelerator + "Digest") { call in
+        self.unary(call, "Digest", Accelgate_V1_DigestRequest.self) { r, t in
+          _ = try JobTranslator.digestAlgorithm(r.algorithm)  // refused as such before spans are looked at
+          try refuseSpans(r.hasInputRegion, false, tenant: t, operation: "digest")
+          let plan = try service.translator.digest(r, tenant: t)
+          return (plan.plan, { res in plan.response(res) }, plan.key)
+        }
+      },
+      .init(Self.accelerator + "CompressStream", .streaming) { call in
+        self.stream(call, "CompressStream") { io, tenant, deadline in
+          try await service.compressStream(io, tenant: tenant, deadline: deadline)
+        }
+      },
+      .init(Self.accelerator + "DecompressStream", .streaming) { call in
+        self.stream(call, "DecompressStream") { io, tenant, deadline in
+          try await service.decompressStream(io, tenant: tenant, deadline: deadline)
+        }
+      },
+      .init(Self.accelerator + "Submit", .streaming) { call in
+        self.stream(call, "Submit") { io, tenant, deadline in
+          try await service.submit(io, tenant: tenant, deadline: deadline)
+        }
+      },
     ]
   }
 
-  /// Every other path: a method of the API this edge does not serve yet, or no method at all.
+  /// Every other path: no method of this server.
   func unregistered(_ call: CoreCall) {
-    let path = call.path
-    let api = Accelgate_V1_Accelerator.Method.descriptors + Grpc_Health_V1_Health.Method.descriptors
-    let known = api.contains { (d: MethodDescriptor) in "/\(d.fullyQualifiedMethod)" == path } || path.hasPrefix("/grpc.reflection.")
-    call.fail(
-      code: RPCError.Code.unimplemented.rawValue,
-      message: known ? "\(path) is not served on the C-core edge yet; call the main port" : "unknown method \(path)")
+    let arrival = Arrival(call, method: String(call.path.split(separator: "/").last ?? ""))
+    finish(arrival, RPCError(code: .unimplemented, message: "unknown method \(call.path)"))
   }
 
-  // MARK: health
+  // MARK: health, reflection, description
 
   private func check(_ call: CoreCall) {
-    let start = ContinuousClock.now
-    guard let request: Grpc_Health_V1_HealthCheckRequest = try? Self.decode(call) else {
-      return finish(call, "Check", "", start, RPCError(code: .invalidArgument, message: "the request is not a HealthCheckRequest"))
+    let arrival = Arrival(call, method: "Check")
+    guard let request: Grpc_Health_V1_HealthCheckRequest = try? Self.decode(call.payload) else {
+      return finish(arrival, RPCError(code: .invalidArgument, message: "the request is not a HealthCheckRequest"))
     }
     guard HealthService.services.contains(request.service) else {
-      return finish(call, "Check", "", start, RPCError(code: .notFound, message: "unknown service '\(request.service)'"))
+      return finish(arrival, RPCError(code: .notFound, message: "unknown service '\(request.service)'"))
     }
     var response = Grpc_Health_V1_HealthCheckResponse()
     response.status = health.status
-    answer(call, "Check", "", start, response)
+    answer(arrival, response)
+  }
+
+  private func watch(_ call: CoreCall) {
+    stream(call, "Watch", authenticated: false) {
+      (io: StreamIO<Grpc_Health_V1_HealthCheckRequest, Grpc_Health_V1_HealthCheckResponse>, _, _) in
+      guard let request = try await io.next() else {
+        throw RPCError(code: .invalidArgument, message: "Watch carried no request")
+      }
+      // Draining: the watcher sees NOT_SERVING, then its stream ends (it would hold the drain otherwise).
+      try await health.watch(request.service, write: io.write, cancelled: { health.draining.isDraining })
+    }
+  }
+
+  private func reflect(_ call: CoreCall) {
+    stream(call, "ServerReflectionInfo", authenticated: false) {
+      (io: StreamIO<Grpc_Reflection_V1_ServerReflectionRequest, Grpc_Reflection_V1_ServerReflectionResponse>, _, _) in
+      while let request = try await io.next() { try await io.write(reflection.index.answer(request)) }
+    }
+  }
+
+  private func describeDevice(_ call: CoreCall) {
+    var arrival = Arrival(call, method: "DescribeDevice")
+    guard authenticate(&arrival) else { return }
+    guard (try? Self.decode(call.payload) as Accelgate_V1_DescribeDeviceRequest) != nil else {
+      return finish(arrival, Self.unparsable(Accelgate_V1_DescribeDeviceRequest.self))
+    }
+    answer(arrival, service.describeDevice(tenant: arrival.tenant))
   }
 
   // MARK: unary jobs
@@ -81,22 +148,16 @@ struct CoreEdgeService: Sendable {
     _ call: CoreCall, _ method: String, _ type: Request.Type,
     _ translate: @escaping (Request, String) throws -> (JobPlan, @Sendable (JobResult) -> Response, KeyIdentity)
   ) {
-    let start = ContinuousClock.now
-    guard let tenant = directory.authenticate(authorization: call.metadata("authorization"))?.id else {
-      metrics.recordUnauthenticated()
-      let missing = call.metadata("authorization") == nil
-      return finish(call, method, "", start, RPCError(
-        code: .unauthenticated, message: missing ? "missing 'authorization: Bearer <api-key>' metadata" : "unknown API key"))
-    }
+    var arrival = Arrival(call, method: method)
+    guard authenticate(&arrival) else { return }
+    let (tenant, arrived) = (arrival.tenant, arrival)
     let request: Request
-    do { request = try Self.decode(call) } catch {
-      return finish(call, method, tenant, start, RPCError(code: .internalError, message: "could not parse the request: \(error)"))
-    }
+    do { request = try Self.decode(call.payload) } catch { return finish(arrival, Self.unparsable(Request.self)) }
     let plan: JobPlan
     let respond: @Sendable (JobResult) -> Response
     let key: KeyIdentity
     do { (plan, respond, key) = try translate(request, tenant) } catch {
-      return finish(call, method, tenant, start, StatusMapping.rpcError(any: error))
+      return finish(arrival, StatusMapping.rpcError(any: error))
     }
     var job = plan.job
     let deadline = call.timeRemaining.map { ContinuousClock.now + $0 }
@@ -111,42 +172,130 @@ struct CoreEdgeService: Sendable {
       translator.recordOutcome(key, tenant: tenant, operation: operation.auditName, ok: (try? outcome.get()) != nil)
       switch outcome {
       case .success(let result):
-        answer(call, method, tenant, start, respond(result))
+        answer(arrived, respond(result))
       case .failure(let error):
-        finish(call, method, tenant, start,
-          StatusMapping.rpcError(error, operation: operation.rawValue, outputLimit: plan.outputLimit))
+        finish(arrived, StatusMapping.rpcError(error, operation: operation.rawValue, outputLimit: plan.outputLimit))
       }
+    }
+  }
+
+  /// Region spans are the local lane's; this edge (TCP) refuses them as the grpc-swift TCP listener does.
+  private func refuseSpans(_ input: Bool, _ output: Bool, tenant: String, operation: String) throws {
+    guard input || output else { return }
+    let span = Accelgate_V1_RegionSpan()
+    _ = try service.localSpans(
+      input: input ? span : nil, output: output ? span : nil, inline: 0, tenant: tenant, operation: operation,
+      outputLimit: 0)
+  }
+
+  // MARK: streams
+
+  /// A streaming call: its body runs in a task of its own, reading and
+  /// writing through `StreamIO`, and the client's cancellation (or its
+  /// deadline) cancels that task.
+  private func stream<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message>(
+    _ call: CoreCall, _ method: String, authenticated: Bool = true,
+    _ body: @escaping @Sendable (StreamIO<Request, Response>, String, CallDeadline) async throws -> Void
+  ) {
+    var arrival = Arrival(call, method: method)
+    if authenticated { guard authenticate(&arrival) else { return } }
+    let deadline = CallDeadline(instant: call.timeRemaining.map { ContinuousClock.now + $0 })
+    let initial = [("x-request-id", arrival.id)]
+    let io = StreamIO<Request, Response>(
+      next: {
+        try await call.next { bytes in
+          do { return try Self.decode(bytes) as Request } catch { throw Self.unparsable(Request.self) }
+        }
+      },
+      write: { message in try await call.write([.copy(try message.serializedBytes())], initial: initial) })
+    let (tenant, arrived) = (arrival.tenant, arrival)
+    let task = Task {
+      do {
+        try await body(io, tenant, deadline)
+        MetricsInterceptor.record(
+          metrics: metrics, logger: logger, method: method, tenant: tenant, id: arrived.id, code: "OK",
+          start: arrived.start)
+        call.end(initial: initial)
+      } catch {
+        finish(arrived, Self.status(of: error, deadline: deadline))
+      }
+    }
+    call.onCancel { task.cancel() }
+  }
+
+  /// The status a stream body's error ends its call with.
+  static func status(of error: any Error, deadline: CallDeadline) -> RPCError {
+    switch error {
+    case let e as RPCError: e
+    case let e as any RPCErrorConvertible: RPCError(e)
+    case is CancellationError, is CoreCall.Ended: AcceleratorService.streamEnded(deadline)
+    default: RPCError(code: .unknown, message: "Service method threw an unknown error.")
     }
   }
 
   // MARK: answers
 
-  private func answer(_ call: CoreCall, _ method: String, _ tenant: String, _ start: ContinuousClock.Instant, _ message: some SwiftProtobuf.Message) {
-    let bytes: [UInt8]
-    do { bytes = try message.serializedBytes() } catch {
-      return finish(call, method, tenant, start, RPCError(code: .internalError, message: "could not encode the response"))
+  /// What the edge knows of a call from its arrival.
+  struct Arrival: Sendable {
+    let call: CoreCall
+    let method: String
+    var tenant = ""
+    let id: String
+    let start = ContinuousClock.now
+
+    init(_ call: CoreCall, method: String) {
+      self.call = call
+      self.method = method
+      id = RequestID.from(traceparent: call.metadata("traceparent"), requestID: call.metadata("x-request-id"))
     }
-    metrics.recordCall(method: method, code: "OK", tenant: tenant, duration: .now - start)
-    call.respond([.copy(bytes)], initial: [("x-request-id", Self.requestID(call))])
   }
 
-  private func finish(_ call: CoreCall, _ method: String, _ tenant: String, _ start: ContinuousClock.Instant, _ error: RPCError) {
-    metrics.recordCall(method: method, code: MetricsInterceptor.name(error.code), tenant: tenant, duration: .now - start)
-    var trailers: [(String, String)] = [("x-request-id", Self.requestID(call))]
+  /// Finds the tenant of the call's API key, or ends the call UNAUTHENTICATED.
+  private func authenticate(_ arrival: inout Arrival) -> Bool {
+    let authorization = arrival.call.metadata("authorization")
+    guard let tenant = directory.authenticate(authorization: authorization)?.id else {
+      metrics.recordUnauthenticated()
+      finish(arrival, RPCError(
+        code: .unauthenticated,
+        message: authorization == nil ? "missing 'authorization: Bearer <api-key>' metadata" : "unknown API key"))
+      return false
+    }
+    arrival.tenant = tenant
+    return true
+  }
+
+  private func answer(_ arrival: Arrival, _ message: some SwiftProtobuf.Message) {
+    let bytes: [UInt8]
+    do { bytes = try message.serializedBytes() } catch {
+      return finish(arrival, RPCError(code: .internalError, message: "could not encode the response"))
+    }
+    record(arrival, "OK")
+    arrival.call.respond([.copy(bytes)], initial: [("x-request-id", arrival.id)])
+  }
+
+  private func finish(_ arrival: Arrival, _ error: RPCError) {
+    record(arrival, MetricsInterceptor.name(error.code))
+    var trailers: [(String, String)] = [("x-request-id", arrival.id)]
     for (key, value) in error.metadata {
       if case .string(let s) = value { trailers.append((key, s)) }
     }
-    call.fail(code: error.code.rawValue, message: error.message, trailers: trailers)
+    arrival.call.fail(code: error.code.rawValue, message: error.message, trailers: trailers)
   }
 
-  /// Decodes the request straight from the core's bytes (valid for the call's life; decoding copies what it keeps).
-  static func decode<M: SwiftProtobuf.Message>(_ call: CoreCall) throws -> M {
-    let payload = call.payload
+  private func record(_ arrival: Arrival, _ code: String) {
+    MetricsInterceptor.record(
+      metrics: metrics, logger: logger, method: arrival.method, tenant: arrival.tenant, id: arrival.id, code: code,
+      start: arrival.start)
+  }
+
+  /// Decodes a message straight from the core's bytes (decoding copies what it keeps).
+  static func decode<M: SwiftProtobuf.Message>(_ payload: UnsafeRawBufferPointer) throws -> M {
     guard let base = payload.baseAddress, payload.count > 0 else { return M() }
     return try M(serializedBytes: Data(bytesNoCopy: UnsafeMutableRawPointer(mutating: base), count: payload.count, deallocator: .none))
   }
 
-  static func requestID(_ call: CoreCall) -> String {
-    RequestID.from(traceparent: call.metadata("traceparent"), requestID: call.metadata("x-request-id"))
+  /// The status of a message that is not the method's request type (grpc-swift's words).
+  static func unparsable<M: SwiftProtobuf.Message>(_ type: M.Type) -> RPCError {
+    RPCError(code: .invalidArgument, message: "Can't deserialize to message of type \(M.self).")
   }
 }

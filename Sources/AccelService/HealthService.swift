@@ -40,18 +40,25 @@ struct HealthService: Grpc_Health_V1_Health.SimpleServiceProtocol {
     request: Grpc_Health_V1_HealthCheckRequest, response: RPCWriter<Grpc_Health_V1_HealthCheckResponse>,
     context: ServerContext
   ) async throws {
+    try await watch(request.service, write: { try await response.write($0) }, cancelled: { context.cancellation.isCancelled })
+  }
+
+  /// One Watch, whichever edge carries it: the status now, then each change, until `cancelled`.
+  func watch(
+    _ service: String, write: (Grpc_Health_V1_HealthCheckResponse) async throws -> Void, cancelled: () -> Bool
+  ) async throws {
     var last: Grpc_Health_V1_HealthCheckResponse.ServingStatus?
     while true {
       // On SIGTERM the transport cancels every RPC; the status is evaluated once
       // more first, so watchers see NOT_SERVING before their stream ends.
-      let now = Self.services.contains(request.service) ? status : .serviceUnknown
+      let now = Self.services.contains(service) ? status : .serviceUnknown
       if now != last {
         var r = Grpc_Health_V1_HealthCheckResponse()
         r.status = now
-        try await response.write(r)
+        try await write(r)
         last = now
       }
-      if Task.isCancelled || context.cancellation.isCancelled { return }
+      if Task.isCancelled || cancelled() { return }
       try? await Task.sleep(for: Self.watchInterval)
     }
   }

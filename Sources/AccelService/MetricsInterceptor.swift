@@ -28,15 +28,7 @@ struct MetricsInterceptor: ServerInterceptor {
     let (metrics, logger) = (self.metrics, self.logger)
     let id = RequestID.from(request.metadata)
     @Sendable func record(_ code: String) {
-      let elapsed = ContinuousClock.now - start
-      metrics.recordCall(method: method, code: code, tenant: tenant, duration: elapsed)
-      let ms = Double(elapsed.components.seconds) * 1e3 + Double(elapsed.components.attoseconds) / 1e15
-      logger.log(
-        level: code == "OK" ? .debug : .info, "call",
-        metadata: [
-          "request_id": "\(id)", "method": "\(method)", "tenant": "\(tenant)", "code": "\(code)",
-          "duration_ms": "\(String(format: "%.3f", ms))",
-        ])
+      Self.record(metrics: metrics, logger: logger, method: method, tenant: tenant, id: id, code: code, start: start)
     }
     var response: StreamingServerResponse<Output>
     do {
@@ -71,6 +63,22 @@ struct MetricsInterceptor: ServerInterceptor {
       response.accepted = .failure(error)
     }
     return response
+  }
+
+  /// Counts one finished call and writes its access-log line (debug for OK, info otherwise); every edge calls this.
+  static func record(
+    metrics: GatewayMetrics, logger: Logger, method: String, tenant: String, id: String, code: String,
+    start: ContinuousClock.Instant
+  ) {
+    let elapsed = ContinuousClock.now - start
+    metrics.recordCall(method: method, code: code, tenant: tenant, duration: elapsed)
+    let ms = Double(elapsed.components.seconds) * 1e3 + Double(elapsed.components.attoseconds) / 1e15
+    logger.log(
+      level: code == "OK" ? .debug : .info, "call",
+      metadata: [
+        "request_id": "\(id)", "method": "\(method)", "tenant": "\(tenant)", "code": "\(code)",
+        "duration_ms": "\(String(format: "%.3f", ms))",
+      ])
   }
 
   static func code(of error: any Error) -> String {

@@ -85,8 +85,11 @@ public struct ServiceConfiguration: Sendable {
   /// bytes, descriptors, connections) and its control socket's timeouts.
   public var localQuotas: LocalLaneQuotas = .defaults
 
+  /// Which implementation serves the API on `host:port` (docs/EDGE.md).
+  public var edge: Edge = .swift
+
   /// Also serve the API on gRPC's C core, on this port of `host` (0 picks
-  /// one; nil: off). Unary job calls and health Check so far (issue 18).
+  /// one; nil: off), beside a grpc-swift main port (issue 18).
   public var coreEdgePort: Int? = nil
 
   /// Where Prometheus scrapes `/metrics` (plain HTTP); nil port turns it off.
@@ -151,4 +154,12 @@ public struct ServiceConfiguration: Sendable {
   /// transport accepts up to 4× the payload limit and the service itself answers
   /// RESOURCE_EXHAUSTED with a precise message. Beyond that the stream is reset.
   var transportMaxRequestBytes: Int { maxRequestBytes.multipliedReportingOverflow(by: 4).partialValue + 64 * 1024 }
+}
+
+/// The gRPC implementation at the network edge (issue 18: both until the C core takes over).
+public enum Edge: String, Sendable, CaseIterable {
+  /// grpc-swift-2 on swift-nio's HTTP/2.
+  case swift
+  /// gRPC's own C core (libgrpc), through CAccelGRPC and AccelCoreEdge.
+  case core
 }

@@ -20,16 +20,23 @@ extension AcceleratorService {
   func submit(request: StreamingServerRequest<Accelgate_V1_SubmitRequest>, context: ServerContext) async throws
     -> StreamingServerResponse<Accelgate_V1_SubmitResponse>
   {
-    let tenant = TenantHeader.tenant(of: request.metadata)
-    let deadline = CallDeadline(metadata: request.metadata)
+    let (tenant, deadline) = (TenantHeader.tenant(of: request.metadata), CallDeadline(metadata: request.metadata))
     return StreamingServerResponse { writer in
+      try await submit(StreamIO(request.messages, writer), tenant: tenant, deadline: deadline)
+      return [:]
+    }
+  }
+
+  /// One Submit stream, whichever edge carries it.
+  func submit(
+    _ io: StreamIO<Accelgate_V1_SubmitRequest, Accelgate_V1_SubmitResponse>, tenant: String, deadline: CallDeadline
+  ) async throws {
       let (results, sink) = AsyncStream<Accelgate_V1_SubmitResponse>.makeStream()
       let work = Task {
         try await withThrowingTaskGroup(of: Void.self) { group in
           group.addTask {
             defer { sink.finish() }
             try await withThrowingTaskGroup(of: Void.self) { jobs in
-              var messages = request.messages.makeAsyncIterator()
               var outstanding = 0
               while true {
                 if outstanding >= Self.maxOutstandingPerStream {
@@ -38,14 +45,14 @@ extension AcceleratorService {
                 }
                 await dispatcher.waitForRoom(tenant: tenant)
                 try Task.checkCancellation()
-                guard let item = try await messages.next() else { break }
+                guard let item = try await io.next() else { break }
                 outstanding += 1
                 jobs.addTask { sink.yield(await runItem(item, tenant: tenant, deadline: deadline)) }
               }
               try await jobs.waitForAll()
             }
           }
-          for await r in results { try await writer.write(r) }
+          for await r in results { try await io.write(r) }
           try await group.waitForAll()
         }
       }
@@ -65,8 +72,6 @@ extension AcceleratorService {
       // Read to the end, but the deadline passed meanwhile: jobs it cut short
       // were not all answered, so the call did not complete.
       if deadline.hasPassed || Task.isCancelled { throw Self.streamEnded(deadline) }
-      return [:]
-    }
   }
 
   /// Runs one stream item. Admission rejections wait for room and retry, because

@@ -24,6 +24,7 @@ struct accel_grpc_server {
     grpc_server *server;
     grpc_completion_queue *cq;
     void *methods[ACCEL_GRPC_MAX_METHODS];
+    int streaming[ACCEL_GRPC_MAX_METHODS];
     int method_count;
     accel_grpc_tag shutdown_tag;
 };
@@ -41,10 +42,12 @@ struct accel_grpc_call {
     grpc_slice request_bytes;
     int request_read;
     int cancelled;
-    accel_grpc_tag new_tag, closed_tag, sent_tag;
+    accel_grpc_tag new_tag, closed_tag, sent_tag, received_tag, wrote_tag;
     /* Kept until the call is freed: what the response batch points at. */
     grpc_metadata initial[ACCEL_GRPC_MAX_SENT_MD];
     size_t initial_count;
+    int initial_sent;
+    grpc_byte_buffer *written; /* the last streamed message, freed at the next write */
     grpc_metadata trailers[ACCEL_GRPC_MAX_SENT_MD];
     size_t trailer_count;
     grpc_byte_buffer *response;
@@ -88,11 +91,13 @@ accel_grpc_server *accel_grpc_server_create(const accel_grpc_server_options *o) 
     return s;
 }
 
-int accel_grpc_server_add_method(accel_grpc_server *s, const char *path) {
+int accel_grpc_server_add_method(accel_grpc_server *s, const char *path, int streaming) {
     if (s->method_count >= ACCEL_GRPC_MAX_METHODS) return -1;
-    void *m = grpc_server_register_method(s->server, path, NULL, GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
+    void *m = grpc_server_register_method(s->server, path, NULL,
+                                          streaming ? GRPC_SRM_PAYLOAD_NONE : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
     if (m == NULL) return -1;
     s->methods[s->method_count] = m;
+    s->streaming[s->method_count] = streaming != 0;
     return s->method_count++;
 }
 
@@ -144,12 +149,15 @@ accel_grpc_call *accel_grpc_call_request(accel_grpc_server *s, int method, void 
     c->new_tag = (accel_grpc_tag){c, ACCEL_GRPC_EVENT_NEW_CALL};
     c->closed_tag = (accel_grpc_tag){c, ACCEL_GRPC_EVENT_CLOSED};
     c->sent_tag = (accel_grpc_tag){c, ACCEL_GRPC_EVENT_SENT};
+    c->received_tag = (accel_grpc_tag){c, ACCEL_GRPC_EVENT_RECEIVED};
+    c->wrote_tag = (accel_grpc_tag){c, ACCEL_GRPC_EVENT_WROTE};
     grpc_metadata_array_init(&c->request_metadata);
     grpc_call_details_init(&c->details);
     grpc_call_error e;
     if (method >= 0) {
         e = grpc_server_request_registered_call(s->server, s->methods[method], &c->call, &c->deadline,
-                                                &c->request_metadata, &c->request, s->cq, s->cq, &c->new_tag);
+                                                &c->request_metadata, s->streaming[method] ? NULL : &c->request,
+                                                s->cq, s->cq, &c->new_tag);
     } else {
         e = grpc_server_request_call(s->server, &c->call, &c->details, &c->request_metadata, s->cq, s->cq,
                                      &c->new_tag);
@@ -169,14 +177,22 @@ void accel_grpc_server_shutdown(accel_grpc_server *s) {
 
 void accel_grpc_server_cancel_all(accel_grpc_server *s) { grpc_server_cancel_all_calls(s->server); }
 
-void accel_grpc_server_destroy(accel_grpc_server *s) {
+void accel_grpc_server_close(accel_grpc_server *s) {
     grpc_server_destroy(s->server);
     grpc_completion_queue_shutdown(s->cq);
-    while (grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type != GRPC_QUEUE_SHUTDOWN) {
-    }
+}
+
+void accel_grpc_server_free(accel_grpc_server *s) {
     grpc_completion_queue_destroy(s->cq);
     free(s);
     grpc_shutdown();
+}
+
+void accel_grpc_server_destroy(accel_grpc_server *s) {
+    accel_grpc_server_close(s);
+    while (grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type != GRPC_QUEUE_SHUTDOWN) {
+    }
+    accel_grpc_server_free(s);
 }
 
 void *accel_grpc_call_user(const accel_grpc_call *c) { return c->user; }
@@ -195,6 +211,26 @@ int accel_grpc_call_begin(accel_grpc_call *c) {
     return (int)e;
 }
 
+/* Frees the current message and what was read of it. */
+static void drop_message(accel_grpc_call *c) {
+    if (c->request_read) grpc_slice_unref(c->request_bytes);
+    if (c->request != NULL) grpc_byte_buffer_destroy(c->request);
+    c->request_read = 0;
+    c->request = NULL;
+}
+
+int accel_grpc_call_receive(accel_grpc_call *c) {
+    drop_message(c);
+    atomic_fetch_add(&c->holds, 1);
+    grpc_op op;
+    memset(&op, 0, sizeof(op));
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &c->request;
+    grpc_call_error e = grpc_call_start_batch(c->call, &op, 1, &c->received_tag, NULL);
+    if (e != GRPC_CALL_OK) atomic_fetch_sub(&c->holds, 1);
+    return (int)e;
+}
+
 const uint8_t *accel_grpc_call_payload(accel_grpc_call *c, size_t *length) {
     *length = 0;
     if (c->request == NULL) return NULL;
@@ -208,6 +244,8 @@ const uint8_t *accel_grpc_call_payload(accel_grpc_call *c, size_t *length) {
     *length = GRPC_SLICE_LENGTH(c->request_bytes);
     return GRPC_SLICE_START_PTR(c->request_bytes);
 }
+
+int accel_grpc_call_has_message(const accel_grpc_call *c) { return c->request != NULL; }
 
 const char *accel_grpc_call_metadata(const accel_grpc_call *c, const char *key, size_t *length) {
     for (size_t i = 0; i < c->request_metadata.count; i++) {
@@ -247,31 +285,59 @@ static size_t fill_metadata(grpc_metadata *out, const accel_grpc_kv *kv, size_t 
     return n;
 }
 
+/* The message made of `parts`: in place with their release, or copied. */
+static grpc_byte_buffer *make_message(const accel_grpc_part *parts, size_t part_count) {
+    grpc_slice slices[8];
+    size_t count = part_count < 8 ? part_count : 8;
+    for (size_t i = 0; i < count; i++) {
+        slices[i] = parts[i].release != NULL
+                        ? grpc_slice_new_with_user_data((void *)parts[i].bytes, parts[i].length, parts[i].release,
+                                                        parts[i].context)
+                        : grpc_slice_from_copied_buffer((const char *)parts[i].bytes, parts[i].length);
+    }
+    /* Parts past the eighth are not sent (the edge sends at most three): give them back. */
+    for (size_t i = count; i < part_count; i++)
+        if (parts[i].release != NULL) parts[i].release(parts[i].context);
+    grpc_byte_buffer *message = grpc_raw_byte_buffer_create(slices, count);
+    for (size_t i = 0; i < count; i++) grpc_slice_unref(slices[i]);
+    return message;
+}
+
+/* Adds SEND_INITIAL_METADATA to `ops` unless it went out already. */
+static size_t add_initial(accel_grpc_call *c, grpc_op *ops, const accel_grpc_kv *initial, size_t initial_count) {
+    if (c->initial_sent) return 0;
+    c->initial_sent = 1;
+    c->initial_count = fill_metadata(c->initial, initial, initial_count);
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[0].data.send_initial_metadata.count = c->initial_count;
+    ops[0].data.send_initial_metadata.metadata = c->initial;
+    return 1;
+}
+
+int accel_grpc_call_write(accel_grpc_call *c, const accel_grpc_kv *initial, size_t initial_count,
+                          const accel_grpc_part *parts, size_t part_count) {
+    grpc_op ops[2];
+    memset(ops, 0, sizeof(ops));
+    size_t n = add_initial(c, ops, initial, initial_count);
+    if (c->written != NULL) grpc_byte_buffer_destroy(c->written);
+    c->written = make_message(parts, part_count);
+    ops[n].op = GRPC_OP_SEND_MESSAGE;
+    ops[n].data.send_message.send_message = c->written;
+    n++;
+    atomic_fetch_add(&c->holds, 1);
+    grpc_call_error e = grpc_call_start_batch(c->call, ops, n, &c->wrote_tag, NULL);
+    if (e != GRPC_CALL_OK) atomic_fetch_sub(&c->holds, 1);
+    return (int)e;
+}
+
 int accel_grpc_call_respond(accel_grpc_call *c, const accel_grpc_kv *initial, size_t initial_count, int message,
                             const accel_grpc_part *parts, size_t part_count, int status, const char *status_message,
                             const accel_grpc_kv *trailers, size_t trailer_count) {
     grpc_op ops[3];
     memset(ops, 0, sizeof(ops));
-    size_t n = 0;
-    c->initial_count = fill_metadata(c->initial, initial, initial_count);
-    ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
-    ops[n].data.send_initial_metadata.count = c->initial_count;
-    ops[n].data.send_initial_metadata.metadata = c->initial;
-    n++;
+    size_t n = add_initial(c, ops, initial, initial_count);
     if (message) {
-        grpc_slice slices[8];
-        size_t count = part_count < 8 ? part_count : 8;
-        for (size_t i = 0; i < count; i++) {
-            slices[i] = parts[i].release != NULL
-                            ? grpc_slice_new_with_user_data((void *)parts[i].bytes, parts[i].length, parts[i].release,
-                                                            parts[i].context)
-                            : grpc_slice_from_copied_buffer((const char *)parts[i].bytes, parts[i].length);
-        }
-        /* Parts past the eighth are not sent (the edge sends at most three): give them back. */
-        for (size_t i = count; i < part_count; i++)
-            if (parts[i].release != NULL) parts[i].release(parts[i].context);
-        c->response = grpc_raw_byte_buffer_create(slices, count);
-        for (size_t i = 0; i < count; i++) grpc_slice_unref(slices[i]);
+        c->response = make_message(parts, part_count);
         ops[n].op = GRPC_OP_SEND_MESSAGE;
         ops[n].data.send_message.send_message = c->response;
         n++;
@@ -295,9 +361,9 @@ void accel_grpc_call_cancel(accel_grpc_call *c) {
 void accel_grpc_call_release(accel_grpc_call *c) {
     if (atomic_fetch_sub(&c->holds, 1) != 1) return;
     if (c->call != NULL) grpc_call_unref(c->call);
-    if (c->request_read) grpc_slice_unref(c->request_bytes);
-    if (c->request != NULL) grpc_byte_buffer_destroy(c->request);
+    drop_message(c);
     if (c->response != NULL) grpc_byte_buffer_destroy(c->response);
+    if (c->written != NULL) grpc_byte_buffer_destroy(c->written);
     for (size_t i = 0; i < c->initial_count; i++) {
         grpc_slice_unref(c->initial[i].key);
         grpc_slice_unref(c->initial[i].value);

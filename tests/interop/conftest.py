@@ -33,6 +33,7 @@ LOG_DIR = os.path.join(BUILD_DIR, "logs")
 sys.path.insert(0, HERE)
 import gen_stubs  # noqa: E402
 
+EDGE = os.environ.get("ACCELGATE_EDGE", "")
 STARTUP_TIMEOUT_S = 60.0
 SHUTDOWN_TIMEOUT_S = 20.0
 LISTEN_RE = re.compile(rb"accelgate listening on 127\.0\.0\.1:(\d+)")
@@ -108,7 +109,9 @@ class ServerProcess:
         if not os.access(binary, os.X_OK):
             pytest.fail(f"server binary {binary!r} is missing or not executable (set ACCELGATE_BIN)", pytrace=False)
         metrics = [] if "--metrics-port" in self.flags else ["--metrics-port", "0"]
-        argv = [binary, "serve", "--host", "127.0.0.1", "--port", "0", *metrics, *self.flags]
+        # ACCELGATE_EDGE=core runs the whole suite against the C-core edge (issue 18).
+        edge = [] if "--edge" in self.flags or not EDGE else ["--edge", EDGE]
+        argv = [binary, "serve", "--host", "127.0.0.1", "--port", "0", *metrics, *edge, *self.flags]
         self._log = open(self.log_path, "wb", buffering=0)
         self._log.write(("$ " + " ".join(argv) + "\n").encode())
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -137,7 +137,7 @@ def test_unknown_methods_are_unimplemented_at_once(edge):
     ch = grpc.insecure_channel(f"127.0.0.1:{edge.core_port}")
     try:
         for path, words in [("/no.Such/Method", "unknown method /no.Such/Method"),
-                            ("/accelgate.v1.Accelerator/CompressStream", "not served on the C-core edge yet")]:
+                            ("/accelgate.v1.Accelerator/NoSuchMethod", "unknown method /accelgate.v1.Accelerator/NoSuchMethod")]:
             start = time.monotonic()
             with pytest.raises(grpc.RpcError) as e:
                 ch.unary_unary(path)(b"", timeout=10, metadata=MD)

@@ -41,13 +41,17 @@ typedef enum {
     ACCEL_GRPC_EVENT_CLOSED = 2,   /* the call ended on the wire; see accel_grpc_call_was_cancelled */
     ACCEL_GRPC_EVENT_SENT = 3,     /* the response batch finished */
     ACCEL_GRPC_EVENT_SHUTDOWN = 4, /* grpc_server_shutdown_and_notify completed */
+    ACCEL_GRPC_EVENT_RECEIVED = 5, /* a stream's receive finished: accel_grpc_call_payload has the message, or NULL at its end */
+    ACCEL_GRPC_EVENT_WROTE = 6,    /* a stream's write finished (ok == 0: the call has ended) */
 } accel_grpc_event_kind;
 
 /** Initialises the C core (once per process, balanced by the destroy). */
 accel_grpc_server *accel_grpc_server_create(const accel_grpc_server_options *options);
-/** Registers a method path ("/pkg.Service/Method") with its payload read with the call.
- *  Before start only. Returns the method's index (>= 0), or -1. */
-int accel_grpc_server_add_method(accel_grpc_server *server, const char *path);
+/** Registers a method path ("/pkg.Service/Method"). A unary method's request
+ *  is read with the call; a streaming method's (`streaming` non-zero) messages
+ *  are read one by one with accel_grpc_call_receive. Before start only.
+ *  Returns the method's index (>= 0), or -1. */
+int accel_grpc_server_add_method(accel_grpc_server *server, const char *path, int streaming);
 /** Listens on "host:port" or "unix:/path", without TLS; returns the bound port (0 for Unix sockets), or -1. */
 int accel_grpc_server_add_insecure_port(accel_grpc_server *server, const char *address);
 /** Listens with TLS: PEM key and certificate chain; with client_ca_pem, clients must present a certificate it signed. */
@@ -68,7 +72,12 @@ accel_grpc_call *accel_grpc_call_request(accel_grpc_server *server, int method, 
 void accel_grpc_server_shutdown(accel_grpc_server *server);
 /** Ends every call still open with CANCELLED. */
 void accel_grpc_server_cancel_all(accel_grpc_server *server);
-/** Shuts the completion queue down, drains it and frees everything (after SHUTDOWN). */
+/** Destroys the server and shuts its completion queue down (after SHUTDOWN):
+ *  every accel_grpc_server_next then drains the queue and returns 0. */
+void accel_grpc_server_close(accel_grpc_server *server);
+/** Frees the queue and the server once no thread is in accel_grpc_server_next. */
+void accel_grpc_server_free(accel_grpc_server *server);
+/** Close, drain and free, for a server whose queue no thread polls (never started). */
 void accel_grpc_server_destroy(accel_grpc_server *server);
 
 void *accel_grpc_call_user(const accel_grpc_call *call);
@@ -76,10 +85,15 @@ void accel_grpc_call_set_user(accel_grpc_call *call, void *user);
 int accel_grpc_call_method(const accel_grpc_call *call);
 /** Starts watching for the call's end (a CLOSED event). Once per call, after NEW_CALL. */
 int accel_grpc_call_begin(accel_grpc_call *call);
-/** The request message as one contiguous buffer (valid until the call is
+/** Starts reading the next message of a streaming call; a RECEIVED event
+ *  follows. One receive at a time. Returns 0, or the grpc_call_error. */
+int accel_grpc_call_receive(accel_grpc_call *call);
+/** The current message as one contiguous buffer (valid until the call is
  *  freed; copied only if the core holds it in several slices); NULL when the
  *  call carried no message. */
 const uint8_t *accel_grpc_call_payload(accel_grpc_call *call, size_t *length);
+/** Whether the call holds a message (after RECEIVED: 0 at the end of the client's stream). */
+int accel_grpc_call_has_message(const accel_grpc_call *call);
 /** The first value of request metadata `key` (lower case), or NULL. */
 const char *accel_grpc_call_metadata(const accel_grpc_call *call, const char *key, size_t *length);
 /** The method path of an unregistered call. */
@@ -105,7 +119,12 @@ typedef struct {
     void *context;
 } accel_grpc_part;
 
-/** Sends the whole answer in one batch: initial metadata (`initial`), the
+/** Writes one message of a streaming response (with initial metadata
+ *  `initial` before the first); a WROTE event follows. One write at a time.
+ *  Returns 0, or the grpc_call_error. */
+int accel_grpc_call_write(accel_grpc_call *call, const accel_grpc_kv *initial, size_t initial_count,
+                          const accel_grpc_part *parts, size_t part_count);
+/** Sends the whole answer in one batch: initial metadata (`initial`, unless a write sent it), the
  *  message made of `parts` when `message` is non-zero, and the status with
  *  `trailers`. A SENT event follows. Returns 0, or the grpc_call_error. */
 int accel_grpc_call_respond(accel_grpc_call *call, const accel_grpc_kv *initial, size_t initial_count, int message,
@@ -113,8 +132,9 @@ int accel_grpc_call_respond(accel_grpc_call *call, const accel_grpc_kv *initial,
                             const accel_grpc_kv *trailers, size_t trailer_count);
 /** Ends the call with CANCELLED at once (a client's cancellation seen elsewhere). */
 void accel_grpc_call_cancel(accel_grpc_call *call);
-/** Drops one of the call's two holds (one for CLOSED, one for SENT, or for
- *  NEW_CALL with ok == 0); the call is freed with the last. */
+/** Drops one of the call's holds: one for CLOSED, one for SENT (or for
+ *  NEW_CALL with ok == 0), and one for each RECEIVED and WROTE. The call is
+ *  freed with the last. */
 void accel_grpc_call_release(accel_grpc_call *call);
 
 #ifdef __cplusplus
