@@ -229,7 +229,7 @@ let package = Package(
     .testTarget(
       name: "AccelServiceTests",
       dependencies: [
-        "AccelService", "AccelProto", "AccelMessages", "AccelRequests", "AccelDevice", "AccelScheduler", "AccelDispatcher", "AccelDriver", "AccelABI",
+        "AccelService", "AccelProto", "AccelMessages", "AccelRequests", "AccelDevice", "AccelScheduler", "AccelDispatcher", "AccelDriver", "AccelABI", "AccelCoreEdge",
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),

@@ -16,7 +16,8 @@ debs=(libisal-dev libdeflate-dev zlib1g-dev libzstd-dev liblz4-dev libssl-dev pr
 if [ "$mode" = "test" ] || [ "$mode" = "bench" ]; then
   debs+=(prometheus libprotobuf-c-dev protobuf-c-compiler)
 fi
-if [ "$mode" = "bench" ]; then debs+=(strace); fi
+# make bench also builds the inline libgrpc++ peer (Benchmarks/peer).
+if [ "$mode" = "bench" ]; then debs+=(strace libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev); fi
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -172,6 +172,13 @@ package final class PooledOutput: Sendable {
     return try body(queue.output(lease, count: count))
   }
 
+  /// The output in place, for a sender that holds the bytes past this call
+  /// (the C core sends them without a copy): valid until `release()`, which
+  /// that sender must call once it is done with them. Empty once released.
+  package var bytesUntilRelease: UnsafeRawBufferPointer {
+    isReleased ? UnsafeRawBufferPointer(start: nil, count: 0) : queue.output(lease, count: count)
+  }
+
   /// Frees the lease (slot and buffers; zeroed first for sensitive jobs). Idempotent.
   package func release() {
     guard !released.exchange(true, ordering: .acquiringAndReleasing) else { return }

@@ -233,7 +233,7 @@ public final class AccelGateServer: Sendable {
     }
     let edge = CoreEdgeService(
       service: service, directory: directory, health: health, reflection: try ReflectionService(), metrics: metrics,
-      logger: logger)
+      logger: logger, pins: ReplyPins(limit: Int(configuration.device.dataPoolBytes / 4)))
     do {
       return try CoreServer(configuration: core, methods: edge.methods, unregistered: { edge.unregistered($0) })
     } catch {

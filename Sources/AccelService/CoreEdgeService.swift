@@ -1,5 +1,7 @@
 internal import AccelCoreEdge
 internal import AccelDispatcher
+internal import AccelDriver
+internal import CAccelCrypto
 internal import AccelMessages
 internal import AccelProto
 internal import AccelScheduler
@@ -28,6 +30,8 @@ struct CoreEdgeService: Sendable {
   let reflection: ReflectionService
   let metrics: GatewayMetrics
   let logger: Logger
+  /// Pool bytes each tenant's replies hold while the core sends them in place.
+  let pins: ReplyPins
 
   static let accelerator = "/accelgate.v1.Accelerator/"
 
@@ -40,39 +44,46 @@ struct CoreEdgeService: Sendable {
       .init("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", .streaming) { self.reflect($0) },
       .init(Self.accelerator + "DescribeDevice") { self.describeDevice($0) },
       .init(Self.accelerator + "Compress") { call in
-        self.unary(call, "Compress", Accelgate_V1_CompressRequest.self) { r, t in
+        self.unary(call, "Compress", lane: laneField(NetworkLaneService.compressData)) {
+          (r: Accelgate_V1_CompressRequest, t, lane) in
           try refuseSpans(r.hasInputRegion, r.hasOutputRegion, tenant: t, operation: "compress")
-          let plan = try service.translator.compress(r, tenant: t)
-          return (plan, plan.compressResponse, .raw)
+          let plan = try service.translator.compress(r, tenant: t, lane: lane)
+          return UnaryPlan(plan: plan, key: .raw) { res in (LaneResponse(message: plan.compressResponse(res), pooled: res.pooledOutput), 0) }
         }
       },
       .init(Self.accelerator + "Decompress") { call in
-        self.unary(call, "Decompress", Accelgate_V1_DecompressRequest.self) { r, t in
-          let plan = try service.translator.decompress(r, tenant: t)
+        self.unary(call, "Decompress", lane: laneField(NetworkLaneService.decompressData)) {
+          (r: Accelgate_V1_DecompressRequest, t, lane) in
+          let plan = try service.translator.decompress(r, tenant: t, lane: lane)
           try refuseSpans(r.hasInputRegion, r.hasOutputRegion, tenant: t, operation: "decompress")
-          return (plan, plan.decompressResponse, .raw)
+          return UnaryPlan(plan: plan, key: .raw) { res in (LaneResponse(message: plan.decompressResponse(res), pooled: res.pooledOutput), 0) }
         }
       },
       .init(Self.accelerator + "Encrypt") { call in
-        self.unary(call, "Encrypt", Accelgate_V1_EncryptRequest.self) { r, t in
+        self.unary(call, "Encrypt", lane: laneField(NetworkLaneService.encryptPlaintext, sensitive: true, carriesKey: true)) {
+          (r: Accelgate_V1_EncryptRequest, t, lane) in
           try refuseSpans(r.hasInputRegion, r.hasOutputRegion, tenant: t, operation: "encrypt")
-          let plan = try service.translator.encrypt(r, tenant: t)
-          return (plan.plan, { res in plan.response(res).message }, plan.key)
+          let plan = try service.translator.encrypt(r, tenant: t, lane: lane)
+          return UnaryPlan(plan: plan.plan, key: plan.key) { res in
+            let (message, prefix, extra) = plan.response(res)
+            return (LaneResponse(message: message, pooled: res.pooledOutput, prefix: prefix), extra)
+          }
         }
       },
       .init(Self.accelerator + "Decrypt") { call in
-        self.unary(call, "Decrypt", Accelgate_V1_DecryptRequest.self) { r, t in
+        self.unary(call, "Decrypt", lane: laneField(NetworkLaneService.decryptCiphertext, sealed: true, carriesKey: true)) {
+          (r: Accelgate_V1_DecryptRequest, t, lane) in
           try refuseSpans(r.hasInputRegion, r.hasOutputRegion, tenant: t, operation: "decrypt")
-          let plan = try service.translator.decrypt(r, tenant: t)
-          return (plan.plan, { res in plan.response(res) }, plan.key)
+          let plan = try service.translator.decrypt(r, tenant: t, lane: lane)
+          return UnaryPlan(plan: plan.plan, key: plan.key) { res in (LaneResponse(message: plan.response(res), pooled: res.pooledOutput), 0) }
         }
       },
       .init(Self.accelerator + "Digest") { call in
-        self.unary(call, "Digest", Accelgate_V1_DigestRequest.self) { r, t in
+        self.unary(call, "Digest", lane: nil) { (r: Accelgate_V1_DigestRequest, t, _) in
           _ = try JobTranslator.digestAlgorithm(r.algorithm)  // refused as such before spans are looked at
           try refuseSpans(r.hasInputRegion, false, tenant: t, operation: "digest")
           let plan = try service.translator.digest(r, tenant: t)
-          return (plan.plan, { res in plan.response(res) }, plan.key)
+          return UnaryPlan(plan: plan.plan, key: plan.key) { res in (LaneResponse(message: plan.response(res)), 0) }
         }
       },
       .init(Self.accelerator + "CompressStream", .streaming) { call in
@@ -143,27 +154,56 @@ struct CoreEdgeService: Sendable {
 
   // MARK: unary jobs
 
-  /// A job call: authenticate, decode, translate, submit; answer from the job's completion.
-  private func unary<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message>(
-    _ call: CoreCall, _ method: String, _ type: Request.Type,
-    _ translate: @escaping (Request, String) throws -> (JobPlan, @Sendable (JobResult) -> Response, KeyIdentity)
+  /// What translating a unary job call gives the edge.
+  struct UnaryPlan<Response: SwiftProtobuf.Message & Sendable>: Sendable {
+    let plan: JobPlan
+    let key: KeyIdentity
+    /// The response, with the result still in the pool when the lane left it there, and copies made on the way.
+    let respond: @Sendable (JobResult) -> (LaneResponse<Response>, extraCopies: UInt32)
+  }
+
+  /// Where a method's payload field is, for staging it in the device pool (the network lane).
+  struct LaneField: Sendable {
+    let field: UInt32
+    let maxPayload: Int
+    /// Plaintext: the staged buffer and the copy of the other fields are zeroed when freed.
+    let sensitive: Bool
+    /// The other fields may hold a raw key: their copy is zeroed after decoding.
+    let carriesKey: Bool
+  }
+
+  private func laneField(_ field: UInt32, sensitive: Bool = false, sealed: Bool = false, carriesKey: Bool = false) -> LaneField? {
+    let c = service.configuration
+    guard c.pooledPayloads else { return nil }
+    return LaneField(
+      field: field, maxPayload: sealed ? c.requestLimits.sealedLimit : c.maxRequestBytes, sensitive: sensitive,
+      carriesKey: carriesKey)
+  }
+
+  /// A job call: authenticate, decode (staging the payload in the pool), translate, submit; answer from the job's completion.
+  private func unary<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message & Sendable>(
+    _ call: CoreCall, _ method: String, lane field: LaneField?,
+    _ translate: (Request, String, PayloadLane) throws -> UnaryPlan<Response>
   ) {
     var arrival = Arrival(call, method: method)
     guard authenticate(&arrival) else { return }
     let (tenant, arrived) = (arrival.tenant, arrival)
     let request: Request
-    do { request = try Self.decode(call.payload) } catch { return finish(arrival, Self.unparsable(Request.self)) }
-    let plan: JobPlan
-    let respond: @Sendable (JobResult) -> Response
-    let key: KeyIdentity
-    do { (plan, respond, key) = try translate(request, tenant) } catch {
+    let staged: StagedInput?
+    do { (request, staged) = try decode(call.payload, tenant: tenant, lane: field) } catch {
+      return finish(arrival, Self.unparsable(Request.self))
+    }
+    let lane: PayloadLane = field == nil ? .copied : .pooled(staged)
+    let unary: UnaryPlan<Response>
+    do { unary = try translate(request, tenant, lane) } catch {
       return finish(arrival, StatusMapping.rpcError(any: error))
     }
+    let plan = unary.plan
     var job = plan.job
     let deadline = call.timeRemaining.map { ContinuousClock.now + $0 }
     job.deadline = deadline
     let id = service.dispatcher.makeJobID()
-    let (dispatcher, translator, operation) = (service.dispatcher, service.translator, plan.operation)
+    let (dispatcher, translator, operation, key) = (service.dispatcher, service.translator, plan.operation, unary.key)
     call.onCancel {
       let passed = deadline.map { ContinuousClock.now >= $0 - CallDeadline.tolerance } ?? false
       dispatcher.cancel(id: id, reason: passed ? .deadlineExceeded : .cancelled)
@@ -172,10 +212,45 @@ struct CoreEdgeService: Sendable {
       translator.recordOutcome(key, tenant: tenant, operation: operation.auditName, ok: (try? outcome.get()) != nil)
       switch outcome {
       case .success(let result):
-        answer(arrived, respond(result))
+        completed(result, unary, arrived, lane: lane)
       case .failure(let error):
         finish(arrived, StatusMapping.rpcError(error, operation: operation.rawValue, outputLimit: plan.outputLimit))
       }
+    }
+  }
+
+  /// A job's result: its copies counted, and its response sent (from the pool in place, when it fits the tenant's pins).
+  private func completed<Response: SwiftProtobuf.Message & Sendable>(
+    _ result: JobResult, _ unary: UnaryPlan<Response>, _ arrival: Arrival, lane: PayloadLane
+  ) {
+    let (response, extra) = unary.respond(result)
+    let held = response.pooled?.count ?? 0
+    let (pins, tenant) = (self.pins, arrival.tenant)
+    // In place unless the tenant's unsent replies hold too much of the pool already.
+    let inPlace = held > 0 && pins.take(held, tenant: tenant)
+    service.recordCopies(
+      tenant: tenant, operation: unary.plan.operation.rawValue, lane: lane, spans: LocalSpans(inputLength: 0),
+      result: result, extraOut: extra, sentInPlace: inPlace)
+    let give: @Sendable () -> Void = { pins.give(held, tenant: tenant) }
+    answer(arrival, response, sent: inPlace ? give : nil)
+  }
+
+  /// Decodes a request straight from the core's bytes; with a lane field, its
+  /// payload is staged in a device pool first (the one copy in) and the rest
+  /// decoded. Staging that is refused (pool full, tenant share) decodes the
+  /// whole message instead.
+  private func decode<Request: SwiftProtobuf.Message>(
+    _ payload: UnsafeRawBufferPointer, tenant: String, lane field: LaneField?
+  ) throws -> (Request, StagedInput?) {
+    guard let field,
+      let (staged, rest) = NetworkLane(dispatcher: service.dispatcher, metrics: metrics).stage(
+        payload, field: field.field, maxPayload: field.maxPayload, sensitive: field.sensitive, tenant: tenant)
+    else { return (try Self.decode(payload), nil) }
+    var others = rest
+    defer { if field.sensitive || field.carriesKey { others.withUnsafeMutableBytes { accel_secure_zero($0.baseAddress, $0.count) } } }
+    do { return (try Request(serializedBytes: others), staged) } catch {
+      staged.release()
+      throw error
     }
   }
 
@@ -207,7 +282,7 @@ struct CoreEdgeService: Sendable {
           do { return try Self.decode(bytes) as Request } catch { throw Self.unparsable(Request.self) }
         }
       },
-      write: { message in try await call.write([.copy(try message.serializedBytes())], initial: initial) })
+      write: { message in try await call.write([(try message.serializedBytes() as CoreBuffer).part], initial: initial) })
     let (tenant, arrived) = (arrival.tenant, arrival)
     let task = Task {
       do {
@@ -265,12 +340,58 @@ struct CoreEdgeService: Sendable {
   }
 
   private func answer(_ arrival: Arrival, _ message: some SwiftProtobuf.Message) {
-    let bytes: [UInt8]
-    do { bytes = try message.serializedBytes() } catch {
+    answer(arrival, LaneResponse(message: message), sent: nil)
+  }
+
+  /// Sends a response: encoded straight into a buffer the core sends in
+  /// place, with a result still in the pool sent from there (its lease is
+  /// released when the core is done with the bytes).
+  private func answer<M: SwiftProtobuf.Message>(
+    _ arrival: Arrival, _ response: LaneResponse<M>, sent: (@Sendable () -> Void)?
+  ) {
+    let parts: [CorePart]
+    do { parts = try Self.parts(response, sent: sent) } catch {
+      response.pooled?.release()
+      sent?()
       return finish(arrival, RPCError(code: .internalError, message: "could not encode the response"))
     }
     record(arrival, "OK")
-    arrival.call.respond([.copy(bytes)], initial: [("x-request-id", arrival.id)])
+    arrival.call.respond(parts, initial: [("x-request-id", arrival.id)])
+  }
+
+  /// A response's message as parts: [payload field header and prefix, the
+  /// pool's bytes, the other fields]. With `sent`, the pool's bytes go in
+  /// place and `sent` runs after their lease is released; without it they are
+  /// copied out and the lease is freed now.
+  static func parts<M: SwiftProtobuf.Message>(_ response: LaneResponse<M>, sent: (@Sendable () -> Void)?) throws -> [CorePart] {
+    guard let pooled = response.pooled, pooled.count > 0 else {
+      response.pooled?.release()
+      return [try response.message.serializedBytes() as CoreBuffer].map(\.part)
+    }
+    // The payload field first (field 1: where SwiftProtobuf, writing in field order, would put it).
+    let rest: CoreBuffer = try response.message.serializedBytes()
+    let length = response.prefix.count + pooled.count
+    let tag = UInt64(NetworkLaneService.responsePayload) << 3 | UInt64(ProtoWire.lengthDelimited)
+    var head = CoreBuffer(repeating: 0, count: ProtoWire.varintSize(tag) + ProtoWire.varintSize(UInt64(length)) + response.prefix.count)
+    head.withUnsafeMutableBytes { out in
+      var i = 0
+      ProtoWire.writeVarint(tag, into: out, at: &i)
+      ProtoWire.writeVarint(UInt64(length), into: out, at: &i)
+      response.prefix.withUnsafeBytes { p in
+        if let b = p.baseAddress, p.count > 0 { UnsafeMutableRawBufferPointer(rebasing: out[i...]).copyMemory(from: UnsafeRawBufferPointer(start: b, count: p.count)) }
+      }
+    }
+    guard let sent else {
+      defer { pooled.release() }
+      var copy = CoreBuffer(repeating: 0, count: pooled.count)
+      copy.withUnsafeMutableBytes { out in pooled.withBytes { out.copyMemory(from: $0) } }
+      return [head.part, copy.part, rest.part]
+    }
+    let pool = CorePart.inPlace(pooled.bytesUntilRelease) {
+      pooled.release()
+      sent()
+    }
+    return [head.part, pool, rest.part]
   }
 
   private func finish(_ arrival: Arrival, _ error: RPCError) {
@@ -299,3 +420,5 @@ struct CoreEdgeService: Sendable {
     RPCError(code: .invalidArgument, message: "Can't deserialize to message of type \(M.self).")
   }
 }
+
+extension CoreBuffer: SwiftProtobufContiguousBytes {}

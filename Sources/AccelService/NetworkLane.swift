@@ -118,7 +118,8 @@ struct NetworkLane: Sendable {
   /// type, or a refusal (tenant share, pool full, too large). The caller then
   /// decodes the whole message the ordinary way.
   func stage(
-    _ raw: UnsafeRawBufferPointer, field: UInt32, maxPayload: Int, sensitive: Bool
+    _ raw: UnsafeRawBufferPointer, field: UInt32, maxPayload: Int, sensitive: Bool,
+    tenant: String = CallTenant.current ?? "default"
   ) -> (StagedInput, [UInt8])? {
     guard let fields = ProtoWire.scan(raw) else { return nil }
     var payload: ProtoWire.Field?
@@ -129,7 +130,6 @@ struct NetworkLane: Sendable {
       payloadBytes += f.range.count
     }
     guard let payload, !payload.value.isEmpty else { return nil }
-    let tenant = CallTenant.current ?? "default"
     let refusal: StagingRefusal
     if payload.value.count > maxPayload {
       refusal = .tooLarge
@@ -334,7 +334,8 @@ extension AcceleratorService {
   /// bytes. Local-lane calls (regions) are not counted: their payloads never
   /// cross the network.
   func recordCopies(
-    tenant: String, operation: String, lane: PayloadLane, spans: LocalSpans, result: JobResult, extraOut: UInt32 = 0
+    tenant: String, operation: String, lane: PayloadLane, spans: LocalSpans, result: JobResult, extraOut: UInt32 = 0,
+    sentInPlace: Bool = false
   ) {
     guard let metrics, !spans.isLocal else { return }
     let s = result.stats
@@ -344,6 +345,6 @@ extension AcceleratorService {
       copies: 1 + s.inputCopies, bytes: Int(s.inputBytes))
     metrics.recordPayloadCopies(
       tenant: tenant, operation: operation, direction: "out", path: result.pooledOutput != nil ? "pooled" : "copied",
-      copies: s.outputCopies + extraOut + 1, bytes: Int(s.outputBytes))
+      copies: s.outputCopies + extraOut + (sentInPlace ? 0 : 1), bytes: Int(s.outputBytes))
   }
 }

@@ -651,6 +651,12 @@ def huffman_decode(data):
     return bytes(out)
 
 
+
+def edge_flags():
+    """ACCELGATE_EDGE=core fuzzes the gateway on gRPC's C core (issue 18)."""
+    edge = os.environ.get("ACCELGATE_EDGE", "")
+    return ["--edge", edge] if edge else []
+
 class HPACKDecoder:
     """Just enough HPACK (RFC 7541) to read a server's response headers and trailers."""
 
@@ -2679,7 +2685,7 @@ class Target:
     def serve_argv(self, extra):
         return [self.binary, "serve", "--host", "127.0.0.1", "--port", "0", "--no-metrics", "--tenants", self.tenants,
                 "--keyring", self.keyring, "--default-deadline-ms", str(DEFAULT_DEADLINE_MS), "--drain-grace-ms", "2000",
-                "--queues", "2", *extra]
+                "--queues", "2", *edge_flags(), *extra]
 
     def start_gateway(self, extra):
         g = Proc("gateway", self.serve_argv(extra), os.path.join(self.workdir, f"gateway-{self.starts}.log"),

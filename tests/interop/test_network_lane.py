@@ -29,6 +29,13 @@ LANE = {"off": "--no-pooled-payloads", "on": "--pooled-payloads"}
 COMPRESS = "/accelgate.v1.Accelerator/Compress"
 
 
+
+def pooled_copies(direction):
+    """Copies of a pooled payload per job: one in (transport bytes into the pool), and one
+    out on the grpc-swift edge (pool into the response bytes). The C-core edge sends the
+    result from the pool in place, so none out there (issue 18)."""
+    return 0 if direction == "out" and os.environ.get("ACCELGATE_EDGE") == "core" else 1
+
 def metrics(srv) -> dict:
     """{(name, frozenset(labels)): value} from the server's /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10) as r:
@@ -118,7 +125,8 @@ def test_one_mib_gzip_and_aes_copy_twice_each_way_without_the_lane_and_once_with
     for op in ["compress", "decompress", "encrypt", "decrypt"]:
         for direction in ["in", "out"]:
             per_job = copies_per_job(delta, operation=op, direction=direction, path=path)
-            assert per_job == expected, f"{op} {direction} with the lane {lane}: {per_job} copies per job"
+            want = pooled_copies(direction) if lane == "on" else expected
+            assert per_job == want, f"{op} {direction} with the lane {lane}: {per_job} copies per job"
             other = "copied" if lane == "on" else "pooled"
             assert total(delta, "accelgate_payload_jobs_total", operation=op, direction=direction, path=other) == 0
     moved = total(delta, "accelgate_payload_copied_bytes_total", operation="compress", direction="in")
@@ -151,7 +159,8 @@ def test_named_keys_through_the_lane(start_server, tmp_path):
     m = metrics(srv)
     for op in ["encrypt", "decrypt"]:
         for direction in ["in", "out"]:
-            assert copies_per_job(m, operation=op, direction=direction, path="pooled") == 1, (op, direction)
+            assert copies_per_job(m, operation=op, direction=direction, path="pooled") == pooled_copies(direction), \
+                (op, direction)
     wait_pools_whole(srv)
 
 
