@@ -77,6 +77,8 @@ bench: deps-test
 	$(SWIFT) build -c release --product accelbench
 	$(SWIFT) build -c release --product accelgate
 	$(MAKE) build-accelctl
+	$(MAKE) -C Benchmarks/loadgen
+	$(MAKE) -C Benchmarks/peer
 	scripts/bench.sh
 
 clean:

@@ -66,5 +66,9 @@ python3 scripts/bench_streams.py "$out/streams.json"
 .build/release/accelbench doorbell --seconds "$seconds" --json "$out/doorbell.json"
 python3 scripts/count_syscalls.py .build/release/accelbench "$out/doorbell-syscalls.json" 200000
 
+# 4. The edge (issue 18): AccelGate on gRPC's C core against the inline
+#    libgrpc++ peer, both driven by the C-core load generator, A/B alternating.
+python3 scripts/bench_edge.py "$out/edge.json"
+
 python3 scripts/render_bench.py "$out" docs/BENCHMARKS.md
 echo "wrote docs/BENCHMARKS.md"

@@ -114,8 +114,9 @@ package final class CoreCall: @unchecked Sendable {
   /// Reads a streaming call's next message; `handler` runs once, on a
   /// completion-queue thread. One receive at a time.
   package func receive(_ handler: @escaping @Sendable (Received) -> Void) {
+    // Once answered (or freed) the call takes no more reads: a stream body may still ask after its status went out.
+    guard !answered.load(ordering: .acquiring), retain() else { return handler(.failed) }
     pending.withLock { $0.receive = handler }
-    _ = holds.add(1, ordering: .acquiringAndReleasing)
     if accel_grpc_call_receive(raw) != 0 {
       pending.withLock { $0.receive = nil }
       _ = holds.subtract(1, ordering: .acquiringAndReleasing)
@@ -127,12 +128,11 @@ package final class CoreCall: @unchecked Sendable {
   /// first); `completion` runs once, with false when the call has ended. One
   /// write at a time.
   package func write(_ message: [CorePart], initial: [(String, String)] = [], completion: @escaping @Sendable (Bool) -> Void) {
-    guard !answered.load(ordering: .acquiring) else {
+    guard !answered.load(ordering: .acquiring), retain() else {
       message.forEach { $0.releaseUnsent() }
       return completion(false)
     }
     pending.withLock { $0.write = completion }
-    _ = holds.add(1, ordering: .acquiringAndReleasing)
     let rc = CoreStrings.withKeyValues(initial) { ini in
       message.map(\.cPart).withUnsafeBufferPointer { parts in
         accel_grpc_call_write(raw, ini.baseAddress, ini.count, parts.baseAddress, parts.count)
@@ -143,6 +143,19 @@ package final class CoreCall: @unchecked Sendable {
       _ = holds.subtract(1, ordering: .acquiringAndReleasing)
       completion(false)
     }
+  }
+
+  /// Takes a hold for a batch about to start, unless the last hold has gone
+  /// (the C call is freed then, and must not be touched).
+  private func retain() -> Bool {
+    var current = holds.load(ordering: .acquiring)
+    while current > 0 {
+      let (exchanged, seen) = holds.compareExchange(
+        expected: current, desired: current + 1, ordering: .acquiringAndReleasing)
+      if exchanged { return true }
+      current = seen
+    }
+    return false
   }
 
   /// The RECEIVED event.
