@@ -39,8 +39,9 @@ check-generated:
 generate:
 	scripts/generate-proto.sh
 
-# Lints the Dockerfile, validates the Kubernetes manifests and the compose file.
-check-deploy:
+# Lints the Dockerfile, validates the Kubernetes manifests and the compose file,
+# and checks the runtime image has every shared library the server links (so it builds first).
+check-deploy: build
 	scripts/check-deploy.sh
 
 # Builds the C client library, its example and its tests (clients/c).

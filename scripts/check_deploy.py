@@ -45,7 +45,7 @@ import yaml
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
-STAGES = ("dockerfile", "k8s", "compose", "dashboard", "pins")
+STAGES = ("dockerfile", "k8s", "compose", "dashboard", "pins", "runtime-libs")
 K8S_VERSIONS = ("1.33.0", "1.37.0")
 NAMESPACE = "accelgate"
 
@@ -1003,6 +1003,73 @@ def check_pins(rep, root):
                   f"(an image build would resolve the newest version its dependents allow)")
 
 
+# ----------------------------------------------------------------------------------------
+# Runtime libraries
+
+
+# What the slim Swift base image has already: the C and C++ runtimes.
+BASE_IMAGE_PACKAGES = {"libc6", "libgcc-s1", "libstdc++6"}
+
+
+def _package_of(path):
+    """The Debian package that ships a library file, or None (the Swift toolchain's own)."""
+    for candidate in (os.path.realpath(path), path):
+        p = subprocess.run(["dpkg", "-S", candidate], capture_output=True, text=True)
+        if p.returncode == 0 and p.stdout:
+            return p.stdout.split(":", 1)[0].strip()
+    return None
+
+
+def _depends_closure(packages):
+    """The packages and everything they depend on, as installed here (dpkg's Depends and Pre-Depends)."""
+    seen, todo = set(), list(packages)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        p = subprocess.run(["dpkg-query", "-W", "-f=${Depends}, ${Pre-Depends}", name], capture_output=True, text=True)
+        for alternative in p.stdout.split(","):
+            dep = alternative.split("|")[0].strip().split(" ")[0].split(":")[0]
+            if dep:
+                todo.append(dep)
+    return seen
+
+
+def check_runtime_libs(rep, root):
+    """Every shared library the server links (ldd of .build/release/accelgate, else .build/debug) is in a
+    package the runtime image installs, one those depend on, the base image's C/C++ runtime, or the Swift
+    runtime the swift image ships (issue 18: libgrpc29 came with the C-core edge)."""
+    dockerfile = os.path.join(root, "deploy", "Dockerfile")
+    binary = next((b for b in (os.path.join(root, ".build", "release", "accelgate"),
+                               os.path.join(root, ".build", "debug", "accelgate")) if os.path.exists(b)), None)
+    if binary is None:
+        rep.error(None, "runtime-libs", "no accelgate binary to inspect: build first (make build)")
+        return
+    stages = re.split(r"^FROM\s", open(dockerfile).read(), flags=re.M)
+    runtime = stages[-1]
+    listed = set()
+    for run in re.findall(r"apt-get install([^&;]*)", runtime.replace("\\\n", " ")):
+        listed |= {w for w in run.split() if not w.startswith("-")}
+    allowed = _depends_closure(listed) | BASE_IMAGE_PACKAGES
+    p = subprocess.run(["ldd", binary], capture_output=True, text=True)
+    missing = {}
+    for line in p.stdout.splitlines():
+        m = re.match(r"\s*(\S+) => (/\S+)", line)
+        if not m:
+            continue
+        name, path = m.groups()
+        package = _package_of(path)
+        if package is None:
+            if "/swift/" not in path:
+                rep.error(dockerfile, "runtime-libs", f"{name} ({path}) belongs to no Debian package and is not Swift's")
+        elif package not in allowed:
+            missing.setdefault(package, []).append(name)
+    for package, names in sorted(missing.items()):
+        rep.error(dockerfile, "runtime-libs", f"{rep.rel(binary)} links {', '.join(sorted(names)[:3])}"
+                  f"{' and more' if len(names) > 3 else ''} from {package}, which the runtime stage does not install")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--root", default=REPO, help="the tree to check (default: this repository)")
@@ -1019,7 +1086,7 @@ def main(argv=None) -> int:
         before = len(rep.errors)
         {"dockerfile": lambda: check_dockerfile(rep, root), "k8s": lambda: check_k8s(rep, root),
          "compose": lambda: check_compose(rep, root, args.cache), "dashboard": lambda: check_dashboard(rep, root),
-         "pins": lambda: check_pins(rep, root)}[stage]()
+         "pins": lambda: check_pins(rep, root), "runtime-libs": lambda: check_runtime_libs(rep, root)}[stage]()
         print(f"check-deploy: {stage}: {'ok' if len(rep.errors) == before else f'{len(rep.errors) - before} problem(s)'}")
         for e in rep.errors[before:]:
             print(f"  {e}")

@@ -1,4 +1,4 @@
-package import CAccelGRPC
+internal import CAccelGRPC
 internal import Synchronization
 
 /// One call on the C-core edge, from its arrival to its status.

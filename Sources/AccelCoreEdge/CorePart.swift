@@ -1,4 +1,4 @@
-package import CAccelGRPC
+internal import CAccelGRPC
 
 /// One piece of a response message, sent by the C core in place: it holds the
 /// bytes until it is done with them and then runs `release` (on one of its

@@ -14,6 +14,10 @@ internal import Synchronization
 final class GatewayMetrics: Sendable {
   let registry = PrometheusCollectorRegistry()
   private let mirrors = Mutex<[String: Double]>([:])
+  /// Metrics made so far, by name and labels. The registry validates the name, labels and help
+  /// text on every make: a profile of 4 KiB calls on the C-core edge spent about 5 % of the
+  /// gateway's CPU there, so each series is made once and then found here.
+  private let made = Mutex<[String: any Sendable]>([:])
   /// The local lane's registered regions (nil while the lane is off).
   private let regions = Mutex<RegionRegistry?>(nil)
 
@@ -188,24 +192,45 @@ final class GatewayMetrics: Sendable {
     MetricNameDescriptor(metricName: name, unitName: "", helpText: help)
   }
 
+  /// The series `name` with `labels`, made by `make` the first time it is asked for.
+  private func series<M: Sendable>(_ name: String, _ labels: [(String, String)], _ make: () -> M) -> M {
+    var key = name
+    for (k, v) in labels {
+      key.append("\u{1}")
+      key.append(k)
+      key.append("\u{2}")
+      key.append(v)
+    }
+    return made.withLock { m in
+      if let found = m[key] as? M { return found }
+      let new = make()
+      m[key] = new
+      return new
+    }
+  }
+
   private func gauge(_ name: String, _ labels: [(String, String)], _ help: String) -> Gauge {
-    registry.makeGauge(descriptor: Self.descriptor(name, help), labels: labels)
+    series(name, labels) { registry.makeGauge(descriptor: Self.descriptor(name, help), labels: labels) }
   }
 
   private func counter(_ name: String, _ labels: [(String, String)], _ help: String) -> Counter {
-    registry.makeCounter(descriptor: Self.descriptor(name, help), labels: labels)
+    series(name, labels) { registry.makeCounter(descriptor: Self.descriptor(name, help), labels: labels) }
   }
 
   private func durationHistogram(_ name: String, _ labels: [(String, String)], _ buckets: [Duration], _ help: String)
     -> DurationHistogram
   {
-    registry.makeDurationHistogram(descriptor: Self.descriptor(name, help), labels: labels, buckets: buckets)
+    series(name, labels) {
+      registry.makeDurationHistogram(descriptor: Self.descriptor(name, help), labels: labels, buckets: buckets)
+    }
   }
 
   private func valueHistogram(_ name: String, _ labels: [(String, String)], _ buckets: [Double], _ help: String)
     -> ValueHistogram
   {
-    registry.makeValueHistogram(descriptor: Self.descriptor(name, help), labels: labels, buckets: buckets)
+    series(name, labels) {
+      registry.makeValueHistogram(descriptor: Self.descriptor(name, help), labels: labels, buckets: buckets)
+    }
   }
 
   /// A counter that follows a monotonic count kept elsewhere: increments by what

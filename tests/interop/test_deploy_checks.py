@@ -27,7 +27,7 @@ from agtest import pb
 from conftest import ROOT, server_binary
 
 CHECKER = os.path.join(ROOT, "scripts", "check_deploy.py")
-STAGES = ("dockerfile", "k8s", "compose", "dashboard", "pins")
+STAGES = ("dockerfile", "k8s", "compose", "dashboard", "pins", "runtime-libs")
 
 
 def run_checker(root=ROOT, only=None):
@@ -49,6 +49,9 @@ def tree(tmp_path):
     if not os.path.exists(os.path.join(ROOT, "Package.resolved")):
         subprocess.run(["swift", "package", "resolve"], cwd=ROOT, check=True, capture_output=True, timeout=600)
     shutil.copy(os.path.join(ROOT, "Package.resolved"), dst / "Package.resolved")
+    # The runtime-libs check reads what the built server links.
+    (dst / ".build" / "debug").mkdir(parents=True)
+    os.symlink(server_binary(), dst / ".build" / "debug" / "accelgate")
     return dst
 
 
@@ -72,6 +75,13 @@ def test_the_repository_passes_every_check():
     assert rc == 0, f"make check-deploy fails on the repository:\n{out}"
     for stage in STAGES:
         assert f"check-deploy: {stage}: ok" in out, out
+
+
+def test_a_runtime_image_without_the_c_core_library_fails(tree):
+    """Issue 18: the server links gRPC's C core, so the runtime stage must install libgrpc29
+    (its own dependencies, such as libabsl, come with it)."""
+    edit(tree / "deploy" / "Dockerfile", " libgrpc29", "")
+    expect_failure(tree, "runtime-libs", "libgrpc.so.29", "from libgrpc29, which the runtime stage does not install")
 
 
 def test_an_unbroken_copy_passes(tree):
