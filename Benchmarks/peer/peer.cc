@@ -203,6 +203,15 @@ void fill_aead_params(accel_aead_params *p, const std::string &nonce, const std:
   p->tag_length = kTagLength;
 }
 
+/* The algorithm and raw key of an Encrypt or Decrypt request (named keys are the gateway's, not served here). */
+template <typename Request> static bool raw_aead(const Request *req, uint8_t *alg, Status *err) {
+    if (req->has_key() && req->key().source_case() == v1::KeySpec::kName) {
+        *err = unimplemented("named keys are not served by the inline peer (raw keys only)");
+        return false;
+    }
+    return cipher_algorithm(req->algorithm(), alg, err) && aead_key(req->key(), req->has_key(), *alg, err);
+}
+
 class Peer final : public v1::Accelerator::Service {
  public:
   explicit Peer(bool no_work) : no_work_(no_work) {}
@@ -266,10 +275,7 @@ class Peer final : public v1::Accelerator::Service {
     if (req->has_compress()) return unimplemented("chained compress-and-encrypt is not served by the inline peer");
     Status err;
     uint8_t alg;
-    if (req->has_key() && req->key().source_case() == v1::KeySpec::kName)
-      return unimplemented("named keys are not served by the inline peer (raw keys only)");
-    if (!cipher_algorithm(req->algorithm(), &alg, &err)) return err;
-    if (!aead_key(req->key(), req->has_key(), alg, &err)) return err;
+    if (!raw_aead(req, &alg, &err)) return err;
     std::string nonce = req->nonce();
     if (nonce.empty()) {
       nonce.resize(kNonceLength);
@@ -306,10 +312,7 @@ class Peer final : public v1::Accelerator::Service {
     if (req->has_decompress()) return unimplemented("chained decrypt-and-decompress is not served by the inline peer");
     Status err;
     uint8_t alg;
-    if (req->has_key() && req->key().source_case() == v1::KeySpec::kName)
-      return unimplemented("named keys are not served by the inline peer (raw keys only)");
-    if (!cipher_algorithm(req->algorithm(), &alg, &err)) return err;
-    if (!aead_key(req->key(), req->has_key(), alg, &err)) return err;
+    if (!raw_aead(req, &alg, &err)) return err;
     if (req->nonce().size() != kNonceLength)
       return invalid("nonce must be 12 bytes, got " + std::to_string(req->nonce().size()));
     const std::string &in = req->ciphertext();

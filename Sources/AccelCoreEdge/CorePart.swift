@@ -3,20 +3,11 @@ internal import CAccelGRPC
 /// One piece of a response message, sent by the C core in place: it holds the
 /// bytes until it is done with them and then runs `release` (on one of its
 /// threads). A result still in the device pool goes out this way and its
-/// lease is released then; other bytes are copied once into a buffer of the
-/// part's own.
+/// lease is released then; an encoded message goes out from the `CoreBuffer`
+/// it was encoded into.
 package struct CorePart: @unchecked Sendable {
   let bytes: UnsafeRawBufferPointer
   let release: Unmanaged<ReleaseBox>
-
-  /// `bytes`, copied into a buffer freed when the core is done with it.
-  package static func copy(_ bytes: [UInt8]) -> CorePart {
-    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: 1)
-    bytes.withUnsafeBytes { buffer.copyMemory(from: $0) }
-    // The buffer is this part's alone, freed once, by whichever thread the core releases it on.
-    nonisolated(unsafe) let owned = buffer
-    return inPlace(UnsafeRawBufferPointer(buffer)) { owned.deallocate() }
-  }
 
   /// Bytes sent without a copy; `release` runs when the core is done with them.
   package static func inPlace(_ bytes: UnsafeRawBufferPointer, release: @escaping @Sendable () -> Void) -> CorePart {

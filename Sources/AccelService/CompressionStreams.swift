@@ -51,24 +51,11 @@ extension AcceleratorService {
     _ io: StreamIO<Accelgate_V1_CompressStreamRequest, Accelgate_V1_CompressStreamResponse>, tenant: String,
     deadline: CallDeadline
   ) async throws {
-    let writer = StallBoundedWriter(io.write, timeout: configuration.streamWriteTimeout)
-    let s = try await runStream(
-      io.next,
-      open: { m in
-        let algorithm = try JobTranslator.streamAlgorithm(m.format)
-        let level = try JobTranslator.level(m.hasLevel ? m.level : -1, for: algorithm)
-        return try StreamSession(self, algorithm: algorithm, level: level, compress: true, tenant: tenant, deadline: deadline)
-      },
-      chunk: { ($0.data, $0.final) },
-      emit: { piece in try await writer.write(.with { $0.data = piece }) })
-    try await writer.write(
-      .with {
-        $0.final = true
-        $0.totalIn = s.totals.totalIn
-        $0.totalOut = s.totals.totalOut
-        $0.deviceNs = s.totals.deviceNanoseconds
-        $0.jobs = s.totals.jobs
-      })
+    try await serveCompressionStream(io) { m in
+      let algorithm = try JobTranslator.streamAlgorithm(m.format)
+      let level = try JobTranslator.level(m.hasLevel ? m.level : -1, for: algorithm)
+      return try StreamSession(self, algorithm: algorithm, level: level, compress: true, tenant: tenant, deadline: deadline)
+    } chunk: { ($0.data, $0.final) }
   }
 
   /// One DecompressStream, whichever edge carries it.
@@ -77,25 +64,32 @@ extension AcceleratorService {
     deadline: CallDeadline
   ) async throws {
     let serverCap = UInt64(configuration.maxStreamOutputBytes)
+    try await serveCompressionStream(io) { m in
+      let algorithm = try JobTranslator.streamAlgorithm(m.format)
+      let cap = m.maxOutputBytes == 0 ? serverCap : min(serverCap, m.maxOutputBytes)
+      return try StreamSession(
+        self, algorithm: algorithm, level: 0, compress: false, tenant: tenant, deadline: deadline, outputCap: cap)
+    } chunk: { ($0.data, $0.final) }
+  }
+
+  /// A compression stream's responses: each piece of output as it comes, then the totals.
+  private func serveCompressionStream<Request: Sendable, Response: CompressionStreamResponse>(
+    _ io: StreamIO<Request, Response>, open: (Request) throws -> StreamSession,
+    chunk: @escaping @Sendable (Request) -> (data: Data, final: Bool)
+  ) async throws {
     let writer = StallBoundedWriter(io.write, timeout: configuration.streamWriteTimeout)
-    let s = try await runStream(
-      io.next,
-      open: { m in
-        let algorithm = try JobTranslator.streamAlgorithm(m.format)
-        let cap = m.maxOutputBytes == 0 ? serverCap : min(serverCap, m.maxOutputBytes)
-        return try StreamSession(
-          self, algorithm: algorithm, level: 0, compress: false, tenant: tenant, deadline: deadline, outputCap: cap)
-      },
-      chunk: { ($0.data, $0.final) },
-      emit: { piece in try await writer.write(.with { $0.data = piece }) })
-    try await writer.write(
-      .with {
-        $0.final = true
-        $0.totalIn = s.totals.totalIn
-        $0.totalOut = s.totals.totalOut
-        $0.deviceNs = s.totals.deviceNanoseconds
-        $0.jobs = s.totals.jobs
-      })
+    let s = try await runStream(io.next, open: open, chunk: chunk) { piece in
+      var r = Response()
+      r.data = piece
+      try await writer.write(r)
+    }
+    var last = Response()
+    last.final = true
+    last.totalIn = s.totals.totalIn
+    last.totalOut = s.totals.totalOut
+    last.deviceNs = s.totals.deviceNanoseconds
+    last.jobs = s.totals.jobs
+    try await writer.write(last)
   }
 
   /// Runs one stream to its end and returns its session (for the totals).
@@ -365,3 +359,16 @@ struct IdleBoundedReader<Message: Sendable>: Sendable {
       { try await self.source() })
   }
 }
+
+/// What CompressStream and DecompressStream answer alike: output pieces, then the totals.
+protocol CompressionStreamResponse: SwiftProtobuf.Message, Sendable {
+  var data: Data { get set }
+  var final: Bool { get set }
+  var totalIn: UInt64 { get set }
+  var totalOut: UInt64 { get set }
+  var deviceNs: UInt64 { get set }
+  var jobs: UInt32 { get set }
+}
+
+extension Accelgate_V1_CompressStreamResponse: CompressionStreamResponse {}
+extension Accelgate_V1_DecompressStreamResponse: CompressionStreamResponse {}

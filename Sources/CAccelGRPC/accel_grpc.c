@@ -199,16 +199,21 @@ void *accel_grpc_call_user(const accel_grpc_call *c) { return c->user; }
 void accel_grpc_call_set_user(accel_grpc_call *c, void *user) { c->user = user; }
 int accel_grpc_call_method(const accel_grpc_call *c) { return c->method; }
 
+/* Starts a batch that holds the call until its event is released; no hold when the core refuses it. */
+static int start_held(accel_grpc_call *c, const grpc_op *ops, size_t n, accel_grpc_tag *tag) {
+    atomic_fetch_add(&c->holds, 1);
+    grpc_call_error e = grpc_call_start_batch(c->call, ops, n, tag, NULL);
+    if (e != GRPC_CALL_OK) atomic_fetch_sub(&c->holds, 1);
+    return (int)e;
+}
+
 int accel_grpc_call_begin(accel_grpc_call *c) {
     /* One hold for CLOSED, one for the response (the request's hold becomes it). */
-    atomic_fetch_add(&c->holds, 1);
     grpc_op op;
     memset(&op, 0, sizeof(op));
     op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
     op.data.recv_close_on_server.cancelled = &c->cancelled;
-    grpc_call_error e = grpc_call_start_batch(c->call, &op, 1, &c->closed_tag, NULL);
-    if (e != GRPC_CALL_OK) atomic_fetch_sub(&c->holds, 1);
-    return (int)e;
+    return start_held(c, &op, 1, &c->closed_tag);
 }
 
 /* Frees the current message and what was read of it. */
@@ -221,14 +226,11 @@ static void drop_message(accel_grpc_call *c) {
 
 int accel_grpc_call_receive(accel_grpc_call *c) {
     drop_message(c);
-    atomic_fetch_add(&c->holds, 1);
     grpc_op op;
     memset(&op, 0, sizeof(op));
     op.op = GRPC_OP_RECV_MESSAGE;
     op.data.recv_message.recv_message = &c->request;
-    grpc_call_error e = grpc_call_start_batch(c->call, &op, 1, &c->received_tag, NULL);
-    if (e != GRPC_CALL_OK) atomic_fetch_sub(&c->holds, 1);
-    return (int)e;
+    return start_held(c, &op, 1, &c->received_tag);
 }
 
 const uint8_t *accel_grpc_call_payload(accel_grpc_call *c, size_t *length) {
@@ -324,10 +326,7 @@ int accel_grpc_call_write(accel_grpc_call *c, const accel_grpc_kv *initial, size
     ops[n].op = GRPC_OP_SEND_MESSAGE;
     ops[n].data.send_message.send_message = c->written;
     n++;
-    atomic_fetch_add(&c->holds, 1);
-    grpc_call_error e = grpc_call_start_batch(c->call, ops, n, &c->wrote_tag, NULL);
-    if (e != GRPC_CALL_OK) atomic_fetch_sub(&c->holds, 1);
-    return (int)e;
+    return start_held(c, ops, n, &c->wrote_tag);
 }
 
 int accel_grpc_call_respond(accel_grpc_call *c, const accel_grpc_kv *initial, size_t initial_count, int message,
