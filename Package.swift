@@ -159,6 +159,7 @@ let package = Package(
       name: "AccelHTTP2",
       dependencies: [
         .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+        .product(name: "NIOHPACK", package: "swift-nio-http2"),
       ],
       swiftSettings: strictSettings
     ),

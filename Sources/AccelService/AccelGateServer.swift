@@ -162,7 +162,7 @@ public final class AccelGateServer: Sendable {
             $0.http2.maxFrameSize = configuration.http2MaxFrameSize
             $0.http2.targetWindowSize = configuration.http2TargetWindowSize
             $0.http2.maxConcurrentStreams = configuration.maxConcurrentStreams
-            $0.channelDebuggingCallbacks.onAcceptHTTP2Stream = FlushDataFramesHandler.install
+            $0.channelDebuggingCallbacks.onAcceptHTTP2Stream = ServerStreamHandlers.install
           }),
         services: [service as any RegistrableRPCService] + lane(service) + [
           HealthService(dispatcher: dispatcher, device: self.device, draining: draining), try ReflectionService(),
@@ -198,7 +198,7 @@ public final class AccelGateServer: Sendable {
           $0.connection.keepalive.time = configuration.keepaliveTime
           $0.connection.keepalive.timeout = configuration.keepaliveTimeout
           // Not for debugging: the only hook for the flush-deadlock workaround (AccelHTTP2).
-          $0.channelDebuggingCallbacks.onAcceptHTTP2Stream = FlushDataFramesHandler.install
+          $0.channelDebuggingCallbacks.onAcceptHTTP2Stream = ServerStreamHandlers.install
         }
       ),
       services: [tcp as any RegistrableRPCService] + lane(tcp) + [

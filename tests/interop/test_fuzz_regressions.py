@@ -3,7 +3,8 @@
 `fuzz/api/regressions/*.jsonl` are reproducers written by fuzz/api (`--replay`
 format): the chain crash of issue 17 finding 1, the LZ4 engine state that leaked
 from one tenant's failed frame into the next job, and a Submit stream past its
-deadline that ended OK (or UNKNOWN) with its jobs unanswered. Each must now replay
+deadline that ended OK (or UNKNOWN) with its jobs unanswered, and the negative
+`grpc-timeout` that crashed the grpc-swift edge. Each must now replay
 cleanly, in embedded and daemon mode.
 """
 import glob
