@@ -43,8 +43,8 @@ public final class EmulatedDevice: @unchecked Sendable {
   }
 
   private let running = Atomic<Bool>(false)
-  /// Engines currently parked; the need-wakeup flags are cleared when it drops to 0.
-  private let sleepers = Atomic<Int>(0)
+  /// The one idle spinner, the parked engines, and the need-wakeup flags they imply.
+  private let wakeups = EngineWakeups()
   private let exited = DispatchGroup()
   /// Faults to inject; `faultsOn` keeps the per-job check to one relaxed load when off.
   private let faultPlan: Mutex<FaultInjection>
@@ -305,8 +305,16 @@ public final class EmulatedDevice: @unchecked Sendable {
     var queues = self.queues
     var cursor = queues.isEmpty ? 0 : stats.id % queues.count
     var credit = queues.isEmpty ? 1 : queues[cursor].weight
-    var lastWork = SharedMemory.nowNanoseconds()
-    var lastBeat = lastWork
+    var idle = IdleSpin(spinNanoseconds: spinNs)
+    var spinner = false
+    var lastBeat = idle.lastWork
+    /// Heartbeats and upkeep, on the rounds that read the clock.
+    func upkeep(_ now: UInt64) {
+      guard now &- lastBeat > Self.heartbeatInterval else { return }
+      for q in queues { q.heartbeat.fetchAdd(1) }
+      lastBeat = now
+      maintain(queues, now: now)
+    }
 
     while running.load(ordering: .relaxed) {
       let current = queueGeneration.load(ordering: .sequentiallyConsistent)
@@ -320,6 +328,11 @@ public final class EmulatedDevice: @unchecked Sendable {
       for step in 0..<queues.count {
         let q = queues[(cursor + step) % queues.count]
         guard let sqe = q.fetch() else { continue }  // one job: a descriptor or a chain
+        if spinner {
+          spinner = false
+          wakeups.stopSpinning(queues)
+        }
+        wakeups.cascade(queues)
         if step != 0 {
           cursor = (cursor + step) % queues.count
           credit = q.weight
@@ -333,25 +346,30 @@ public final class EmulatedDevice: @unchecked Sendable {
         didWork = true
         break
       }
-      let now = SharedMemory.nowNanoseconds()
-      if now &- lastBeat > Self.heartbeatInterval {
-        for q in queues { q.heartbeat.fetchAdd(1) }
-        lastBeat = now
-        maintain(queues, now: now)
-      }
       if didWork {
-        lastWork = now
-      } else if now &- lastWork < spinNs {
-        SharedMemory.cpuRelax()
-      } else if configuration.eventfdDoorbells {
+        let now = SharedMemory.nowNanoseconds()
+        idle.worked(now: now)
+        upkeep(now)
+        continue
+      }
+      if !spinner && wakeups.startSpinning(queues) {
+        spinner = true
+        idle.worked()
+      }
+      if spinner {
+        if idle.keepSpinning(clock: upkeep) { continue }
+        spinner = false
+        wakeups.stopSpinning(queues)
+      }
+      if configuration.eventfdDoorbells {
         let fds = queues.map(\.doorbellFD).filter { $0 >= 0 }
         stats.parks.add(1, ordering: .relaxed)
         _ = accel_eventfd_wait_any(fds, Int32(fds.count), configuration.parkTimeout.nanoseconds)
-        lastWork = SharedMemory.nowNanoseconds()
+        idle.worked()
       } else {
         park(stats, queues: queues, generation: generation)
-        lastWork = SharedMemory.nowNanoseconds()
-        maintain(queues, now: lastWork)
+        idle.worked()
+        maintain(queues, now: idle.lastWork)
       }
     }
   }
@@ -363,9 +381,7 @@ public final class EmulatedDevice: @unchecked Sendable {
   /// Also parks on the device's control word, so a queue added or removed (which
   /// bumps it) wakes the engine to take a fresh snapshot.
   private func park(_ stats: EngineStats, queues: [DeviceQueue], generation: UInt64) {
-    sleepers.add(1, ordering: .sequentiallyConsistent)
-    for q in queues { q.sqNeedWakeup.storeSeqCst(1) }
-    SharedMemory.fence()
+    wakeups.parking(queues)
     let seenControl = controlDoorbell.loadAcquire()
     let seen = queues.map { $0.sqDoorbell.loadAcquire() }
     let pending = queues.contains { $0.hasPendingWork }
@@ -376,9 +392,7 @@ public final class EmulatedDevice: @unchecked Sendable {
         timeoutNanoseconds: configuration.parkTimeout.nanoseconds)
     }
     for q in queues { q.heartbeat.fetchAdd(1) }
-    if sleepers.subtract(1, ordering: .sequentiallyConsistent).newValue == 0 {
-      for q in queues { q.sqNeedWakeup.storeSeqCst(0) }
-    }
+    wakeups.woke(queues)
   }
 
   private func process(

@@ -1,4 +1,4 @@
-internal import AccelABI
+package import AccelABI
 package import AccelDriver
 package import AccelScheduler
 internal import FoundationEssentials
@@ -992,10 +992,10 @@ package final class Dispatcher: Sendable {
 /// How one job ended, for metrics.
 package struct JobReport: Sendable {
   package var tenant: String
-  /// "compress", "decompress", "encrypt", "decrypt", "digest" (first step) or "nop".
-  package var operation: String
-  /// The first step's algorithm ("gzip", "aes256GCM", "sha256", …).
-  package var algorithm: String
+  /// The first step's opcode (`operation` names it).
+  package var opcode: DeviceOpcode
+  /// The first step's algorithm (`algorithmName` names it).
+  package var algorithm: DeviceAlgorithm
   /// The admission reason, when admission refused the job.
   package var rejection: String?
   /// "ok", or `JobError.kind`.
@@ -1005,11 +1005,17 @@ package struct JobReport: Sendable {
 
   init(request: JobRequest, outcome: String, statistics: JobStatistics?) {
     tenant = request.tenant
-    operation = "\(request.opcode)"
-    algorithm = "\(request.algorithm)"
+    opcode = request.opcode
+    algorithm = request.algorithm
     self.outcome = outcome
     self.statistics = statistics
   }
+
+  /// "compress", "decompress", "encrypt", "decrypt", "digest" or "nop". Made
+  /// with reflection: for a metrics label made once, not on every job.
+  package var operation: String { "\(opcode)" }
+  /// "gzip", "aes256GCM", "sha256", …
+  package var algorithmName: String { "\(algorithm)" }
 }
 
 package struct DispatcherSnapshot: Sendable {

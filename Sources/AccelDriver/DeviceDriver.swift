@@ -87,29 +87,38 @@ package final class DeviceDriver: @unchecked Sendable {
     let spinNs = configuration.reaperSpin.nanoseconds
     let maintenanceNs = configuration.maintenanceInterval.nanoseconds
     let timeoutNs = configuration.completionTimeout.nanoseconds
-    var lastWork = SharedMemory.nowNanoseconds()
-    var lastMaintenance = lastWork
+    var idle = IdleSpin(spinNanoseconds: spinNs)
+    var lastMaintenance = idle.lastWork
+    /// Completions that timed out, on the rounds that read the clock; true when any queue changed.
+    func maintain(_ now: UInt64) -> Bool {
+      guard now &- lastMaintenance >= maintenanceNs else { return false }
+      lastMaintenance = now
+      var changed = false
+      for q in queues {
+        let (failed, queueChanged) = q.maintain(now: now, completionTimeout: timeoutNs)
+        for (handler, completion) in failed { handler(completion) }
+        changed = changed || queueChanged
+      }
+      return changed
+    }
     while running.load(ordering: .relaxed) {
       var n = 0
       for q in queues { n += q.reap() }
-      let now = SharedMemory.nowNanoseconds()
-      if now &- lastMaintenance >= maintenanceNs {
-        lastMaintenance = now
-        for q in queues {
-          let (failed, changed) = q.maintain(now: now, completionTimeout: timeoutNs)
-          for (handler, completion) in failed { handler(completion) }
-          if changed { n += 1 }
-        }
-      }
       if n > 0 {
+        let now = SharedMemory.nowNanoseconds()
+        _ = maintain(now)
         afterReap.withLock { $0 }?.call(())
-        lastWork = SharedMemory.nowNanoseconds()
+        idle.worked(now: now)
         continue
       }
-      if SharedMemory.nowNanoseconds() &- lastWork < spinNs {
-        SharedMemory.cpuRelax()
+      var changed = false
+      let spinning = idle.keepSpinning(clock: { changed = maintain($0) || changed })
+      if changed {
+        afterReap.withLock { $0 }?.call(())
+        idle.worked()
         continue
       }
+      if spinning { continue }
       // Park: same Dekker protocol as the device's engines, mirrored on the CQ.
       for q in queues { q.cqNeedWakeup.storeSeqCst(1) }
       SharedMemory.fence()
@@ -120,7 +129,8 @@ package final class DeviceDriver: @unchecked Sendable {
           timeoutNanoseconds: configuration.reaperParkTimeout.nanoseconds)
       }
       for q in queues { q.cqNeedWakeup.storeSeqCst(0) }
-      lastWork = SharedMemory.nowNanoseconds()
+      idle.worked()
+      if maintain(idle.lastWork) { afterReap.withLock { $0 }?.call(()) }
     }
   }
 }

@@ -18,6 +18,10 @@ final class GatewayMetrics: Sendable {
   /// text on every make: a profile of 4 KiB calls on the C-core edge spent about 5 % of the
   /// gateway's CPU there, so each series is made once and then found here.
   private let made = Mutex<[String: any Sendable]>([:])
+  /// The series of each call, job and payload-copy record, by typed key (`SeriesCache`).
+  private let calls: SeriesCache<CallKey, CallSeries>
+  private let jobs: SeriesCache<JobKey, JobSeries>
+  private let payloadCopies: SeriesCache<CopyKey, CopySeries>
   /// The local lane's registered regions (nil while the lane is off).
   private let regions = Mutex<RegionRegistry?>(nil)
 
@@ -30,6 +34,10 @@ final class GatewayMetrics: Sendable {
   ]
 
   init() {
+    let registry = self.registry
+    calls = SeriesCache { GatewayMetrics.callSeries($0, registry) }
+    jobs = SeriesCache { GatewayMetrics.jobSeries($0, registry) }
+    payloadCopies = SeriesCache { GatewayMetrics.copySeries($0, registry) }
     let abi = "\(ACCEL_ABI_VERSION_MAJOR).\(ACCEL_ABI_VERSION_MINOR)"
     gauge("accelgate_build_info", [("abi", abi)], "Always 1; labels carry the device ABI version the gateway speaks.")
       .set(to: 1)
@@ -40,8 +48,9 @@ final class GatewayMetrics: Sendable {
   // MARK: calls (recorded by MetricsInterceptor and the dispatcher observer)
 
   func recordCall(method: String, code: String, tenant: String, duration: Duration) {
-    counter("accelgate_requests_total", [("method", method), ("code", code), ("tenant", tenant)], "Finished RPCs by method, gRPC status code and tenant.").increment()
-    durationHistogram("accelgate_request_duration_seconds", [("method", method)], Self.latencyBuckets, "Time from the start of an RPC to its status, by method.").record(duration)
+    let series = calls[CallKey(method: method, code: code, tenant: tenant)]
+    series.requests.increment()
+    series.duration.record(duration)
   }
 
   func recordUnauthenticated(by n: Int64 = 1) {
@@ -51,40 +60,23 @@ final class GatewayMetrics: Sendable {
   /// One device job ended (from the dispatcher's observer).
   func recordJob(_ report: JobReport) {
     let tenant = report.tenant
-    let op = report.operation
-    counter(
-      "accelgate_jobs_total",
-      [("tenant", tenant), ("operation", op), ("algorithm", report.algorithm), ("outcome", report.outcome)],
-      "Device jobs by tenant, operation, algorithm and outcome (ok, or the error kind)."
-    ).increment()
     if let reason = report.rejection {
       counter(
         "accelgate_rejections_total", [("tenant", tenant), ("reason", reason)],
         "Jobs refused by admission control, by tenant and reason."
       ).increment()
     }
-    guard let stats = report.statistics else { return }
-    counter(
-      "accelgate_device_seconds_total", [("tenant", tenant)],
-      "Device (engine) time consumed by each tenant's jobs: the quantity the fair scheduler shares."
-    ).increment(by: Double(stats.deviceNanoseconds) / 1e9)
-    let bytesHelp = "Job payload bytes into and out of the device, by tenant and operation."
-    counter("accelgate_job_bytes_total", [("tenant", tenant), ("operation", op), ("direction", "in")], bytesHelp)
-      .increment(by: Int64(stats.inputBytes))
-    counter("accelgate_job_bytes_total", [("tenant", tenant), ("operation", op), ("direction", "out")], bytesHelp)
-      .increment(by: Int64(stats.outputBytes))
-    durationHistogram(
-      "accelgate_queue_wait_seconds", [("tenant", tenant)], Self.latencyBuckets,
-      "Time a job waited in the scheduler before it was put on a device queue, by tenant."
-    ).record(.nanoseconds(Int64(min(stats.queueWaitNanoseconds, UInt64(Int64.max)))))
-    durationHistogram(
-      "accelgate_job_duration_seconds", [("operation", op)], Self.latencyBuckets,
-      "Time from a job's admission to its completion (queue wait + device), by operation."
-    ).record(.nanoseconds(Int64(min(stats.totalNanoseconds, UInt64(Int64.max)))))
-    valueHistogram(
-      "accelgate_batch_size", [], [1, 2, 4, 8, 16, 32, 64],
-      "Descriptors published behind the doorbell that carried each job."
-    ).record(Double(stats.batchSize))
+    let series = jobs[
+      JobKey(tenant: tenant, opcode: report.opcode, algorithm: report.algorithm, outcome: report.outcome,
+        completed: report.statistics != nil)]
+    series.jobs.increment()
+    guard let stats = report.statistics, let done = series.completed else { return }
+    done.deviceSeconds.increment(by: Double(stats.deviceNanoseconds) / 1e9)
+    done.bytesIn.increment(by: Int64(stats.inputBytes))
+    done.bytesOut.increment(by: Int64(stats.outputBytes))
+    done.queueWait.record(.nanoseconds(Int64(min(stats.queueWaitNanoseconds, UInt64(Int64.max)))))
+    done.duration.record(.nanoseconds(Int64(min(stats.totalNanoseconds, UInt64(Int64.max)))))
+    done.batchSize.record(Double(stats.batchSize))
   }
 
   // MARK: network lane (docs/NETWORK_LANE.md)
@@ -94,17 +86,10 @@ final class GatewayMetrics: Sendable {
   /// bytes); `path` "pooled" (the network lane's single copy) or "copied".
   /// Copies per job = `accelgate_payload_copies_total` / `accelgate_payload_jobs_total`.
   func recordPayloadCopies(tenant: String, operation: String, direction: String, path: String, copies: UInt32, bytes: Int) {
-    let l = [("tenant", tenant), ("operation", operation), ("direction", direction), ("path", path)]
-    counter(
-      "accelgate_payload_jobs_total", l,
-      "Unary job calls by how their payload crossed a gateway boundary (direction in/out, path pooled/copied)."
-    ).increment()
-    counter(
-      "accelgate_payload_copies_total", l,
-      "Payload copies made by the gateway between the transport's message bytes and the device pool (HTTP/2 framing not counted)."
-    ).increment(by: Int64(copies))
-    counter("accelgate_payload_copied_bytes_total", l, "Payload bytes copied (copies times payload size).")
-      .increment(by: Int64(copies) * Int64(bytes))
+    let series = payloadCopies[CopyKey(tenant: tenant, operation: operation, direction: direction, path: path)]
+    series.jobs.increment()
+    series.copies.increment(by: Int64(copies))
+    series.bytes.increment(by: Int64(copies) * Int64(bytes))
   }
 
   /// The network lane's deserializer could not stage a payload in a pool and decoded it the ordinary way.
@@ -188,7 +173,7 @@ final class GatewayMetrics: Sendable {
     return registry.emitToBuffer()
   }
 
-  private static func descriptor(_ name: String, _ help: String) -> MetricNameDescriptor {
+  static func descriptor(_ name: String, _ help: String) -> MetricNameDescriptor {
     MetricNameDescriptor(metricName: name, unitName: "", helpText: help)
   }
 
