@@ -8,17 +8,22 @@
 public struct IdleSpin: Sendable {
   public let spinNanoseconds: UInt64
   public private(set) var lastWork: UInt64
-  private var idleRounds: UInt32 = 0
-  static let stride: UInt32 = 32
+  /// Idle rounds since the last work.
+  public private(set) var idleRounds: UInt32 = 0
+  /// Rounds per clock reading.
+  public static let stride: UInt32 = 32
+  /// The monotonic clock in nanoseconds (a fake one in tests).
+  private let clock: @Sendable () -> UInt64
 
-  public init(spinNanoseconds: UInt64, now: UInt64 = SharedMemory.nowNanoseconds()) {
+  public init(spinNanoseconds: UInt64, clock: @escaping @Sendable () -> UInt64 = { SharedMemory.nowNanoseconds() }) {
     self.spinNanoseconds = spinNanoseconds
-    self.lastWork = now
+    self.clock = clock
+    self.lastWork = clock()
   }
 
   /// Work was done at `now` (or the thread woke from a park).
-  public mutating func worked(now: UInt64 = SharedMemory.nowNanoseconds()) {
-    lastWork = now
+  public mutating func worked(now: UInt64? = nil) {
+    lastWork = now ?? clock()
     idleRounds = 0
   }
 
@@ -32,7 +37,7 @@ public struct IdleSpin: Sendable {
       SharedMemory.cpuRelax()
       return true
     }
-    let now = SharedMemory.nowNanoseconds()
+    let now = self.clock()
     clock(now)
     guard now &- lastWork < spinNanoseconds else { return false }
     SharedMemory.cpuRelax()
