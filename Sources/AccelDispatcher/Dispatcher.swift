@@ -992,9 +992,9 @@ package final class Dispatcher: Sendable {
 /// How one job ended, for metrics.
 package struct JobReport: Sendable {
   package var tenant: String
-  /// The first step's opcode (`operation` names it).
+  /// The first step's opcode (metrics name it once per label set).
   package var opcode: DeviceOpcode
-  /// The first step's algorithm (`algorithmName` names it).
+  /// The first step's algorithm.
   package var algorithm: DeviceAlgorithm
   /// The admission reason, when admission refused the job.
   package var rejection: String?
@@ -1010,12 +1010,6 @@ package struct JobReport: Sendable {
     self.outcome = outcome
     self.statistics = statistics
   }
-
-  /// "compress", "decompress", "encrypt", "decrypt", "digest" or "nop". Made
-  /// with reflection: for a metrics label made once, not on every job.
-  package var operation: String { "\(opcode)" }
-  /// "gzip", "aes256GCM", "sha256", …
-  package var algorithmName: String { "\(algorithm)" }
 }
 
 package struct DispatcherSnapshot: Sendable {

@@ -202,22 +202,6 @@ final class GatewayMetrics: Sendable {
     series(name, labels) { registry.makeCounter(descriptor: Self.descriptor(name, help), labels: labels) }
   }
 
-  private func durationHistogram(_ name: String, _ labels: [(String, String)], _ buckets: [Duration], _ help: String)
-    -> DurationHistogram
-  {
-    series(name, labels) {
-      registry.makeDurationHistogram(descriptor: Self.descriptor(name, help), labels: labels, buckets: buckets)
-    }
-  }
-
-  private func valueHistogram(_ name: String, _ labels: [(String, String)], _ buckets: [Double], _ help: String)
-    -> ValueHistogram
-  {
-    series(name, labels) {
-      registry.makeValueHistogram(descriptor: Self.descriptor(name, help), labels: labels, buckets: buckets)
-    }
-  }
-
   /// A counter that follows a monotonic count kept elsewhere: increments by what
   /// it grew since the last scrape (a count that went down, because a driver was
   /// replaced, restarts from its new value).
