@@ -52,10 +52,8 @@ swift-test:
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build
 
-# The suite runs against both edges until the C core is the only one (docs/EDGE.md).
 interop: build
 	$(PYTHON) -m pytest -q tests/interop
-	ACCELGATE_EDGE=core $(PYTHON) -m pytest -q tests/interop
 
 # Every fuzzer for a few seconds each (fuzz/README.md); part of `make test`.
 fuzz-bounded:

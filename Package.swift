@@ -135,14 +135,11 @@ let package = Package(
     .target(
       name: "AccelService",
       dependencies: [
-        "AccelProto", "AccelMessages", "AccelRequests", "AccelCoreEdge", "AccelDispatcher", "AccelDevice", "AccelDriver",
-        "AccelABI", "AccelScheduler", "CAccelCrypto", "AccelHTTP2",
+        "AccelMessages", "AccelRequests", "AccelCoreEdge", "AccelDispatcher", "AccelDevice", "AccelDriver",
+        "AccelABI", "AccelScheduler", "CAccelCrypto",
         .product(name: "Yams", package: "Yams"),
         .product(name: "SwiftProtobuf", package: "swift-protobuf"),
-        .product(name: "GRPCCore", package: "grpc-swift-2"),
-        .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
         .product(name: "Logging", package: "swift-log"),
-        .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
         .product(name: "Prometheus", package: "swift-prometheus"),
         .product(name: "NIOCore", package: "swift-nio"),
         .product(name: "NIOPosix", package: "swift-nio"),
@@ -159,7 +156,6 @@ let package = Package(
       name: "AccelHTTP2",
       dependencies: [
         .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOHTTP2", package: "swift-nio-http2"),
-        .product(name: "NIOHPACK", package: "swift-nio-http2"),
       ],
       swiftSettings: strictSettings
     ),

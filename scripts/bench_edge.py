@@ -6,7 +6,7 @@ one channel, identical payloads:
 
 * the inline peer (Benchmarks/peer): a libgrpc++ sync server running each job
   inline with the device's own engine functions;
-* AccelGate (`accelgate serve --edge core`, embedded device, shipped defaults).
+* AccelGate (`accelgate serve`, embedded device, shipped defaults).
 
 Each row runs A/B alternately, ROUNDS times SECONDS each, and reports the
 median calls/s and p99 with their spread (min–max), and each server's CPU per
@@ -14,7 +14,7 @@ call (utime+stime from /proc over the run). A first row drives the peer's
 --no-work mode: the load generator's own ceiling, which must be at least 1.3x
 the fastest row it drives.
 
-    scripts/bench_edge.py OUT.json [--rounds 5] [--seconds 10] [--edges core,swift]
+    scripts/bench_edge.py OUT.json [--rounds 5] [--seconds 10]
 
 Writes OUT.json, and the Markdown table between the edge-table markers of
 docs/BENCHMARKS.md.
@@ -104,15 +104,12 @@ def main():
     p.add_argument("out")
     p.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_EDGE_ROUNDS", 5)))
     p.add_argument("--seconds", type=float, default=float(os.environ.get("BENCH_EDGE_SECONDS", 10)))
-    p.add_argument("--edges", default=os.environ.get("BENCH_EDGE_EDGES", "core"))
     a = p.parse_args()
     os.makedirs(os.path.join(ROOT, ".build-bench"), exist_ok=True)
-    edges = [e for e in a.edges.split(",") if e]
     peer = Server("peer", [PEER, "--port", "0"], rb"peer listening on 127\.0\.0\.1:(\d+)")
     nowork = Server("peer-no-work", [PEER, "--port", "0", "--no-work"], rb"peer listening on 127\.0\.0\.1:(\d+)")
-    gateways = {e: Server(f"accelgate-{e}", [ACCELGATE, "serve", "--port", "0", "--edge", e, "--no-metrics",
-                                             "--log-level", "warning"], rb"accelgate listening on 127\.0\.0\.1:(\d+)")
-                for e in edges}
+    gateway = Server("accelgate", [ACCELGATE, "serve", "--port", "0", "--no-metrics", "--log-level", "warning"],
+                     rb"accelgate listening on 127\.0\.0\.1:(\d+)")
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                            "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
                                         if l.startswith("model name")), "?")},
@@ -125,9 +122,9 @@ def main():
         total = len(ROWS) * a.rounds
         done = 0
         for job, size, callers in ROWS:
-            runs = {"peer": []} | {f"accelgate-{e}": [] for e in edges}
+            runs = {"peer": [], "accelgate": []}
             for _ in range(a.rounds):
-                for name, server in [("peer", peer)] + [(f"accelgate-{e}", gateways[e]) for e in edges]:
+                for name, server in [("peer", peer), ("accelgate", gateway)]:
                     runs[name].append(drive(server, job, size, callers, a.seconds))
                 done += 1
                 bar = "#" * (30 * done // total)
@@ -141,11 +138,11 @@ def main():
             results["rows"].append(row)
         print(file=sys.stderr)
     finally:
-        for s in [peer, nowork, *gateways.values()]:
+        for s in [peer, nowork, gateway]:
             s.stop()
     with open(a.out, "w") as f:
         json.dump(results, f, indent=2)
-    table = markdown(results, edges)
+    table = markdown(results)
     print(table)
     if os.path.exists(DOC):
         doc = open(DOC).read()
@@ -155,7 +152,7 @@ def main():
             open(DOC, "w").write(doc)
 
 
-def markdown(results, edges):
+def markdown(results):
     def fmt(s, digits=0):
         m, lo, hi = s["median"], s["min"], s["max"]
         return f"{m:,.{digits}f} ({lo:,.{digits}f}–{hi:,.{digits}f})"
@@ -163,8 +160,7 @@ def markdown(results, edges):
     lines = []
     c = results["loadgen_ceiling"]
     fastest = max(r["servers"]["peer"]["calls_per_s"]["median"] for r in results["rows"])
-    for e in edges:
-        fastest = max(fastest, max(r["servers"][f"accelgate-{e}"]["calls_per_s"]["median"] for r in results["rows"]))
+    fastest = max(fastest, max(r["servers"]["accelgate"]["calls_per_s"]["median"] for r in results["rows"]))
     lines.append(f"Machine: {results['machine']['cpus']} CPUs, {results['machine']['cpu']}; "
                  f"{results['rounds']} alternating rounds of {results['seconds']:g} s per row; median (min–max).")
     lines.append("")
@@ -172,19 +168,17 @@ def markdown(results, edges):
                  f"{fmt(c['calls_per_s'])} calls/s, {c['loadgen_cpu_us_per_call']['median']:.1f} µs of its own CPU "
                  f"per call; {c['calls_per_s']['median'] / fastest:.2f}x the fastest row ({fastest:,.0f}).")
     lines.append("")
-    for e in edges:
-        name = f"accelgate-{e}"
-        lines.append(f"| job | callers | peer calls/s | AccelGate ({e} edge) calls/s | ratio | peer p99 ms | "
-                     f"AccelGate p99 ms | peer CPU µs/call | AccelGate CPU µs/call |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for r in results["rows"]:
-            peer, ag = r["servers"]["peer"], r["servers"][name]
-            ratio = ag["calls_per_s"]["median"] / max(peer["calls_per_s"]["median"], 1e-9)
-            lines.append(
-                f"| {LABEL[r['job']]} {size_name(r['size'])} | {r['callers']} | {fmt(peer['calls_per_s'])} | "
-                f"{fmt(ag['calls_per_s'])} | {ratio:.2f} | {fmt(peer['p99_ms'], 1)} | {fmt(ag['p99_ms'], 1)} | "
-                f"{peer['server_cpu_us_per_call']['median']:.0f} | {ag['server_cpu_us_per_call']['median']:.0f} |")
-        lines.append("")
+    lines.append("| job | callers | peer calls/s | AccelGate calls/s | ratio | peer p99 ms | "
+                 "AccelGate p99 ms | peer CPU µs/call | AccelGate CPU µs/call |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results["rows"]:
+        peer, ag = r["servers"]["peer"], r["servers"]["accelgate"]
+        ratio = ag["calls_per_s"]["median"] / max(peer["calls_per_s"]["median"], 1e-9)
+        lines.append(
+            f"| {LABEL[r['job']]} {size_name(r['size'])} | {r['callers']} | {fmt(peer['calls_per_s'])} | "
+            f"{fmt(ag['calls_per_s'])} | {ratio:.2f} | {fmt(peer['p99_ms'], 1)} | {fmt(ag['p99_ms'], 1)} | "
+            f"{peer['server_cpu_us_per_call']['median']:.0f} | {ag['server_cpu_us_per_call']['median']:.0f} |")
+    lines.append("")
     return "\n".join(lines) + "\n"
 
 

@@ -14,8 +14,11 @@ package struct CorePart: @unchecked Sendable {
     CorePart(bytes: bytes, release: Unmanaged.passRetained(ReleaseBox(release)))
   }
 
+  /// The bytes it sends (for tests and logs; the part must not have been released).
+  package var contents: UnsafeRawBufferPointer { bytes }
+
   /// A part that was never handed to the core gives its bytes back.
-  func releaseUnsent() { release.takeRetainedValue().action() }
+  package func releaseUnsent() { release.takeRetainedValue().action() }
 
   /// The part as the C API takes it; the core then owns the release.
   var cPart: accel_grpc_part {

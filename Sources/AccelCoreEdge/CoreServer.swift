@@ -62,7 +62,9 @@ package final class CoreServer: @unchecked Sendable {
       keepalive_timeout_ms: Int32(clamping: configuration.keepaliveTimeoutMilliseconds),
       max_connection_idle_ms: Int32(clamping: configuration.maxConnectionIdleMilliseconds),
       max_connection_age_ms: Int32(clamping: configuration.maxConnectionAgeMilliseconds),
-      max_connection_age_grace_ms: Int32(clamping: configuration.maxConnectionAgeGraceMilliseconds))
+      max_connection_age_grace_ms: Int32(clamping: configuration.maxConnectionAgeGraceMilliseconds),
+      http2_max_frame_size: Int32(clamping: configuration.http2MaxFrameSize),
+      http2_stream_window_bytes: Int32(clamping: configuration.http2StreamWindowBytes))
     guard let server = accel_grpc_server_create(&options) else { throw .create }
     self.server = server
     self.configuration = configuration

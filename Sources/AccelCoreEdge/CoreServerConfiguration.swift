@@ -14,6 +14,9 @@ package struct CoreServerConfiguration: Sendable, Equatable {
   package var maxConnectionIdleMilliseconds = 0
   package var maxConnectionAgeMilliseconds = 0
   package var maxConnectionAgeGraceMilliseconds = 0
+  package var http2MaxFrameSize = 0
+  /// Each stream's initial HTTP/2 window (the core grows it from there by BDP probing).
+  package var http2StreamWindowBytes = 0
   /// Completion-queue threads, each blocking in `grpc_completion_queue_next`.
   package var threads = 1
   /// Calls asked for in advance, per method: how many may arrive at once before the threads ask again.

@@ -4,16 +4,13 @@ public import AccelRequests
 internal import AccelDevice
 internal import AccelDispatcher
 internal import AccelDriver
-internal import AccelHTTP2
 internal import AccelScheduler
-internal import GRPCCore
-internal import GRPCNIOTransportHTTP2
 internal import Foundation
 internal import Synchronization
 public import Logging
 import Glibc
 
-/// The whole gateway in one process: embedded device, driver, dispatcher and gRPC server.
+/// The whole gateway in one process: embedded device, driver, dispatcher, and the gRPC edge on the C core.
 public final class AccelGateServer: Sendable {
   public let configuration: ServiceConfiguration
   /// The embedded device, or nil when a standalone daemon serves the queues.
@@ -30,21 +27,23 @@ public final class AccelGateServer: Sendable {
   private let graceExpired: AsyncStream<Void>
   private let graceExpiredContinuation: AsyncStream<Void>.Continuation
   private let drainStarted = Mutex<ContinuousClock.Instant?>(nil)
-  /// The grpc-swift listener on `host:port` (nil when the C core serves it: `edge == .core`).
-  private let server: GRPCServer<HTTP2ServerTransport.Posix>?
-  /// The local lane's gRPC listener on a Unix socket, and its control socket.
-  private let localServer: GRPCServer<HTTP2ServerTransport.Posix>?
+  /// The API on gRPC's C core, on `host:port`.
+  private let edge: CoreServer
+  /// The local lane: the API again on a Unix socket (the only listener that
+  /// serves region spans), and its control socket.
+  private let localEdge: CoreServer?
   private let localControl: LocalControlServer?
-  /// The API on gRPC's C core: on `host:port` when `edge == .core`, and on `coreEdgePort` when set.
-  private let coreEdge: CoreServer?
-  /// Where the local gRPC listener binds first (a private directory beside the
+  /// Where the local listener binds first (a private directory beside the
   /// socket path), to be renamed into place once its mode is 0660; nil: bound in place.
   private let localStaging: (directory: String, socket: String)?
-  /// 1 once the local gRPC socket is at its path with mode 0660 (or there is
-  /// none), 2 if that failed, 0 until then.
-  private let localPublished = Atomic<Int>(0)
-  /// Set once `serve` has started the C-core edge (and /metrics before it).
-  private let coreStarted = Atomic<Bool>(false)
+  /// `serve`'s progress, for `listeningPort`: starting, listening (every
+  /// socket at its path), or failed to publish the local socket.
+  private let listening = Atomic<Int>(Listening.starting)
+  private enum Listening {
+    static let starting = 0
+    static let ready = 1
+    static let failed = 2
+  }
   private let logger: Logger
 
   public init(configuration: ServiceConfiguration = .defaults, logger: Logger = Logger(label: "accelgate")) throws {
@@ -134,11 +133,9 @@ public final class AccelGateServer: Sendable {
     service.draining = draining
     service.tenants = directory
     service.metrics = metrics
-    // The network lane re-registers four methods after the generated service (the router keeps the last).
-    func lane(_ service: AcceleratorService) -> [any RegistrableRPCService] {
-      guard configuration.pooledPayloads else { return [] }
-      return [NetworkLaneService(service: service, lane: NetworkLane(dispatcher: dispatcher, metrics: metrics))]
-    }
+    let health = HealthService(dispatcher: dispatcher, device: device, draining: draining)
+    // One bound for both listeners on the pool a tenant's unsent replies hold.
+    let pins = ReplyPins(limit: Int(configuration.device.dataPoolBytes / 4))
     // The TCP listener's copy of the service serves no region spans (only the local socket does).
     let tcp: AcceleratorService
     if let path = configuration.localSocket, let control = configuration.effectiveLocalControlSocket {
@@ -153,71 +150,28 @@ public final class AccelGateServer: Sendable {
       tcpService.regions = nil
       tcpService.localLaneSocket = path
       tcp = tcpService
-      // Same services and interceptors; plaintext, since the socket never leaves the host.
-      localServer = GRPCServer(
-        transport: .http2NIOPosix(
-          address: .unixDomainSocket(path: staging?.socket ?? path), transportSecurity: .plaintext,
-          config: .defaults {
-            $0.rpc.maxRequestPayloadSize = configuration.transportMaxRequestBytes
-            $0.http2.maxFrameSize = configuration.http2MaxFrameSize
-            $0.http2.targetWindowSize = configuration.http2TargetWindowSize
-            $0.http2.maxConcurrentStreams = configuration.maxConcurrentStreams
-            $0.channelDebuggingCallbacks.onAcceptHTTP2Stream = ServerStreamHandlers.install
-          }),
-        services: [service as any RegistrableRPCService] + lane(service) + [
-          HealthService(dispatcher: dispatcher, device: self.device, draining: draining), try ReflectionService(),
-        ],
-        interceptors: [AuthInterceptor(directory: directory, metrics: metrics), MetricsInterceptor(metrics: metrics, logger: logger)]
-      )
+      // Same API; plaintext, since the socket never leaves the host.
+      localEdge = try Self.makeEdge(
+        configuration, address: "unix:\(staging?.socket ?? path)", tls: false, service: service, directory: directory,
+        metrics: metrics, logger: logger, health: health, pins: pins)
     } else {
-      localServer = nil
+      localEdge = nil
       localControl = nil
       localStaging = nil
-      localPublished.store(1, ordering: .releasing)
       tcp = service
     }
-    coreEdge = try Self.makeCoreEdge(
-      configuration, service: tcp, directory: directory, metrics: metrics, logger: logger,
-      health: HealthService(dispatcher: dispatcher, device: device, draining: draining))
-    guard configuration.edge == .swift else {
-      server = nil
-      return
-    }
-    self.server = GRPCServer(
-      transport: .http2NIOPosix(
-        address: .ipv4(host: configuration.host, port: configuration.port),
-        transportSecurity: Self.transportSecurity(configuration),
-        config: .defaults {
-          $0.rpc.maxRequestPayloadSize = configuration.transportMaxRequestBytes
-          $0.http2.maxFrameSize = configuration.http2MaxFrameSize
-          $0.http2.targetWindowSize = configuration.http2TargetWindowSize
-          $0.http2.maxConcurrentStreams = configuration.maxConcurrentStreams
-          $0.connection.maxIdleTime = configuration.maxConnectionIdle
-          $0.connection.maxAge = configuration.maxConnectionAge
-          $0.connection.maxGraceTime = configuration.maxConnectionGrace
-          $0.connection.keepalive.time = configuration.keepaliveTime
-          $0.connection.keepalive.timeout = configuration.keepaliveTimeout
-          // Not for debugging: the only hook for the flush-deadlock workaround (AccelHTTP2).
-          $0.channelDebuggingCallbacks.onAcceptHTTP2Stream = ServerStreamHandlers.install
-        }
-      ),
-      services: [tcp as any RegistrableRPCService] + lane(tcp) + [
-        HealthService(dispatcher: dispatcher, device: self.device, draining: draining), try ReflectionService(),
-      ],
-      interceptors: [AuthInterceptor(directory: directory, metrics: metrics), MetricsInterceptor(metrics: metrics, logger: logger)]
-    )
+    edge = try Self.makeEdge(
+      configuration, address: "\(configuration.host):\(configuration.port)", tls: true, service: tcp,
+      directory: directory, metrics: metrics, logger: logger, health: health, pins: pins)
   }
 
-  /// The C-core edge: on `host:port` when it is the edge, and on `coreEdgePort` when that is set; nil for neither.
-  static func makeCoreEdge(
-    _ configuration: ServiceConfiguration, service: AcceleratorService, directory: TenantDirectory,
-    metrics: GatewayMetrics, logger: Logger, health: HealthService
-  ) throws -> CoreServer? {
+  /// The API on gRPC's C core at `address` ("host:port" or "unix:/path"), with the configured TLS when `tls`.
+  static func makeEdge(
+    _ configuration: ServiceConfiguration, address: String, tls: Bool, service: AcceleratorService,
+    directory: TenantDirectory, metrics: GatewayMetrics, logger: Logger, health: HealthService, pins: ReplyPins
+  ) throws -> CoreServer {
     var core = CoreServerConfiguration()
-    core.addresses =
-      (configuration.edge == .core ? ["\(configuration.host):\(configuration.port)"] : [])
-      + (configuration.coreEdgePort.map { ["\(configuration.host):\($0)"] } ?? [])
-    guard !core.addresses.isEmpty else { return nil }
+    core.addresses = [address]
     core.maxReceiveMessageBytes = configuration.transportMaxRequestBytes
     core.maxConcurrentStreams = configuration.maxConcurrentStreams
     core.keepaliveTimeMilliseconds = Self.milliseconds(configuration.keepaliveTime)
@@ -225,7 +179,9 @@ public final class AccelGateServer: Sendable {
     core.maxConnectionIdleMilliseconds = configuration.maxConnectionIdle.map(Self.milliseconds) ?? 0
     core.maxConnectionAgeMilliseconds = configuration.maxConnectionAge.map(Self.milliseconds) ?? 0
     core.maxConnectionAgeGraceMilliseconds = configuration.maxConnectionGrace.map(Self.milliseconds) ?? 0
-    if let chain = configuration.tlsCertificateChain, let key = configuration.tlsPrivateKey {
+    core.http2MaxFrameSize = configuration.http2MaxFrameSize
+    core.http2StreamWindowBytes = configuration.http2TargetWindowSize
+    if tls, let chain = configuration.tlsCertificateChain, let key = configuration.tlsPrivateKey {
       core.tls = CoreServerConfiguration.TLS(
         keyPEM: try String(contentsOfFile: key, encoding: .utf8),
         certificateChainPEM: try String(contentsOfFile: chain, encoding: .utf8),
@@ -233,11 +189,11 @@ public final class AccelGateServer: Sendable {
     }
     let edge = CoreEdgeService(
       service: service, directory: directory, health: health, reflection: try ReflectionService(), metrics: metrics,
-      logger: logger, pins: ReplyPins(limit: Int(configuration.device.dataPoolBytes / 4)))
+      logger: logger, pins: pins)
     do {
       return try CoreServer(configuration: core, methods: edge.methods, unregistered: { edge.unregistered($0) })
     } catch {
-      throw ConfigurationError("cannot serve gRPC's C core on \(core.addresses.joined(separator: ", ")): \(error)")
+      throw ConfigurationError("cannot listen on \(address): \(error)")
     }
   }
 
@@ -248,7 +204,7 @@ public final class AccelGateServer: Sendable {
   }
 
   /// A private (0700) directory beside `path` and a socket path in it, where the
-  /// local gRPC listener binds before its mode is set and it is renamed to
+  /// local listener binds before its mode is set and it is renamed to
   /// `path`: nobody can connect while the mode still follows the umask. nil
   /// when that path would not fit in a socket address (then it binds at `path`
   /// and is chmod-ed once listening).
@@ -267,8 +223,7 @@ public final class AccelGateServer: Sendable {
   /// Once the local listener is bound: mode 0660 (owner and group may connect,
   /// whatever the umask; the process-wide umask is never changed), then the
   /// socket is renamed to its documented path.
-  private func publishLocalSocket(_ local: GRPCServer<HTTP2ServerTransport.Posix>, path: String) async throws {
-    _ = try await local.listeningAddress
+  private func publishLocalSocket(path: String) throws {
     let bound = localStaging?.socket ?? path
     guard chmod(bound, 0o660) == 0 else {
       throw ConfigurationError("cannot chmod the local socket \(bound): \(String(cString: strerror(errno)))")
@@ -278,20 +233,6 @@ public final class AccelGateServer: Sendable {
         throw ConfigurationError("cannot move the local socket to \(path): \(String(cString: strerror(errno)))")
       }
       rmdir(staging.directory)
-    }
-    localPublished.store(1, ordering: .releasing)
-  }
-
-  /// Plaintext, TLS, or mTLS (client certificates required and verified against
-  /// `tlsClientCA`; host names are not checked, as clients have none to check).
-  static func transportSecurity(_ c: ServiceConfiguration) -> HTTP2ServerTransport.Posix.TransportSecurity {
-    guard let chain = c.tlsCertificateChain, let key = c.tlsPrivateKey else { return .plaintext }
-    let certs: [TLSConfig.CertificateSource] = [.file(path: chain, format: .pem)]
-    let privateKey = TLSConfig.PrivateKeySource.file(path: key, format: .pem)
-    guard let ca = c.tlsClientCA else { return .tls(certificateChain: certs, privateKey: privateKey) }
-    return .mTLS(certificateChain: certs, privateKey: privateKey) {
-      $0.trustRoots = .certificates([.file(path: ca, format: .pem)])
-      $0.clientCertificateVerification = .noHostnameVerification
     }
   }
 
@@ -309,74 +250,48 @@ public final class AccelGateServer: Sendable {
         unlink(staging.socket)
         rmdir(staging.directory)
       }
+      if localEdge != nil, let path = configuration.localSocket { unlink(path) }
       localControl?.stop()
       external?.stop()
       dispatcher.shutdown()
       dispatcher.driver.stop()
       device?.stop()
     }
-    coreEdge?.start()
-    coreStarted.store(true, ordering: .releasing)
-    let served: Result<Void, any Error>
-    do {
-      // The server returns once every call has finished after a graceful
-      // shutdown; if the grace runs out first, cancelling it ends the rest.
-      let (server, expired) = (self.server, graceExpired)
-      let local = localServer
-      localControl?.start()
-      try await withThrowingTaskGroup(of: Void.self) { group in
-        group.addTask {
-          // Both listeners serve until the TCP one has drained.
-          try await withThrowingTaskGroup(of: Void.self) { both in
-            both.addTask {
-              if let server {
-                try await server.serve()
-              } else if let core = self.coreEdge {
-                // Serves until drained; cancelled when the grace runs out, it ends what is left.
-                await withTaskCancellationHandler { await core.drained() } onCancel: { core.cancelAll() }
-              }
-            }
-            if let local, let path = self.configuration.localSocket {
-              both.addTask {
-                try await withThrowingTaskGroup(of: Void.self) { listener in
-                  listener.addTask { try await local.serve() }
-                  do { try await self.publishLocalSocket(local, path: path) } catch {
-                    self.localPublished.store(2, ordering: .releasing)
-                    listener.cancelAll()
-                    throw error
-                  }
-                  try await listener.waitForAll()
-                }
-              }
-            }
-            _ = try await both.next()
-            local?.beginGracefulShutdown()
-            try await both.waitForAll()
-          }
+    edge.start()
+    if let localEdge, let path = configuration.localSocket {
+      localEdge.start()
+      do { try publishLocalSocket(path: path) } catch {
+        listening.store(Listening.failed, ordering: .releasing)
+        await Self.onThread { [edge] in
+          edge.shutdown(grace: .zero)
+          localEdge.shutdown(grace: .zero)
         }
-        group.addTask {
-          for await _ in expired { return }
-          try await Task.sleep(for: .seconds(86_400 * 365))  // never expired: wait to be cancelled
-          throw CancellationError()
-        }
-        _ = try await group.next()
-        group.cancelAll()
+        throw error
       }
-      served = .success(())
-    } catch is CancellationError {
-      served = .success(())
-    } catch {
-      served = .failure(error)
     }
-    if let coreEdge {
-      // Its calls had the same grace; whatever is left now is cancelled.
-      await Self.onThread { coreEdge.shutdown(grace: .zero) }
+    localControl?.start()
+    listening.store(Listening.ready, ordering: .releasing)
+    // Serves until both listeners have drained after `shutdown()`; if the grace
+    // runs out first, what is left is cancelled.
+    let (edges, expired) = ([edge] + (localEdge.map { [$0] } ?? []), graceExpired)
+    await withTaskGroup(of: Void.self) { group in
+      group.addTask {
+        await withTaskCancellationHandler {
+          for e in edges { await e.drained() }
+        } onCancel: {
+          for e in edges { e.cancelAll() }
+        }
+      }
+      group.addTask { for await _ in expired { return } }
+      _ = await group.next()
+      group.cancelAll()
     }
+    // Their calls had the same grace; whatever is left now is cancelled.
+    await Self.onThread { for e in edges { e.shutdown(grace: .zero) } }
     if let started = drainStarted.withLock({ $0 }) {
       logger.notice("drained", metadata: ["seconds": "\(ContinuousClock.now - started)"])
     }
     if let m = metricsServer.withLock({ $0 }) { await m.close() }
-    try served.get()
   }
 
   /// Runs blocking work on a thread of its own, so no task waits on it.
@@ -388,9 +303,6 @@ public final class AccelGateServer: Sendable {
       }.start()
     }
   }
-
-  /// The C-core edge's extra port (`coreEdgePort`), when it serves one.
-  public var coreEdgePort: Int? { configuration.coreEdgePort == nil ? nil : coreEdge?.ports.last }
 
   /// The port `/metrics` is served on, once listening; nil when metrics are off.
   public var metricsPort: Int? { metricsServer.withLock { $0?.port } }
@@ -404,17 +316,10 @@ public final class AccelGateServer: Sendable {
   /// Waits for the local socket too, when there is one, so a listening line
   /// printed after it means both are ready.
   public func listeningPort() async throws -> Int? {
-    let port: Int?
-    if let server {
-      port = try await server.listeningAddress?.ipv4?.port
-    } else {
-      while !coreStarted.load(ordering: .acquiring) { try await Task.sleep(for: .milliseconds(5)) }
-      port = coreEdge?.ports.first
-    }
     while true {
-      switch localPublished.load(ordering: .acquiring) {
-      case 1: return port
-      case 2: throw ConfigurationError("the local socket \(configuration.localSocket ?? "") could not be published")
+      switch listening.load(ordering: .acquiring) {
+      case Listening.ready: return edge.ports.first
+      case Listening.failed: throw ConfigurationError("the local socket \(configuration.localSocket ?? "") could not be published")
       default: try await Task.sleep(for: .milliseconds(5))
       }
     }
@@ -447,14 +352,12 @@ public final class AccelGateServer: Sendable {
     draining.begin()
     logger.notice("draining", metadata: ["grace": "\(configuration.drainGrace)", "delay": "\(configuration.drainDelay)"])
     let (grace, delay, expired) = (configuration.drainGrace, configuration.drainDelay, graceExpiredContinuation)
-    let (server, localServer, coreEdge) = (self.server, self.localServer, self.coreEdge)
+    let edges = [edge] + (localEdge.map { [$0] } ?? [])
     Task.detached {
       // Health is NOT_SERVING from here on; new calls are still served for `delay`.
       if delay > .zero { try? await Task.sleep(for: delay) }
-      server?.beginGracefulShutdown()
-      localServer?.beginGracefulShutdown()
-      // The C-core edge drains alongside: no new calls, open ones finish within the grace.
-      if let coreEdge { await Self.onThread { coreEdge.beginShutdown() } }
+      // No new calls on either listener; open ones finish within the grace.
+      await Self.onThread { for e in edges { e.beginShutdown() } }
       try? await Task.sleep(for: grace)
       expired.yield()
     }

@@ -1,11 +1,9 @@
 internal import AccelABI
 internal import AccelDispatcher
 internal import AccelDriver
-internal import AccelProto
 internal import AccelRequests
 internal import AccelMessages
 internal import FoundationEssentials
-internal import GRPCCore
 internal import SwiftProtobuf
 internal import Synchronization
 
@@ -26,27 +24,7 @@ extension AcceleratorService {
   /// tenants' jobs interleave (the fair scheduler's latency bound is one job).
   static let streamJobInput = 1 << 20
 
-  func compressStream(
-    request: StreamingServerRequest<Accelgate_V1_CompressStreamRequest>, context: ServerContext
-  ) async throws -> StreamingServerResponse<Accelgate_V1_CompressStreamResponse> {
-    let (tenant, deadline) = (TenantHeader.tenant(of: request.metadata), CallDeadline(metadata: request.metadata))
-    return StreamingServerResponse { writer in
-      try await compressStream(StreamIO(request.messages, writer), tenant: tenant, deadline: deadline)
-      return [:]
-    }
-  }
-
-  func decompressStream(
-    request: StreamingServerRequest<Accelgate_V1_DecompressStreamRequest>, context: ServerContext
-  ) async throws -> StreamingServerResponse<Accelgate_V1_DecompressStreamResponse> {
-    let (tenant, deadline) = (TenantHeader.tenant(of: request.metadata), CallDeadline(metadata: request.metadata))
-    return StreamingServerResponse { writer in
-      try await decompressStream(StreamIO(request.messages, writer), tenant: tenant, deadline: deadline)
-      return [:]
-    }
-  }
-
-  /// One CompressStream, whichever edge carries it.
+  /// One CompressStream.
   func compressStream(
     _ io: StreamIO<Accelgate_V1_CompressStreamRequest, Accelgate_V1_CompressStreamResponse>, tenant: String,
     deadline: CallDeadline
@@ -58,7 +36,7 @@ extension AcceleratorService {
     } chunk: { ($0.data, $0.final) }
   }
 
-  /// One DecompressStream, whichever edge carries it.
+  /// One DecompressStream.
   func decompressStream(
     _ io: StreamIO<Accelgate_V1_DecompressStreamRequest, Accelgate_V1_DecompressStreamResponse>, tenant: String,
     deadline: CallDeadline
@@ -206,7 +184,7 @@ final class StreamSession: Sendable {
     (finished, finishedIn) = AsyncStream.makeStream(of: Void.self)
     let contextBytes = StreamContextMemory.bytes(algorithm: algorithm, level: level, compress: compress)
     do { target = try service.dispatcher.openStream(tenant: tenant, contextBytes: contextBytes) } catch {
-      throw StatusMapping.rpcError(error, operation: compress ? "compress" : "decompress", outputLimit: 0)
+      throw StatusMapping.callStatus(error, operation: compress ? "compress" : "decompress", outputLimit: 0)
     }
   }
 
@@ -287,7 +265,7 @@ final class StreamSession: Sendable {
           return t.totalOut
         }
         if total > outputCap {
-          throw RPCError(
+          throw CallStatus(
             code: .resourceExhausted,
             message: "\(compress ? "compress" : "decompress"): output exceeds the limit of \(outputCap) bytes")
         }
@@ -324,7 +302,7 @@ struct StallBoundedWriter<Message: Sendable>: Sendable {
     try await TimeLimit.run(
       timeout,
       expired: {
-        RPCError(
+        CallStatus(
           code: .resourceExhausted,
           message: "the client accepted no stream output for \(timeout) (stream write timeout); the stream was ended")
       },
@@ -352,7 +330,7 @@ struct IdleBoundedReader<Message: Sendable>: Sendable {
     return try await TimeLimit.run(
       timeout,
       expired: {
-        RPCError(
+        CallStatus(
           code: .resourceExhausted,
           message: "no stream input for \(timeout) (stream idle timeout); the stream was ended and its device context freed")
       },

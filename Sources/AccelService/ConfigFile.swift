@@ -89,7 +89,7 @@ public enum ConfigFile {
     string("listen.host", "gRPC listen address") { c, v in c.host = v; return nil },
     int("listen.port", 0...65535, "gRPC port (0 picks one)") { $0.port = $1 },
     int("listen.max_concurrent_streams", 1...65536, "HTTP/2 streams per connection") { $0.maxConcurrentStreams = $1 },
-    int("listen.http2_window_bytes", 65535...(16 << 20), "HTTP/2 flow-control window (keep <= 4 MiB; see docs/STREAMING.md)") {
+    int("listen.http2_window_bytes", 65535...(16 << 20), "each stream's initial HTTP/2 flow-control window (the C core grows it by BDP probing)") {
       $0.http2TargetWindowSize = $1
     },
     bool("listen.pooled_payloads", "network lane: payloads decoded into / written from the device pool (docs/NETWORK_LANE.md)") {
@@ -130,13 +130,6 @@ public enum ConfigFile {
     },
     int("local.descriptor_reserve", 0...1_000_000, "descriptors kept free below RLIMIT_NOFILE (registrations refused past it)") {
       $0.localQuotas.descriptorReserve = $1
-    },
-    string("listen.edge", "what serves the gRPC port: swift (grpc-swift) or core (gRPC's C core)", allowed: Edge.allCases.map(\.rawValue)) { c, v in
-      c.edge = Edge(rawValue: v) ?? .swift
-      return nil
-    },
-    int("listen.core_edge_port", -1...65535, "also serve on gRPC's C core on this port (-1 = off, 0 picks one)") {
-      $0.coreEdgePort = $1 < 0 ? nil : $1
     },
     bool("metrics.enabled", "serve /metrics") { c, on in c.metricsPort = on ? (c.metricsPort ?? 9464) : nil },
     string("metrics.host", "metrics listen address") { c, v in c.metricsHost = v; return nil },
@@ -349,7 +342,7 @@ public enum ConfigFile {
       ("local.connection_max_descriptors", "\(c.localQuotas.connectionMaxDescriptors)"),
       ("local.max_unauthenticated_connections", "\(c.localQuotas.maxUnauthenticatedConnections)"),
       ("local.frame_timeout_ms", ms(c.localQuotas.frameTimeout)), ("local.descriptor_reserve", "\(c.localQuotas.descriptorReserve)"),
-      ("listen.edge", c.edge.rawValue), ("listen.core_edge_port", c.coreEdgePort.map { "\($0)" } ?? "-"), ("metrics.enabled", "\(c.metricsPort != nil)"), ("metrics.host", c.metricsHost), ("metrics.port", c.metricsPort.map { "\($0)" } ?? "-"),
+      ("metrics.enabled", "\(c.metricsPort != nil)"), ("metrics.host", c.metricsHost), ("metrics.port", c.metricsPort.map { "\($0)" } ?? "-"),
       ("limits.max_request_bytes", "\(c.maxRequestBytes)"), ("limits.max_decompressed_bytes", "\(c.maxDecompressedBytes)"),
       ("limits.max_queued_jobs", "\(c.maxQueuedJobs)"), ("limits.max_queued_payload_bytes", "\(c.maxQueuedPayloadBytes ?? 0)"),
       ("connection.max_idle_ms", c.maxConnectionIdle.map(ms) ?? "0"), ("connection.max_age_ms", c.maxConnectionAge.map(ms) ?? "0"),

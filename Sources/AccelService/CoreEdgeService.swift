@@ -3,11 +3,9 @@ internal import AccelDispatcher
 internal import AccelDriver
 internal import CAccelCrypto
 internal import AccelMessages
-internal import AccelProto
 internal import AccelScheduler
 internal import AccelRequests
 internal import FoundationEssentials
-internal import GRPCCore
 internal import Logging
 internal import SwiftProtobuf
 
@@ -17,12 +15,11 @@ internal import SwiftProtobuf
 ///   receives them and from the reaper that completes their jobs, with no Swift
 ///   task on the way.
 /// - Streams (CompressStream, DecompressStream, Submit, health Watch,
-///   reflection) run the same bodies as the grpc-swift edge (`StreamIO`), in a
-///   task that awaits each message and each write.
+///   reflection) run their bodies over `StreamIO`, in a task that awaits each
+///   message and each write.
 ///
-/// The same translator (AccelRequests), the same status mapping and the same
-/// access log as the grpc-swift edge, so a request gets the same answer on
-/// either.
+/// Requests become jobs in the translator (AccelRequests), failures become
+/// statuses in `StatusMapping`, and every call ends with one `AccessLog` line.
 struct CoreEdgeService: Sendable {
   let service: AcceleratorService
   let directory: TenantDirectory
@@ -35,7 +32,8 @@ struct CoreEdgeService: Sendable {
 
   static let accelerator = "/accelgate.v1.Accelerator/"
 
-  /// Registered methods and their handlers.
+  /// Registered methods and their handlers. Health and reflection need no API
+  /// key (they carry no tenant data); every `accelgate.v1` method does.
   var methods: [CoreServer.Method] {
     [
       .init("/grpc.health.v1.Health/Check") { self.check($0) },
@@ -44,46 +42,73 @@ struct CoreEdgeService: Sendable {
       .init("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", .streaming) { self.reflect($0) },
       .init(Self.accelerator + "DescribeDevice") { self.describeDevice($0) },
       .init(Self.accelerator + "Compress") { call in
-        self.unary(call, "Compress", lane: laneField(NetworkLaneService.compressData)) {
+        self.unary(call, "Compress", lane: laneField(NetworkLane.compressData)) {
           (r: Accelgate_V1_CompressRequest, t, lane) in
-          try refuseSpans(r.hasInputRegion, r.hasOutputRegion, tenant: t, operation: "compress")
-          let plan = try service.translator.compress(r, tenant: t, lane: lane)
-          return UnaryPlan(plan: plan, key: .raw) { res in (LaneResponse(message: plan.compressResponse(res), pooled: res.pooledOutput), 0) }
+          let spans = try service.localSpans(
+            input: r.hasInputRegion ? r.inputRegion : nil, output: r.hasOutputRegion ? r.outputRegion : nil,
+            inline: lane.payloadCount(inline: r.data), tenant: t, operation: "compress", outputLimit: Int(UInt32.max))
+          let plan = try service.translator.compress(r, tenant: t, lane: lane, spans: spans.lengths)
+          return UnaryPlan(plan: plan, key: .raw, spans: spans) { res in
+            var message = plan.compressResponse(res)
+            if spans.output != nil { message.regionOutputLength = res.stats.outputBytes }
+            return (LaneResponse(message: message, pooled: res.pooledOutput), 0)
+          }
         }
       },
       .init(Self.accelerator + "Decompress") { call in
-        self.unary(call, "Decompress", lane: laneField(NetworkLaneService.decompressData)) {
+        self.unary(call, "Decompress", lane: laneField(NetworkLane.decompressData)) {
           (r: Accelgate_V1_DecompressRequest, t, lane) in
-          let plan = try service.translator.decompress(r, tenant: t, lane: lane)
-          try refuseSpans(r.hasInputRegion, r.hasOutputRegion, tenant: t, operation: "decompress")
-          return UnaryPlan(plan: plan, key: .raw) { res in (LaneResponse(message: plan.decompressResponse(res), pooled: res.pooledOutput), 0) }
+          // The request is checked before its spans are bound (a bad format is refused as such).
+          var plan = try service.translator.decompress(r, tenant: t, lane: lane)
+          let spans = try service.localSpans(
+            input: r.hasInputRegion ? r.inputRegion : nil, output: r.hasOutputRegion ? r.outputRegion : nil,
+            inline: lane.payloadCount(inline: r.data), tenant: t, operation: "decompress",
+            outputLimit: plan.job.outputCapacity)
+          if let output = spans.lengths.output { plan.outputLimit = output }
+          return UnaryPlan(plan: plan, key: .raw, spans: spans) { [plan] res in
+            var message = plan.decompressResponse(res)
+            if spans.output != nil { message.regionOutputLength = res.stats.outputBytes }
+            return (LaneResponse(message: message, pooled: res.pooledOutput), 0)
+          }
         }
       },
       .init(Self.accelerator + "Encrypt") { call in
-        self.unary(call, "Encrypt", lane: laneField(NetworkLaneService.encryptPlaintext, sensitive: true, carriesKey: true)) {
+        self.unary(call, "Encrypt", lane: laneField(NetworkLane.encryptPlaintext, sensitive: true, carriesKey: true)) {
           (r: Accelgate_V1_EncryptRequest, t, lane) in
-          try refuseSpans(r.hasInputRegion, r.hasOutputRegion, tenant: t, operation: "encrypt")
-          let plan = try service.translator.encrypt(r, tenant: t, lane: lane)
-          return UnaryPlan(plan: plan.plan, key: plan.key) { res in
-            let (message, prefix, extra) = plan.response(res)
+          let spans = try service.localSpans(
+            input: r.hasInputRegion ? r.inputRegion : nil, output: r.hasOutputRegion ? r.outputRegion : nil,
+            inline: lane.payloadCount(inline: r.plaintext), tenant: t, operation: "encrypt", outputLimit: Int(UInt32.max))
+          let plan = try service.translator.encrypt(r, tenant: t, lane: lane, spans: spans.lengths)
+          return UnaryPlan(plan: plan.plan, key: plan.key, spans: spans) { res in
+            var (message, prefix, extra) = plan.response(res)
+            if spans.output != nil { message.regionOutputLength = res.stats.outputBytes }
             return (LaneResponse(message: message, pooled: res.pooledOutput, prefix: prefix), extra)
           }
         }
       },
       .init(Self.accelerator + "Decrypt") { call in
-        self.unary(call, "Decrypt", lane: laneField(NetworkLaneService.decryptCiphertext, sealed: true, carriesKey: true)) {
+        self.unary(call, "Decrypt", lane: laneField(NetworkLane.decryptCiphertext, sealed: true, carriesKey: true)) {
           (r: Accelgate_V1_DecryptRequest, t, lane) in
-          try refuseSpans(r.hasInputRegion, r.hasOutputRegion, tenant: t, operation: "decrypt")
-          let plan = try service.translator.decrypt(r, tenant: t, lane: lane)
-          return UnaryPlan(plan: plan.plan, key: plan.key) { res in (LaneResponse(message: plan.response(res), pooled: res.pooledOutput), 0) }
+          let spans = try service.localSpans(
+            input: r.hasInputRegion ? r.inputRegion : nil, output: r.hasOutputRegion ? r.outputRegion : nil,
+            inline: lane.payloadCount(inline: r.ciphertext), tenant: t, operation: "decrypt",
+            outputLimit: service.configuration.maxDecompressedBytes)
+          let plan = try service.translator.decrypt(r, tenant: t, lane: lane, spans: spans.lengths)
+          return UnaryPlan(plan: plan.plan, key: plan.key, spans: spans) { res in
+            var message = plan.response(res)
+            if spans.output != nil { message.regionOutputLength = res.stats.outputBytes }
+            return (LaneResponse(message: message, pooled: res.pooledOutput), 0)
+          }
         }
       },
       .init(Self.accelerator + "Digest") { call in
         self.unary(call, "Digest", lane: nil) { (r: Accelgate_V1_DigestRequest, t, _) in
-          _ = try JobTranslator.digestAlgorithm(r.algorithm)  // refused as such before spans are looked at
-          try refuseSpans(r.hasInputRegion, false, tenant: t, operation: "digest")
-          let plan = try service.translator.digest(r, tenant: t)
-          return UnaryPlan(plan: plan.plan, key: plan.key) { res in (LaneResponse(message: plan.response(res)), 0) }
+          _ = try JobTranslator.digestAlgorithm(r.algorithm)  // refused as such before any span is bound
+          let spans = try service.localSpans(
+            input: r.hasInputRegion ? r.inputRegion : nil, output: nil, inline: r.data.count, tenant: t,
+            operation: "digest", outputLimit: 0)
+          let plan = try service.translator.digest(r, tenant: t, spans: spans.lengths)
+          return UnaryPlan(plan: plan.plan, key: plan.key, spans: spans) { res in (LaneResponse(message: plan.response(res)), 0) }
         }
       },
       .init(Self.accelerator + "CompressStream", .streaming) { call in
@@ -107,7 +132,7 @@ struct CoreEdgeService: Sendable {
   /// Every other path: no method of this server.
   func unregistered(_ call: CoreCall) {
     let arrival = Arrival(call, method: String(call.path.split(separator: "/").last ?? ""))
-    finish(arrival, RPCError(code: .unimplemented, message: "unknown method \(call.path)"))
+    finish(arrival, CallStatus(code: .unimplemented, message: "unknown method \(call.path)"))
   }
 
   // MARK: health, reflection, description
@@ -115,10 +140,10 @@ struct CoreEdgeService: Sendable {
   private func check(_ call: CoreCall) {
     let arrival = Arrival(call, method: "Check")
     guard let request: Grpc_Health_V1_HealthCheckRequest = try? Self.decode(call.payload) else {
-      return finish(arrival, RPCError(code: .invalidArgument, message: "the request is not a HealthCheckRequest"))
+      return finish(arrival, CallStatus(code: .invalidArgument, message: "the request is not a HealthCheckRequest"))
     }
     guard HealthService.services.contains(request.service) else {
-      return finish(arrival, RPCError(code: .notFound, message: "unknown service '\(request.service)'"))
+      return finish(arrival, CallStatus(code: .notFound, message: "unknown service '\(request.service)'"))
     }
     var response = Grpc_Health_V1_HealthCheckResponse()
     response.status = health.status
@@ -129,7 +154,7 @@ struct CoreEdgeService: Sendable {
     stream(call, "Watch", authenticated: false) {
       (io: StreamIO<Grpc_Health_V1_HealthCheckRequest, Grpc_Health_V1_HealthCheckResponse>, _, _) in
       guard let request = try await io.next() else {
-        throw RPCError(code: .invalidArgument, message: "Watch carried no request")
+        throw CallStatus(code: .invalidArgument, message: "Watch carried no request")
       }
       // Draining: the watcher sees NOT_SERVING, then its stream ends (it would hold the drain otherwise).
       try await health.watch(request.service, write: io.write, cancelled: { health.draining.isDraining })
@@ -158,6 +183,8 @@ struct CoreEdgeService: Sendable {
   struct UnaryPlan<Response: SwiftProtobuf.Message & Sendable>: Sendable {
     let plan: JobPlan
     let key: KeyIdentity
+    /// The local lane's spans of client memory the job reads or writes (none on TCP).
+    let spans: LocalSpans
     /// The response, with the result still in the pool when the lane left it there, and copies made on the way.
     let respond: @Sendable (JobResult) -> (LaneResponse<Response>, extraCopies: UInt32)
   }
@@ -196,10 +223,11 @@ struct CoreEdgeService: Sendable {
     let lane: PayloadLane = field == nil ? .copied : .pooled(staged)
     let unary: UnaryPlan<Response>
     do { unary = try translate(request, tenant, lane) } catch {
-      return finish(arrival, StatusMapping.rpcError(any: error))
+      return finish(arrival, StatusMapping.callStatus(any: error))
     }
     let plan = unary.plan
     var job = plan.job
+    unary.spans.apply(to: &job)
     let deadline = call.timeRemaining.map { ContinuousClock.now + $0 }
     job.deadline = deadline
     let id = service.dispatcher.makeJobID()
@@ -214,7 +242,7 @@ struct CoreEdgeService: Sendable {
       case .success(let result):
         completed(result, unary, arrived, lane: lane)
       case .failure(let error):
-        finish(arrived, StatusMapping.rpcError(error, operation: operation.rawValue, outputLimit: plan.outputLimit))
+        finish(arrived, StatusMapping.callStatus(error, operation: operation.rawValue, outputLimit: plan.outputLimit))
       }
     }
   }
@@ -229,38 +257,22 @@ struct CoreEdgeService: Sendable {
     // In place unless the tenant's unsent replies hold too much of the pool already.
     let inPlace = held > 0 && pins.take(held, tenant: tenant)
     service.recordCopies(
-      tenant: tenant, operation: unary.plan.operation.rawValue, lane: lane, spans: LocalSpans(inputLength: 0),
+      tenant: tenant, operation: unary.plan.operation.rawValue, lane: lane, spans: unary.spans,
       result: result, extraOut: extra, sentInPlace: inPlace)
     let give: @Sendable () -> Void = { pins.give(held, tenant: tenant) }
     answer(arrival, response, sent: inPlace ? give : nil)
   }
 
   /// Decodes a request straight from the core's bytes; with a lane field, its
-  /// payload is staged in a device pool first (the one copy in) and the rest
-  /// decoded. Staging that is refused (pool full, tenant share) decodes the
-  /// whole message instead.
-  private func decode<Request: SwiftProtobuf.Message>(
+  /// payload is staged in a device pool first (`NetworkLane.decode`).
+  private func decode<Request: SwiftProtobuf.Message & Sendable>(
     _ payload: UnsafeRawBufferPointer, tenant: String, lane field: LaneField?
   ) throws -> (Request, StagedInput?) {
-    guard let field,
-      let (staged, rest) = NetworkLane(dispatcher: service.dispatcher, metrics: metrics).stage(
-        payload, field: field.field, maxPayload: field.maxPayload, sensitive: field.sensitive, tenant: tenant)
-    else { return (try Self.decode(payload), nil) }
-    var others = rest
-    defer { if field.sensitive || field.carriesKey { others.withUnsafeMutableBytes { accel_secure_zero($0.baseAddress, $0.count) } } }
-    do { return (try Request(serializedBytes: others), staged) } catch {
-      staged.release()
-      throw error
-    }
-  }
-
-  /// Region spans are the local lane's; this edge (TCP) refuses them as the grpc-swift TCP listener does.
-  private func refuseSpans(_ input: Bool, _ output: Bool, tenant: String, operation: String) throws {
-    guard input || output else { return }
-    let span = Accelgate_V1_RegionSpan()
-    _ = try service.localSpans(
-      input: input ? span : nil, output: output ? span : nil, inline: 0, tenant: tenant, operation: operation,
-      outputLimit: 0)
+    guard let field else { return (try Self.decode(payload), nil) }
+    let decoded: LaneRequest<Request> = try NetworkLane(dispatcher: service.dispatcher, metrics: metrics).decode(
+      payload, field: field.field, maxPayload: field.maxPayload, sensitive: field.sensitive, carriesKey: field.carriesKey,
+      tenant: tenant)
+    return (decoded.message, decoded.staged)
   }
 
   // MARK: streams
@@ -287,7 +299,7 @@ struct CoreEdgeService: Sendable {
     let task = Task {
       do {
         try await body(io, tenant, deadline)
-        MetricsInterceptor.record(
+        AccessLog.record(
           metrics: metrics, logger: logger, method: method, tenant: tenant, id: arrived.id, code: "OK",
           start: arrived.start)
         call.end(initial: initial)
@@ -299,12 +311,12 @@ struct CoreEdgeService: Sendable {
   }
 
   /// The status a stream body's error ends its call with.
-  static func status(of error: any Error, deadline: CallDeadline) -> RPCError {
+  static func status(of error: any Error, deadline: CallDeadline) -> CallStatus {
     switch error {
-    case let e as RPCError: e
-    case let e as any RPCErrorConvertible: RPCError(e)
     case is CancellationError, is CoreCall.Ended: AcceleratorService.streamEnded(deadline)
-    default: RPCError(code: .unknown, message: "Service method threw an unknown error.")
+    case let e as CallStatus: e
+    case is RequestError, is KeyError, is LocalLaneError: StatusMapping.callStatus(any: error)
+    default: CallStatus(code: .unknown, message: "Service method threw an unknown error.")
     }
   }
 
@@ -330,7 +342,7 @@ struct CoreEdgeService: Sendable {
     let authorization = arrival.call.metadata("authorization")
     guard let tenant = directory.authenticate(authorization: authorization)?.id else {
       metrics.recordUnauthenticated()
-      finish(arrival, RPCError(
+      finish(arrival, CallStatus(
         code: .unauthenticated,
         message: authorization == nil ? "missing 'authorization: Bearer <api-key>' metadata" : "unknown API key"))
       return false
@@ -353,7 +365,7 @@ struct CoreEdgeService: Sendable {
     do { parts = try Self.parts(response, sent: sent) } catch {
       response.pooled?.release()
       sent?()
-      return finish(arrival, RPCError(code: .internalError, message: "could not encode the response"))
+      return finish(arrival, CallStatus(code: .internalError, message: "could not encode the response"))
     }
     record(arrival, "OK")
     arrival.call.respond(parts, initial: [("x-request-id", arrival.id)])
@@ -371,7 +383,7 @@ struct CoreEdgeService: Sendable {
     // The payload field first (field 1: where SwiftProtobuf, writing in field order, would put it).
     let rest: CoreBuffer = try response.message.serializedBytes()
     let length = response.prefix.count + pooled.count
-    let tag = UInt64(NetworkLaneService.responsePayload) << 3 | UInt64(ProtoWire.lengthDelimited)
+    let tag = UInt64(NetworkLane.responsePayload) << 3 | UInt64(ProtoWire.lengthDelimited)
     var head = CoreBuffer(repeating: 0, count: ProtoWire.varintSize(tag) + ProtoWire.varintSize(UInt64(length)) + response.prefix.count)
     head.withUnsafeMutableBytes { out in
       var i = 0
@@ -394,30 +406,26 @@ struct CoreEdgeService: Sendable {
     return [head.part, pool, rest.part]
   }
 
-  private func finish(_ arrival: Arrival, _ error: RPCError) {
-    record(arrival, MetricsInterceptor.name(error.code))
-    var trailers: [(String, String)] = [("x-request-id", arrival.id)]
-    for (key, value) in error.metadata {
-      if case .string(let s) = value { trailers.append((key, s)) }
-    }
+  private func finish(_ arrival: Arrival, _ error: CallStatus) {
+    record(arrival, error.code.name)
+    let trailers = [("x-request-id", arrival.id)] + error.trailers.map { ($0.key, $0.value) }
     arrival.call.fail(code: error.code.rawValue, message: error.message, trailers: trailers)
   }
 
   private func record(_ arrival: Arrival, _ code: String) {
-    MetricsInterceptor.record(
+    AccessLog.record(
       metrics: metrics, logger: logger, method: arrival.method, tenant: arrival.tenant, id: arrival.id, code: code,
       start: arrival.start)
   }
 
   /// Decodes a message straight from the core's bytes (decoding copies what it keeps).
   static func decode<M: SwiftProtobuf.Message>(_ payload: UnsafeRawBufferPointer) throws -> M {
-    guard let base = payload.baseAddress, payload.count > 0 else { return M() }
-    return try M(serializedBytes: Data(bytesNoCopy: UnsafeMutableRawPointer(mutating: base), count: payload.count, deallocator: .none))
+    try NetworkLane.decodeWhole(payload)
   }
 
   /// The status of a message that is not the method's request type (grpc-swift's words).
-  static func unparsable<M: SwiftProtobuf.Message>(_ type: M.Type) -> RPCError {
-    RPCError(code: .invalidArgument, message: "Can't deserialize to message of type \(M.self).")
+  static func unparsable<M: SwiftProtobuf.Message>(_ type: M.Type) -> CallStatus {
+    CallStatus(code: .invalidArgument, message: "Can't deserialize to message of type \(M.self).")
   }
 }
 

@@ -1,41 +1,13 @@
 internal import AccelABI
 internal import AccelDispatcher
 internal import AccelDriver
-internal import AccelProto
 internal import AccelMessages
 internal import AccelRequests
 internal import FoundationEssentials
-internal import GRPCCore
 
 /// Encrypt, Decrypt and Digest: the translator (AccelRequests) checks each
 /// request and builds its job; this runs it and answers.
 extension AcceleratorService {
-  // MARK: RPCs
-
-  func encrypt(request envelope: ServerRequest<Accelgate_V1_EncryptRequest>, context: ServerContext) async throws
-    -> ServerResponse<Accelgate_V1_EncryptResponse>
-  {
-    let tenant = TenantHeader.tenant(of: envelope.metadata)
-    return ServerResponse(
-      message: try await encrypt(envelope.message, tenant: tenant, deadline: CallDeadline(metadata: envelope.metadata)))
-  }
-
-  func decrypt(request envelope: ServerRequest<Accelgate_V1_DecryptRequest>, context: ServerContext) async throws
-    -> ServerResponse<Accelgate_V1_DecryptResponse>
-  {
-    let tenant = TenantHeader.tenant(of: envelope.metadata)
-    return ServerResponse(
-      message: try await decrypt(envelope.message, tenant: tenant, deadline: CallDeadline(metadata: envelope.metadata)))
-  }
-
-  func digest(request envelope: ServerRequest<Accelgate_V1_DigestRequest>, context: ServerContext) async throws
-    -> ServerResponse<Accelgate_V1_DigestResponse>
-  {
-    let tenant = TenantHeader.tenant(of: envelope.metadata)
-    return ServerResponse(
-      message: try await digest(envelope.message, tenant: tenant, deadline: CallDeadline(metadata: envelope.metadata)))
-  }
-
   // MARK: operations (shared with Submit)
 
   func encrypt(_ r: Accelgate_V1_EncryptRequest, tenant: String, deadline: CallDeadline) async throws

@@ -3,7 +3,6 @@ internal import AccelDevice
 internal import AccelDispatcher
 internal import AccelDriver
 internal import AccelScheduler
-internal import AccelProto
 internal import AccelRequests
 internal import AccelMessages
 internal import CAccelABI

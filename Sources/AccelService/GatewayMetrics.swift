@@ -45,7 +45,7 @@ final class GatewayMetrics: Sendable {
     recordUnauthenticated(by: 0)
   }
 
-  // MARK: calls (recorded by MetricsInterceptor and the dispatcher observer)
+  // MARK: calls (recorded by AccessLog and the dispatcher observer)
 
   func recordCall(method: String, code: String, tenant: String, duration: Duration) {
     let series = calls[CallKey(method: method, code: code, tenant: tenant)]

@@ -1,15 +1,13 @@
 internal import AccelDevice
 internal import AccelDispatcher
 internal import AccelDriver
-internal import AccelProto
 internal import AccelMessages
-internal import GRPCCore
 internal import Synchronization
 
 /// `grpc.health.v1.Health`: SERVING while the device is attached and healthy and
 /// the server is not draining; NOT_SERVING otherwise. The overall status ("")
 /// and `accelgate.v1.Accelerator` follow the same rule.
-struct HealthService: Grpc_Health_V1_Health.SimpleServiceProtocol {
+struct HealthService: Sendable {
   let dispatcher: Dispatcher
   let device: EmulatedDevice?
   let draining: Draining
@@ -25,25 +23,7 @@ struct HealthService: Grpc_Health_V1_Health.SimpleServiceProtocol {
     return healthy ? .serving : .notServing
   }
 
-  func check(request: Grpc_Health_V1_HealthCheckRequest, context: ServerContext) async throws
-    -> Grpc_Health_V1_HealthCheckResponse
-  {
-    guard Self.services.contains(request.service) else {
-      throw RPCError(code: .notFound, message: "unknown service '\(request.service)'")
-    }
-    var r = Grpc_Health_V1_HealthCheckResponse()
-    r.status = status
-    return r
-  }
-
-  func watch(
-    request: Grpc_Health_V1_HealthCheckRequest, response: RPCWriter<Grpc_Health_V1_HealthCheckResponse>,
-    context: ServerContext
-  ) async throws {
-    try await watch(request.service, write: { try await response.write($0) }, cancelled: { context.cancellation.isCancelled })
-  }
-
-  /// One Watch, whichever edge carries it: the status now, then each change, until `cancelled`.
+  /// One Watch: the status now, then each change, until `cancelled`.
   func watch(
     _ service: String, write: (Grpc_Health_V1_HealthCheckResponse) async throws -> Void, cancelled: () -> Bool
   ) async throws {

@@ -2,13 +2,11 @@ internal import AccelABI
 internal import CAccelABI
 internal import AccelDispatcher
 internal import AccelDriver
-internal import AccelProto
 internal import AccelRequests
 internal import AccelMessages
 internal import AccelScheduler
 internal import CAccelSys
 internal import Foundation
-internal import GRPCCore
 internal import Logging
 internal import Synchronization
 import Glibc
@@ -564,7 +562,7 @@ extension AcceleratorService {
       }
     } catch {
       for b in bindings { regions.unbind(b) }
-      throw StatusMapping.rpcError(error)
+      throw StatusMapping.callStatus(error)
     }
     spans.hold = SpanHold(registry: regions, bindings: bindings)
     if let i = spans.input, let o = spans.output, i.region == o.region,

@@ -1,8 +1,5 @@
-internal import AccelProto
 internal import AccelMessages
 internal import FoundationEssentials
-internal import GRPCCore
-internal import GRPCProtobuf
 internal import SwiftProtobuf
 
 /// gRPC server reflection, so grpcurl, grpcui, Postman and grpcio-reflection can
@@ -11,32 +8,11 @@ internal import SwiftProtobuf
 /// `grpc.reflection.v1` and the older `grpc.reflection.v1alpha` name, whose
 /// messages are identical on the wire. Like health, it needs no API key: the
 /// schema is public, the data is not.
-struct ReflectionService: Grpc_Reflection_V1_ServerReflection.SimpleServiceProtocol {
+struct ReflectionService: Sendable {
   let index: DescriptorIndex
-
-  static let v1alpha = MethodDescriptor(
-    fullyQualifiedService: "grpc.reflection.v1alpha.ServerReflection", method: "ServerReflectionInfo")
 
   init() throws {
     index = try DescriptorIndex(base64: EmbeddedDescriptorSet.base64)
-  }
-
-  func registerMethods<Transport: ServerTransport>(with router: inout RPCRouter<Transport>) {
-    for method in [Grpc_Reflection_V1_ServerReflection.Method.ServerReflectionInfo.descriptor, Self.v1alpha] {
-      router.registerHandler(
-        forMethod: method,
-        deserializer: ProtobufDeserializer<Grpc_Reflection_V1_ServerReflectionRequest>(),
-        serializer: ProtobufSerializer<Grpc_Reflection_V1_ServerReflectionResponse>(),
-        handler: { request, context in try await self.serverReflectionInfo(request: request, context: context) })
-    }
-  }
-
-  func serverReflectionInfo(
-    request: RPCAsyncSequence<Grpc_Reflection_V1_ServerReflectionRequest, any Error>,
-    response: RPCWriter<Grpc_Reflection_V1_ServerReflectionResponse>,
-    context: ServerContext
-  ) async throws {
-    for try await r in request { try await response.write(index.answer(r)) }
   }
 }
 
@@ -51,7 +27,7 @@ struct DescriptorIndex: Sendable {
   let services: [String]
 
   init(base64: String) throws {
-    guard let data = Data(base64Encoded: base64) else { throw RPCError(code: .internalError, message: "bad descriptor set") }
+    guard let data = Data(base64Encoded: base64) else { throw CallStatus(code: .internalError, message: "bad descriptor set") }
     let set = try Google_Protobuf_FileDescriptorSet(serializedBytes: data)
     var files: [String: Data] = [:]
     var imports: [String: [String]] = [:]
@@ -102,7 +78,7 @@ struct DescriptorIndex: Sendable {
     r.originalRequest = request
     func notFound(_ what: String) {
       r.errorResponse = .with {
-        $0.errorCode = Int32(RPCError.Code.notFound.rawValue)
+        $0.errorCode = Int32(CallStatus.Code.notFound.rawValue)
         $0.errorMessage = what
       }
     }
@@ -132,7 +108,7 @@ struct DescriptorIndex: Sendable {
       }
     case nil:
       r.errorResponse = .with {
-        $0.errorCode = Int32(RPCError.Code.invalidArgument.rawValue)
+        $0.errorCode = Int32(CallStatus.Code.invalidArgument.rawValue)
         $0.errorMessage = "empty reflection request"
       }
     }

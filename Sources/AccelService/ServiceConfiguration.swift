@@ -21,12 +21,9 @@ public struct ServiceConfiguration: Sendable {
   public var defaultDeadline: Duration = .seconds(30)
   /// HTTP/2 frame size the server accepts. Large frames cut per-frame work on MiB payloads.
   public var http2MaxFrameSize: Int = 1 << 20
-  /// HTTP/2 flow-control window the server aims for, per stream and connection.
-  /// The transport's default (64 KiB) caps a MiB-sized call at a few round trips per window.
-  /// Kept at 4 MiB: swift-nio-http2 1.46 issues window updates from a stale window
-  /// while its control frames wait for a writable socket, and their sum overflows
-  /// 2^31-1 (killing the connection) once the window exceeds about 6.5 MiB with
-  /// 16 KiB frames or 13 MiB with 64 KiB frames (docs/STREAMING.md, "HTTP/2 windows").
+  /// Each stream's initial HTTP/2 flow-control window (the C core's lookahead;
+  /// its BDP probing grows windows from there). HTTP/2's default (64 KiB) caps
+  /// a MiB-sized call at a few round trips per window.
   public var http2TargetWindowSize: Int = 4 << 20
   /// Network lane (docs/NETWORK_LANE.md): Compress, Decompress, Encrypt and
   /// Decrypt decode their payload straight into a device queue's pool and write
@@ -85,13 +82,6 @@ public struct ServiceConfiguration: Sendable {
   /// bytes, descriptors, connections) and its control socket's timeouts.
   public var localQuotas: LocalLaneQuotas = .defaults
 
-  /// Which implementation serves the API on `host:port` (docs/EDGE.md).
-  public var edge: Edge = .swift
-
-  /// Also serve the API on gRPC's C core, on this port of `host` (0 picks
-  /// one; nil: off), beside a grpc-swift main port (issue 18).
-  public var coreEdgePort: Int? = nil
-
   /// Where Prometheus scrapes `/metrics` (plain HTTP); nil port turns it off.
   public var metricsHost: String = "127.0.0.1"
   public var metricsPort: Int? = 9464
@@ -149,17 +139,10 @@ public struct ServiceConfiguration: Sendable {
     return nil
   }
 
-  /// Transport limit on one request message. grpc-swift answers a message over
-  /// its limit by resetting the stream, which clients report as CANCELLED, so the
-  /// transport accepts up to 4× the payload limit and the service itself answers
-  /// RESOURCE_EXHAUSTED with a precise message. Beyond that the stream is reset.
+  /// Transport limit on one request message. It sits at 4× the payload limit,
+  /// so a payload over its limit reaches the service, which answers
+  /// RESOURCE_EXHAUSTED with a precise message (which limit, how far over);
+  /// past it the C core answers RESOURCE_EXHAUSTED itself without reading the
+  /// message. Either way the connection stays.
   var transportMaxRequestBytes: Int { maxRequestBytes.multipliedReportingOverflow(by: 4).partialValue + 64 * 1024 }
-}
-
-/// The gRPC implementation at the network edge (issue 18: both until the C core takes over).
-public enum Edge: String, Sendable, CaseIterable {
-  /// grpc-swift-2 on swift-nio's HTTP/2.
-  case swift
-  /// gRPC's own C core (libgrpc), through CAccelGRPC and AccelCoreEdge.
-  case core
 }

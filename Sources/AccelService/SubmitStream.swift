@@ -1,9 +1,7 @@
 internal import AccelABI
 internal import AccelDispatcher
-internal import AccelProto
 internal import AccelRequests
 internal import AccelMessages
-internal import GRPCCore
 internal import SwiftProtobuf
 
 /// The pipelined `Submit` stream.
@@ -17,17 +15,7 @@ extension AcceleratorService {
   /// Most jobs one stream may have outstanding (queued or on the device).
   static let maxOutstandingPerStream = 64
 
-  func submit(request: StreamingServerRequest<Accelgate_V1_SubmitRequest>, context: ServerContext) async throws
-    -> StreamingServerResponse<Accelgate_V1_SubmitResponse>
-  {
-    let (tenant, deadline) = (TenantHeader.tenant(of: request.metadata), CallDeadline(metadata: request.metadata))
-    return StreamingServerResponse { writer in
-      try await submit(StreamIO(request.messages, writer), tenant: tenant, deadline: deadline)
-      return [:]
-    }
-  }
-
-  /// One Submit stream, whichever edge carries it.
+  /// One Submit stream.
   func submit(
     _ io: StreamIO<Accelgate_V1_SubmitRequest, Accelgate_V1_SubmitResponse>, tenant: String, deadline: CallDeadline
   ) async throws {
@@ -57,12 +45,8 @@ extension AcceleratorService {
         }
       }
       do {
-        try await withRPCCancellationHandler {
-          try await withTaskCancellationHandler { try await work.value } onCancel: { work.cancel() }
-        } onCancelRPC: {
-          work.cancel()
-        }
-      } catch let e as RPCError {
+        try await withTaskCancellationHandler { try await work.value } onCancel: { work.cancel() }
+      } catch let e as CallStatus {
         throw e
       } catch {
         // Cancelled (the transport ends a call at its deadline): say why, never
@@ -100,19 +84,19 @@ extension AcceleratorService {
         }
       }
     } catch {
-      let e = StatusMapping.rpcError(any: error)
+      let e = StatusMapping.callStatus(any: error)
       out.code = Int32(e.code.rawValue)
       out.message = e.message
-      out.retryAfterMs = e.metadata[stringValues: "retry-after-ms"].first(where: { _ in true }).flatMap { UInt64($0) } ?? 0
+      out.retryAfterMs = e.trailer("retry-after-ms").flatMap { UInt64($0) } ?? 0
     }
     return out
   }
 
   /// The status of a Submit stream cut short by its deadline or a cancellation.
-  static func streamEnded(_ deadline: CallDeadline) -> RPCError {
+  static func streamEnded(_ deadline: CallDeadline) -> CallStatus {
     deadline.hasPassed
-      ? RPCError(code: .deadlineExceeded, message: "deadline exceeded before the stream completed")
-      : RPCError(code: .cancelled, message: "call cancelled")
+      ? CallStatus(code: .deadlineExceeded, message: "deadline exceeded before the stream completed")
+      : CallStatus(code: .cancelled, message: "call cancelled")
   }
 
   /// Runs `body` again while admission turns it away with a retry hint.
@@ -120,8 +104,8 @@ extension AcceleratorService {
     while true {
       do {
         return try await body()
-      } catch let e as RPCError where e.code == .resourceExhausted {
-        guard let hint = e.metadata[stringValues: "retry-after-ms"].first(where: { _ in true }).flatMap({ Int64($0) }),
+      } catch let e as CallStatus where e.code == .resourceExhausted {
+        guard let hint = e.trailer("retry-after-ms").flatMap({ Int64($0) }),
           !Task.isCancelled, !deadline.hasPassed
         else { throw e }
         // Queue full: wait for room. Rate-limited: wait out the hint the bucket gave.

@@ -83,6 +83,9 @@ accel_grpc_server *accel_grpc_server_create(const accel_grpc_server_options *o) 
     if (o->max_connection_age_ms > 0) add_int_arg(args, &n, GRPC_ARG_MAX_CONNECTION_AGE_MS, o->max_connection_age_ms);
     if (o->max_connection_age_grace_ms > 0)
         add_int_arg(args, &n, GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, o->max_connection_age_grace_ms);
+    if (o->http2_max_frame_size > 0) add_int_arg(args, &n, GRPC_ARG_HTTP2_MAX_FRAME_SIZE, o->http2_max_frame_size);
+    if (o->http2_stream_window_bytes > 0)
+        add_int_arg(args, &n, GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, o->http2_stream_window_bytes);
     grpc_channel_args channel_args = {n, args};
     s->server = grpc_server_create(&channel_args, NULL);
     s->cq = grpc_completion_queue_create_for_next(NULL);

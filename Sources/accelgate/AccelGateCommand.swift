@@ -80,9 +80,6 @@ struct Serve: AsyncParsableCommand {
   @Option(help: "Address for the Prometheus /metrics endpoint [127.0.0.1].") var metricsHost: String?
   @Option(help: "Port for /metrics; 0 picks a free port [9464].") var metricsPort: String?
   @Flag(help: "Serve no /metrics endpoint.") var noMetrics = false
-  @Option(help: "What serves the gRPC port: swift (grpc-swift) or core (gRPC's C core) [swift].") var edge: String?
-  @Option(help: "Also serve the API on gRPC's C core on this port, beside a swift edge; 0 picks one [off].")
-  var coreEdgePort: String?
   @Option(help: "On SIGTERM, milliseconds calls in flight get to finish [30000].") var drainGraceMs: String?
   @Option(help: "On SIGTERM, milliseconds of NOT_SERVING before new calls are refused [0].") var drainDelayMs: String?
   @Option(help: "Payload bytes all waiting jobs may hold; 0 = unbounded [1073741824].") var maxQueuedPayloadBytes: String?
@@ -101,7 +98,7 @@ struct Serve: AsyncParsableCommand {
   /// Flag values by setting path (see ConfigFile), in the order they apply.
   var overrides: [(path: String, value: String)] {
     let all: [(String, String?)] = [
-      ("listen.host", host), ("listen.port", port), ("listen.edge", edge), ("listen.core_edge_port", coreEdgePort), ("listen.max_concurrent_streams", maxConcurrentStreams),
+      ("listen.host", host), ("listen.port", port), ("listen.max_concurrent_streams", maxConcurrentStreams),
       ("limits.max_request_bytes", maxRequestBytes), ("limits.max_decompressed_bytes", maxDecompressedBytes),
       ("limits.max_queued_jobs", maxQueuedJobs), ("limits.default_deadline_ms", defaultDeadlineMs),
       ("limits.drain_grace_ms", drainGraceMs), ("limits.stream_write_timeout_ms", streamWriteTimeoutMs), ("limits.stream_idle_timeout_ms", streamIdleTimeoutMs), ("limits.drain_delay_ms", drainDelayMs), ("limits.tenant_max_queued_jobs", tenantMaxQueuedJobs),
@@ -168,7 +165,6 @@ struct Serve: AsyncParsableCommand {
             "tenants": "\(tenants ?? "open default tenant")",
           ])
         if let m = server.metricsPort { print("accelgate metrics on http://\(metricsHost):\(m)/metrics") }
-        if let core = server.coreEdgePort { print("accelgate core edge listening on \(host):\(core)") }
         // A line scripts can wait for.
         print("accelgate listening on \(host):\(port)")
         fflush(nil)

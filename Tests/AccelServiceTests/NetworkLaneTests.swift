@@ -3,6 +3,7 @@ import AccelDevice
 import AccelDispatcher
 import AccelDriver
 import AccelProto
+import AccelCoreEdge
 import AccelMessages
 @testable import AccelService
 import Foundation
@@ -12,7 +13,7 @@ import SwiftProtobuf
 import Synchronization
 import Testing
 
-/// The protobuf wire scanner the network lane's deserializer relies on.
+/// The protobuf wire scanner the network lane relies on.
 @Suite struct ProtoWireTests {
   static func scan(_ bytes: [UInt8]) -> [ProtoWire.Field]? { bytes.withUnsafeBytes { ProtoWire.scan($0) } }
 
@@ -97,11 +98,11 @@ import Testing
   @Test func payloadFieldNumbersMatchTheProto() throws {
     let one = Data([7])
     func tag(_ m: some SwiftProtobuf.Message) throws -> UInt8 { (try m.serializedBytes() as [UInt8])[0] }
-    #expect(try tag(Accelgate_V1_CompressRequest.with { $0.data = one }) == UInt8(NetworkLaneService.compressData << 3 | 2))
-    #expect(try tag(Accelgate_V1_DecompressRequest.with { $0.data = one }) == UInt8(NetworkLaneService.decompressData << 3 | 2))
-    #expect(try tag(Accelgate_V1_EncryptRequest.with { $0.plaintext = one }) == UInt8(NetworkLaneService.encryptPlaintext << 3 | 2))
-    #expect(try tag(Accelgate_V1_DecryptRequest.with { $0.ciphertext = one }) == UInt8(NetworkLaneService.decryptCiphertext << 3 | 2))
-    let field1 = UInt8(NetworkLaneService.responsePayload << 3 | 2)
+    #expect(try tag(Accelgate_V1_CompressRequest.with { $0.data = one }) == UInt8(NetworkLane.compressData << 3 | 2))
+    #expect(try tag(Accelgate_V1_DecompressRequest.with { $0.data = one }) == UInt8(NetworkLane.decompressData << 3 | 2))
+    #expect(try tag(Accelgate_V1_EncryptRequest.with { $0.plaintext = one }) == UInt8(NetworkLane.encryptPlaintext << 3 | 2))
+    #expect(try tag(Accelgate_V1_DecryptRequest.with { $0.ciphertext = one }) == UInt8(NetworkLane.decryptCiphertext << 3 | 2))
+    let field1 = UInt8(NetworkLane.responsePayload << 3 | 2)
     #expect(try tag(Accelgate_V1_CompressResponse.with { $0.data = one }) == field1)
     #expect(try tag(Accelgate_V1_DecompressResponse.with { $0.data = one }) == field1)
     #expect(try tag(Accelgate_V1_EncryptResponse.with { $0.ciphertext = one }) == field1)
@@ -109,7 +110,7 @@ import Testing
   }
 }
 
-/// The network lane's deserializer and serializer against a real dispatcher and device.
+/// The network lane's decoding and the edge's answers from the pool, against a real dispatcher and device.
 @Suite(.serialized, .timeLimit(.minutes(2))) struct NetworkLaneCodecTests {
   final class Rig: @unchecked Sendable {
     let device: EmulatedDevice
@@ -142,10 +143,11 @@ import Testing
     }
 
     func decode<M: SwiftProtobuf.Message & Sendable>(
-      _ bytes: [UInt8], as: M.Type, field: UInt32, tenant: String? = "t", maxPayload: Int = 1 << 20
+      _ bytes: [UInt8], as: M.Type, field: UInt32, tenant: String = "t", maxPayload: Int = 1 << 20
     ) throws -> LaneRequest<M> {
-      let d = LaneRequestDeserializer<M>(lane: lane, payloadField: field, maxPayload: maxPayload, sensitive: false)
-      return try CallTenant.$current.withValue(tenant) { try d.deserialize(bytes) }
+      try bytes.withUnsafeBytes {
+        try lane.decode($0, field: field, maxPayload: maxPayload, sensitive: false, carriesKey: false, tenant: tenant)
+      }
     }
 
     var isIdle: Bool {
@@ -212,15 +214,15 @@ import Testing
     }.serializedBytes()
     let wiped = Mutex<[[UInt8]]>([])
     func decode(carriesKey: Bool) throws -> LaneRequest<Accelgate_V1_DecryptRequest> {
-      var d = LaneRequestDeserializer<Accelgate_V1_DecryptRequest>(
-        lane: rig.lane, payloadField: NetworkLaneService.decryptCiphertext, maxPayload: 1 << 20, sensitive: false,
-        carriesKey: carriesKey)
-      let original = d.wipe
-      d.wipe = { (buffer: UnsafeMutableRawBufferPointer) in
-        wiped.withLock { $0.append(Array(buffer)) }
-        original(buffer)
+      try bytes.withUnsafeBytes {
+        try rig.lane.decode(
+          $0, field: NetworkLane.decryptCiphertext, maxPayload: 1 << 20, sensitive: false, carriesKey: carriesKey,
+          tenant: "t"
+        ) { (buffer: UnsafeMutableRawBufferPointer) in
+          wiped.withLock { $0.append(Array(buffer)) }
+          buffer.initializeMemory(as: UInt8.self, repeating: 0)
+        }
       }
-      return try CallTenant.$current.withValue("t") { try d.deserialize(bytes) }
     }
     let r = try decode(carriesKey: true)
     #expect(r.staged != nil && r.message.key.raw == key)
@@ -302,8 +304,7 @@ import Testing
         if l.staged != nil { staged += 1 }
       case (.failure, .failure(let e)):
         refused += 1
-        let rpc = try #require(e as? RPCError)
-        #expect(rpc.code == .invalidArgument, "the same status class as ProtobufDeserializer")
+        #expect(e is BinaryDecodingError, "refused as SwiftProtobuf refuses it (the edge answers INVALID_ARGUMENT)")
       default:
         Issue.record("lane and SwiftProtobuf disagree on \(bytes)")
       }
@@ -328,14 +329,12 @@ import Testing
     let text = String(decoding: rig.metrics.scrape(dispatcher: rig.dispatcher, device: nil, fallback: nil), as: UTF8.self)
     #expect(text.contains(#"accelgate_staging_refusals_total{tenant="t",reason="pool_full"} 1"#), "\(text)")
     #expect(text.contains(#"accelgate_staging_refusals_total{tenant="u",reason="too_large"} 1"#))
-    // No authenticated tenant: the payload counts against "default".
-    let anonymous = try rig.decode(
-      try Accelgate_V1_CompressRequest.with { $0.data = Self.payload(10) }.serializedBytes(),
-      as: Accelgate_V1_CompressRequest.self, field: 3, tenant: nil)
-    #expect(anonymous.staged != nil && rig.dispatcher.stagedBytes(tenant: "default") > 0)
   }
 
-  @Test func theSerializerWritesWhatSwiftProtobufWould() async throws {
+  /// The parts of an answer, concatenated, as the C core sends them.
+  static func wire(_ parts: [CorePart]) -> [UInt8] { parts.flatMap { Array($0.contents) } }
+
+  @Test func answersFromThePoolAreWhatSwiftProtobufWouldWrite() async throws {
     let rig = try Rig()
     defer { rig.stop() }
     let data = Self.payload(200_000)
@@ -343,34 +342,36 @@ import Testing
     job.poolOutput = true
     let stats = Accelgate_V1_JobStats.with { $0.deviceNs = 12345; $0.engine = "isal-igzip"; $0.queueID = 1 }
     do {
+      // Copied out of the pool (no `sent`): the lease goes back at once.
       let result = try await rig.dispatcher.execute(job)
       let pooled = try #require(result.pooledOutput)
       let output = pooled.withBytes { Data($0) }
-      let s = LaneResponseSerializer<Accelgate_V1_CompressResponse>(payloadField: 1)
-      let bytes: [UInt8] = try s.serialize(LaneResponse(message: .with { $0.stats = stats }, pooled: pooled))
+      let parts = try CoreEdgeService.parts(LaneResponse(message: Accelgate_V1_CompressResponse.with { $0.stats = stats }, pooled: pooled), sent: nil)
       #expect(pooled.isReleased, "the lease goes back as soon as the bytes are out")
-      #expect(bytes == (try Accelgate_V1_CompressResponse.with { $0.data = output; $0.stats = stats }.serializedBytes()))
+      #expect(Self.wire(parts) == (try Accelgate_V1_CompressResponse.with { $0.data = output; $0.stats = stats }.serializedBytes()))
     }
     do {
-      // With a prefix (a named key's envelope) before the pooled bytes.
+      // In place, with a prefix (a named key's envelope) before the pooled bytes.
       let result = try await rig.dispatcher.execute(job)
       let pooled = try #require(result.pooledOutput)
       let output = pooled.withBytes { Data($0) }
       let prefix = Data([0xA6, 1, 0, 0, 0, 3] + Array(repeating: 9, count: 12))
       let message = Accelgate_V1_EncryptResponse.with { $0.nonce = Data(repeating: 9, count: 12); $0.keyVersion = 3 }
-      let s = LaneResponseSerializer<Accelgate_V1_EncryptResponse>(payloadField: 1)
-      let bytes: [UInt8] = try s.serialize(LaneResponse(message: message, pooled: pooled, prefix: prefix))
+      let given = Mutex(false)
+      let parts = try CoreEdgeService.parts(LaneResponse(message: message, pooled: pooled, prefix: prefix)) {
+        given.withLock { $0 = true }
+      }
       var whole = message
       whole.ciphertext = prefix + output
-      #expect(bytes == (try whole.serializedBytes()))
-      #expect(try Accelgate_V1_EncryptResponse(serializedBytes: bytes) == whole)
+      #expect(Self.wire(parts) == (try whole.serializedBytes()))
+      #expect(!pooled.isReleased && !given.withLock { $0 }, "sent in place: the lease is held until the core lets go")
+      parts.forEach { $0.releaseUnsent() }
+      #expect(pooled.isReleased && given.withLock { $0 })
     }
     // Nothing pooled: plain SwiftProtobuf.
     let plain = Accelgate_V1_DecryptResponse.with { $0.plaintext = Data([1, 2, 3]); $0.keyVersion = 1 }
-    let bytes: [UInt8] = try LaneResponseSerializer<Accelgate_V1_DecryptResponse>(payloadField: 1)
-      .serialize(LaneResponse(message: plain))
-    #expect(bytes == (try plain.serializedBytes()))
-    try await Task.sleep(for: .milliseconds(20))
+    #expect(Self.wire(try CoreEdgeService.parts(LaneResponse(message: plain), sent: nil)) == (try plain.serializedBytes()))
+    for _ in 0..<500 where !rig.isIdle { try await Task.sleep(for: .milliseconds(10)) }
     #expect(rig.isIdle)
   }
 }
@@ -434,7 +435,7 @@ import Testing
   }
 
   @Test(arguments: [false, true])
-  func oneMiBCompressAndEncryptCopyTwiceEachWayWithoutTheLaneAndOnceWithIt(pooled: Bool) async throws {
+  func oneMiBJobsCopyTwiceEachWayWithoutTheLaneAndWithItOnceInAndNoneOut(pooled: Bool) async throws {
     try await withServer({ $0.pooledPayloads = pooled }) { client, server in
       let text = NetworkLaneCodecTests.payload(1 << 20)
       let c = try await client.compress(.with { $0.format = .gzip; $0.level = 1; $0.data = text })
@@ -464,7 +465,8 @@ import Testing
           let jobs = Self.sum(m, "accelgate_payload_jobs_total", l + [path])
           let copies = Self.sum(m, "accelgate_payload_copies_total", l + [path])
           #expect(jobs == 1, "\(op) \(dir): \(m)")
-          #expect(copies == (pooled ? 1 : 2), "\(op) \(dir)")
+          // With the lane: staged straight into the pool, and answered from the pool in place.
+          #expect(copies == (pooled ? (dir == "in" ? 1 : 0) : 2), "\(op) \(dir)")
         }
       }
       #expect(

@@ -24,17 +24,10 @@ if [[ ! -x "$BIN" ]]; then
 fi
 SEED="${SEED:-$(python3 -c 'import random; print(random.SystemRandom().randrange(1 << 32))')}"
 echo "== fuzz/api $MODE: seed $SEED, ${SECONDS_EACH}s per target, binary $BIN"
-# Both network edges (docs/EDGE.md) unless ACCELGATE_EDGE picks one.
-EDGES="${ACCELGATE_EDGE:-swift core}"
 rc=0
-for edge in $EDGES; do
-  echo "== fuzz/api: the $edge edge"
-  ACCELGATE_EDGE="$edge" python3 "$HERE/api_fuzz.py" --target both --seconds "$SECONDS_EACH" --seed "$SEED" \
-    --binary "$BIN" "$@" || rc=$?
-  if (( rc != 0 )); then
-    echo "!! fuzz/api found something on the $edge edge (seed $SEED); rerun with SEED=$SEED ACCELGATE_EDGE=$edge" \
-         "$0 $MODE, replay a reproducer with ACCELGATE_EDGE=$edge python3 fuzz/api/api_fuzz.py --replay FILE"
-    break
-  fi
-done
+python3 "$HERE/api_fuzz.py" --target both --seconds "$SECONDS_EACH" --seed "$SEED" --binary "$BIN" "$@" || rc=$?
+if (( rc != 0 )); then
+  echo "!! fuzz/api found something (seed $SEED); rerun with SEED=$SEED $0 $MODE," \
+       "replay a reproducer with python3 fuzz/api/api_fuzz.py --replay FILE"
+fi
 exit $rc

@@ -33,11 +33,9 @@ LOG_DIR = os.path.join(BUILD_DIR, "logs")
 sys.path.insert(0, HERE)
 import gen_stubs  # noqa: E402
 
-EDGE = os.environ.get("ACCELGATE_EDGE", "")
 STARTUP_TIMEOUT_S = 60.0
 SHUTDOWN_TIMEOUT_S = 20.0
 LISTEN_RE = re.compile(rb"accelgate listening on 127\.0\.0\.1:(\d+)")
-CORE_RE = re.compile(rb"accelgate core edge listening on 127\.0\.0\.1:(\d+)")
 METRICS_RE = re.compile(rb"accelgate metrics on http://127\.0\.0\.1:(\d+)/metrics")
 
 # Generous client-side limits: a Compress response can reach the compress bound,
@@ -93,7 +91,6 @@ class ServerProcess:
         self.log_path = os.path.join(LOG_DIR, f"{_next_index():03d}-{safe}.log")
         self.port = None
         self.metrics_port = None  # /metrics, on a free port unless the flags choose one
-        self.core_port = None  # the C-core edge (--core-edge-port), when it serves
         self.proc = None
         self._log = None
         self._pump = None
@@ -109,9 +106,7 @@ class ServerProcess:
         if not os.access(binary, os.X_OK):
             pytest.fail(f"server binary {binary!r} is missing or not executable (set ACCELGATE_BIN)", pytrace=False)
         metrics = [] if "--metrics-port" in self.flags else ["--metrics-port", "0"]
-        # ACCELGATE_EDGE=core runs the whole suite against the C-core edge (issue 18).
-        edge = [] if "--edge" in self.flags or not EDGE else ["--edge", EDGE]
-        argv = [binary, "serve", "--host", "127.0.0.1", "--port", "0", *metrics, *edge, *self.flags]
+        argv = [binary, "serve", "--host", "127.0.0.1", "--port", "0", *metrics, *self.flags]
         self._log = open(self.log_path, "wb", buffering=0)
         self._log.write(("$ " + " ".join(argv) + "\n").encode())
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -126,10 +121,6 @@ class ServerProcess:
                     m = METRICS_RE.search(line)
                     if m:
                         self.metrics_port = int(m.group(1))
-                if self.core_port is None:
-                    m = CORE_RE.search(line)
-                    if m:
-                        self.core_port = int(m.group(1))
                 if self.port is None:
                     m = LISTEN_RE.search(line)
                     if m:
@@ -211,15 +202,6 @@ class ServerProcess:
         ch = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         self._channels.append(ch)
         return ch
-
-    def core_stub(self):
-        """A stub on a fresh channel to the C-core edge."""
-        import grpc
-        from accelgate.v1 import accelerator_pb2_grpc
-        assert self.core_port, "the server has no C-core edge (--core-edge-port)"
-        ch = grpc.insecure_channel(f"127.0.0.1:{self.core_port}", options=CHANNEL_OPTIONS)
-        self._channels.append(ch)
-        return accelerator_pb2_grpc.AcceleratorStub(ch)
 
     def new_stub(self):
         """A stub on a fresh channel (its own HTTP/2 connection)."""

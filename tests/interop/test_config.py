@@ -54,6 +54,21 @@ def test_errors_name_the_file_line_column_and_setting(tmp_path):
     assert len(lines) == 5, r.stderr
 
 
+def test_the_retired_edge_settings_are_refused_by_name(tmp_path):
+    """listen.edge and listen.core_edge_port chose between grpc-swift and the C core while both served
+    (issue 18); the C core is the only edge now, so a file that still sets them is told so, not ignored."""
+    path = write(tmp_path, """\
+        listen:
+          edge: core
+          core_edge_port: 0
+        """)
+    r = check(path)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert any(l.startswith(f"{path}:2:3: listen.edge: unknown setting") for l in lines), r.stderr
+    assert any(l.startswith(f"{path}:3:3: listen.core_edge_port: unknown setting") for l in lines), r.stderr
+
+
 def test_yaml_syntax_errors_and_wrong_shapes_are_precise(tmp_path):
     r = check(write(tmp_path, "listen:\n  port: [1, 2\n"))
     assert r.returncode == 1 and "YAML error at line" in r.stderr, r.stderr

@@ -2,7 +2,7 @@
 decode their payload straight into a device pool and write the result straight from it.
 
 * copies per job, read from /metrics, with the lane off (--no-pooled-payloads: 2 in,
-  2 out) and on (--pooled-payloads, the default: 1 in, 1 out), for 1 MiB gzip-1 and
+  2 out) and on (--pooled-payloads, the default: 1 in, none out), for 1 MiB gzip-1 and
   AES-256-GCM, outputs checked with Python's zlib and cryptography;
 * named keys (an envelope in front of the pooled bytes, skipped in the pool);
 * wire-format corner cases sent as raw bytes: a repeated payload field (the last wins),
@@ -31,10 +31,9 @@ COMPRESS = "/accelgate.v1.Accelerator/Compress"
 
 
 def pooled_copies(direction):
-    """Copies of a pooled payload per job: one in (transport bytes into the pool), and one
-    out on the grpc-swift edge (pool into the response bytes). The C-core edge sends the
-    result from the pool in place, so none out there (issue 18)."""
-    return 0 if direction == "out" and os.environ.get("ACCELGATE_EDGE") == "core" else 1
+    """Copies of a pooled payload per job: one in (transport bytes into the pool), and none
+    out: the edge sends the result from the pool in place (issue 18)."""
+    return 0 if direction == "out" else 1
 
 def metrics(srv) -> dict:
     """{(name, frozenset(labels)): value} from the server's /metrics."""

@@ -33,6 +33,10 @@ typedef struct {
     int max_connection_idle_ms;
     int max_connection_age_ms;
     int max_connection_age_grace_ms;
+    /** Largest HTTP/2 frame the server accepts (SETTINGS_MAX_FRAME_SIZE). */
+    int http2_max_frame_size;
+    /** Each stream's initial flow-control window (the core's lookahead; BDP probing may grow it). */
+    int http2_stream_window_bytes;
 } accel_grpc_server_options;
 
 /** What a completion-queue event is about. */
