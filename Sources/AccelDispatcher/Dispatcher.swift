@@ -419,7 +419,7 @@ package final class Dispatcher: Sendable {
       // Local lane: the device wrote straight into the client's memory.
       // Network lane: the caller writes the output out of the pool itself.
       let pooled =
-        request.poolOutput && request.outputSpan == nil && request.stream == nil && completion.status == .ok
+        request.output.isPooled && request.stream == nil && completion.status == .ok
         ? PooledOutput(queue: q, lease: lease, count: Int(completion.produced)) { [weak self] in self?.pump() } : nil
       handedOver = pooled != nil
       let copiesOut = request.outputSpan == nil && pooled == nil
@@ -801,7 +801,7 @@ package final class Dispatcher: Sendable {
         if let d = dst.baseAddress, !src.isEmpty { d.copyMemory(from: UnsafeRawBufferPointer(rebasing: src).baseAddress!, byteCount: src.count) }
         from.endRelocation()
       } else if w.request.stagedInput == nil {  // an adopted staged payload is in place already
-        w.request.input.withUnsafeBytes { src in
+        w.request.inlineInput.withUnsafeBytes { src in
           if let s = src.baseAddress, let d = dst.baseAddress, src.count > 0 { d.copyMemory(from: s, byteCount: src.count) }
         }
       }
@@ -889,9 +889,7 @@ package final class Dispatcher: Sendable {
         // staged payload goes with them: the retry takes a copy of it.
         if p.request.stagedInput != nil {
           let src = UnsafeRawBufferPointer(queue.input(lease))
-          p.request.input = Data(UnsafeRawBufferPointer(rebasing: src[Int(lease.srcSkip)...]))
-          p.request.stagedInput = nil
-          p.request.stagedSkip = 0
+          p.request.input = .inline(Data(UnsafeRawBufferPointer(rebasing: src[Int(lease.srcSkip)...])))
           p.inputCopies += 1
         }
         queue.release(lease, keepAlive: p.request.retain)

@@ -3,11 +3,42 @@ package import AccelDriver
 package import FoundationEssentials
 internal import Synchronization
 
+/// Where a job's input lies.
+package enum JobInput: Sendable {
+  /// In the gateway's memory: copied into a queue's pool when the job is placed.
+  case inline(Data)
+  /// Network lane: already in a queue's pool, where the edge decoded it
+  /// (`Dispatcher.stageInput`); the job runs on that queue, and is copied out
+  /// only if that queue cannot take it. The first `skip` bytes are not the
+  /// job's input (a named key's envelope header and nonce before the ciphertext).
+  case staged(StagedInput, skip: Int)
+  /// Local lane (ABI 1.4): in a client's memory attached to every queue.
+  case span(ExternalSpan)
+}
+
+/// Where a job's output goes.
+package enum JobOutput: Sendable {
+  /// Copied out of the pool into `JobResult.output`.
+  case copied
+  /// Network lane: left in the pool and handed to the caller as
+  /// `JobResult.pooledOutput` (the caller sends it from there). Stream chunks
+  /// and failed jobs are copied regardless.
+  case pooled
+  /// Local lane: written by the device into a client's memory;
+  /// `JobResult.output` is empty and `stats.outputBytes` says how much.
+  case span(ExternalSpan)
+}
+
+extension JobOutput {
+  var isPooled: Bool { if case .pooled = self { true } else { false } }
+}
+
 /// One job as the service hands it to the dispatcher.
 package struct JobRequest: Sendable {
   /// One step, or two run as a descriptor chain on the device.
   package var steps: [DeviceStep]
-  package var input: Data
+  package var input: JobInput
+  package var output: JobOutput = .copied
   /// Parameter block for AEAD steps (see `AEADParameters`), empty otherwise.
   package var aux: [UInt8] = []
   /// Key for keyed steps, copied into a device key slot and zeroed there after the job.
@@ -33,29 +64,19 @@ package struct JobRequest: Sendable {
   /// the dispatcher runs them one at a time in this order (see `JobChains`).
   /// A slice that ended with `moreOutput` is continued under the same number.
   package var streamSequence: UInt64 = 0
-  /// Local lane (ABI 1.4): the input and/or output lie in a client's memory
-  /// attached to every queue; `input` is then empty and the result's `output`
-  /// too (the device wrote `stats.outputBytes` at the span).
-  package var inputSpan: ExternalSpan? = nil
-  package var outputSpan: ExternalSpan? = nil
   /// Kept alive as long as the job is, including after its caller has gone
   /// while the device still runs it (the local lane's hold on client memory).
   package var retain: (any AnyObject & Sendable)? = nil
-  /// Network lane: the payload already lies in a queue's pool, where the gRPC
-  /// layer decoded it (`Dispatcher.stageInput`); `input` is then empty and the
-  /// job runs on that queue (it is copied out only if that queue cannot take it).
-  package var stagedInput: StagedInput? = nil
-  /// Leading bytes of `stagedInput` that are not the job's input (a named key's
-  /// envelope header and nonce in front of the ciphertext).
-  package var stagedSkip: Int = 0
-  /// Network lane: on success, hand the completed lease to the caller as
-  /// `JobResult.pooledOutput` (the output stays in the pool until the caller
-  /// has written it out) instead of copying it into `JobResult.output`.
-  package var poolOutput = false
 
   /// Payload bytes of the job's input when it is inline or staged (0 for a local-lane span):
   /// what the job holds of the gateway's memory.
-  package var payloadCount: Int { stagedInput.map { $0.length - stagedSkip } ?? input.count }
+  package var payloadCount: Int {
+    switch input {
+    case .inline(let data): data.count
+    case .staged(let staged, let skip): staged.length - skip
+    case .span: 0
+    }
+  }
   /// Bytes the device reads for the job, wherever they lie: the span's length for
   /// a local-lane job. Device time is estimated and learned from this, so a span
   /// job is costed like the same bytes sent inline (issue 17, finding 7).
@@ -73,7 +94,7 @@ package struct JobRequest: Sendable {
     tenant: String = "default", deadline: ContinuousClock.Instant? = nil
   ) {
     self.steps = [DeviceStep(opcode, algorithm, level: level)]
-    self.input = input
+    self.input = .inline(input)
     self.outputCapacity = outputCapacity
     self.tenant = tenant
     self.deadline = deadline
@@ -81,6 +102,25 @@ package struct JobRequest: Sendable {
 }
 
 extension JobRequest {
+  /// The inline input's bytes (empty for a staged or span input).
+  package var inlineInput: Data {
+    if case .inline(let data) = input { data } else { Data() }
+  }
+  /// The staged payload, when the input lies in a pool already.
+  package var stagedInput: StagedInput? {
+    if case .staged(let staged, _) = input { staged } else { nil }
+  }
+  /// Leading bytes of the staged payload that are not the input.
+  package var stagedSkip: Int {
+    if case .staged(_, let skip) = input { skip } else { 0 }
+  }
+  package var inputSpan: ExternalSpan? {
+    if case .span(let span) = input { span } else { nil }
+  }
+  package var outputSpan: ExternalSpan? {
+    if case .span(let span) = output { span } else { nil }
+  }
+
   package var opcode: DeviceOpcode { steps[0].opcode }
   package var algorithm: DeviceAlgorithm { steps[0].algorithm }
   package var level: UInt8 { steps[0].level }

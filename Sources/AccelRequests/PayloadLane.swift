@@ -7,7 +7,7 @@ package import FoundationEssentials
 package struct PayloadLane: Sendable {
   /// The payload, already in a queue's pool (network lane); nil: it is in the message.
   package var staged: StagedInput? = nil
-  /// Leave the result in the pool for the network lane's serializer.
+  /// Leave the result in the pool, for the edge to send from there.
   package var poolOutput = false
 
   package init(staged: StagedInput? = nil, poolOutput: Bool = false) {
@@ -24,12 +24,8 @@ package struct PayloadLane: Sendable {
 
   /// Points the job at the staged payload (after `skip` bytes) and asks for the pooled result.
   package func apply(to job: inout JobRequest, skip: Int = 0) {
-    if let staged {
-      job.stagedInput = staged
-      job.stagedSkip = skip
-      job.input = Data()
-    }
-    job.poolOutput = poolOutput
+    if let staged { job.input = .staged(staged, skip: skip) }
+    if poolOutput { job.output = .pooled }
   }
 }
 

@@ -515,12 +515,11 @@ struct LocalSpans {
   func apply(to job: inout JobRequest) {
     guard isLocal else { return }
     if let input {
-      job.inputSpan = input
-      job.input = Data()
+      job.input = .span(input)
       job.admissionBytes = Int(input.length)
     }
     if let output {
-      job.outputSpan = output
+      job.output = .span(output)
       job.outputCapacity = Int(output.length)
     }
     job.retain = hold

@@ -25,7 +25,7 @@ import Testing
     defer { rig.stop() }
     let input = Data((0..<50_000).map { UInt8(truncatingIfNeeded: $0 * 7 / 13) })
     var job = rig.job(0)
-    job.input = input
+    job.input = .inline(input)
     job.outputCapacity = Int(BufferSizing.compressBound(UInt64(input.count)))
     let outcomes = Outcomes()
     for id in 1...20 as ClosedRange<UInt64> { rig.dispatcher.submit(job, id: 1000 + id, completion: outcomes.sink(1000 + id)) }

@@ -24,7 +24,7 @@ import Testing
 
   static func spanJob(offset: UInt64) -> JobRequest {
     var r = JobRequest(opcode: .compress, algorithm: .gzip, level: 1, input: Data(), outputCapacity: 1 << 20)
-    r.inputSpan = ExternalSpan(region: 1, offset: offset, length: 1 << 20)
+    r.input = .span(ExternalSpan(region: 1, offset: offset, length: 1 << 20))
     return r
   }
 

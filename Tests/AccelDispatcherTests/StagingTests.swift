@@ -83,8 +83,8 @@ import Testing
       var job = JobRequest(
         opcode: .compress, algorithm: .gzip, level: 1, input: Data(),
         outputCapacity: Int(BufferSizing.compressBound(UInt64(staged.length))), tenant: tenant, deadline: deadline)
-      job.stagedInput = staged
-      job.poolOutput = true
+      job.input = .staged(staged, skip: 0)
+      job.output = .pooled
       return job
     }
 

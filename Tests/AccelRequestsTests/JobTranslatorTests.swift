@@ -226,7 +226,7 @@ import Testing
     sealed.append(Data(count: 20))
     let plan = try t.decrypt(.with { $0.key = Self.named("orders"); $0.ciphertext = sealed }, tenant: "t")
     #expect(plan.key == .named("orders", version: 2))
-    #expect(plan.plan.job.input == Data(count: 20))
+    #expect(plan.plan.job.inlineInput == Data(count: 20))
     #expect(plan.plan.job.outputCapacity == 4)
     #expect(plan.plan.job.aux == AEADParameters.encode(nonce: Data(repeating: 4, count: 12), aad: Envelope.header(keyVersion: 2)))
   }

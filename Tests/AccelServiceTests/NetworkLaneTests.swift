@@ -339,7 +339,7 @@ import Testing
     defer { rig.stop() }
     let data = Self.payload(200_000)
     var job = JobRequest(opcode: .compress, algorithm: .gzip, level: 1, input: data, outputCapacity: 250_000)
-    job.poolOutput = true
+    job.output = .pooled
     let stats = Accelgate_V1_JobStats.with { $0.deviceNs = 12345; $0.engine = "isal-igzip"; $0.queueID = 1 }
     do {
       // Copied out of the pool (no `sent`): the lease goes back at once.
