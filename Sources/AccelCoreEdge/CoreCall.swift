@@ -119,7 +119,7 @@ package final class CoreCall: @unchecked Sendable {
     pending.withLock { $0.receive = handler }
     if accel_grpc_call_receive(raw) != 0 {
       pending.withLock { $0.receive = nil }
-      _ = holds.subtract(1, ordering: .acquiringAndReleasing)
+      drop()  // the batch never started: its hold goes (the last one frees the call)
       handler(.failed)
     }
   }
@@ -140,7 +140,7 @@ package final class CoreCall: @unchecked Sendable {
     }
     if rc != 0 {
       pending.withLock { $0.write = nil }
-      _ = holds.subtract(1, ordering: .acquiringAndReleasing)
+      drop()  // the batch never started: its hold goes (the last one frees the call)
       completion(false)
     }
   }
@@ -196,10 +196,17 @@ package final class CoreCall: @unchecked Sendable {
     drop()
   }
 
-  /// Drops one hold (the C call keeps a matching one); the last frees the C call and this object.
+  /// Drops one hold; the last frees the C call and this object.
+  ///
+  /// This count alone decides when the C call goes. The C side's own count
+  /// once did too, decremented here after this one: between `retain` taking a
+  /// hold for a new batch and the C side counting that batch, a concurrent
+  /// last event could bring the C count to zero and free the call under the
+  /// batch being started (a double free the API fuzzer found under ASan with
+  /// many concurrent streams; fuzz/api/regressions/stream-receive-free-race.jsonl).
   func drop() {
-    let last = holds.subtract(1, ordering: .acquiringAndReleasing).newValue == 0
-    accel_grpc_call_release(raw)
-    if last { Unmanaged.passUnretained(self).release() }
+    guard holds.subtract(1, ordering: .acquiringAndReleasing).newValue == 0 else { return }
+    accel_grpc_call_destroy(raw)
+    Unmanaged.passUnretained(self).release()
   }
 }

@@ -362,6 +362,10 @@ void accel_grpc_call_cancel(accel_grpc_call *c) {
 
 void accel_grpc_call_release(accel_grpc_call *c) {
     if (atomic_fetch_sub(&c->holds, 1) != 1) return;
+    accel_grpc_call_destroy(c);
+}
+
+void accel_grpc_call_destroy(accel_grpc_call *c) {
     if (c->call != NULL) grpc_call_unref(c->call);
     drop_message(c);
     if (c->response != NULL) grpc_byte_buffer_destroy(c->response);
