@@ -45,6 +45,20 @@ package final class CoreCall: @unchecked Sendable {
     return UnsafeRawBufferPointer(start: p, count: length)
   }
 
+  /// The request message's slices as the core holds them, in order and in
+  /// place (valid for the call's life); empty for no message; nil when the
+  /// message can only be read whole (`payload`: it came compressed).
+  package var payloadSlices: [UnsafeRawBufferPointer]? {
+    var parts = [accel_grpc_bytes](repeating: accel_grpc_bytes(), count: 32)
+    var n = accel_grpc_call_slices(raw, &parts, parts.count)
+    if n > parts.count {
+      parts = [accel_grpc_bytes](repeating: accel_grpc_bytes(), count: n)
+      n = accel_grpc_call_slices(raw, &parts, parts.count)
+    }
+    guard n >= 0 else { return nil }
+    return parts.prefix(min(n, parts.count)).map { UnsafeRawBufferPointer(start: $0.bytes, count: $0.length) }
+  }
+
   /// The first value of request metadata `key` (lower case).
   package func metadata(_ key: String) -> String? {
     var length = 0

@@ -217,7 +217,7 @@ struct CoreEdgeService: Sendable {
     let (tenant, arrived) = (arrival.tenant, arrival)
     let request: Request
     let staged: StagedInput?
-    do { (request, staged) = try decode(call.payload, tenant: tenant, lane: field) } catch {
+    do { (request, staged) = try decode(call, tenant: tenant, lane: field) } catch {
       return finish(arrival, Self.unparsable(Request.self))
     }
     let lane: PayloadLane = field == nil ? .copied : .pooled(staged)
@@ -264,14 +264,17 @@ struct CoreEdgeService: Sendable {
   }
 
   /// Decodes a request straight from the core's bytes; with a lane field, its
-  /// payload is staged in a device pool first (`NetworkLane.decode`).
+  /// payload is staged in a device pool first (`NetworkLane.decode`), found
+  /// and copied across the core's slices.
   private func decode<Request: SwiftProtobuf.Message & Sendable>(
-    _ payload: UnsafeRawBufferPointer, tenant: String, lane field: LaneField?
+    _ call: CoreCall, tenant: String, lane field: LaneField?
   ) throws -> (Request, StagedInput?) {
-    guard let field else { return (try Self.decode(payload), nil) }
+    guard let field else { return (try Self.decode(call.payload), nil) }
+    // Scanned in the core's slices, so a message in several is not gathered first (one copy in, not two).
+    let slices = call.payloadSlices.map(SlicedBytes.init) ?? SlicedBytes(call.payload)
     let decoded: LaneRequest<Request> = try NetworkLane(dispatcher: service.dispatcher, metrics: metrics).decode(
-      payload, field: field.field, maxPayload: field.maxPayload, sensitive: field.sensitive, carriesKey: field.carriesKey,
-      tenant: tenant)
+      slices, whole: { call.payload }, field: field.field, maxPayload: field.maxPayload, sensitive: field.sensitive,
+      carriesKey: field.carriesKey, tenant: tenant)
     return (decoded.message, decoded.staged)
   }
 

@@ -24,21 +24,24 @@ struct NetworkLane: Sendable {
   static let decryptCiphertext: UInt32 = 5
   static let responsePayload: UInt32 = 1
 
-  /// Decodes a request from the transport's bytes. Its payload field is staged
-  /// in a device pool first (the one copy in) and the other fields decoded;
+  /// Decodes a request from the transport's bytes, in as many slices as the
+  /// transport holds it. Its payload field is staged in a device pool first
+  /// (the one copy in, straight from the slices) and the other fields decoded;
   /// when nothing is staged (see `stage`) the whole message is decoded the
-  /// ordinary way. A request that does not decode is refused as SwiftProtobuf
-  /// refuses it, and its staged buffer is given back.
+  /// ordinary way, from `whole()` (the message in one buffer). A request that
+  /// does not decode is refused as SwiftProtobuf refuses it, and its staged
+  /// buffer is given back.
   ///
   /// `wipe` zeroes the copy of the other fields after decoding when the
   /// payload is plaintext (`sensitive`) or the fields may hold a raw key
   /// (`carriesKey`; issue 17, finding 21).
   func decode<Message: SwiftProtobuf.Message & Sendable>(
-    _ raw: UnsafeRawBufferPointer, field: UInt32, maxPayload: Int, sensitive: Bool, carriesKey: Bool, tenant: String,
+    _ message: SlicedBytes, whole: () -> UnsafeRawBufferPointer, field: UInt32, maxPayload: Int, sensitive: Bool,
+    carriesKey: Bool, tenant: String,
     wipe: (UnsafeMutableRawBufferPointer) -> Void = { accel_secure_zero($0.baseAddress, $0.count) }
   ) throws -> LaneRequest<Message> {
-    guard let (staged, rest) = stage(raw, field: field, maxPayload: maxPayload, sensitive: sensitive, tenant: tenant)
-    else { return LaneRequest(message: try Self.decodeWhole(raw), staged: nil) }
+    guard let (staged, rest) = stage(message, field: field, maxPayload: maxPayload, sensitive: sensitive, tenant: tenant)
+    else { return LaneRequest(message: try Self.decodeWhole(whole()), staged: nil) }
     var others = rest
     defer { if sensitive || carriesKey { others.withUnsafeMutableBytes { wipe($0) } } }
     do { return LaneRequest(message: try Message(serializedBytes: others), staged: staged) } catch {
@@ -61,7 +64,7 @@ struct NetworkLane: Sendable {
   /// type, or a refusal (tenant share, pool full, too large). The caller then
   /// decodes the whole message the ordinary way.
   func stage(
-    _ raw: UnsafeRawBufferPointer, field: UInt32, maxPayload: Int, sensitive: Bool, tenant: String
+    _ raw: SlicedBytes, field: UInt32, maxPayload: Int, sensitive: Bool, tenant: String
   ) -> (StagedInput, [UInt8])? {
     guard let fields = ProtoWire.scan(raw) else { return nil }
     var payload: ProtoWire.Field?
@@ -79,10 +82,10 @@ struct NetworkLane: Sendable {
       switch dispatcher.stageInput(length: payload.value.count, tenant: tenant, sensitive: sensitive) {
       case .success(let staged):
         // The one copy in: transport bytes → device pool.
-        staged.buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: raw[payload.value]))
+        raw.copy(payload.value, to: staged.buffer)
         var rest: [UInt8] = []
         rest.reserveCapacity(raw.count - payloadBytes)
-        for f in fields where f.number != field { rest.append(contentsOf: UnsafeRawBufferPointer(rebasing: raw[f.range])) }
+        for f in fields where f.number != field { raw.append(f.range, to: &rest) }
         return (staged, rest)
       case .failure(let r):
         refusal = r

@@ -13,12 +13,18 @@ enum ProtoWire {
 
   static let lengthDelimited: UInt8 = 2
 
+  /// What the scanner reads: bytes by index, in one buffer or across slices.
+  protocol Bytes {
+    var count: Int { get }
+    subscript(i: Int) -> UInt8 { get }
+  }
+
   /// The top-level fields of a serialized message, in order; nil when the
   /// framing is malformed (a truncated value, a varint over 10 bytes, field
   /// number 0, a length past the end) or uses groups (wire types 3 and 4).
   /// Callers then hand the whole message to SwiftProtobuf, which reports the
   /// error exactly as without the network lane (or decodes the groups).
-  static func scan(_ bytes: UnsafeRawBufferPointer) -> [Field]? {
+  static func scan(_ bytes: some Bytes) -> [Field]? {
     var fields: [Field] = []
     var i = 0
     while i < bytes.count {
@@ -48,7 +54,7 @@ enum ProtoWire {
   }
 
   /// Reads a base-128 varint at `i`, advancing past it; nil if truncated or over 10 bytes.
-  static func varint(_ bytes: UnsafeRawBufferPointer, at i: inout Int) -> UInt64? {
+  static func varint(_ bytes: some Bytes, at i: inout Int) -> UInt64? {
     var value: UInt64 = 0
     var shift: UInt64 = 0
     while i < bytes.count && shift < 70 {

@@ -250,6 +250,18 @@ const uint8_t *accel_grpc_call_payload(accel_grpc_call *c, size_t *length) {
     return GRPC_SLICE_START_PTR(c->request_bytes);
 }
 
+long accel_grpc_call_slices(const accel_grpc_call *c, accel_grpc_bytes *parts, size_t max) {
+    if (c->request == NULL) return 0;
+    /* A compressed message (grpc-encoding) is only readable through the reader, which inflates it. */
+    if (c->request->type != GRPC_BB_RAW || c->request->data.raw.compression != GRPC_COMPRESS_NONE) return -1;
+    const grpc_slice_buffer *b = &c->request->data.raw.slice_buffer;
+    for (size_t i = 0; i < b->count && i < max; i++) {
+        parts[i].bytes = GRPC_SLICE_START_PTR(b->slices[i]);
+        parts[i].length = GRPC_SLICE_LENGTH(b->slices[i]);
+    }
+    return (long)b->count;
+}
+
 int accel_grpc_call_has_message(const accel_grpc_call *c) { return c->request != NULL; }
 
 const char *accel_grpc_call_metadata(const accel_grpc_call *c, const char *key, size_t *length) {

@@ -145,8 +145,19 @@ import Testing
     func decode<M: SwiftProtobuf.Message & Sendable>(
       _ bytes: [UInt8], as: M.Type, field: UInt32, tenant: String = "t", maxPayload: Int = 1 << 20
     ) throws -> LaneRequest<M> {
-      try bytes.withUnsafeBytes {
-        try lane.decode($0, field: field, maxPayload: maxPayload, sensitive: false, carriesKey: false, tenant: tenant)
+      try decode(bytes, cuts: [], as: M.self, field: field, tenant: tenant, maxPayload: maxPayload)
+    }
+
+    /// The same, with the message in slices cut at `cuts` (as the C core may hold it).
+    func decode<M: SwiftProtobuf.Message & Sendable>(
+      _ bytes: [UInt8], cuts: [Int], as: M.Type, field: UInt32, tenant: String = "t", maxPayload: Int = 1 << 20
+    ) throws -> LaneRequest<M> {
+      try bytes.withUnsafeBytes { whole in
+        let bounds = [0] + cuts.filter { $0 > 0 && $0 < whole.count }.sorted() + [whole.count]
+        let slices = zip(bounds, bounds.dropFirst()).map { UnsafeRawBufferPointer(rebasing: whole[$0..<$1]) }
+        return try lane.decode(
+          SlicedBytes(slices), whole: { whole }, field: field, maxPayload: maxPayload, sensitive: false,
+          carriesKey: false, tenant: tenant)
       }
     }
 
@@ -214,9 +225,9 @@ import Testing
     }.serializedBytes()
     let wiped = Mutex<[[UInt8]]>([])
     func decode(carriesKey: Bool) throws -> LaneRequest<Accelgate_V1_DecryptRequest> {
-      try bytes.withUnsafeBytes {
+      try bytes.withUnsafeBytes { whole in
         try rig.lane.decode(
-          $0, field: NetworkLane.decryptCiphertext, maxPayload: 1 << 20, sensitive: false, carriesKey: carriesKey,
+          SlicedBytes(whole), whole: { whole }, field: NetworkLane.decryptCiphertext, maxPayload: 1 << 20, sensitive: false, carriesKey: carriesKey,
           tenant: "t"
         ) { (buffer: UnsafeMutableRawBufferPointer) in
           wiped.withLock { $0.append(Array(buffer)) }
@@ -231,6 +242,34 @@ import Testing
     #expect(Data(seen).range(of: key) != nil, "the wiped copy is the one that held the key")
     _ = try decode(carriesKey: false)
     #expect(wiped.withLock { $0.count } == 1, "without a key nothing needs wiping")
+  }
+
+  /// The C core holds a large message in several slices: the field is found
+  /// and copied across them, with the same outcome as from one buffer.
+  @Test func aMessageInSlicesDecodesAsInOneBuffer() throws {
+    let rig = try Rig()
+    defer { rig.stop() }
+    let full = Accelgate_V1_CompressRequest.with {
+      $0.format = .zstd
+      $0.level = 5
+      $0.data = Self.payload(70_000)
+      $0.outputRegion = .with { $0.region = "out"; $0.length = 9 }
+    }
+    let bytes: [UInt8] = try full.serializedBytes() + [0x98, 0x06, 0x2A]
+    var rng = SystemRandomNumberGenerator()
+    // Cuts inside the tag and the length, at the payload's edges, and at random.
+    var cutSets: [[Int]] = [[1], [2], [3], [4], [5], Array(stride(from: 7, to: bytes.count, by: 8192)), [bytes.count - 1]]
+    for _ in 0..<40 { cutSets.append((0..<Int.random(in: 1...30, using: &rng)).map { _ in Int.random(in: 1..<bytes.count, using: &rng) }) }
+    for cuts in cutSets {
+      let r = try rig.decode(bytes, cuts: cuts, as: Accelgate_V1_CompressRequest.self, field: 3)
+      let staged = try #require(r.staged, "cuts \(cuts)")
+      #expect(staged.length == 70_000)
+      #expect(Self.rebuilt(r) == (try Accelgate_V1_CompressRequest(serializedBytes: bytes)), "cuts \(cuts)")
+    }
+    // Truncated inside a slice boundary: refused as SwiftProtobuf refuses it.
+    let cut = Array(bytes.prefix(bytes.count - 70_010))
+    #expect(throws: (any Error).self) { try rig.decode(cut, cuts: [3, 4], as: Accelgate_V1_CompressRequest.self, field: 3) }
+    #expect(rig.isIdle)
   }
 
   @Test func theLastPayloadFieldWinsAsInProtobuf() throws {

@@ -96,6 +96,18 @@ int accel_grpc_call_receive(accel_grpc_call *call);
  *  freed; copied only if the core holds it in several slices); NULL when the
  *  call carried no message. */
 const uint8_t *accel_grpc_call_payload(accel_grpc_call *call, size_t *length);
+/** Bytes in place. */
+typedef struct {
+    const uint8_t *bytes;
+    size_t length;
+} accel_grpc_bytes;
+
+/** The current message's slices, in order and in place (valid until the call
+ *  is freed): writes up to `max` of them to `parts` and returns how many there
+ *  are (call again with room for all when that is more than `max`); 0 when the
+ *  call carried no message; -1 when the message can only be read whole
+ *  (accel_grpc_call_payload: it is compressed). */
+long accel_grpc_call_slices(const accel_grpc_call *call, accel_grpc_bytes *parts, size_t max);
 /** Whether the call holds a message (after RECEIVED: 0 at the end of the client's stream). */
 int accel_grpc_call_has_message(const accel_grpc_call *call);
 /** The first value of request metadata `key` (lower case), or NULL. */
