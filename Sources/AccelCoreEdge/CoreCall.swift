@@ -79,6 +79,15 @@ package final class CoreCall: @unchecked Sendable {
     return ns == Int64.max ? nil : .nanoseconds(ns)
   }
 
+  /// Ends the call now with CANCELLED, whatever it is doing; what the core
+  /// still holds for it (a reply it could not send) is released. Safe from
+  /// any thread at any time; a call already gone is left alone.
+  package func cancel() {
+    guard retain() else { return }
+    accel_grpc_call_cancel(raw)
+    drop()
+  }
+
   /// Runs `action` when the client cancels (now, if it already has).
   package func onCancel(_ action: @escaping @Sendable () -> Void) {
     let runNow = cancellation.withLock { c -> Bool in

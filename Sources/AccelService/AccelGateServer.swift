@@ -33,6 +33,8 @@ public final class AccelGateServer: Sendable {
   /// serves region spans), and its control socket.
   private let localEdge: CoreServer?
   private let localControl: LocalControlServer?
+  /// Ends calls whose replies wait in the C core longer than the write timeout.
+  private let replyWatchdog: ReplyWatchdog
   /// Where the local listener binds first (a private directory beside the
   /// socket path), to be renamed into place once its mode is 0660; nil: bound in place.
   private let localStaging: (directory: String, socket: String)?
@@ -134,8 +136,10 @@ public final class AccelGateServer: Sendable {
     service.tenants = directory
     service.metrics = metrics
     let health = HealthService(dispatcher: dispatcher, device: device, draining: draining)
-    // One bound for both listeners on the pool a tenant's unsent replies hold.
+    // One bound for both listeners on the pool a tenant's unsent replies hold, and on how long they wait.
     let pins = ReplyPins(limit: Int(configuration.device.dataPoolBytes / 4))
+    replyWatchdog = ReplyWatchdog(pins: pins, wait: configuration.streamWriteTimeout)
+    metrics.observe(pins: pins)
     // The TCP listener's copy of the service serves no region spans (only the local socket does).
     let tcp: AcceleratorService
     if let path = configuration.localSocket, let control = configuration.effectiveLocalControlSocket {
@@ -252,6 +256,7 @@ public final class AccelGateServer: Sendable {
       }
       if localEdge != nil, let path = configuration.localSocket { unlink(path) }
       localControl?.stop()
+      replyWatchdog.stop()
       external?.stop()
       dispatcher.shutdown()
       dispatcher.driver.stop()
@@ -270,6 +275,7 @@ public final class AccelGateServer: Sendable {
       }
     }
     localControl?.start()
+    replyWatchdog.start()
     listening.store(Listening.ready, ordering: .releasing)
     // Serves until both listeners have drained after `shutdown()`; if the grace
     // runs out first, what is left is cancelled.

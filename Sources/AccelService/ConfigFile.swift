@@ -142,7 +142,7 @@ public enum ConfigFile {
     int("limits.drain_delay_ms", 0...600_000, "NOT_SERVING before refusing new calls on SIGTERM") {
       $0.drainDelay = .milliseconds($1)
     },
-    int("limits.stream_write_timeout_ms", 100...3_600_000, "end a stream whose client accepts no output this long") {
+    int("limits.stream_write_timeout_ms", 100...3_600_000, "end a stream, or a unary call's reply from the pool, that the client accepts no output of this long") {
       $0.streamWriteTimeout = .milliseconds($1)
     },
     int("limits.stream_idle_timeout_ms", 0...86_400_000, "end a stream whose client sends nothing this long (0 = never)") {

@@ -253,14 +253,20 @@ struct CoreEdgeService: Sendable {
   ) {
     let (response, extra) = unary.respond(result)
     let held = response.pooled?.count ?? 0
-    let (pins, tenant) = (self.pins, arrival.tenant)
-    // In place unless the tenant's unsent replies hold too much of the pool already.
-    let inPlace = held > 0 && pins.take(held, tenant: tenant)
+    let (pins, tenant, call, metrics) = (self.pins, arrival.tenant, arrival.call, self.metrics)
+    // In place unless the tenant's unsent replies hold too much of the pool already; a
+    // reply the client does not take within the write timeout ends its call (`ReplyWatchdog`).
+    let end: @Sendable () -> Void = {
+      metrics.recordReplyTimeout(tenant: tenant)
+      call.cancel()
+    }
+    let ticket: UInt64? = held > 0 ? pins.take(held, tenant: tenant, now: .now, end: end) : nil
     service.recordCopies(
       tenant: tenant, operation: unary.plan.operation.rawValue, lane: lane, spans: unary.spans,
-      result: result, extraOut: extra, sentInPlace: inPlace)
-    let give: @Sendable () -> Void = { pins.give(held, tenant: tenant) }
-    answer(arrival, response, sent: inPlace ? give : nil)
+      result: result, extraOut: extra, sentInPlace: ticket != nil)
+    var sent: (@Sendable () -> Void)?
+    if let ticket { sent = { pins.give(ticket) } }
+    answer(arrival, response, sent: sent)
   }
 
   /// Decodes a request straight from the core's bytes; with a lane field, its

@@ -24,8 +24,11 @@ final class GatewayMetrics: Sendable {
   private let payloadCopies: SeriesCache<CopyKey, CopySeries>
   /// The local lane's registered regions (nil while the lane is off).
   private let regions = Mutex<RegionRegistry?>(nil)
+  /// Pool bytes held by replies the C core is still sending.
+  private let pins = Mutex<ReplyPins?>(nil)
 
   func observe(regions registry: RegionRegistry) { regions.withLock { $0 = registry } }
+  func observe(pins replyPins: ReplyPins) { pins.withLock { $0 = replyPins } }
 
   static let latencyBuckets: [Duration] = [
     .microseconds(100), .microseconds(250), .microseconds(500), .milliseconds(1), .milliseconds(2), .milliseconds(5),
@@ -93,6 +96,14 @@ final class GatewayMetrics: Sendable {
   }
 
   /// The network lane's deserializer could not stage a payload in a pool and decoded it the ordinary way.
+  /// A reply from the pool waited longer than the write timeout in the core, and its call was ended.
+  func recordReplyTimeout(tenant: String) {
+    counter(
+      "accelgate_reply_timeouts_total", [("tenant", tenant)],
+      "Replies sent from the device pool that the client did not take within the write timeout; their calls were ended (CANCELLED) and the pool freed."
+    ).increment()
+  }
+
   func recordStagingRefusal(tenant: String, reason: String) {
     counter(
       "accelgate_staging_refusals_total", [("tenant", tenant), ("reason", reason)],
@@ -114,6 +125,12 @@ final class GatewayMetrics: Sendable {
         "accelgate_local_region_spans_in_use", [],
         "Local lane: region spans held by calls in progress (waiting or on the device); a region is unregistered only at 0.")
         .set(to: Double(busy))
+    }
+    if let pins = pins.withLock({ $0 }) {
+      gauge(
+        "accelgate_reply_pinned_bytes", [],
+        "Device pool bytes held by replies the gRPC core is still sending in place (bounded per tenant; longer than the write timeout ends the call)."
+      ).set(to: Double(pins.totalHeld))
     }
     gauge("accelgate_device_attached", [], "1 while the gateway has a device (embedded, standalone or fallback).")
       .set(to: dispatcher.isAttached ? 1 : 0)

@@ -284,3 +284,91 @@ def test_expired_and_cancelled_calls_give_their_staged_payloads_back(start_serve
     assert total(m, "accelgate_payload_jobs_total", direction="in", path="pooled") >= 1
     r = call(stub.Compress, pb.CompressRequest(format=GZIP, data=b"after"))
     assert r.ok, r.describe()
+
+
+def _h2_frame(ftype, flags, sid, payload=b""):
+    return len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + (sid & 0x7FFFFFFF).to_bytes(4, "big") + payload
+
+
+def _hpack_literal(name, value):
+    name, value = name.encode(), value.encode()
+    assert len(name) < 127 and len(value) < 127
+    return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+
+def test_a_reply_the_client_never_takes_ends_its_call_and_frees_the_pool(start_server):
+    """A result sent from the pool in place holds pool memory until the C core has written
+    it. A client that grants the stream no flow-control window never takes it: after the
+    write timeout (1 s here) the gateway ends the call (RST_STREAM), the pool bytes come
+    back, and the connection stays up. Without the bound the reply would pin the pool
+    until the connection closed."""
+    import socket
+    srv = start_server("--stream-write-timeout-ms", 1000, label="reply-stall")
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    seen = {"rst": [], "goaway": 0, "frames": []}
+    stop, settled = threading.Event(), threading.Event()
+
+    def reader():
+        buf = b""
+        while not stop.is_set():
+            try:
+                chunk = sock.recv(65536)
+            except (socket.timeout, OSError):
+                continue
+            if not chunk:
+                return
+            buf += chunk
+            while len(buf) >= 9:
+                n = int.from_bytes(buf[:3], "big")
+                if len(buf) < 9 + n:
+                    break
+                ftype, flags, sid, payload = buf[3], buf[4], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF, buf[9:9 + n]
+                buf = buf[9 + n:]
+                seen["frames"].append((ftype, flags, sid, n, payload[:16].hex()))
+                if ftype == 4 and not flags & 1:  # SETTINGS: acknowledge, as a live client does
+                    sock.sendall(_h2_frame(4, 1, 0))
+                    settled.set()
+                elif ftype == 6 and not flags & 1:  # PING
+                    sock.sendall(_h2_frame(6, 1, 0, payload))
+                elif ftype == 3:
+                    seen["rst"].append(sid)
+                elif ftype == 7:
+                    seen["goaway"] += 1
+
+    # The preface goes first (before the reader may acknowledge the server's SETTINGS), with
+    # stream windows of 0: the response's DATA can never be sent.
+    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(4, 0, 0, (4).to_bytes(2, "big") + (0).to_bytes(4, "big")))
+    sock.settimeout(0.2)
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    try:
+        assert settled.wait(10), "the server sent no SETTINGS"
+        headers = b"".join(_hpack_literal(k, v) for k, v in [
+            (":method", "POST"), (":scheme", "http"), (":path", COMPRESS), (":authority", "127.0.0.1"),
+            ("content-type", "application/grpc"), ("te", "trailers")])
+        body = pb.CompressRequest(format=pb.COMPRESSION_FORMAT_GZIP, level=1, data=os.urandom(8000)).SerializeToString()
+        message = b"\x00" + len(body).to_bytes(4, "big") + body
+        frames = [message[i:i + 16384] for i in range(0, len(message), 16384)]  # HTTP/2's default frame size
+        sock.sendall(_h2_frame(1, 4, 1, headers) + b"".join(
+            _h2_frame(0, 1 if i == len(frames) - 1 else 0, 1, piece) for i, piece in enumerate(frames)))
+        pinned = lambda: total(metrics(srv), "accelgate_reply_pinned_bytes")
+        deadline = time.monotonic() + 20
+        while pinned() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pinned() > 0, ("the reply should wait in the core, pinning its pool bytes", seen["frames"])
+        while pinned() > 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pinned() == 0, "the stalled reply still pins the pool"
+        m = metrics(srv)
+        assert total(m, "accelgate_reply_timeouts_total", tenant="default") == 1, m
+        deadline = time.monotonic() + 10
+        while 1 not in seen["rst"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 1 in seen["rst"] and seen["goaway"] == 0, seen
+    finally:
+        stop.set()
+        sock.close()
+        t.join(timeout=5)
+    # The gateway still answers, through the lane.
+    o = call(srv.stub().Compress, pb.CompressRequest(format=pb.COMPRESSION_FORMAT_GZIP, level=1, data=b"after"))
+    assert o.ok and zlib.decompress(o.response.data, 31) == b"after", o.describe()
