@@ -9,7 +9,8 @@ internal import Synchronization
 /// deadline) runs the closure set with `onCancel`, at most once.
 package final class CoreCall: @unchecked Sendable {
   let raw: OpaquePointer
-  /// CLOSED and SENT each drop one; the C call and this object go with the last.
+  /// Batches in flight (CLOSED and SENT from the start, and each receive and
+  /// write); the C call and this object go with the last one's event.
   private let holds = Atomic<Int>(2)
   private let answered = Atomic<Bool>(false)
   private let cancellation = Mutex<Cancellation>(.watching(nil))
@@ -49,14 +50,17 @@ package final class CoreCall: @unchecked Sendable {
   /// place (valid for the call's life); empty for no message; nil when the
   /// message can only be read whole (`payload`: it came compressed).
   package var payloadSlices: [UnsafeRawBufferPointer]? {
-    var parts = [accel_grpc_bytes](repeating: accel_grpc_bytes(), count: 32)
-    var n = accel_grpc_call_slices(raw, &parts, parts.count)
-    if n > parts.count {
-      parts = [accel_grpc_bytes](repeating: accel_grpc_bytes(), count: n)
-      n = accel_grpc_call_slices(raw, &parts, parts.count)
+    // Asked into stack space first: most messages come in a few slices.
+    func read(room: Int) -> (count: Int, slices: [UnsafeRawBufferPointer]) {
+      withUnsafeTemporaryAllocation(of: accel_grpc_bytes.self, capacity: room) { parts in
+        let n = accel_grpc_call_slices(raw, parts.baseAddress, room)
+        guard n >= 0, n <= room else { return (n, []) }
+        return (n, parts.prefix(n).map { UnsafeRawBufferPointer(start: $0.bytes, count: $0.length) })
+      }
     }
-    guard n >= 0 else { return nil }
-    return parts.prefix(min(n, parts.count)).map { UnsafeRawBufferPointer(start: $0.bytes, count: $0.length) }
+    var (n, slices) = read(room: 32)
+    if n > 32 { (n, slices) = read(room: n) }
+    return n >= 0 ? slices : nil
   }
 
   /// The first value of request metadata `key` (lower case).
@@ -221,12 +225,11 @@ package final class CoreCall: @unchecked Sendable {
 
   /// Drops one hold; the last frees the C call and this object.
   ///
-  /// This count alone decides when the C call goes. The C side's own count
-  /// once did too, decremented here after this one: between `retain` taking a
-  /// hold for a new batch and the C side counting that batch, a concurrent
-  /// last event could bring the C count to zero and free the call under the
-  /// batch being started (a double free the API fuzzer found under ASan with
-  /// many concurrent streams; fuzz/api/regressions/stream-receive-free-race.jsonl).
+  /// This count alone decides when the C call goes. A second count on the C
+  /// side once did too: between `retain` taking a hold for a new batch and the
+  /// C side counting that batch, a concurrent last event could free the call
+  /// under the batch being started (a double free the API fuzzer found under
+  /// ASan with many concurrent streams; fuzz/api/regressions/stream-receive-free-race.jsonl).
   func drop() {
     guard holds.subtract(1, ordering: .acquiringAndReleasing).newValue == 0 else { return }
     accel_grpc_call_destroy(raw)

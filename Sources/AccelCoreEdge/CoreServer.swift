@@ -176,7 +176,7 @@ package final class CoreServer: @unchecked Sendable {
         guard let raw else { continue }
         let method = Int(accel_grpc_call_method(raw))
         guard ok != 0 else {
-          accel_grpc_call_release(raw)
+          accel_grpc_call_destroy(raw)
           continue
         }
         request(method)
@@ -185,7 +185,7 @@ package final class CoreServer: @unchecked Sendable {
         accel_grpc_call_set_user(raw, retained.toOpaque())
         guard accel_grpc_call_begin(raw) == 0 else {
           accel_grpc_call_cancel(raw)
-          accel_grpc_call_release(raw)
+          accel_grpc_call_destroy(raw)
           retained.release()
           continue
         }

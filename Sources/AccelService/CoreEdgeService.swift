@@ -45,7 +45,7 @@ struct CoreEdgeService: Sendable {
         self.unary(call, "Compress", lane: laneField(NetworkLane.compressData)) {
           (r: Accelgate_V1_CompressRequest, t, lane) in
           let spans = try service.localSpans(
-            input: r.hasInputRegion ? r.inputRegion : nil, output: r.hasOutputRegion ? r.outputRegion : nil,
+            input: r.inputRegionIfSet, output: r.outputRegionIfSet,
             inline: lane.payloadCount(inline: r.data), tenant: t, operation: "compress", outputLimit: Int(UInt32.max))
           let plan = try service.translator.compress(r, tenant: t, lane: lane, spans: spans.lengths)
           return UnaryPlan(plan: plan, key: .raw, spans: spans) { res in
@@ -61,7 +61,7 @@ struct CoreEdgeService: Sendable {
           // The request is checked before its spans are bound (a bad format is refused as such).
           var plan = try service.translator.decompress(r, tenant: t, lane: lane)
           let spans = try service.localSpans(
-            input: r.hasInputRegion ? r.inputRegion : nil, output: r.hasOutputRegion ? r.outputRegion : nil,
+            input: r.inputRegionIfSet, output: r.outputRegionIfSet,
             inline: lane.payloadCount(inline: r.data), tenant: t, operation: "decompress",
             outputLimit: plan.job.outputCapacity)
           if let output = spans.lengths.output { plan.outputLimit = output }
@@ -76,7 +76,7 @@ struct CoreEdgeService: Sendable {
         self.unary(call, "Encrypt", lane: laneField(NetworkLane.encryptPlaintext, sensitive: true, carriesKey: true)) {
           (r: Accelgate_V1_EncryptRequest, t, lane) in
           let spans = try service.localSpans(
-            input: r.hasInputRegion ? r.inputRegion : nil, output: r.hasOutputRegion ? r.outputRegion : nil,
+            input: r.inputRegionIfSet, output: r.outputRegionIfSet,
             inline: lane.payloadCount(inline: r.plaintext), tenant: t, operation: "encrypt", outputLimit: Int(UInt32.max))
           let plan = try service.translator.encrypt(r, tenant: t, lane: lane, spans: spans.lengths)
           return UnaryPlan(plan: plan.plan, key: plan.key, spans: spans) { res in
@@ -90,7 +90,7 @@ struct CoreEdgeService: Sendable {
         self.unary(call, "Decrypt", lane: laneField(NetworkLane.decryptCiphertext, sealed: true, carriesKey: true)) {
           (r: Accelgate_V1_DecryptRequest, t, lane) in
           let spans = try service.localSpans(
-            input: r.hasInputRegion ? r.inputRegion : nil, output: r.hasOutputRegion ? r.outputRegion : nil,
+            input: r.inputRegionIfSet, output: r.outputRegionIfSet,
             inline: lane.payloadCount(inline: r.ciphertext), tenant: t, operation: "decrypt",
             outputLimit: service.configuration.maxDecompressedBytes)
           let plan = try service.translator.decrypt(r, tenant: t, lane: lane, spans: spans.lengths)

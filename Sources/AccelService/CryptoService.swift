@@ -21,7 +21,7 @@ extension AcceleratorService {
     -> LaneResponse<Accelgate_V1_EncryptResponse>
   {
     let spans = try localSpans(
-      input: r.hasInputRegion ? r.inputRegion : nil, output: r.hasOutputRegion ? r.outputRegion : nil,
+      input: r.inputRegionIfSet, output: r.outputRegionIfSet,
       inline: lane.payloadCount(inline: r.plaintext), tenant: tenant, operation: "encrypt", outputLimit: Int(UInt32.max))
     let translator = self.translator
     let plan = try translator.encrypt(r, tenant: tenant, lane: lane, spans: spans.lengths)
@@ -50,7 +50,7 @@ extension AcceleratorService {
     -> LaneResponse<Accelgate_V1_DecryptResponse>
   {
     let spans = try localSpans(
-      input: r.hasInputRegion ? r.inputRegion : nil, output: r.hasOutputRegion ? r.outputRegion : nil,
+      input: r.inputRegionIfSet, output: r.outputRegionIfSet,
       inline: lane.payloadCount(inline: r.ciphertext), tenant: tenant, operation: "decrypt",
       outputLimit: configuration.maxDecompressedBytes)
     let translator = self.translator

@@ -7,7 +7,6 @@
 #include <grpc/grpc_security.h>
 #include <grpc/slice.h>
 #include <grpc/support/time.h>
-#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -33,7 +32,6 @@ struct accel_grpc_call {
     accel_grpc_server *server;
     void *user;
     int method;
-    atomic_int holds;
     grpc_call *call;
     gpr_timespec deadline;
     grpc_call_details details;
@@ -148,7 +146,6 @@ accel_grpc_call *accel_grpc_call_request(accel_grpc_server *s, int method, void 
     c->server = s;
     c->user = user;
     c->method = method;
-    atomic_init(&c->holds, 1);
     c->new_tag = (accel_grpc_tag){c, ACCEL_GRPC_EVENT_NEW_CALL};
     c->closed_tag = (accel_grpc_tag){c, ACCEL_GRPC_EVENT_CLOSED};
     c->sent_tag = (accel_grpc_tag){c, ACCEL_GRPC_EVENT_SENT};
@@ -202,21 +199,18 @@ void *accel_grpc_call_user(const accel_grpc_call *c) { return c->user; }
 void accel_grpc_call_set_user(accel_grpc_call *c, void *user) { c->user = user; }
 int accel_grpc_call_method(const accel_grpc_call *c) { return c->method; }
 
-/* Starts a batch that holds the call until its event is released; no hold when the core refuses it. */
-static int start_held(accel_grpc_call *c, const grpc_op *ops, size_t n, accel_grpc_tag *tag) {
-    atomic_fetch_add(&c->holds, 1);
-    grpc_call_error e = grpc_call_start_batch(c->call, ops, n, tag, NULL);
-    if (e != GRPC_CALL_OK) atomic_fetch_sub(&c->holds, 1);
-    return (int)e;
+/* Starts a batch; its owner (the Swift `CoreCall`) counts it and frees the call after the last event. */
+static int start(accel_grpc_call *c, const grpc_op *ops, size_t n, accel_grpc_tag *tag) {
+    return (int)grpc_call_start_batch(c->call, ops, n, tag, NULL);
 }
 
 int accel_grpc_call_begin(accel_grpc_call *c) {
-    /* One hold for CLOSED, one for the response (the request's hold becomes it). */
+    /* The CLOSED event tells the owner the call has ended on the wire (and whether it was cancelled). */
     grpc_op op;
     memset(&op, 0, sizeof(op));
     op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
     op.data.recv_close_on_server.cancelled = &c->cancelled;
-    return start_held(c, &op, 1, &c->closed_tag);
+    return start(c, &op, 1, &c->closed_tag);
 }
 
 /* Frees the current message and what was read of it. */
@@ -233,7 +227,7 @@ int accel_grpc_call_receive(accel_grpc_call *c) {
     memset(&op, 0, sizeof(op));
     op.op = GRPC_OP_RECV_MESSAGE;
     op.data.recv_message.recv_message = &c->request;
-    return start_held(c, &op, 1, &c->received_tag);
+    return start(c, &op, 1, &c->received_tag);
 }
 
 const uint8_t *accel_grpc_call_payload(accel_grpc_call *c, size_t *length) {
@@ -341,7 +335,7 @@ int accel_grpc_call_write(accel_grpc_call *c, const accel_grpc_kv *initial, size
     ops[n].op = GRPC_OP_SEND_MESSAGE;
     ops[n].data.send_message.send_message = c->written;
     n++;
-    return start_held(c, ops, n, &c->wrote_tag);
+    return start(c, ops, n, &c->wrote_tag);
 }
 
 int accel_grpc_call_respond(accel_grpc_call *c, const accel_grpc_kv *initial, size_t initial_count, int message,
@@ -370,11 +364,6 @@ int accel_grpc_call_respond(accel_grpc_call *c, const accel_grpc_kv *initial, si
 
 void accel_grpc_call_cancel(accel_grpc_call *c) {
     if (c->call != NULL) grpc_call_cancel(c->call, NULL);
-}
-
-void accel_grpc_call_release(accel_grpc_call *c) {
-    if (atomic_fetch_sub(&c->holds, 1) != 1) return;
-    accel_grpc_call_destroy(c);
 }
 
 void accel_grpc_call_destroy(accel_grpc_call *c) {

@@ -187,17 +187,22 @@ import Testing
     return m
   }
 
+  /// A Compress request with a payload of `payloadBytes`, an output region,
+  /// and an unknown field (number 99, varint) that SwiftProtobuf keeps.
+  static func compressRequest(_ format: Accelgate_V1_CompressionFormat, level: Int32, payloadBytes: Int) throws -> [UInt8] {
+    let full = Accelgate_V1_CompressRequest.with {
+      $0.format = format
+      $0.level = level
+      $0.data = Self.payload(payloadBytes)
+      $0.outputRegion = .with { $0.region = "out"; $0.length = 5 }
+    }
+    return try full.serializedBytes() + [0x98, 0x06, 0x2A]
+  }
+
   @Test func stagesThePayloadAndDecodesTheRestLikeSwiftProtobuf() throws {
     let rig = try Rig()
     defer { rig.stop() }
-    let full = Accelgate_V1_CompressRequest.with {
-      $0.format = .gzip
-      $0.level = 3
-      $0.data = Self.payload(100_000)
-      $0.outputRegion = .with { $0.region = "out"; $0.length = 5 }
-    }
-    // Plus an unknown field (number 99, varint): kept as SwiftProtobuf keeps it.
-    let bytes: [UInt8] = try full.serializedBytes() + [0x98, 0x06, 0x2A]
+    let bytes = try Self.compressRequest(.gzip, level: 3, payloadBytes: 100_000)
     let expected = try Accelgate_V1_CompressRequest(serializedBytes: bytes)
     do {
       let r = try rig.decode(bytes, as: Accelgate_V1_CompressRequest.self, field: 3)
@@ -227,8 +232,8 @@ import Testing
     func decode(carriesKey: Bool) throws -> LaneRequest<Accelgate_V1_DecryptRequest> {
       try bytes.withUnsafeBytes { whole in
         try rig.lane.decode(
-          SlicedBytes(whole), whole: { whole }, field: NetworkLane.decryptCiphertext, maxPayload: 1 << 20, sensitive: false, carriesKey: carriesKey,
-          tenant: "t"
+          SlicedBytes(whole), whole: { whole }, field: NetworkLane.decryptCiphertext, maxPayload: 1 << 20,
+          sensitive: false, carriesKey: carriesKey, tenant: "t"
         ) { (buffer: UnsafeMutableRawBufferPointer) in
           wiped.withLock { $0.append(Array(buffer)) }
           buffer.initializeMemory(as: UInt8.self, repeating: 0)
@@ -249,13 +254,7 @@ import Testing
   @Test func aMessageInSlicesDecodesAsInOneBuffer() throws {
     let rig = try Rig()
     defer { rig.stop() }
-    let full = Accelgate_V1_CompressRequest.with {
-      $0.format = .zstd
-      $0.level = 5
-      $0.data = Self.payload(70_000)
-      $0.outputRegion = .with { $0.region = "out"; $0.length = 9 }
-    }
-    let bytes: [UInt8] = try full.serializedBytes() + [0x98, 0x06, 0x2A]
+    let bytes = try Self.compressRequest(.zstd, level: 5, payloadBytes: 70_000)
     var rng = SystemRandomNumberGenerator()
     // Cuts inside the tag and the length, at the payload's edges, and at random.
     var cutSets: [[Int]] = [[1], [2], [3], [4], [5], Array(stride(from: 7, to: bytes.count, by: 8192)), [bytes.count - 1]]

@@ -148,13 +148,11 @@ int accel_grpc_call_respond(accel_grpc_call *call, const accel_grpc_kv *initial,
                             const accel_grpc_kv *trailers, size_t trailer_count);
 /** Ends the call with CANCELLED at once (a client's cancellation seen elsewhere). */
 void accel_grpc_call_cancel(accel_grpc_call *call);
-/** Drops the hold of a call that never reached its owner (NEW_CALL with
- *  ok == 0, or a call whose CLOSED watch could not start); frees it with the last. */
-void accel_grpc_call_release(accel_grpc_call *call);
-/** Frees the call now, whatever holds it counts. For an owner that counts the
- *  call's batches itself (the Swift `CoreCall`) and calls this after the last
- *  batch's event: letting the C count free it would race with the owner
- *  starting a batch (found by the API fuzzer under ASan). */
+/** Frees the call. Its owner counts the call's batches (the Swift `CoreCall`:
+ *  CLOSED, SENT, and each RECEIVED and WROTE) and calls this after the last
+ *  batch's event, or at once for a call that never reached it (NEW_CALL with
+ *  ok == 0, or a CLOSED watch that could not start). A second count here once
+ *  raced with the owner starting a batch (a double free the API fuzzer found). */
 void accel_grpc_call_destroy(accel_grpc_call *call);
 
 #ifdef __cplusplus
