@@ -95,8 +95,10 @@ package final class ControlListener: @unchecked Sendable {
       return !s.started
     }
     guard first else { return }
-    let t = Thread { [self] in acceptLoop(serve) }
-    t.name = name
+    let t = Thread { [self] in
+      Thread.current.name = name
+      acceptLoop(serve)
+    }
     t.start()
   }
 
@@ -142,6 +144,7 @@ package final class ControlListener: @unchecked Sendable {
         return Session(id: id, connection: ControlConnection(fd: fd), listener: self)
       }
       let t = Thread { [self] in
+        Thread.current.name = "\(name)-conn"
         serve(session)
         state.withLock { s in
           s.open[session.id] = nil
@@ -149,7 +152,6 @@ package final class ControlListener: @unchecked Sendable {
         }
         session.connection.close()
       }
-      t.name = "\(name)-conn"
       t.start()
     }
   }

@@ -102,10 +102,10 @@ package final class CoreServer: @unchecked Sendable {
     for i in 0..<max(1, configuration.threads) {
       threadsDone.enter()
       let t = Thread { [self] in
+        Thread.current.name = "grpc-cq-\(i)"
         poll()
         threadsDone.leave()
       }
-      t.name = "grpc-cq-\(i)"
       t.start()
     }
   }

@@ -111,6 +111,14 @@ public final class DeviceQueue: @unchecked Sendable {
     stateFlags.loadAcquire() & ACCEL_QF_STOPPED == 0 && sqTail.loadAcquire() != sqHead.loadRelaxed()
   }
 
+  /// Descriptors published and not yet taken; never more than the ring holds,
+  /// whatever the driver wrote (a bad index is `fetch`'s to report).
+  var waitingDescriptors: UInt32 {
+    guard stateFlags.loadAcquire() & ACCEL_QF_STOPPED == 0 else { return 0 }
+    let waiting = sqTail.loadAcquire() &- sqHead.loadRelaxed()
+    return region.sqIndex.isConsistent(head: 0, tail: waiting) ? waiting : 0
+  }
+
   /// Whether the queue runs jobs (not in error, not isolated). A queue that does
   /// not still drains its ring, completing each job with QUEUE_STOPPED unrun.
   var isRunnable: Bool { stateFlags.loadAcquire() & (ACCEL_QF_ERROR | ACCEL_QF_ISOLATED) == 0 }

@@ -118,6 +118,8 @@ public final class EmulatedDevice: @unchecked Sendable {
       queue = DeviceQueue(region: region, doorbellFD: configuration.eventfdDoorbells ? accel_eventfd_create() : -1)
     } catch { throw .region(error.description) }
     if isolated.load(ordering: .acquiring) { queue.setIsolated(true) }
+    // The driver rings a new queue until the engines' next snapshot sets its flag.
+    queue.sqNeedWakeup.storeSeqCst(1)
     queueSet.withLock { $0.append(queue) }
     queuesChanged()
     return queue
@@ -149,10 +151,10 @@ public final class EmulatedDevice: @unchecked Sendable {
     for stats in engines {
       exited.enter()
       let thread = Thread { [self] in
+        Thread.current.name = "accel-engine-\(stats.id)"
         self.engineLoop(stats)
         self.exited.leave()
       }
-      thread.name = "accel-engine-\(stats.id)"
       thread.start()
     }
   }
@@ -306,7 +308,10 @@ public final class EmulatedDevice: @unchecked Sendable {
     var cursor = queues.isEmpty ? 0 : stats.id % queues.count
     var credit = queues.isEmpty ? 1 : queues[cursor].weight
     var idle = IdleSpin(spinNanoseconds: spinNs)
+    /// Whether this engine holds the one spinning place.
     var spinner = false
+    /// Whether this engine counts as attentive (`WakeupLedger`): spinning, or on a short job.
+    var attentive = false
     var lastBeat = idle.lastWork
     /// Heartbeats and upkeep, on the rounds that read the clock.
     func upkeep(_ now: UInt64) {
@@ -314,6 +319,11 @@ public final class EmulatedDevice: @unchecked Sendable {
       for q in queues { q.heartbeat.fetchAdd(1) }
       lastBeat = now
       maintain(queues, now: now)
+    }
+    func attend(_ yes: Bool) {
+      guard yes != attentive else { return }
+      attentive = yes
+      if yes { wakeups.attend(queues) } else { wakeups.leave(queues) }
     }
 
     while running.load(ordering: .relaxed) {
@@ -323,6 +333,7 @@ public final class EmulatedDevice: @unchecked Sendable {
         queues = self.queues
         cursor = queues.isEmpty ? 0 : cursor % queues.count
         credit = queues.isEmpty ? 1 : queues[cursor].weight
+        wakeups.sync(queues)
       }
       var didWork = false
       for step in 0..<queues.count {
@@ -330,9 +341,11 @@ public final class EmulatedDevice: @unchecked Sendable {
         guard let sqe = q.fetch() else { continue }  // one job: a descriptor or a chain
         if spinner {
           spinner = false
-          wakeups.stopSpinning(queues)
+          wakeups.releaseSpinner()
         }
-        wakeups.cascade(queues)
+        let long = sqe.first.map { wakeups.policy.isLong(inputBytes: $0.src_length) } ?? false
+        attend(!long)
+        wakeups.handOff(queues, tookLong: long)
         if step != 0 {
           cursor = (cursor + step) % queues.count
           credit = q.weight
@@ -352,15 +365,19 @@ public final class EmulatedDevice: @unchecked Sendable {
         upkeep(now)
         continue
       }
-      if !spinner && wakeups.startSpinning(queues) {
+      if !spinner && wakeups.claimSpinner() {
         spinner = true
+        attend(true)
         idle.worked()
       }
       if spinner {
         if idle.keepSpinning(clock: upkeep) { continue }
         spinner = false
-        wakeups.stopSpinning(queues)
+        wakeups.releaseSpinner()
       }
+      // Leaving the rings: raise the flags if no one else watches them, then park
+      // (which looks for work once more before it sleeps).
+      attend(false)
       if configuration.eventfdDoorbells {
         let fds = queues.map(\.doorbellFD).filter { $0 >= 0 }
         stats.parks.add(1, ordering: .relaxed)

@@ -1,64 +1,75 @@
 internal import AccelABI
 internal import Synchronization
 
-/// Which engines spin, which are parked, and so when the driver must ring a
-/// queue's doorbell (`sq_need_wakeup`).
+/// The shell around `WakeupLedger`: it keeps the ledger under a lock and writes
+/// its decisions into the queues' `sq_need_wakeup` flags and doorbells.
 ///
-/// At most one engine spins while idle; the others park at once. On two cores
-/// shared with the gateway, two spinning engines took CPU from the threads that
-/// feed them: a 4 KiB SHA-256 load ran at 13 k calls/s with two engines and
-/// 18 k with one (issue 18, part 5). A backlog still reaches every engine: an
-/// engine that takes a job while more are waiting, and no engine spins, wakes
-/// a parked one (`cascade`), and so on down the line.
-///
-/// The need-wakeup flags are up exactly while some engine is parked and none
-/// spins. Each change keeps the Dekker pair with the driver (it stores
+/// Every flag change keeps the Dekker pair with the driver (it stores
 /// `sq_tail`, fences, loads the flag; the device stores the flag, fences, loads
 /// `sq_tail`), so no job waits for a park timeout: work published while the
-/// flags were down is seen by the spinner, by the engine that stops spinning
-/// (`stopSpinning`, then `cascade`), or by an engine on its way to park.
+/// flags were down is seen by an attentive engine, or by the engine that stops
+/// being attentive (it raises the flags, then looks for work it must hand to a
+/// parked engine, or finds it on its way to park).
 final class EngineWakeups: Sendable {
-  private let spinning = Atomic<Bool>(false)
-  private let parked = Atomic<Int>(0)
+  private let ledger: Mutex<WakeupLedger>
+  let policy: WakeupLedger.Policy
 
-  /// An idle engine asks to spin. True: it is now the spinner, and the flags are
-  /// down (it will see new work itself). False: another engine spins; park.
-  func startSpinning(_ queues: [DeviceQueue]) -> Bool {
-    guard spinning.compareExchange(expected: false, desired: true, ordering: .sequentiallyConsistent).exchanged
-    else { return false }
-    for q in queues { q.sqNeedWakeup.storeSeqCst(0) }
-    return true
+  init(policy: WakeupLedger.Policy = WakeupLedger.Policy()) {
+    self.policy = policy
+    ledger = Mutex(WakeupLedger(policy: policy))
   }
 
-  /// The spinner stops (it found work, or its spin budget ran out). With an
-  /// engine parked, the flags go back up, so the driver rings for what comes next.
-  func stopSpinning(_ queues: [DeviceQueue]) {
-    spinning.store(false, ordering: .sequentiallyConsistent)
-    guard parked.load(ordering: .sequentiallyConsistent) > 0 else { return }
-    for q in queues { q.sqNeedWakeup.storeSeqCst(1) }
-    SharedMemory.fence()
+  /// An engine begins to spin idle or to run a short job.
+  func attend(_ queues: [DeviceQueue]) {
+    ledger.withLock { l in apply(l.attend(), to: queues) }
   }
 
-  /// After an engine takes a job: when more work waits and no engine spins,
-  /// wakes one parked engine for it.
-  func cascade(_ queues: [DeviceQueue]) {
-    guard parked.load(ordering: .sequentiallyConsistent) > 0, !spinning.load(ordering: .sequentiallyConsistent),
-      let q = queues.first(where: { $0.hasPendingWork })
-    else { return }
+  /// An engine takes a long job or is about to park.
+  func leave(_ queues: [DeviceQueue]) {
+    ledger.withLock { l in apply(l.leave(), to: queues) }
+  }
+
+  /// An idle engine asks to spin. False: another engine spins; park.
+  func claimSpinner() -> Bool { ledger.withLock { $0.claimSpinner() } }
+
+  func releaseSpinner() { ledger.withLock { $0.releaseSpinner() } }
+
+  /// After an engine takes a job: wakes one parked engine when the work left
+  /// behind it is worth one (`WakeupLedger.shouldWake`).
+  func handOff(_ queues: [DeviceQueue], tookLong: Bool) {
+    guard let q = queues.max(by: { $0.waitingDescriptors < $1.waitingDescriptors }) else { return }
+    let waiting = q.waitingDescriptors
+    guard ledger.withLock({ $0.shouldWake(tookLong: tookLong, waiting: waiting) }) else { return }
     q.sqDoorbell.fetchAdd(1)
     q.sqDoorbell.wake(count: 1)
   }
 
-  /// An engine is about to park: the flags go up before it looks for work one last time.
+  /// An engine is about to park: with no one attentive the flags go up before
+  /// it looks for work one last time.
   func parking(_ queues: [DeviceQueue]) {
-    parked.add(1, ordering: .sequentiallyConsistent)
-    for q in queues { q.sqNeedWakeup.storeSeqCst(1) }
-    SharedMemory.fence()
+    ledger.withLock { l in apply(l.parking(), to: queues) }
   }
 
   /// An engine woke from a park. The last one to wake takes the flags down: no one is left to ring for.
   func woke(_ queues: [DeviceQueue]) {
-    guard parked.subtract(1, ordering: .sequentiallyConsistent).newValue == 0 else { return }
-    for q in queues { q.sqNeedWakeup.storeSeqCst(0) }
+    ledger.withLock { l in apply(l.woke(), to: queues) }
+  }
+
+  /// Writes the ledger's flags into `queues` (a new snapshot, with queues
+  /// added since the last change).
+  func sync(_ queues: [DeviceQueue]) {
+    ledger.withLock { l in apply(l.flagsUp ? .raise : .lower, to: queues) }
+  }
+
+  private func apply(_ flags: WakeupLedger.Flags, to queues: [DeviceQueue]) {
+    switch flags {
+    case .unchanged:
+      return
+    case .raise:
+      for q in queues { q.sqNeedWakeup.storeSeqCst(1) }
+      SharedMemory.fence()
+    case .lower:
+      for q in queues { q.sqNeedWakeup.storeSeqCst(0) }
+    }
   }
 }

@@ -83,6 +83,7 @@ package final class DeviceClient: @unchecked Sendable {
   ) {
     guard !monitoring.exchange(true, ordering: .relaxed) else { return }
     let t = Thread { [self] in
+      Thread.current.name = "accel-heartbeat"
       var reason: String?
       while monitoring.load(ordering: .relaxed) && reason == nil {
         reason = self.beat(timeout: timeout)
@@ -90,7 +91,6 @@ package final class DeviceClient: @unchecked Sendable {
       }
       if let reason, monitoring.load(ordering: .relaxed) { onLost(reason) }
     }
-    t.name = "accel-device-heartbeat"
     t.start()
   }
 

@@ -62,10 +62,10 @@ package final class DeviceDriver: @unchecked Sendable {
       return
     }
     let t = Thread { [self] in
+      Thread.current.name = "accel-reaper"
       self.reaperLoop()
       self.exited.signal()
     }
-    t.name = "accel-reaper"
     t.start()
   }
 

@@ -23,13 +23,13 @@ final class ReplyWatchdog: Sendable {
   func start() {
     guard !running.exchange(true, ordering: .acquiringAndReleasing) else { return }
     let t = Thread { [self] in
+      Thread.current.name = "reply-watchdog"
       let seconds = Double(interval.components.seconds) + Double(interval.components.attoseconds) / 1e18
       while stopped.wait(timeout: .now() + seconds) == .timedOut {
         for pin in pins.overdue(now: .now, after: wait) { pin.end() }
       }
       done.signal()
     }
-    t.name = "reply-watchdog"
     t.start()
   }
 

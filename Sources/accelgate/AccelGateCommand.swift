@@ -279,13 +279,13 @@ final class SignalHandler: Sendable {
     }
     guard fd >= 0 else { return }
     let t = Thread {
+      Thread.current.name = "accel-signals"
       while true {
         let sig = accel_signal_pipe_wait(fd)
         if sig < 0 { return }
         if sig == SIGHUP { onHangup() } else { onTerminate() }
       }
     }
-    t.name = "accel-signals"
     t.start()
   }
 }
