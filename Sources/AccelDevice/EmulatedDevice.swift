@@ -398,18 +398,25 @@ public final class EmulatedDevice: @unchecked Sendable {
   /// Also parks on the device's control word, so a queue added or removed (which
   /// bumps it) wakes the engine to take a fresh snapshot.
   private func park(_ stats: EngineStats, queues: [DeviceQueue], generation: UInt64) {
-    wakeups.parking(queues)
+    let (bed, reserveSeen) = wakeups.parking(queues)
     let seenControl = controlDoorbell.loadAcquire()
     let seen = queues.map { $0.sqDoorbell.loadAcquire() }
     let pending = queues.contains { $0.hasPendingWork }
     if !pending && running.load(ordering: .relaxed) && queueGeneration.load(ordering: .sequentiallyConsistent) == generation {
       stats.parks.add(1, ordering: .relaxed)
-      SharedMemory.waitAny(
-        [controlDoorbell.pointer] + queues.map { $0.sqDoorbell.pointer }, expected: [seenControl] + seen,
-        timeoutNanoseconds: configuration.parkTimeout.nanoseconds)
+      switch bed {
+      case .doorbells:
+        SharedMemory.waitAny(
+          [controlDoorbell.pointer] + queues.map { $0.sqDoorbell.pointer }, expected: [seenControl] + seen,
+          timeoutNanoseconds: configuration.parkTimeout.nanoseconds)
+      case .reserve:
+        SharedMemory.waitAny(
+          [controlDoorbell.pointer, wakeups.reserve.pointer], expected: [seenControl, reserveSeen],
+          timeoutNanoseconds: configuration.parkTimeout.nanoseconds)
+      }
     }
     for q in queues { q.heartbeat.fetchAdd(1) }
-    wakeups.woke(queues)
+    wakeups.woke(queues, from: bed)
   }
 
   private func process(

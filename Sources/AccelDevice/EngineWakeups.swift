@@ -1,23 +1,31 @@
 internal import AccelABI
 internal import Synchronization
 
-/// The shell around `WakeupLedger`: it keeps the ledger under a lock and writes
-/// its decisions into the queues' `sq_need_wakeup` flags and doorbells.
+/// The shell around `WakeupLedger`: it keeps the ledger under a lock, writes
+/// its decisions into the queues' `sq_need_wakeup` flags and doorbells, and
+/// owns the reserve word that engines in the reserve sleep on.
 ///
 /// Every flag change keeps the Dekker pair with the driver (it stores
 /// `sq_tail`, fences, loads the flag; the device stores the flag, fences, loads
 /// `sq_tail`), so no job waits for a park timeout: work published while the
-/// flags were down is seen by an attentive engine, or by the engine that stops
-/// being attentive (it raises the flags, then looks for work it must hand to a
-/// parked engine, or finds it on its way to park).
+/// flags were down is seen by an attentive engine, by the engine that stops
+/// being attentive (it raises the flags, then hands what waits to a sleeper),
+/// or by an engine on its way to park (it looks once more before it sleeps).
 final class EngineWakeups: Sendable {
   private let ledger: Mutex<WakeupLedger>
   let policy: WakeupLedger.Policy
+  /// The reserve's futex word: device-private memory, never in a queue region.
+  let reserve: SharedWord
 
   init(policy: WakeupLedger.Policy = WakeupLedger.Policy()) {
     self.policy = policy
     ledger = Mutex(WakeupLedger(policy: policy))
+    let word = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
+    word.initialize(to: 0)
+    reserve = SharedWord(word)
   }
+
+  deinit { reserve.pointer.deallocate() }
 
   /// An engine begins to spin idle or to run a short job.
   func attend(_ queues: [DeviceQueue]) {
@@ -34,25 +42,36 @@ final class EngineWakeups: Sendable {
 
   func releaseSpinner() { ledger.withLock { $0.releaseSpinner() } }
 
-  /// After an engine takes a job: wakes one parked engine when the work left
-  /// behind it is worth one (`WakeupLedger.shouldWake`).
+  /// After an engine takes a job: wakes the sleeper the ledger names, if any.
   func handOff(_ queues: [DeviceQueue], tookLong: Bool) {
-    guard let q = queues.max(by: { $0.waitingDescriptors < $1.waitingDescriptors }) else { return }
-    let waiting = q.waitingDescriptors
-    guard ledger.withLock({ $0.shouldWake(tookLong: tookLong, waiting: waiting) }) else { return }
-    q.sqDoorbell.fetchAdd(1)
-    q.sqDoorbell.wake(count: 1)
+    guard let busiest = queues.max(by: { $0.waitingDescriptors < $1.waitingDescriptors }) else { return }
+    let waiting = busiest.waitingDescriptors
+    switch ledger.withLock({ $0.wake(afterTaking: tookLong, waiting: waiting) }) {
+    case .none:
+      return
+    case .reserve:
+      reserve.fetchAdd(1)
+      reserve.wake(count: 1)
+    case .doorbells:
+      busiest.sqDoorbell.fetchAdd(1)
+      busiest.sqDoorbell.wake(count: 1)
+    }
   }
 
-  /// An engine is about to park: with no one attentive the flags go up before
-  /// it looks for work one last time.
-  func parking(_ queues: [DeviceQueue]) {
-    ledger.withLock { l in apply(l.parking(), to: queues) }
+  /// An engine is about to park: where it sleeps, and the reserve word's value
+  /// read under the lock (a wake decided after this bumps it, so the sleep
+  /// cannot miss it). With no one attentive, the flags go up first.
+  func parking(_ queues: [DeviceQueue]) -> (bed: WakeupLedger.Bed, reserveSeen: UInt32) {
+    ledger.withLock { l in
+      let (bed, flags) = l.parking()
+      apply(flags, to: queues)
+      return (bed, reserve.loadAcquire())
+    }
   }
 
-  /// An engine woke from a park. The last one to wake takes the flags down: no one is left to ring for.
-  func woke(_ queues: [DeviceQueue]) {
-    ledger.withLock { l in apply(l.woke(), to: queues) }
+  /// An engine woke from `bed`.
+  func woke(_ queues: [DeviceQueue], from bed: WakeupLedger.Bed) {
+    ledger.withLock { l in apply(l.woke(from: bed), to: queues) }
   }
 
   /// Writes the ledger's flags into `queues` (a new snapshot, with queues

@@ -2,116 +2,132 @@ import Testing
 
 @testable import AccelDevice
 
-/// The pure core behind the device's doorbell flags (issue 18, part 5): exact
-/// decisions for the sequences two engines go through.
+/// The pure core behind the device's doorbell flags and engine sleep (issue 18,
+/// part 5): exact decisions for the sequences engines go through.
 @Suite struct WakeupLedgerTests {
-  /// Engine 0 spins and runs 4 KiB jobs; engine 1 is parked. The flags stay down
-  /// and engine 1 is never woken: a trickle of short jobs needs one engine.
-  @Test func aTrickleOfShortJobsStaysOnTheAttentiveEngine() {
+  /// Two engines at rest: the first to park sleeps on the doorbells (where the
+  /// driver's ring reaches), the second in the reserve.
+  @Test func theFirstToParkSleepsOnTheDoorbellsTheNextInTheReserve() {
     var l = WakeupLedger()
-    let r1 = l.parking()
-    #expect(r1 == .raise)  // engine 1
+    let first = l.parking()
+    #expect(first.0 == .doorbells)
+    #expect(first.1 == .raise)
+    let second = l.parking()
+    #expect(second.0 == .reserve)
+    #expect(second.1 == .unchanged)
     #expect(l.flagsUp)
-    let r2 = l.claimSpinner()
-    #expect(r2)
-    let r3 = l.attend()
-    #expect(r3 == .lower)
-    #expect(!l.flagsUp)
-    for waiting in [0, 1, 5, 15] as [UInt32] {
-      l.releaseSpinner()  // found a job; still attentive
-      #expect(!l.policy.isLong(inputBytes: 4096))
-      #expect(!l.shouldWake(tookLong: false, waiting: waiting))
-      let r4 = l.claimSpinner()
-      #expect(r4)  // back to spinning
-    }
-    #expect(!l.flagsUp)
+    let woke = l.woke(from: .doorbells)
+    #expect(woke == .lower, "no one left where a ring reaches")
   }
 
-  /// Engine 0 takes a 1 MiB job with more work waiting and no one else watching:
-  /// the flags go up and engine 1 is woken for the rest.
-  @Test func aLongJobHandsTheWaitingWorkToAParkedEngine() {
+  /// Engine 0 spins and runs 4 KiB jobs; engine 1 sleeps in the reserve. The
+  /// flags stay down and no one is woken: a trickle of short jobs needs one engine.
+  @Test func aTrickleOfShortJobsStaysOnOneEngine() {
     var l = WakeupLedger()
-    let r5 = l.parking()
-    #expect(r5 == .raise)  // engine 1
-    let r6 = l.attend()
-    #expect(r6 == .lower)  // engine 0 spinning
+    _ = l.parking()  // engine 0, on the doorbells
+    _ = l.parking()  // engine 1, in the reserve
+    let rung = l.woke(from: .doorbells)  // the driver rang engine 0
+    #expect(rung == .lower)
+    #expect(!l.policy.isLong(inputBytes: 4096))
+    let attended = l.attend()  // engine 0 takes a short job
+    #expect(attended == .unchanged)
+    for waiting in [0, 1, 5, 15, 31] as [UInt32] {
+      #expect(l.wake(afterTaking: false, waiting: waiting) == .none)
+    }
+    let spins = l.claimSpinner()
+    #expect(spins)
+    let left = l.leave()  // the spin ran out
+    #expect(left == .unchanged)
+    l.releaseSpinner()
+    let parked = l.parking()  // engine 0 again, back on the doorbells
+    #expect(parked.0 == .doorbells)
+    #expect(parked.1 == .raise)
+    #expect(l.reserveSleepers == 1, "engine 1 never woke")
+  }
+
+  /// Engine 0 takes a 1 MiB job with more work waiting and no one else
+  /// watching: the reserve engine is woken for the rest.
+  @Test func aLongJobHandsTheWaitingWorkToTheReserve() {
+    var l = WakeupLedger()
+    _ = l.parking()
+    _ = l.parking()
+    _ = l.woke(from: .doorbells)  // engine 0 rung
     #expect(l.policy.isLong(inputBytes: 1 << 20))
-    let r7 = l.leave()
-    #expect(r7 == .raise)
-    #expect(l.shouldWake(tookLong: true, waiting: 1))
-    #expect(!l.shouldWake(tookLong: true, waiting: 0), "nothing waits: nothing to wake for")
+    #expect(l.wake(afterTaking: true, waiting: 3) == .reserve)
+  }
+
+  /// A long job with nothing waiting and no one on the doorbells still
+  /// promotes the reserve engine: new work must be rung for while engine 0 is away.
+  @Test func aLongJobPromotesTheReserveWhenNoOneIsOnTheDoorbells() {
+    var l = WakeupLedger()
+    _ = l.parking()
+    _ = l.parking()
+    _ = l.woke(from: .doorbells)
+    #expect(l.wake(afterTaking: true, waiting: 0) == .reserve)
+    _ = l.woke(from: .reserve)  // engine 1 looks, finds nothing, parks
+    let parked = l.parking()
+    #expect(parked == (.doorbells, .raise))
+    #expect(l.wake(afterTaking: true, waiting: 0) == .none, "the doorbells are watched")
+    #expect(l.wake(afterTaking: true, waiting: 2) == .doorbells, "work waits: ring the doorbell sleeper")
   }
 
   /// While another engine is attentive, a long job wakes no one: the attentive
   /// engine takes what waits.
   @Test func aLongJobWakesNoOneWhileAnotherEngineWatches() {
     var l = WakeupLedger()
-    let r8 = l.parking()
-    #expect(r8 == .raise)  // engine 2
-    let r9 = l.attend()
-    #expect(r9 == .lower)  // engine 0
-    let r10 = l.attend()
-    #expect(r10 == .unchanged)  // engine 1
-    let r11 = l.leave()
-    #expect(r11 == .unchanged)  // engine 0 takes a long job
-    #expect(!l.shouldWake(tookLong: true, waiting: 4))
-    let r12 = l.leave()
-    #expect(r12 == .raise)  // engine 1 parks too
-    #expect(l.shouldWake(tookLong: true, waiting: 4))
+    _ = l.parking()  // engine 2
+    let spinning = l.attend()  // engine 0
+    #expect(spinning == .lower)
+    _ = l.attend()  // engine 1 on a short job
+    let tookLong = l.leave()  // engine 0 takes a long job
+    #expect(tookLong == .unchanged)
+    #expect(l.wake(afterTaking: true, waiting: 4) == .none)
+    let alone = l.leave()  // engine 1 takes a long job too
+    #expect(alone == .raise)
+    #expect(l.wake(afterTaking: true, waiting: 4) == .doorbells)
   }
 
-  /// A deep backlog wakes a parked engine even when its jobs are short.
-  @Test func aDeepBacklogWakesAParkedEngine() {
+  /// A deep backlog wakes a sleeper even when its jobs are short, the reserve first.
+  @Test func aDeepBacklogWakesASleeper() {
     var l = WakeupLedger(policy: .init(longJobBytes: 64 << 10, backlogDescriptors: 32))
-    let r13 = l.parking()
-    #expect(r13 == .raise)
-    let r14 = l.attend()
-    #expect(r14 == .lower)
-    #expect(!l.shouldWake(tookLong: false, waiting: 31))
-    #expect(l.shouldWake(tookLong: false, waiting: 32))
-    let r15 = l.woke()
-    #expect(r15 == .unchanged)
-    #expect(!l.shouldWake(tookLong: false, waiting: 200), "no engine is parked")
+    _ = l.parking()
+    _ = l.parking()
+    _ = l.attend()
+    #expect(l.wake(afterTaking: false, waiting: 31) == .none)
+    #expect(l.wake(afterTaking: false, waiting: 32) == .reserve)
+    _ = l.woke(from: .reserve)
+    #expect(l.wake(afterTaking: false, waiting: 32) == .doorbells)
+    _ = l.woke(from: .doorbells)
+    #expect(l.wake(afterTaking: false, waiting: 200) == .none, "no engine sleeps")
   }
 
-  /// One spinning place; the flags follow the attentive count, never below zero.
-  @Test func oneSpinnerAndFlagsThatFollowTheCount() {
+  /// With every engine on a long job no one sleeps, so the flags stay down: a
+  /// ring would be a futex call with no one to wake.
+  @Test func theFlagsAreDownWhileNoEngineSleepsOnTheDoorbells() {
     var l = WakeupLedger()
-    let r16 = l.claimSpinner()
-    #expect(r16)
-    let r17 = l.claimSpinner()
-    #expect(!r17)
-    l.releaseSpinner()
-    let r18 = l.claimSpinner()
-    #expect(r18)
-    let r19 = l.leave()
-    #expect(r19 == .unchanged, "never below zero")
+    _ = l.attend()
+    _ = l.attend()
+    let first = l.leave()
+    let second = l.leave()
+    #expect(first == .unchanged)
+    #expect(second == .unchanged)
+    #expect(!l.flagsUp)
+    let leaveAgain = l.leave()
+    #expect(leaveAgain == .unchanged, "never below zero")
     #expect(l.attentive == 0)
+  }
+
+  /// One spinning place.
+  @Test func oneSpinner() {
+    var l = WakeupLedger()
+    let first = l.claimSpinner()
+    let second = l.claimSpinner()
+    l.releaseSpinner()
+    let again = l.claimSpinner()
+    #expect(first)
+    #expect(!second)
+    #expect(again)
     #expect(l.policy.isLong(inputBytes: 64 << 10))
     #expect(!l.policy.isLong(inputBytes: 64 << 10 - 1))
-  }
-
-  /// With every engine on a long job no one is parked, so the flags stay down:
-  /// a ring would be a futex call with no one to wake. The first engine to
-  /// park raises them; the last to wake takes them down.
-  @Test func theFlagsAreDownWhileNoEngineIsParked() {
-    var l = WakeupLedger()
-    let r20 = l.attend()
-    #expect(r20 == .unchanged)
-    let r21 = l.attend()
-    #expect(r21 == .unchanged)
-    let r22 = l.leave()
-    #expect(r22 == .unchanged)  // both on long jobs
-    let r23 = l.leave()
-    #expect(r23 == .unchanged)
-    #expect(!l.flagsUp)
-    let r24 = l.parking()
-    #expect(r24 == .raise)
-    let r25 = l.parking()
-    #expect(r25 == .unchanged)
-    let r26 = l.woke()
-    #expect(r26 == .unchanged)
-    let r27 = l.woke()
-    #expect(r27 == .lower)
   }
 }
