@@ -17,7 +17,9 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_edge import ACCELGATE, LOADGEN, ROOT, Server  # noqa: E402
+
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -44,34 +46,25 @@ def main():
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--callers", type=int, default=16)
     p.add_argument("--seconds", type=float, default=6)
-    p.add_argument("--binary", default=os.path.join(ROOT, ".build/release/accelgate"))
+    p.add_argument("--binary", default=ACCELGATE)
     p.add_argument("server_args", nargs="*")
     a = p.parse_args()
-    server = subprocess.Popen(
-        [a.binary, "serve", "--port", "0", "--no-metrics", "--log-level", "warning", *a.server_args],
-        stdout=subprocess.PIPE, text=True)
+    os.makedirs(os.path.join(ROOT, ".build-bench"), exist_ok=True)
+    server = Server("thread-cpu", [a.binary, "serve", "--port", "0", "--no-metrics", "--log-level", "warning",
+                                   *a.server_args], rb"accelgate listening on 127\.0\.0\.1:(\d+)")
     try:
-        port = None
-        deadline = time.monotonic() + 30
-        while port is None and time.monotonic() < deadline:
-            line = server.stdout.readline()
-            m = re.search(r"127\.0\.0\.1:(\d+)", line)
-            port = m.group(1) if m else None
-        if port is None:
-            sys.exit("the server did not print its port")
         warmup = 1.0
         load = subprocess.Popen(
-            [os.path.join(ROOT, "Benchmarks/loadgen/build/accelgate-load"), "--target", f"127.0.0.1:{port}",
-             "--job", a.job, "--size", str(a.size), "--callers", str(a.callers), "--seconds", str(a.seconds),
-             "--warmup", str(warmup)], stdout=subprocess.PIPE, text=True)
+            [LOADGEN, "--target", f"127.0.0.1:{server.port}", "--job", a.job, "--size", str(a.size),
+             "--callers", str(a.callers), "--seconds", str(a.seconds), "--warmup", str(warmup)],
+            stdout=subprocess.PIPE, text=True)
         time.sleep(warmup + 0.2)
-        before, t0 = snapshot(server.pid), time.monotonic()
+        before, t0 = snapshot(server.proc.pid), time.monotonic()
         time.sleep(a.seconds - 0.5)
-        after, t1 = snapshot(server.pid), time.monotonic()
+        after, t1 = snapshot(server.proc.pid), time.monotonic()
         result = json.loads(load.communicate()[0])
     finally:
-        server.terminate()
-        server.wait()
+        server.stop()
     calls = result["calls_per_s"] * (t1 - t0)
     rows, total = [], 0.0
     for tid, (name, u, s, vcs, ncs) in after.items():

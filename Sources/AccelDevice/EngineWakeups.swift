@@ -13,6 +13,7 @@ internal import Synchronization
 /// or by an engine on its way to park (it looks once more before it sleeps).
 final class EngineWakeups: Sendable {
   private let ledger: Mutex<WakeupLedger>
+  /// The ledger's policy, immutable, kept here so the job path reads it without the lock.
   let policy: WakeupLedger.Policy
   /// The reserve's futex word: device-private memory, never in a queue region.
   let reserve: SharedWord
@@ -43,9 +44,14 @@ final class EngineWakeups: Sendable {
   func releaseSpinner() { ledger.withLock { $0.releaseSpinner() } }
 
   /// After an engine takes a job: wakes the sleeper the ledger names, if any.
+  /// On the job path: one read of each queue's indexes, one uncontended lock.
   func handOff(_ queues: [DeviceQueue], tookLong: Bool) {
-    guard let busiest = queues.max(by: { $0.waitingDescriptors < $1.waitingDescriptors }) else { return }
-    let waiting = busiest.waitingDescriptors
+    var busiest: DeviceQueue?
+    var waiting: UInt32 = 0
+    for q in queues {
+      let w = q.waitingDescriptors
+      if w > waiting { (busiest, waiting) = (q, w) }
+    }
     switch ledger.withLock({ $0.wake(afterTaking: tookLong, waiting: waiting) }) {
     case .none:
       return
@@ -53,6 +59,8 @@ final class EngineWakeups: Sendable {
       reserve.fetchAdd(1)
       reserve.wake(count: 1)
     case .doorbells:
+      // Named only for waiting work, so `busiest` is set.
+      guard let busiest else { return }
       busiest.sqDoorbell.fetchAdd(1)
       busiest.sqDoorbell.wake(count: 1)
     }

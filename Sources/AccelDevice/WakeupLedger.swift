@@ -24,10 +24,10 @@ package struct WakeupLedger: Sendable, Equatable {
   package struct Policy: Sendable, Equatable {
     /// A job whose first descriptor has at least this much input is long: its
     /// engine is away from the rings for tens of microseconds or more.
-    package var longJobBytes: UInt32 = 64 << 10
+    package var longJobBytes: UInt32
     /// Descriptors waiting behind a taken job that wake a parked engine even
     /// when the jobs are short.
-    package var backlogDescriptors: UInt32 = 32
+    package var backlogDescriptors: UInt32
 
     package init(longJobBytes: UInt32 = 64 << 10, backlogDescriptors: UInt32 = 32) {
       self.longJobBytes = longJobBytes
@@ -74,8 +74,6 @@ package struct WakeupLedger: Sendable, Equatable {
   package private(set) var spinnerClaimed = false
 
   package init(policy: Policy = Policy()) { self.policy = policy }
-
-  package var parked: Int { doorbellSleepers + reserveSleepers }
 
   /// Whether the flags should be up now.
   package var flagsUp: Bool { attentive == 0 && doorbellSleepers > 0 }
